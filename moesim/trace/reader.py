@@ -1,0 +1,398 @@
+"""Memory-mapped trace reader: scans chunk headers, hands out zero-copy views of steps and chunks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import MoesimError, TraceError
+from moesim.models import ModelSpec
+from moesim.trace import format as fmt
+
+
+@dataclass
+class Step:
+    """One step of a trace. Token traces fill ids (and weights/origin); load-only traces fill counts."""
+
+    index: int
+    phase: str | None
+    ids: np.ndarray | None = None  # [L, T, k]
+    weights: np.ndarray | None = None  # [L, T, k]
+    origin: np.ndarray | None = None  # [T]
+    counts: np.ndarray | None = None  # [L, E]
+    num_tokens: int = 0
+
+
+@dataclass
+class Chunk:
+    """Consecutive steps as whole arrays, for vectorised consumers (the analytic engine)."""
+
+    first_step: int
+    step_tokens: np.ndarray  # [S] (token traces) — tokens per step
+    phase: np.ndarray  # [S] uint8
+    ids: np.ndarray | None  # [L, T, k]
+    weights: np.ndarray | None
+    origin: np.ndarray | None  # [T]
+    counts: np.ndarray | None  # [S, L, E] (load-only traces)
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.phase)
+
+    @property
+    def step_offsets(self) -> np.ndarray:
+        """[S+1] token offsets of each step inside ``ids``."""
+        return np.concatenate([[0], np.cumsum(self.step_tokens)])
+
+
+@dataclass
+class Timings:
+    """All timing records of a trace, concatenated. ``phases`` columns follow ``phase_names``."""
+
+    phase_names: tuple[str, ...]
+    index: np.ndarray  # [N, 3] step, layer, rank
+    phases: np.ndarray  # [N, P] seconds
+    experts: np.ndarray  # [N, W] logical expert per local slot, -1 padding
+    tokens: np.ndarray  # [N, W]
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def phase(self, name: str) -> np.ndarray:
+        try:
+            return self.phases[:, self.phase_names.index(name)]
+        except ValueError:
+            raise MoesimError(f"trace timings have no phase {name!r} (they have {', '.join(self.phase_names)})") \
+                from None
+
+
+class Trace:
+    """A trace file opened for reading. Use :meth:`open`; close it (or use ``with``) when done."""
+
+    def __init__(self, path: Path, mm: mmap.mmap | None, header: dict[str, Any], chunks: list[dict[str, Any]],
+                 end_offset: int, truncated: str | None) -> None:
+        self.path = path
+        self._mm = mm
+        self.header = header
+        self._chunks = chunks
+        self.end_offset = end_offset
+        self.truncated = truncated
+        self.model = ModelSpec.from_dict(header["model"])
+        self.kind: str = header["kind"]
+        self.num_steps = sum(c["num_steps"] for c in chunks)
+        self.phase_names = tuple(header.get("timing_phases") or ())
+
+    # -- opening ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, require_steps: bool = True) -> Trace:
+        path = Path(path)
+        if not path.exists():
+            raise TraceError(f"trace {path} does not exist")
+        if path.is_dir():
+            raise TraceError(f"{path} is a directory, not a trace file")
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < fmt.FILE_HEAD.size:
+                raise TraceError(f"{path} is not a moesim trace (too short: {size} bytes)")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        magic, version, hlen = fmt.FILE_HEAD.unpack_from(mm, 0)
+        if magic != fmt.MAGIC:
+            mm.close()
+            raise TraceError(f"{path} is not a moesim trace (bad magic bytes)")
+        if version > fmt.VERSION or version < 1:
+            mm.close()
+            raise TraceError(f"{path} has trace format version {version}; this moesim reads versions 1..{fmt.VERSION}")
+        start = fmt.FILE_HEAD.size
+        if start + hlen > size:
+            mm.close()
+            raise TraceError(f"{path} is truncated inside its header")
+        try:
+            header = json.loads(bytes(mm[start:start + hlen]))
+            _check_header(header)
+        except (ValueError, MoesimError) as exc:
+            mm.close()
+            raise TraceError(f"{path} has a malformed header: {exc}") from None
+        offset = start + hlen + fmt.pad(start + hlen)
+        chunks, end, truncated = _scan(mm, offset, size, header)
+        trace = cls(path, mm, header, chunks, end, truncated)
+        if require_steps and trace.num_steps == 0:
+            trace.close()
+            why = f" ({truncated})" if truncated else ""
+            raise TraceError(f"trace {path} holds no complete step{why}")
+        return trace
+
+    def close(self) -> None:
+        if self._mm is not None:
+            # arrays handed out may still view the map; then it closes when the last of them goes
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def num_chunks(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens over all steps (token traces), or token-choices / top_k (load-only traces)."""
+        total = 0
+        for c in self._chunks:
+            if self.kind == "tokens":
+                total += int(self._array(c, "step_tokens").sum())
+            else:
+                total += int(self._array(c, "counts")[:, 0, :].sum()) // self.model.top_k
+        return total
+
+    @property
+    def has_weights(self) -> bool:
+        return self.header.get("weights_dtype") is not None
+
+    @property
+    def has_origin(self) -> bool:
+        return bool(self.header.get("has_origin"))
+
+    @property
+    def num_ranks(self) -> int | None:
+        return self.header.get("num_ranks")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.header.get("meta") or {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.end_offset
+
+    # -- data access ----------------------------------------------------------------------------------
+    def _array(self, chunk: dict[str, Any], name: str) -> np.ndarray:
+        if self._mm is None:
+            raise TraceError(f"trace {self.path} is closed")
+        dtype, shape, off = chunk["arrays"][name]
+        count = int(np.prod(shape)) if shape else 1
+        return np.frombuffer(self._mm, dtype=np.dtype(dtype), count=count,
+                             offset=chunk["payload"] + off).reshape(shape)
+
+    def _get(self, chunk: dict[str, Any], name: str) -> np.ndarray | None:
+        return self._array(chunk, name) if name in chunk["arrays"] else None
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Every chunk holding steps, in order, as zero-copy views."""
+        for c in self._chunks:
+            if c["num_steps"] == 0:
+                continue
+            arrays = {name: self._array(c, name) for name in c["arrays"]}
+            counts = arrays.get("counts")
+            step_tokens = arrays.get("step_tokens")
+            if step_tokens is None:
+                assert counts is not None
+                step_tokens = counts[:, 0, :].sum(axis=1) // self.model.top_k
+            yield Chunk(c["first_step"], step_tokens, arrays["phase"], arrays.get("ids"), arrays.get("weights"),
+                        arrays.get("origin"), counts, arrays)
+
+    def steps(self, start: int = 0, stop: int | None = None) -> Iterator[Step]:
+        """Steps ``start .. stop-1`` one at a time, without loading the whole trace."""
+        stop = self.num_steps if stop is None else min(stop, self.num_steps)
+        for chunk in self.chunks():
+            first, n = chunk.first_step, chunk.num_steps
+            if first + n <= start:
+                continue
+            if first >= stop:
+                break
+            offsets = chunk.step_offsets
+            for j in range(max(0, start - first), min(n, stop - first)):
+                phase = fmt.PHASE_NAMES.get(int(chunk.phase[j]))
+                if chunk.counts is not None:
+                    yield Step(first + j, phase, counts=chunk.counts[j], num_tokens=int(chunk.step_tokens[j]))
+                    continue
+                sl = slice(int(offsets[j]), int(offsets[j + 1]))
+                assert chunk.ids is not None
+                yield Step(first + j, phase, ids=chunk.ids[:, sl],
+                           weights=None if chunk.weights is None else chunk.weights[:, sl],
+                           origin=None if chunk.origin is None else chunk.origin[sl], num_tokens=sl.stop - sl.start)
+
+    def step(self, index: int) -> Step:
+        if not 0 <= index < self.num_steps:
+            raise MoesimError(f"step {index} is outside the trace's {self.num_steps} steps")
+        return next(self.steps(index, index + 1))
+
+    def load(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """[steps, layers, experts] int64: token-choices per expert, per layer, per step."""
+        stop = self.num_steps if stop is None else min(stop, self.num_steps)
+        L, E = self.model.num_layers, self.model.num_experts
+        out = np.zeros((max(stop - start, 0), L, E), dtype=np.int64)
+        for chunk in self.chunks():
+            first, n = chunk.first_step, chunk.num_steps
+            lo, hi = max(start, first), min(stop, first + n)
+            if lo >= hi:
+                continue
+            if chunk.counts is not None:
+                out[lo - start:hi - start] = chunk.counts[lo - first:hi - first]
+                continue
+            assert chunk.ids is not None
+            offsets = chunk.step_offsets
+            t0, t1 = int(offsets[lo - first]), int(offsets[hi - first])
+            ids = chunk.ids[:, t0:t1]
+            step_of = np.repeat(np.arange(hi - lo), chunk.step_tokens[lo - first:hi - first])
+            key = ((step_of[None, :, None] * L + np.arange(L)[:, None, None]) * E + ids).ravel()
+            out[lo - start:hi - start] += np.bincount(key, minlength=(hi - lo) * L * E).reshape(hi - lo, L, E)
+        return out
+
+    def timings(self) -> Timings:
+        """Every timing record in the trace (empty arrays when none were recorded)."""
+        parts = [(self._get(c, "timing_index"), self._get(c, "timing_phases"), self._get(c, "timing_experts"),
+                  self._get(c, "timing_tokens")) for c in self._chunks if "timing_index" in c["arrays"]]
+        P = len(self.phase_names)
+        if not parts:
+            return Timings(self.phase_names, np.zeros((0, 3), np.int32), np.zeros((0, P)), np.zeros((0, 0), np.int32),
+                           np.zeros((0, 0), np.int32))
+        width = max(p[2].shape[1] for p in parts)
+
+        def widen(a: np.ndarray, fill: int) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
+
+        return Timings(self.phase_names, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                       np.concatenate([widen(p[2], -1) for p in parts]),
+                       np.concatenate([widen(p[3], 0) for p in parts]))
+
+    # -- checking -------------------------------------------------------------------------------------
+    def validate(self) -> list[str]:
+        """Check checksums and contents of every chunk; return the problems found (empty when sound)."""
+        problems = []
+        if self.truncated:
+            problems.append(self.truncated)
+        m = self.model
+        for i, c in enumerate(self._chunks):
+            assert self._mm is not None
+            body = self._mm[c["dir_start"]:c["payload"] + c["payload_len"]]
+            if zlib.crc32(body) != c["crc"]:
+                problems.append(f"chunk {i} (steps {c['first_step']}..) fails its checksum")
+                continue
+            arrays = {name: self._array(c, name) for name in c["arrays"]}
+            n = c["num_steps"]
+            if "ids" in arrays:
+                ids = arrays["ids"]
+                T = int(arrays["step_tokens"].sum())
+                if ids.shape != (m.num_layers, T, m.top_k):
+                    problems.append(f"chunk {i}: ids shape {list(ids.shape)} != [{m.num_layers}, {T}, {m.top_k}]")
+                elif ids.size and int(ids.max()) >= m.num_experts:
+                    problems.append(f"chunk {i}: expert id {int(ids.max())} out of range [0, {m.num_experts})")
+                for name in ("weights",):
+                    if name in arrays and arrays[name].shape != ids.shape:
+                        problems.append(f"chunk {i}: {name} shape differs from ids")
+                if "origin" in arrays:
+                    o = arrays["origin"]
+                    if o.shape != (T,):
+                        problems.append(f"chunk {i}: origin has {o.shape[0]} entries for {T} tokens")
+                    elif self.num_ranks is not None and o.size and int(o.max()) >= self.num_ranks:
+                        problems.append(f"chunk {i}: origin rank {int(o.max())} >= num_ranks {self.num_ranks}")
+                if "weights" in arrays:
+                    w = arrays["weights"]
+                    if not np.all(np.isfinite(w)):
+                        problems.append(f"chunk {i}: router weights include NaN or inf")
+            if "counts" in arrays:
+                counts = arrays["counts"]
+                if counts.shape != (n, m.num_layers, m.num_experts):
+                    problems.append(f"chunk {i}: counts shape {list(counts.shape)} != "
+                                    f"[{n}, {m.num_layers}, {m.num_experts}]")
+                elif counts.size and int(counts.min()) < 0:
+                    problems.append(f"chunk {i}: negative load count")
+            if "timing_index" in arrays:
+                idx = arrays["timing_index"]
+                if arrays["timing_phases"].shape != (idx.shape[0], len(self.phase_names)):
+                    problems.append(f"chunk {i}: timing phases do not match the header's {len(self.phase_names)}")
+                elif idx.size and (idx[:, 1].max() >= m.num_layers or idx.min() < 0):
+                    problems.append(f"chunk {i}: timing record names a layer or step out of range")
+                elif not np.all(np.isfinite(arrays["timing_phases"])) or arrays["timing_phases"].min() < 0:
+                    problems.append(f"chunk {i}: timing phases include negative, NaN or inf seconds")
+        return problems
+
+
+def _check_header(header: Any) -> None:
+    if not isinstance(header, dict):
+        raise MoesimError("header is not a JSON object")
+    if header.get("format") != "moesim.trace":
+        raise MoesimError(f"format is {header.get('format')!r}, not 'moesim.trace'")
+    if header.get("kind") not in fmt.KINDS:
+        raise MoesimError(f"unknown trace kind {header.get('kind')!r}")
+    ModelSpec.from_dict(header.get("model"))
+
+
+def _scan(mm: mmap.mmap, offset: int, size: int,
+          header: dict[str, Any]) -> tuple[list[dict[str, Any]], int, str | None]:
+    """Walk the chunk headers; stop at the first chunk that is cut short or malformed and say why."""
+    chunks: list[dict[str, Any]] = []
+    next_step = 0
+    while offset < size:
+        where = f"chunk {len(chunks)} at byte {offset}"
+        done = f"; the {len(chunks)} complete chunks before it ({next_step} steps) were read"
+        if size - offset < fmt.CHUNK_HEAD.size:
+            return chunks, offset, f"{where} is cut short inside its header{done}"
+        magic, dlen, plen, crc, _ = fmt.CHUNK_HEAD.unpack_from(mm, offset)
+        if magic != fmt.CHUNK_MAGIC:
+            return chunks, offset, f"{where} has bad magic bytes (corrupt file){done}"
+        dir_start = offset + fmt.CHUNK_HEAD.size
+        payload = dir_start + dlen
+        if payload + plen > size:
+            have = size - offset
+            need = fmt.CHUNK_HEAD.size + dlen + plen
+            return chunks, offset, f"{where} is cut short ({have} of {need} bytes){done}"
+        try:
+            directory = json.loads(bytes(mm[dir_start:payload]))
+            chunk = _check_directory(directory, plen, header)
+        except (ValueError, MoesimError) as exc:
+            return chunks, offset, f"{where} has a malformed directory ({exc}){done}"
+        if chunk["first_step"] != next_step:
+            return chunks, offset, f"{where} starts at step {chunk['first_step']}, expected {next_step}{done}"
+        chunk.update(dir_start=dir_start, payload=payload, payload_len=plen, crc=crc)
+        chunks.append(chunk)
+        next_step += chunk["num_steps"]
+        offset = payload + plen
+    return chunks, offset, None
+
+
+def _check_directory(d: Any, payload_len: int, header: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(d, dict) or not isinstance(d.get("arrays"), dict):
+        raise MoesimError("directory is not an object with arrays")
+    first, n = d.get("first_step"), d.get("num_steps")
+    if not isinstance(first, int) or not isinstance(n, int) or first < 0 or n < 0:
+        raise MoesimError("bad step range")
+    for name, spec in d["arrays"].items():
+        if name not in fmt.ARRAY_DTYPES:
+            raise MoesimError(f"unknown array {name!r}")
+        if not (isinstance(spec, list) and len(spec) == 3):
+            raise MoesimError(f"bad spec for {name}")
+        dtype, shape, off = spec
+        if dtype not in fmt.ARRAY_DTYPES[name]:
+            raise MoesimError(f"array {name} has dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise MoesimError(f"array {name} has a bad shape")
+        if not isinstance(off, int) or off < 0 or off % fmt.ALIGN or \
+                off + int(np.prod(shape)) * np.dtype(dtype).itemsize > payload_len:
+            raise MoesimError(f"array {name} lies outside the chunk")
+    arrays = d["arrays"]
+    if n:
+        need = ("phase", "counts") if header["kind"] == "counts" else ("phase", "step_tokens", "ids")
+        missing = [a for a in need if a not in arrays]
+        if missing:
+            raise MoesimError(f"missing arrays {missing}")
+        if arrays["phase"][1] != [n]:
+            raise MoesimError("phase length differs from num_steps")
+        if "step_tokens" in arrays and arrays["step_tokens"][1] != [n]:
+            raise MoesimError("step_tokens length differs from num_steps")
+    return {"first_step": first, "num_steps": n, "arrays": arrays}

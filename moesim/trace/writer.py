@@ -1,0 +1,252 @@
+"""Streaming trace writer: buffers steps, appends each chunk with one sequential write."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import TraceError
+from moesim.models import ModelSpec
+from moesim.trace import format as fmt
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+class TraceWriter:
+    """Append routing steps (or load counts) and timing records to a trace file.
+
+    ``atomic=True`` writes to a temporary file renamed into place on :meth:`close` (for whole-trace outputs
+    such as ``moesim trace synth``); otherwise chunks land in ``path`` as they are flushed, so a recorder
+    that is killed leaves every flushed chunk readable. ``append=True`` continues an existing trace,
+    dropping a partial chunk at its end.
+    """
+
+    def __init__(self, path: str | Path, model: ModelSpec, *, kind: str = "tokens", weights: bool = False,
+                 weights_dtype: str = "float16", origin: bool = False, num_ranks: int | None = None,
+                 timing_phases: Sequence[str] = fmt.DEFAULT_TIMING_PHASES, meta: dict[str, Any] | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, fsync: bool = False, atomic: bool = False,
+                 append: bool = False) -> None:
+        if kind not in fmt.KINDS:
+            raise TraceError(f"trace kind must be one of {fmt.KINDS}, got {kind!r}")
+        self.path = Path(path)
+        self.model = model
+        self.kind = kind
+        self.weights_dtype = np.dtype(weights_dtype).newbyteorder("<") if weights else None
+        if weights and self.weights_dtype.str not in fmt.ARRAY_DTYPES["weights"]:
+            raise TraceError(f"weights_dtype must be float16 or float32, got {weights_dtype!r}")
+        self.origin = origin
+        self.num_ranks = num_ranks
+        self.ids_dtype = fmt.id_dtype(model.num_experts)
+        self.origin_dtype = fmt.origin_dtype(num_ranks)
+        self.timing_phases = tuple(timing_phases)
+        self.chunk_bytes = chunk_bytes
+        self.fsync = fsync
+        self._steps: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]] = []
+        self._timings: list[tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self._closed = False
+        self.header = {"format": "moesim.trace", "version": fmt.VERSION, "kind": kind, "model": model.to_dict(),
+                       "ids_dtype": self.ids_dtype.str,
+                       "weights_dtype": None if self.weights_dtype is None else self.weights_dtype.str,
+                       "has_origin": origin, "num_ranks": num_ranks, "timing_phases": list(self.timing_phases),
+                       "meta": meta or {}}
+        if atomic and append:
+            raise TraceError("a trace cannot be both atomic and appended to")
+        self._final = self.path
+        if atomic:
+            if not self.path.parent.is_dir():
+                raise TraceError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
+            self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if append and self._final.exists():
+            self._open_for_append()
+        else:
+            self._create()
+
+    # -- file set-up ------------------------------------------------------------------------------
+    def _create(self) -> None:
+        body = json.dumps(self.header, separators=(",", ":")).encode()
+        head = fmt.FILE_HEAD.pack(fmt.MAGIC, fmt.VERSION, len(body))
+        try:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise TraceError(f"cannot write trace {self.path}: {exc.strerror}") from None
+        self._file.write(head + body + b"\0" * fmt.pad(len(head) + len(body)))
+        self._file.flush()
+        self.next_step = 0
+
+    def _open_for_append(self) -> None:
+        from moesim.trace.reader import Trace
+
+        existing = Trace.open(self.path, require_steps=False)
+        if existing.model != self.model or existing.kind != self.kind:
+            raise TraceError(f"cannot append to {self.path}: it records {existing.kind} of model "
+                             f"{existing.model.name!r}, not {self.kind} of {self.model.name!r}")
+        self.header = existing.header
+        self.next_step = existing.num_steps
+        end = existing.end_offset
+        existing.close()
+        self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
+        self._file.truncate(end)
+        self._file.seek(end)
+
+    # -- adding data --------------------------------------------------------------------------------
+    def add_step(self, ids: np.ndarray, weights: np.ndarray | None = None, origin: np.ndarray | None = None,
+                 phase: str | None = None) -> int:
+        """Buffer one step: ids [layers, tokens, top_k]; returns the step's index in the trace."""
+        if self.kind != "tokens":
+            raise TraceError("this trace holds load counts; use add_counts")
+        m = self.model
+        ids = np.asarray(ids)
+        if ids.ndim != 3 or ids.shape[0] != m.num_layers or ids.shape[2] != m.top_k:
+            raise TraceError(f"step ids must have shape [{m.num_layers}, tokens, {m.top_k}], got {list(ids.shape)}")
+        if ids.size and (ids.min() < 0 or ids.max() >= m.num_experts):
+            raise TraceError(f"expert id out of range [0, {m.num_experts}) in step {self.next_step}")
+        T = ids.shape[1]
+        w = None
+        if self.weights_dtype is not None:
+            if weights is None:
+                raise TraceError("this trace records router weights; pass weights")
+            w = np.asarray(weights, dtype=self.weights_dtype)
+            if w.shape != ids.shape:
+                raise TraceError(f"weights shape {list(w.shape)} differs from ids shape {list(ids.shape)}")
+        o = None
+        if self.origin:
+            if origin is None:
+                raise TraceError("this trace records origin ranks; pass origin")
+            o = np.asarray(origin)
+            if o.shape != (T,):
+                raise TraceError(f"origin must have shape [{T}], got {list(o.shape)}")
+            if T and (o.min() < 0 or (self.num_ranks is not None and o.max() >= self.num_ranks)):
+                raise TraceError(f"origin rank out of range [0, {self.num_ranks}) in step {self.next_step}")
+            o = o.astype(self.origin_dtype)
+        self._steps.append((ids.astype(self.ids_dtype), w, o, fmt.PHASES.get(phase, 255)))
+        self._buffered += ids.size * self.ids_dtype.itemsize * (2 if w is not None else 1)
+        return self._advance()
+
+    def add_counts(self, counts: np.ndarray, phase: str | None = None) -> int:
+        """Buffer one step of a load-only trace: counts [layers, experts] of token-choices per expert."""
+        if self.kind != "counts":
+            raise TraceError("this trace holds per-token ids; use add_step")
+        m = self.model
+        c = np.asarray(counts)
+        if c.shape != (m.num_layers, m.num_experts):
+            raise TraceError(f"counts must have shape [{m.num_layers}, {m.num_experts}], got {list(c.shape)}")
+        if c.size and c.min() < 0:
+            raise TraceError(f"negative count in step {self.next_step}")
+        self._steps.append((c.astype("<i8"), None, None, fmt.PHASES.get(phase, 255)))
+        self._buffered += c.nbytes
+        return self._advance()
+
+    def add_timing(self, step: int, layer: int, rank: int, phases: Sequence[float],
+                   experts: Sequence[int] = (), tokens: Sequence[int] = ()) -> None:
+        """Buffer one timing record: seconds per phase (header order) and tokens per local expert slot."""
+        if len(phases) != len(self.timing_phases):
+            raise TraceError(f"timing needs {len(self.timing_phases)} phases {self.timing_phases}, got {len(phases)}")
+        if len(experts) != len(tokens):
+            raise TraceError("timing experts and tokens differ in length")
+        self._timings.append(((step, layer, rank), np.asarray(phases, "<f8"), np.asarray(experts, "<i4"),
+                              np.asarray(tokens, "<i4")))
+        self._buffered += 64
+
+    def _advance(self) -> int:
+        index = self.next_step
+        self.next_step += 1
+        if self._buffered >= self.chunk_bytes:
+            self.flush()
+        return index
+
+    # -- writing ------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write everything buffered as one chunk (nothing if the buffer is empty)."""
+        if not self._steps and not self._timings:
+            return
+        arrays: dict[str, np.ndarray] = {}
+        n_steps = len(self._steps)
+        if n_steps:
+            arrays["phase"] = np.array([s[3] for s in self._steps], dtype="|u1")
+            if self.kind == "counts":
+                arrays["counts"] = np.stack([s[0] for s in self._steps])
+            else:
+                arrays["step_tokens"] = np.array([s[0].shape[1] for s in self._steps], dtype="<i8")
+                arrays["ids"] = np.concatenate([s[0] for s in self._steps], axis=1)
+                if self.weights_dtype is not None:
+                    arrays["weights"] = np.concatenate([s[1] for s in self._steps], axis=1)
+                if self.origin:
+                    arrays["origin"] = np.concatenate([s[2] for s in self._steps])
+        if self._timings:
+            width = max(len(t[2]) for t in self._timings)
+            n = len(self._timings)
+            arrays["timing_index"] = np.array([t[0] for t in self._timings], dtype="<i4").reshape(n, 3)
+            arrays["timing_phases"] = np.stack([t[1] for t in self._timings])
+            experts = np.full((n, width), -1, dtype="<i4")
+            tokens = np.zeros((n, width), dtype="<i4")
+            for i, t in enumerate(self._timings):
+                experts[i, :len(t[2])] = t[2]
+                tokens[i, :len(t[3])] = t[3]
+            arrays["timing_experts"] = experts
+            arrays["timing_tokens"] = tokens
+        self._write_chunk(self.next_step - n_steps, n_steps, arrays)
+        self._steps.clear()
+        self._timings.clear()
+        self._buffered = 0
+
+    def _write_chunk(self, first_step: int, n_steps: int, arrays: dict[str, np.ndarray]) -> None:
+        offset = 0
+        layout = {}
+        for name, arr in arrays.items():
+            layout[name] = fmt.array_spec(arr, offset)
+            offset += arr.nbytes + fmt.pad(arr.nbytes)
+        directory = json.dumps({"first_step": first_step, "num_steps": n_steps, "arrays": layout},
+                               separators=(",", ":")).encode()
+        start = self._file.tell()
+        directory += b" " * fmt.pad(start + fmt.CHUNK_HEAD.size + len(directory))
+        crc = zlib.crc32(directory)
+        pieces = []
+        for arr in arrays.values():
+            data = np.ascontiguousarray(arr).data.cast("B")
+            crc = zlib.crc32(data, crc)
+            padding = b"\0" * fmt.pad(arr.nbytes)
+            crc = zlib.crc32(padding, crc)
+            pieces += [data, padding]
+        self._file.write(fmt.CHUNK_HEAD.pack(fmt.CHUNK_MAGIC, len(directory), offset, crc, 0))
+        self._file.write(directory)
+        for piece in pieces:
+            self._file.write(piece)
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._file.close()
+        self._closed = True
+        if self.path != self._final:
+            os.replace(self.path, self._final)
+
+    def abort(self) -> None:
+        """Drop an atomic trace that failed half-way; a streaming one keeps every step added so far."""
+        if self._closed:
+            return
+        if self.path == self._final:
+            self.flush()  # buffered steps are complete: keep them
+        self._closed = True
+        self._file.close()
+        if self.path != self._final and self.path.exists():
+            self.path.unlink()
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
