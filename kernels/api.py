@@ -166,6 +166,6 @@ def fused_moe(
         )
     if resolve_impl(impl, hidden) == "torch":
         return reference.fused_moe_ref(hidden, w13, w2, topk_weights, topk_ids, expert_map)
-    return _triton_module("fused_moe", hidden).fused_moe_triton(
+    return _triton_module("fused", hidden).fused_moe_triton(
         hidden, w13, w2, topk_weights, topk_ids, expert_map, config=config
     )
