@@ -19,6 +19,7 @@ Semantics: ``kernels.reference.fused_moe_ref``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from kernels._util import alloc, cdiv, next_pow2
 from kernels.align import moe_align_triton
-from kernels.launch import MoEConfig, get_config
+from kernels.launch import GemmConfig, MoEConfig, get_config
 
 
 @triton.jit
@@ -162,6 +163,96 @@ def _combine_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
+@dataclass
+class Plan:
+    """Buffers and launch parameters of one fused_moe call, split out so the tuner can time each stage alone."""
+
+    hidden: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    expert_map: torch.Tensor | None
+    cfg: MoEConfig
+    sorted_ids: torch.Tensor
+    block_experts: torch.Tensor
+    npost: torch.Tensor
+    inter: torch.Tensor
+    y: torch.Tensor
+    out: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids.shape[1]
+
+
+def plan(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+         topk_ids: torch.Tensor, expert_map: torch.Tensor | None, cfg: MoEConfig) -> Plan:
+    """Align the slots for cfg.BLOCK_M and allocate the intermediate buffers."""
+    t, h = hidden.shape
+    f = w13.shape[1] // 2
+    num_slots = t * topk_ids.shape[1]
+    dev = hidden.device
+    sorted_ids, block_experts, npost = moe_align_triton(topk_ids, w13.shape[0], cfg.BLOCK_M, expert_map)
+    inter = alloc((num_slots, f), hidden.dtype, dev)
+    split = cfg.w2.SPLIT_K
+    y = alloc((split, num_slots, h), torch.float32 if split > 1 else hidden.dtype, dev)
+    out = alloc((t, h), hidden.dtype, dev)
+    return Plan(hidden, w13 if w13.stride(2) == 1 else w13.contiguous(), w2 if w2.stride(2) == 1 else w2.contiguous(),
+                topk_weights, topk_ids, expert_map, cfg, sorted_ids, block_experts, npost, inter, y, out)
+
+
+def run_w13(p: Plan, c1: GemmConfig | None = None) -> None:
+    """Gate/up GEMM + SiLU·mul into p.inter (``c1`` overrides p.cfg.w13, for the tuner)."""
+    c1 = c1 or p.cfg.w13
+    x, w13, inter = p.hidden, p.w13, p.inter
+    f, h = inter.shape[1], x.shape[1]
+    padded_len = p.sorted_ids.numel()
+    _w13_kernel[(padded_len // p.cfg.BLOCK_M * cdiv(f, c1.BLOCK_N),)](
+        x, w13, inter, p.sorted_ids, p.block_experts, p.npost,
+        f, h, inter.shape[0], padded_len,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0),
+        TOP_K=p.top_k, BLOCK_M=p.cfg.BLOCK_M, BLOCK_N=c1.BLOCK_N, BLOCK_K=c1.BLOCK_K, GROUP_M=c1.GROUP_M,
+        EVEN_K=h % c1.BLOCK_K == 0, IEEE=x.dtype == torch.float32, num_warps=c1.num_warps,
+        num_stages=c1.num_stages,
+    )
+
+
+def run_w2(p: Plan, c2: GemmConfig | None = None, y: torch.Tensor | None = None) -> None:
+    """Down-projection GEMM of p.inter into y (default p.y; its first dim must equal c2.SPLIT_K)."""
+    c2 = c2 or p.cfg.w2
+    y = p.y if y is None else y
+    inter, w2 = p.inter, p.w2
+    h, f = w2.shape[1], w2.shape[2]
+    padded_len = p.sorted_ids.numel()
+    _w2_kernel[(padded_len // p.cfg.BLOCK_M * cdiv(h, c2.BLOCK_N), c2.SPLIT_K)](
+        inter, w2, y, p.sorted_ids, p.block_experts, p.npost,
+        h, f, inter.shape[0], padded_len,
+        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1),
+        BLOCK_M=p.cfg.BLOCK_M, BLOCK_N=c2.BLOCK_N, BLOCK_K=c2.BLOCK_K, GROUP_M=c2.GROUP_M, SPLIT_K=c2.SPLIT_K,
+        EVEN_K=f % c2.BLOCK_K == 0, IEEE=inter.dtype == torch.float32, num_warps=c2.num_warps,
+        num_stages=c2.num_stages,
+    )
+
+
+def run_combine(p: Plan, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of the per-slot expert outputs back into token order; writes and returns p.out."""
+    y = p.y if y is None else y
+    out, tw, ids = p.out, p.topk_weights, p.topk_ids
+    t, h = out.shape
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    block_h = min(next_pow2(h), 4096 if interpret else 1024)
+    block_t = max(1, min(next_pow2(t), (16384 if interpret else 4096) // block_h))
+    emap = p.expert_map.contiguous() if p.expert_map is not None else ids
+    _combine_kernel[(cdiv(t, block_t), cdiv(h, block_h))](
+        y, tw, ids, emap, out, t, h,
+        y.stride(0), y.stride(1), tw.stride(0), tw.stride(1), ids.stride(0), ids.stride(1), out.stride(0),
+        TOP_K=p.top_k, SPLIT_K=y.shape[0], BLOCK_T=block_t, BLOCK_H=block_h, HAS_MAP=p.expert_map is not None,
+        num_warps=4,
+    )
+    return out
+
+
 def fused_moe_triton(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -173,48 +264,12 @@ def fused_moe_triton(
 ) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2F, H], w2 [E, H, F], topk_* [T, k] → [T, H]; see reference.fused_moe_ref."""
     t, h = hidden.shape
-    e, two_f, _ = w13.shape
-    f = two_f // 2
-    k = topk_ids.shape[1]
-    dev = hidden.device
-    out = alloc((t, h), hidden.dtype, dev)
     if t == 0:
-        return out
-    cfg = MoEConfig.from_dict(config) if config is not None else get_config(t, e, h, f, k, hidden.dtype, dev)
-    c1, c2 = cfg.w13, cfg.w2
-    num_slots = t * k
-    ieee = hidden.dtype == torch.float32
-    w13 = w13 if w13.stride(2) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(2) == 1 else w2.contiguous()
-    sorted_ids, block_experts, npost = moe_align_triton(topk_ids, e, cfg.BLOCK_M, expert_map)
-    padded_len = sorted_ids.numel()
-    blocks_m = padded_len // cfg.BLOCK_M
-
-    inter = alloc((num_slots, f), hidden.dtype, dev)
-    _w13_kernel[(blocks_m * cdiv(f, c1.BLOCK_N),)](
-        hidden, w13, inter, sorted_ids, block_experts, npost,
-        f, h, num_slots, padded_len,
-        hidden.stride(0), hidden.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0),
-        TOP_K=k, BLOCK_M=cfg.BLOCK_M, BLOCK_N=c1.BLOCK_N, BLOCK_K=c1.BLOCK_K, GROUP_M=c1.GROUP_M,
-        EVEN_K=h % c1.BLOCK_K == 0, IEEE=ieee, num_warps=c1.num_warps, num_stages=c1.num_stages,
-    )
-    split = c2.SPLIT_K
-    y = alloc((split, num_slots, h), torch.float32 if split > 1 else hidden.dtype, dev)
-    _w2_kernel[(blocks_m * cdiv(h, c2.BLOCK_N), split)](
-        inter, w2, y, sorted_ids, block_experts, npost,
-        h, f, num_slots, padded_len,
-        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=c2.BLOCK_N, BLOCK_K=c2.BLOCK_K, GROUP_M=c2.GROUP_M, SPLIT_K=split,
-        EVEN_K=f % c2.BLOCK_K == 0, IEEE=ieee, num_warps=c2.num_warps, num_stages=c2.num_stages,
-    )
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    block_h = min(next_pow2(h), 4096 if interpret else 1024)
-    block_t = max(1, min(next_pow2(t), (16384 if interpret else 4096) // block_h))
-    emap = expert_map.contiguous() if expert_map is not None else topk_ids
-    _combine_kernel[(cdiv(t, block_t), cdiv(h, block_h))](
-        y, topk_weights, topk_ids, emap, out, t, h,
-        y.stride(0), y.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        topk_ids.stride(0), topk_ids.stride(1), out.stride(0),
-        TOP_K=k, SPLIT_K=split, BLOCK_T=block_t, BLOCK_H=block_h, HAS_MAP=expert_map is not None, num_warps=4,
-    )
-    return out
+        return alloc((0, h), hidden.dtype, hidden.device)
+    e, two_f, _ = w13.shape
+    cfg = (MoEConfig.from_dict(config) if config is not None
+           else get_config(t, e, h, two_f // 2, topk_ids.shape[1], hidden.dtype, hidden.device))
+    p = plan(hidden, w13, w2, topk_weights, topk_ids, expert_map, cfg)
+    run_w13(p)
+    run_w2(p)
+    return run_combine(p)
