@@ -198,7 +198,7 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, ffn: int, top_k: 
 
 
 def write_table(path: str | Path, *, device: str, dtype: torch.dtype, num_experts: int, hidden: int, ffn: int,
-                top_k: int, configs: dict[int, tuple[MoEConfig, float]], tuned_with: dict[str, str]) -> None:
+                top_k: int, configs: dict[int, tuple[MoEConfig, float | None]], tuned_with: dict[str, str]) -> None:
     """Write a config file atomically (a crash never leaves a half-written file that get_config would read)."""
     doc = {
         "format": FORMAT, "version": VERSION, "device": device, "dtype": str(dtype).replace("torch.", ""),

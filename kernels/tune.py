@@ -1,0 +1,207 @@
+"""Search the fused-MoE launch configuration per token count on a GPU and write kernels/configs/<shape>.json.
+
+    python -m kernels.tune --shape mixtral-8x7b --tokens 1,16,64,256,1024,4096,16384
+    python -m kernels.tune --shape deepseek-v3 --budget-s 500          # stops searching when the budget is spent
+    python -m kernels.tune --interpret-smoke --out-dir /tmp/cfg         # CPU: tiny shape, proves the script works
+
+For each token count and each candidate BLOCK_M (shared by both GEMMs, since one alignment feeds both), the
+gate/up GEMM and the down GEMM (+ the combine that sums its split-K partials) are timed separately over their own
+search spaces (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, and SPLIT_K for the down GEMM); the BLOCK_M with
+the smallest total wins. Candidates that cannot fit in shared memory or registers are pruned before compiling.
+The winner is checked against the torch reference, then the whole call is timed. Results are merged into any
+existing file for the same (E, H, F, device, dtype), written atomically after every token count, so a run cut short
+keeps what it finished. This is a plain grid search launched by hand, not ``@triton.autotune`` (which fails
+under the interpreter and would re-tune in every process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
+SMEM_BYTES = 227 * 1024  # Hopper: 227 KB of shared memory per block (H100 tuning guide)
+
+
+def _fits(bm: int, bn: int, bk: int, warps: int, stages: int, b_tiles: int, elem: int = 2) -> bool:
+    """Shared memory for `stages` copies of the A tile and `b_tiles` B tiles, and fp32 accumulators ≤ 128
+    registers a thread: beyond either the kernel spills or fails to launch."""
+    smem = stages * (bm * bk + b_tiles * bk * bn) * elem
+    acc_regs = b_tiles * bm * bn // (32 * warps)
+    return smem <= SMEM_BYTES and acc_regs <= 128
+
+
+def search_space(bm: int, gemm: str, space: str, k_dim: int) -> list:
+    """Candidate GemmConfigs for one GEMM ("w13" has two B tiles: gate and up)."""
+    from kernels.launch import GemmConfig
+
+    if space == "smoke":
+        grid = {"BLOCK_N": [16, 32], "BLOCK_K": [32], "GROUP_M": [1], "num_warps": [4], "num_stages": [2],
+                "SPLIT_K": [1, 2] if gemm == "w2" else [1]}
+    else:
+        full = space == "full"
+        decode = bm <= 32
+        grid = {
+            "BLOCK_N": [32, 64, 128] + ([256] if full else []),
+            "BLOCK_K": [64, 128, 256] if decode else [32, 64, 128],
+            "GROUP_M": [1] if decode else ([1, 8, 16, 32] if full else [1, 8]),
+            "num_warps": [4, 8],
+            "num_stages": [3, 4, 5] if full or decode else [3, 4],
+            "SPLIT_K": ([1, 2, 4, 8] if decode else [1, 2]) if gemm == "w2" else [1],
+        }
+    out = []
+    b_tiles = 2 if gemm == "w13" else 1
+    for vals in itertools.product(*grid.values()):
+        c = dict(zip(grid.keys(), vals))
+        if space != "smoke" and not _fits(bm, c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"], b_tiles):
+            continue
+        if c["SPLIT_K"] > 1 and k_dim < c["SPLIT_K"] * c["BLOCK_K"]:
+            continue  # some splits would have nothing to do
+        out.append(GemmConfig(**c))
+    return out
+
+
+def block_m_candidates(tokens: int, top_k: int, experts: int, space: str) -> list[int]:
+    from kernels.launch import heuristic_config
+
+    if space == "smoke":
+        return [16, 32]
+    base = heuristic_config(tokens, experts, 1, 1, top_k).BLOCK_M
+    cands = {base, max(16, base // 2), min(128, base * 2)}
+    if space == "full":
+        cands |= {16, 32, 64, 128}
+    return sorted(cands)
+
+
+def tune_one(shape, tokens: int, dtype: torch.dtype, device: torch.device, space: str, deadline: float,
+             log=print):
+    """Best (MoEConfig, seconds of the whole call) for one token count."""
+    from kernels import fused_moe, reference
+    from kernels.calibrate import make_inputs, time_call
+    from kernels.fused import plan, run_combine, run_w2, run_w13
+    from kernels.launch import MoEConfig
+
+    hidden, w13, w2, tw, ids = make_inputs(shape, tokens, dtype, device, seed=tokens)
+    best = None
+    for bm in block_m_candidates(tokens, shape.top_k, shape.num_experts, space):
+        base = MoEConfig(bm)
+        p = plan(hidden, w13, w2, tw, ids, None, base)
+        t_align = time_call(lambda bm=bm: plan(hidden, w13, w2, tw, ids, None, MoEConfig(bm)), device, cpu_reps=1)
+        t13, c13 = _best(search_space(bm, "w13", space, shape.hidden), lambda c, p=p: run_w13(p, c), device,
+                         deadline, log, f"T={tokens} BLOCK_M={bm} w13")
+        ys: dict[int, torch.Tensor] = {}
+
+        def w2_and_combine(c, p=p, ys=ys):
+            y = ys.get(c.SPLIT_K)
+            if y is None:
+                y = ys[c.SPLIT_K] = torch.empty(c.SPLIT_K, *p.y.shape[1:], device=device,
+                                                dtype=torch.float32 if c.SPLIT_K > 1 else dtype)
+            run_w2(p, c, y)
+            run_combine(p, y)
+
+        run_w13(p, c13)  # the down GEMM reads a real intermediate
+        t2, c2 = _best(search_space(bm, "w2", space, shape.ffn), w2_and_combine, device, deadline, log,
+                       f"T={tokens} BLOCK_M={bm} w2")
+        total = t_align + t13 + t2
+        log(f"T={tokens} BLOCK_M={bm}: align {t_align * 1e6:.1f} us + w13 {t13 * 1e6:.1f} us + w2/combine "
+            f"{t2 * 1e6:.1f} us = {total * 1e6:.1f} us")
+        if best is None or total < best[1]:
+            best = (MoEConfig(bm, c13, c2), total)
+        del ys
+    cfg = best[0]
+    got = fused_moe(hidden, w13, w2, tw, ids, impl="triton", config=cfg)
+    ref = reference.fused_moe_ref(hidden, w13, w2, tw, ids)
+    err = float((got.double() - ref.double()).norm() / ref.double().norm())
+    if not err < (2e-2 if dtype == torch.bfloat16 else 5e-3):
+        raise RuntimeError(f"tuned config {cfg.to_dict()} is wrong at T={tokens}: relative error {err:.2e}")
+    seconds = time_call(lambda: fused_moe(hidden, w13, w2, tw, ids, impl="triton", config=cfg), device)
+    return cfg, seconds
+
+
+def _best(cands: list, run, device: torch.device, deadline: float, log, what: str):
+    from kernels.calibrate import time_call
+
+    best_t, best_c = float("inf"), None
+    for i, c in enumerate(cands):
+        if i and time.monotonic() > deadline:
+            log(f"{what}: budget spent after {i}/{len(cands)} candidates")
+            break
+        try:
+            t = time_call(lambda c=c: run(c), device, rep_ms=25, cpu_reps=1)
+        except Exception as err:  # a candidate the compiler rejects (resources) is skipped, not fatal
+            log(f"{what}: skip {c} ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
+            continue
+        if t < best_t:
+            best_t, best_c = t, c
+    if best_c is None:
+        raise RuntimeError(f"{what}: no candidate ran")
+    return best_t, best_c
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernels.tune", description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="mixtral-8x7b", help="mixtral-8x7b | deepseek-v3 | qwen3-30b-a3b | tiny")
+    ap.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="comma-separated token counts")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--space", default="quick", choices=["quick", "full"])
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop searching after this many seconds")
+    ap.add_argument("--out-dir", default=None, help="default: kernels/configs")
+    ap.add_argument("--interpret-smoke", action="store_true",
+                    help="no GPU needed: tiny shape, float16, tiny search space, under TRITON_INTERPRET=1")
+    args = ap.parse_args(argv)
+
+    if args.interpret_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        print("kernels.tune: needs a CUDA GPU (none found); use --interpret-smoke to check the script on CPU",
+              file=sys.stderr)
+        return 2
+    from kernels.calibrate import SHAPES
+    from kernels.launch import CONFIG_DIR, config_filename, device_name, load_table, write_table
+
+    if args.shape not in SHAPES:
+        print(f"kernels.tune: unknown shape {args.shape!r}; known: {', '.join(SHAPES)}", file=sys.stderr)
+        return 2
+    try:
+        tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
+        if not tokens or min(tokens) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"kernels.tune: --tokens must be positive integers, got {args.tokens!r}", file=sys.stderr)
+        return 2
+    shape = SHAPES["tiny" if args.interpret_smoke else args.shape]
+    dtype = torch.float16 if args.interpret_smoke else getattr(torch, args.dtype)
+    device = torch.device("cpu" if args.interpret_smoke else "cuda")
+    space = "smoke" if args.interpret_smoke else args.space
+    out_dir = Path(args.out_dir) if args.out_dir else CONFIG_DIR
+    if not out_dir.is_dir():
+        print(f"kernels.tune: output directory {out_dir} does not exist", file=sys.stderr)
+        return 2
+    dev_name = device_name(device)
+    path = out_dir / config_filename(shape.num_experts, shape.hidden, shape.ffn, dev_name, dtype)
+    results = {}
+    if path.is_file():  # merge: keep entries for token counts this run does not redo
+        file_k, table = load_table(path)
+        raw = json.loads(path.read_text())["configs"]
+        if file_k == shape.top_k:
+            results = {m: (cfg, raw[str(m)].get("seconds")) for m, cfg in table.items()}
+    deadline = time.monotonic() + args.budget_s
+    versions = {"torch": torch.__version__, "triton": __import__("triton").__version__}
+    for t in tokens:
+        cfg, sec = tune_one(shape, t, dtype, device, space, deadline, log=lambda s: print(s, flush=True))
+        results[t] = (cfg, sec)
+        write_table(path, device=dev_name, dtype=dtype, num_experts=shape.num_experts, hidden=shape.hidden,
+                    ffn=shape.ffn, top_k=shape.top_k, configs=results, tuned_with=versions)
+        print(f"T={t}: {cfg.to_dict()}  {sec * 1e6:.1f} us  → {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Launch-config lookup, calibration files, the tuner and the benchmark script (CPU smoke modes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import calibrate, launch, tune
+from kernels.launch import ConfigError, GemmConfig, MoEConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("tokens,block_m", [(1, 16), (64, 16), (128, 32), (256, 64), (16384, 128)])
+def test_heuristic_block_m_follows_slots_per_expert(tokens: int, block_m: int) -> None:
+    cfg = launch.heuristic_config(tokens, 8, 4096, 14336, 2)
+    assert block_m == cfg.BLOCK_M
+
+
+def test_heuristic_splits_k_for_decode_only() -> None:
+    decode = launch.heuristic_config(1, 8, 4096, 14336, 2)
+    prefill = launch.heuristic_config(16384, 8, 4096, 14336, 2)
+    assert decode.w2.SPLIT_K > 1 and prefill.w2.SPLIT_K == 1
+    # the down GEMM of one token has 2 experts × 64 tiles: split until ≥ 2 programs per SM
+    assert 2 * 64 * decode.w2.SPLIT_K >= 2 * 132
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="BLOCK_N"):
+        GemmConfig(BLOCK_N=48)
+    with pytest.raises(ConfigError, match="SPLIT_K must be 1"):
+        MoEConfig(16, GemmConfig(SPLIT_K=2), GemmConfig())
+    with pytest.raises(ConfigError, match="unknown keys"):
+        MoEConfig.from_dict({"BLOCK_M": 16, "w13": {"BLOCK_X": 1}})
+
+
+def test_config_file_round_trip_and_nearest_lookup(tmp_path: Path) -> None:
+    small = MoEConfig(16, GemmConfig(32, 128), GemmConfig(32, 128, SPLIT_K=4))
+    big = MoEConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4))
+    launch.write_table(tmp_path / launch.config_filename(8, 64, 96, "interpreter", torch.float16),
+                       device="interpreter", dtype=torch.float16, num_experts=8, hidden=64, ffn=96, top_k=2,
+                       configs={1: (small, 1e-5), 4096: (big, None)}, tuned_with={"triton": "x"})
+    get = lambda t, k=2: launch.get_config(t, 8, 64, 96, k, torch.float16, config_dir=tmp_path)  # noqa: E731
+    assert get(1) == small and get(50) == small and get(3000) == big
+    assert get(1000, k=8) == big  # 8000 slots ≈ 4000 tokens at the file's top-2
+    # another dtype or shape has no file → heuristic
+    assert launch.get_config(1, 8, 64, 96, 2, torch.float32, config_dir=tmp_path) == \
+        launch.heuristic_config(1, 8, 64, 96, 2)
+
+
+def test_bad_config_file_is_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / launch.config_filename(8, 64, 96, "interpreter", torch.float16)
+    path.write_text('{"format": "something-else"}')
+    with pytest.raises(ConfigError, match=r"is not a moesim\.fused-moe-configs"):
+        launch.get_config(1, 8, 64, 96, 2, torch.float16, config_dir=tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        launch.get_config(1, 8, 64, 96, 2, torch.float16, config_dir=tmp_path)
+
+
+def test_calibration_round_trip_and_validation(tmp_path: Path) -> None:
+    entry = {"hidden_size": 8, "ffn_size": 16, "num_experts": 2, "top_k": 1, "tokens": 4, "seconds": 1e-4,
+             "reference_seconds": 2e-4}
+    calibrate.write_calibration(tmp_path / "c.json", "NVIDIA H100 80GB HBM3", torch.bfloat16, [entry])
+    doc = calibrate.read_calibration(tmp_path / "c.json")
+    assert doc["dtype"] == "bfloat16" and doc["entries"] == [entry]
+    with pytest.raises(ValueError, match="lacks"):
+        calibrate.write_calibration(tmp_path / "d.json", "x", torch.bfloat16, [{"tokens": 1}])
+    (tmp_path / "e.json").write_text(json.dumps({**doc, "entries": [{**entry, "seconds": 0}]}))
+    with pytest.raises(ValueError, match="non-positive"):
+        calibrate.read_calibration(tmp_path / "e.json")
+    assert calibrate.device_peaks("NVIDIA H200") == (989e12, 4.8e12)
+    assert calibrate.device_peaks("Tesla T4") is None
+
+
+def test_metrics_formulas() -> None:
+    # Mixtral decode, 1 token top-2: two experts' weights dominate (3·4096·14336 bf16 each ≈ 352 MB)
+    assert calibrate.moe_min_bytes(2, 1, 4096, 14336, 2) == pytest.approx(2 * 3 * 4096 * 14336 * 2 + 2 * 4096 * 2)
+    assert calibrate.moe_flops(2, 4096, 14336) == 2 * 2 * 3 * 4096 * 14336
+
+
+def test_tune_search_space_respects_hardware_limits() -> None:
+    for bm in (16, 64, 128):
+        for gemm in ("w13", "w2"):
+            space = tune.search_space(bm, gemm, "quick", 4096)
+            assert space
+            b_tiles = 2 if gemm == "w13" else 1
+            assert all(tune._fits(bm, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, b_tiles) for c in space)
+    assert all(c.SPLIT_K == 1 for c in tune.search_space(16, "w13", "full", 4096))
+
+
+def test_tune_interpret_smoke_writes_a_config_get_config_uses(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert tune.main(["--interpret-smoke", "--tokens", "5", "--out-dir", str(tmp_path)]) == 0
+    shape = calibrate.SHAPES["tiny"]
+    files = list(tmp_path.glob("*.json"))
+    assert [f.name for f in files] == [launch.config_filename(shape.num_experts, shape.hidden, shape.ffn,
+                                                              "interpreter", torch.float16)]
+    top_k, table = launch.load_table(files[0])
+    assert top_k == shape.top_k and list(table) == [5]
+    got = launch.get_config(5, shape.num_experts, shape.hidden, shape.ffn, shape.top_k, torch.float16,
+                            config_dir=tmp_path)
+    assert got == table[5]
+    assert "T=5" in capsys.readouterr().out
+    assert tune.main(["--interpret-smoke", "--tokens", "x", "--out-dir", str(tmp_path)]) == 2
+
+
+def test_bench_interpret_smoke_subprocess(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--interpret-smoke",
+                           "--tokens", "2", "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    cal = calibrate.read_calibration(tmp_path / "kernel_calibration_interpreter.json")
+    (entry,) = cal["entries"]
+    assert entry["tokens"] == 2 and entry["seconds"] > 0 and entry["reference_seconds"] > 0
+    md = (tmp_path / "bench_kernels_interpreter.md").read_text()
+    assert "| tiny | 2 |" in md
+    assert "tiny" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_bench_refuses_without_gpu(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+def test_bench_on_gpu_small(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--shapes",
+                           "qwen3-30b-a3b", "--tokens", "1,64", "--out-dir", str(tmp_path), "--rep-ms", "20"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert len(calibrate.read_calibration(next(tmp_path.glob("kernel_calibration_*.json")))["entries"]) == 2
