@@ -189,11 +189,18 @@ class Plan:
 def plan(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
          topk_ids: torch.Tensor, expert_map: torch.Tensor | None, cfg: MoEConfig) -> Plan:
     """Align the slots for cfg.BLOCK_M and allocate the intermediate buffers."""
+    sorted_ids, block_experts, npost = moe_align_triton(topk_ids, w13.shape[0], cfg.BLOCK_M, expert_map)
+    return plan_buffers(hidden, w13, w2, topk_weights, topk_ids, expert_map, cfg, sorted_ids, block_experts, npost)
+
+
+def plan_buffers(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor, expert_map: torch.Tensor | None, cfg: MoEConfig, sorted_ids: torch.Tensor,
+                 block_experts: torch.Tensor, npost: torch.Tensor) -> Plan:
+    """A Plan around given alignment outputs (``kernels.aot`` passes meta tensors here to compile offline)."""
     t, h = hidden.shape
     f = w13.shape[1] // 2
     num_slots = t * topk_ids.shape[1]
     dev = hidden.device
-    sorted_ids, block_experts, npost = moe_align_triton(topk_ids, w13.shape[0], cfg.BLOCK_M, expert_map)
     inter = alloc((num_slots, f), hidden.dtype, dev)
     split = cfg.w2.SPLIT_K
     y = alloc((split, num_slots, h), torch.float32 if split > 1 else hidden.dtype, dev)
@@ -202,55 +209,66 @@ def plan(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                 topk_weights, topk_ids, expert_map, cfg, sorted_ids, block_experts, npost, inter, y, out)
 
 
-def run_w13(p: Plan, c1: GemmConfig | None = None) -> None:
-    """Gate/up GEMM + SiLU·mul into p.inter (``c1`` overrides p.cfg.w13, for the tuner)."""
-    c1 = c1 or p.cfg.w13
+Launch = tuple[tuple[int, ...], tuple, dict]  # grid, runtime arguments, compile-time arguments
+
+
+def w13_launch(p: Plan, c1: GemmConfig) -> Launch:
     x, w13, inter = p.hidden, p.w13, p.inter
     f, h = inter.shape[1], x.shape[1]
     padded_len = p.sorted_ids.numel()
-    _w13_kernel[(padded_len // p.cfg.BLOCK_M * cdiv(f, c1.BLOCK_N),)](
-        x, w13, inter, p.sorted_ids, p.block_experts, p.npost,
-        f, h, inter.shape[0], padded_len,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0),
-        TOP_K=p.top_k, BLOCK_M=p.cfg.BLOCK_M, BLOCK_N=c1.BLOCK_N, BLOCK_K=c1.BLOCK_K, GROUP_M=c1.GROUP_M,
-        EVEN_K=h % c1.BLOCK_K == 0, IEEE=x.dtype == torch.float32, num_warps=c1.num_warps,
-        num_stages=c1.num_stages,
-    )
+    grid = (padded_len // p.cfg.BLOCK_M * cdiv(f, c1.BLOCK_N),)
+    args = (x, w13, inter, p.sorted_ids, p.block_experts, p.npost, f, h, inter.shape[0], padded_len,
+            x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0))
+    meta = dict(TOP_K=p.top_k, BLOCK_M=p.cfg.BLOCK_M, BLOCK_N=c1.BLOCK_N, BLOCK_K=c1.BLOCK_K, GROUP_M=c1.GROUP_M,
+                EVEN_K=h % c1.BLOCK_K == 0, IEEE=x.dtype == torch.float32, num_warps=c1.num_warps,
+                num_stages=c1.num_stages)
+    return grid, args, meta
+
+
+def w2_launch(p: Plan, c2: GemmConfig, y: torch.Tensor) -> Launch:
+    inter, w2 = p.inter, p.w2
+    h, f = w2.shape[1], w2.shape[2]
+    padded_len = p.sorted_ids.numel()
+    grid = (padded_len // p.cfg.BLOCK_M * cdiv(h, c2.BLOCK_N), c2.SPLIT_K)
+    args = (inter, w2, y, p.sorted_ids, p.block_experts, p.npost, h, f, inter.shape[0], padded_len,
+            inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1))
+    meta = dict(BLOCK_M=p.cfg.BLOCK_M, BLOCK_N=c2.BLOCK_N, BLOCK_K=c2.BLOCK_K, GROUP_M=c2.GROUP_M,
+                SPLIT_K=c2.SPLIT_K, EVEN_K=f % c2.BLOCK_K == 0, IEEE=inter.dtype == torch.float32,
+                num_warps=c2.num_warps, num_stages=c2.num_stages)
+    return grid, args, meta
+
+
+def combine_launch(p: Plan, y: torch.Tensor, interpret: bool) -> Launch:
+    out, tw, ids = p.out, p.topk_weights, p.topk_ids
+    t, h = out.shape
+    block_h = min(next_pow2(h), 4096 if interpret else 1024)
+    block_t = max(1, min(next_pow2(t), (16384 if interpret else 4096) // block_h))
+    emap = p.expert_map.contiguous() if p.expert_map is not None else ids
+    grid = (cdiv(t, block_t), cdiv(h, block_h))
+    args = (y, tw, ids, emap, out, t, h, y.stride(0), y.stride(1), tw.stride(0), tw.stride(1), ids.stride(0),
+            ids.stride(1), out.stride(0))
+    meta = dict(TOP_K=p.top_k, SPLIT_K=y.shape[0], BLOCK_T=block_t, BLOCK_H=block_h,
+                HAS_MAP=p.expert_map is not None, num_warps=4)
+    return grid, args, meta
+
+
+def run_w13(p: Plan, c1: GemmConfig | None = None) -> None:
+    """Gate/up GEMM + SiLU·mul into p.inter (``c1`` overrides p.cfg.w13, for the tuner)."""
+    grid, args, meta = w13_launch(p, c1 or p.cfg.w13)
+    _w13_kernel[grid](*args, **meta)
 
 
 def run_w2(p: Plan, c2: GemmConfig | None = None, y: torch.Tensor | None = None) -> None:
     """Down-projection GEMM of p.inter into y (default p.y; its first dim must equal c2.SPLIT_K)."""
-    c2 = c2 or p.cfg.w2
-    y = p.y if y is None else y
-    inter, w2 = p.inter, p.w2
-    h, f = w2.shape[1], w2.shape[2]
-    padded_len = p.sorted_ids.numel()
-    _w2_kernel[(padded_len // p.cfg.BLOCK_M * cdiv(h, c2.BLOCK_N), c2.SPLIT_K)](
-        inter, w2, y, p.sorted_ids, p.block_experts, p.npost,
-        h, f, inter.shape[0], padded_len,
-        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=p.cfg.BLOCK_M, BLOCK_N=c2.BLOCK_N, BLOCK_K=c2.BLOCK_K, GROUP_M=c2.GROUP_M, SPLIT_K=c2.SPLIT_K,
-        EVEN_K=f % c2.BLOCK_K == 0, IEEE=inter.dtype == torch.float32, num_warps=c2.num_warps,
-        num_stages=c2.num_stages,
-    )
+    grid, args, meta = w2_launch(p, c2 or p.cfg.w2, p.y if y is None else y)
+    _w2_kernel[grid](*args, **meta)
 
 
 def run_combine(p: Plan, y: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum of the per-slot expert outputs back into token order; writes and returns p.out."""
-    y = p.y if y is None else y
-    out, tw, ids = p.out, p.topk_weights, p.topk_ids
-    t, h = out.shape
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    block_h = min(next_pow2(h), 4096 if interpret else 1024)
-    block_t = max(1, min(next_pow2(t), (16384 if interpret else 4096) // block_h))
-    emap = p.expert_map.contiguous() if p.expert_map is not None else ids
-    _combine_kernel[(cdiv(t, block_t), cdiv(h, block_h))](
-        y, tw, ids, emap, out, t, h,
-        y.stride(0), y.stride(1), tw.stride(0), tw.stride(1), ids.stride(0), ids.stride(1), out.stride(0),
-        TOP_K=p.top_k, SPLIT_K=y.shape[0], BLOCK_T=block_t, BLOCK_H=block_h, HAS_MAP=p.expert_map is not None,
-        num_warps=4,
-    )
-    return out
+    grid, args, meta = combine_launch(p, p.y if y is None else y, os.environ.get("TRITON_INTERPRET") == "1")
+    _combine_kernel[grid](*args, **meta)
+    return p.out
 
 
 def fused_moe_triton(
