@@ -122,6 +122,7 @@ def router_align_reports(arch: int = 90, tokens: int = 4096) -> list[KernelRepor
     """Reports of the router and alignment kernels at DeepSeek-V3 / Mixtral router sizes (E=256 and E=8)."""
     from kernels import align, router
     from kernels._util import next_pow2
+    from kernels.reference import max_padded_slots
 
     meta = torch.device("meta")
     t = tokens
@@ -144,6 +145,14 @@ def router_align_reports(arch: int = 90, tokens: int = 4096) -> list[KernelRepor
         counts = torch.empty(t * k // chunk, e, dtype=torch.int32, device=meta)
         reps.append(compile_report(align._count_kernel, (ids, emap, counts, t * k), dict(
             NUM_E=e, BINS=next_pow2(e + 1), CHUNK=chunk, HAS_MAP=True), arch))
+        bm = 16
+        padded = max_padded_slots(t * k, e, bm)
+        i32 = lambda *shape: torch.empty(*shape, dtype=torch.int32, device=meta)  # noqa: E731
+        nchunks, block_e = t * k // chunk, next_pow2(e + 1)
+        reps.append(compile_report(align._finalize_kernel, (
+            counts, i32(nchunks, e), i32(padded // bm), i32(1), i32(padded), nchunks, padded // bm, padded, t * k),
+            dict(NUM_E=e, BLOCK_E=block_e, BLOCK_M=bm, ROWS=align._finalize_rows(block_e), FILL=1024, num_warps=8),
+            arch))
         reps.append(compile_report(align._scatter_kernel, (ids, emap, counts, torch.empty(
             t * k, dtype=torch.int32, device=meta), t * k), dict(NUM_E=e, CHUNK=chunk, HAS_MAP=True), arch))
     return reps
