@@ -2,7 +2,10 @@
 
 Public entry points (each takes ``impl=None|"triton"|"torch"``; None picks Triton on CUDA, the reference on CPU):
     topk_softmax, grouped_topk, moe_align, fused_moe
-The references live in ``kernels.reference``; launch configurations in ``kernels.configs``.
+Modules: ``reference`` (torch ground truth), ``router`` / ``align`` / ``fused`` (Triton), ``launch`` (tuned
+launch configurations in ``configs/*.json`` + heuristic), ``tune`` (the tuner, GPU), ``calibrate`` (timing and the
+kernel-calibration JSON for moesim's cost model), ``aot`` (compile for sm_90 without a GPU, report resources).
+Without a CUDA device the Triton modules run under the interpreter (TRITON_INTERPRET=1 is set on their import).
 This package imports torch (and, lazily, triton) only — never moesim.
 """
 

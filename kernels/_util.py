@@ -7,6 +7,17 @@ import os
 import torch
 
 
+def interpret_without_gpu() -> None:
+    """Turn the Triton interpreter on when this machine has no CUDA device and nobody chose a mode.
+
+    Called at the top of each Triton module, before its ``@triton.jit`` decorators run (Triton reads
+    TRITON_INTERPRET there). Without a GPU compiled kernels cannot launch at all, so the interpreter is the only
+    useful mode; an explicit TRITON_INTERPRET=0 (``kernels.aot`` compiling for sm_90 on a CPU) is respected.
+    """
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def poisoning() -> bool:
     """True when MOESIM_KERNELS_POISON=1: tests set it so that an element no kernel wrote is caught."""
     return os.environ.get("MOESIM_KERNELS_POISON") == "1"

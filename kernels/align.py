@@ -20,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import alloc, cdiv, next_pow2
+from kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
 from kernels.reference import max_padded_slots
+
+interpret_without_gpu()  # Triton reads TRITON_INTERPRET when the @triton.jit decorators below run
 
 # The rank step holds a [CHUNK, CHUNK] tile: 128 keeps it in registers on a GPU; the interpreter prefers few
 # large programs (numpy does the tile at once).

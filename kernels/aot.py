@@ -9,7 +9,8 @@ stack, shared memory, whether the tensor-core path is Hopper's warpgroup MMA (wg
 software-pipelined (cp.async or TMA copies). Arguments are meta tensors (shape, dtype and strides, no memory), so
 DeepSeek-V3's 22 GB of expert weights cost nothing. Specialisation mimics the JIT's: pointers and integers divisible
 by 16 are marked so, integers equal to 1 become constants.
-Must run without TRITON_INTERPRET=1 (the kernels must be real JIT functions); the tests call it in a subprocess.
+Must run without TRITON_INTERPRET=1 (the kernels must be real JIT functions); ``main`` pins TRITON_INTERPRET=0 before
+importing them, and the tests call it in a subprocess.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("kernels.aot: unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
         return 2
+    os.environ["TRITON_INTERPRET"] = "0"  # keep kernels._util.interpret_without_gpu from switching it on
     from kernels.calibrate import SHAPES
     from kernels.launch import CONFIG_DIR, config_filename, heuristic_config, load_table
 

@@ -25,9 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import alloc, cdiv, next_pow2
+from kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
 from kernels.align import moe_align_triton
 from kernels.launch import GemmConfig, MoEConfig, get_config
+
+interpret_without_gpu()  # Triton reads TRITON_INTERPRET when the @triton.jit decorators below run
 
 
 @triton.jit

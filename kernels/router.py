@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import alloc, cdiv, next_pow2
+from kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
+
+interpret_without_gpu()  # Triton reads TRITON_INTERPRET when the @triton.jit decorators below run
 
 # Elements of one [BLOCK_T, BLOCK_E] tile: small enough to stay in registers with 4 warps on a GPU.
 _TILE_ELEMS = 2048

@@ -156,3 +156,17 @@ def test_aot_compiles_every_kernel_for_hopper_without_spills() -> None:
     w13_prefill = next(line for line in lines if line.split()[:1] == ["4096"] and "_w13_kernel" in line)
     assert w13_prefill.split()[-2:] == ["yes", "yes"]  # wgmma tensor cores, pipelined K loop
     assert sum("_scatter_kernel" in line for line in lines) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback to the interpreter")
+def test_triton_path_on_cpu_without_env_uses_interpreter() -> None:
+    """A fresh process that never heard of TRITON_INTERPRET can still run impl="triton" on CPU tensors."""
+    code = ("import torch, kernels; from kernels import reference as R; g = torch.Generator().manual_seed(0);"
+            "x = torch.randn(6, 20, generator=g); w13 = torch.randn(3, 32, 20, generator=g) / 5;"
+            "w2 = torch.randn(3, 20, 16, generator=g) / 4; tw, ids = kernels.topk_softmax(x[:, :3], 2, impl='triton');"
+            "out = kernels.fused_moe(x, w13, w2, tw, ids, impl='triton');"
+            "assert torch.allclose(out, R.fused_moe_ref(x, w13, w2, tw, ids), atol=1e-5); print('ok')")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
