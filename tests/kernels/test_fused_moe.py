@@ -12,6 +12,8 @@ from kernels import reference
 from kernels.launch import MoEConfig
 
 FAST = settings(max_examples=10, deadline=None)
+# CPU: the interpreter; on a GPU machine the same tests run the compiled kernels on the GPU (fp16/fp32).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -25,7 +27,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def make_problem(t: int, h: int, f: int, e_glob: int, k: int, dtype: torch.dtype, routing: str, remote: int,
-                 seed: int, device: str = "cpu"):
+                 seed: int, device: str = DEVICE):
     """Random weights and a routing. ``remote`` experts are not resident (expert_map -1); returns the arguments
     of fused_moe."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -98,7 +100,7 @@ def test_fused_moe_split_k_matches_unsplit() -> None:
 def test_fused_moe_weights_and_strides() -> None:
     """Non-contiguous hidden/topk tensors and int32 ids give the same result; zero router weight removes a choice."""
     x, w13, w2, tw, ids, _ = make_problem(12, 24, 40, 5, 3, torch.float32, "uniform", 0, seed=9)
-    wide = torch.zeros(12, 48)
+    wide = torch.zeros(12, 48, device=DEVICE)
     wide[:, ::2] = x
     cfg = MoEConfig.from_dict({"BLOCK_M": 16, "w13": {"BLOCK_N": 16, "BLOCK_K": 16},
                                "w2": {"BLOCK_N": 16, "BLOCK_K": 16}})

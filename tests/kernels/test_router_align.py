@@ -11,6 +11,8 @@ import kernels
 from kernels import reference
 
 FAST = settings(max_examples=12, deadline=None)
+# CPU: the interpreter; on a GPU machine the same tests run the compiled kernels on the GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _distinct_logits(t: int, e: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -19,7 +21,7 @@ def _distinct_logits(t: int, e: int, seed: int, dtype: torch.dtype) -> torch.Ten
     g = torch.Generator().manual_seed(seed)
     base = torch.stack([torch.randperm(e, generator=g) for _ in range(t)]).float()
     step = 8.0 / max(e, 1)
-    return (base * step - 4.0 + 0.05 * step * torch.rand(t, e, generator=g)).to(dtype)
+    return (base * step - 4.0 + 0.05 * step * torch.rand(t, e, generator=g)).to(device=DEVICE, dtype=dtype)
 
 
 @FAST
@@ -56,12 +58,12 @@ def test_grouped_topk_matches_reference(t: int, groups: int, size: int, data: st
 def test_grouped_topk_deepseek_v3_shape() -> None:
     """256 experts, 8 groups, top-4 groups, top-8, scaling 2.5: the real DeepSeek-V3 router configuration."""
     logits = _distinct_logits(40, 256, 7, torch.float32)
-    bias = torch.linspace(-0.2, 0.2, 256)
+    bias = torch.linspace(-0.2, 0.2, 256, device=DEVICE)
     w, ids = kernels.grouped_topk(logits, bias, 8, 8, 4, scaling=2.5, impl="triton")
     w_ref, ids_ref = reference.grouped_topk_ref(logits, bias, 8, 8, 4, scaling=2.5)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref)
-    torch.testing.assert_close(w.sum(1), torch.full((40,), 2.5))
+    torch.testing.assert_close(w.sum(1), torch.full((40,), 2.5, device=DEVICE))
     assert max(len({int(x) // 32 for x in row}) for row in ids) <= 4
 
 
@@ -82,12 +84,13 @@ def _routing(draw: st.DrawFn, t: int, e_glob: int, k: int, kind: str, seed: int)
 def test_moe_align_matches_reference(t: int, e: int, k: int, block_m: int, kind: str, use_map: bool,
                                      ids_dtype: torch.dtype, data: st.DataObject) -> None:
     seed = data.draw(st.integers(0, 2**16))
-    ids = _routing(data.draw, t, e, k, kind, seed).to(ids_dtype)
+    ids = _routing(data.draw, t, e, k, kind, seed).to(device=DEVICE, dtype=ids_dtype)
     emap, e_loc = None, e
     if use_map:
         local = torch.randperm(e, generator=torch.Generator().manual_seed(seed))[: data.draw(st.integers(1, e))]
         emap = torch.full((e,), -1, dtype=torch.int32)
         emap[local] = torch.arange(local.numel(), dtype=torch.int32)
+        emap = emap.to(DEVICE)
         e_loc = local.numel()
     got = kernels.moe_align(ids, e_loc, block_m, emap, impl="triton")
     ref = reference.moe_align_ref(ids, e_loc, block_m, emap)
@@ -104,8 +107,8 @@ def test_moe_align_matches_reference(t: int, e: int, k: int, block_m: int, kind:
 
 
 def test_moe_align_all_remote_is_empty() -> None:
-    ids = torch.ones(5, 2, dtype=torch.int64)
-    emap = torch.tensor([0, -1, 1])
+    ids = torch.ones(5, 2, dtype=torch.int64, device=DEVICE)
+    emap = torch.tensor([0, -1, 1], device=DEVICE)
     sorted_ids, blocks, n = kernels.moe_align(ids, 2, 16, emap, impl="triton")
     assert int(n) == 0 and torch.all(blocks == -1) and torch.all(sorted_ids == 10)
 
@@ -113,7 +116,7 @@ def test_moe_align_all_remote_is_empty() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 4096])
 def test_router_and_align_on_gpu(t: int) -> None:
-    logits = _distinct_logits(t, 256, 3, torch.bfloat16).cuda()
+    logits = _distinct_logits(t, 256, 3, torch.bfloat16)
     bias = torch.linspace(-0.1, 0.1, 256, device="cuda")
     w, ids = kernels.grouped_topk(logits, bias, 8, 8, 4, 2.5)
     w_ref, ids_ref = reference.grouped_topk_ref(logits, bias, 8, 8, 4, 2.5)

@@ -94,9 +94,13 @@ def test_tune_search_space_respects_hardware_limits() -> None:
     assert all(c.SPLIT_K == 1 for c in tune.search_space(16, "w13", "full", 4096))
 
 
-def test_tune_interpret_smoke_writes_a_config_get_config_uses(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    assert tune.main(["--interpret-smoke", "--tokens", "5", "--out-dir", str(tmp_path)]) == 0
+def test_tune_interpret_smoke_writes_a_config_get_config_uses(tmp_path: Path) -> None:
+    # a subprocess: --interpret-smoke switches the interpreter on, which must not leak into a GPU test process
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "kernels.tune", "--interpret-smoke", "--out-dir",  # noqa: E731
+                                         str(tmp_path), *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run("--tokens", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "T=5" in proc.stdout
     shape = calibrate.SHAPES["tiny"]
     files = list(tmp_path.glob("*.json"))
     assert [f.name for f in files] == [launch.config_filename(shape.num_experts, shape.hidden, shape.ffn,
@@ -106,8 +110,8 @@ def test_tune_interpret_smoke_writes_a_config_get_config_uses(tmp_path: Path,
     got = launch.get_config(5, shape.num_experts, shape.hidden, shape.ffn, shape.top_k, torch.float16,
                             config_dir=tmp_path)
     assert got == table[5]
-    assert "T=5" in capsys.readouterr().out
-    assert tune.main(["--interpret-smoke", "--tokens", "x", "--out-dir", str(tmp_path)]) == 2
+    bad = run("--tokens", "x")
+    assert bad.returncode == 2 and "--tokens must be positive integers" in bad.stderr
 
 
 def test_bench_interpret_smoke_subprocess(tmp_path: Path) -> None:
