@@ -151,14 +151,15 @@ def _combine_kernel(
     cmask = cols < H
     rows64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
+    # plain (not unrolled) loops: unrolled, the compiler hoists all TOP_K × SPLIT_K tile loads and spills
+    for j in range(TOP_K):
         e = tl.load(ids_ptr + rows64 * stride_it + j * stride_ik, mask=rmask, other=-1)
         if HAS_MAP:
             e = tl.load(map_ptr + e, mask=rmask & (e >= 0), other=-1)
         ok = rmask & (e >= 0)
         w = tl.load(tw_ptr + rows64 * stride_twt + j * stride_twk, mask=ok, other=0.0).to(tl.float32)
         y_rows = y_ptr + (rows64 * TOP_K + j)[:, None] * stride_ys + cols[None, :]
-        for s in tl.static_range(SPLIT_K):
+        for s in range(SPLIT_K):
             y = tl.load(y_rows + s * stride_ysplit, mask=ok[:, None] & cmask[None, :], other=0.0)
             acc += w[:, None] * y.to(tl.float32)
     out_ptrs = out_ptr + rows64[:, None] * stride_ot + cols[None, :]
@@ -244,7 +245,7 @@ def combine_launch(p: Plan, y: torch.Tensor, interpret: bool) -> Launch:
     out, tw, ids = p.out, p.topk_weights, p.topk_ids
     t, h = out.shape
     block_h = min(next_pow2(h), 4096 if interpret else 1024)
-    block_t = max(1, min(next_pow2(t), (16384 if interpret else 4096) // block_h))
+    block_t = max(1, min(next_pow2(t), (16384 if interpret else 2048) // block_h))
     emap = p.expert_map.contiguous() if p.expert_map is not None else ids
     grid = (cdiv(t, block_t), cdiv(h, block_h))
     args = (y, tw, ids, emap, out, t, h, y.stride(0), y.stride(1), tw.stride(0), tw.stride(1), ids.stride(0),
