@@ -1,0 +1,111 @@
+"""The expert-parallel MoE layer: replica choice, dispatch, fused expert compute, combine.
+
+Rank ``r`` owns physical slots ``r*S .. r*S+S-1`` of the mapping (moesim's contract). Its experts live in an
+:class:`ExpertStore` of S *rows*; a slot map sends each global slot to the local row holding its expert (-1
+when the slot lives elsewhere). The indirection is what lets a live remap leave an expert that stays on this
+rank in the very same storage even when its slot number changes (``runtime.remap``), and lets two slots of
+one rank share one row.
+
+Replica choice is ``moesim.replica``'s policy — the object the simulator uses — with key = the token's
+position in the step (ranks' tokens concatenated in rank order, as the trace stores them), origin = this rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import kernels
+from moesim.mapping import ExpertMapping
+from moesim.models import ModelSpec
+from moesim.replica import ReplicaPolicy, choose_slots
+from runtime.dispatch import Backend
+from runtime.model import StepContext
+from runtime.weights import WeightSource
+
+
+@dataclass
+class ExpertStore:
+    """One layer's experts on one rank. w13 [S, 2F, H], w2 [S, H, F]; row_expert[row] = logical expert or -1."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    row_expert: list[int] = field(default_factory=list)
+
+    def row_of(self) -> dict[int, int]:
+        return {e: r for r, e in enumerate(self.row_expert) if e >= 0}
+
+
+def local_rows(mapping: ExpertMapping, layer: int, rank: int) -> list[int]:
+    """Distinct logical experts of ``rank`` in ``layer``, in slot order: what its rows hold after a fresh load."""
+    seen: list[int] = []
+    for e in mapping.gpu_experts(layer, rank).tolist():
+        if e not in seen:
+            seen.append(e)
+    return seen
+
+
+def load_store(source: WeightSource, spec: ModelSpec, mapping: ExpertMapping, layer: int, rank: int,
+               device: torch.device | str, dtype: torch.dtype) -> ExpertStore:
+    """Read only the experts ``rank`` holds in ``layer`` (free rows are zero)."""
+    S, H, F = mapping.slots_per_gpu, spec.hidden_size, spec.ffn_size
+    w13 = torch.zeros((S, 2 * F, H), device=device, dtype=dtype)
+    w2 = torch.zeros((S, H, F), device=device, dtype=dtype)
+    experts = local_rows(mapping, layer, rank)
+    for row, e in enumerate(experts):
+        a, b = source.expert(layer, e)
+        w13[row].copy_(a)
+        w2[row].copy_(b)
+    return ExpertStore(w13, w2, experts + [-1] * (S - len(experts)))
+
+
+class EPMoE:
+    """Expert part of one MoE layer under expert parallelism: ``(x, weights, ids, layer, ctx) -> [T, H]``."""
+
+    def __init__(self, spec: ModelSpec, layer: int, rank: int, store: ExpertStore, mapping: ExpertMapping,
+                 backend: Backend, policy: ReplicaPolicy) -> None:
+        self.spec, self.layer, self.rank = spec, layer, rank
+        self.store, self.backend, self.policy = store, backend, policy
+        self.set_mapping(mapping)
+
+    def set_mapping(self, mapping: ExpertMapping, store: ExpertStore | None = None) -> None:
+        """Switch to ``mapping`` (the store's rows must already hold this rank's experts)."""
+        if store is not None:
+            self.store = store
+        dev = self.store.w13.device
+        self.mapping = mapping
+        S = mapping.slots_per_gpu
+        row_of = self.store.row_of()
+        slot_map = np.full(mapping.num_slots + 1, -1, dtype=np.int64)  # last entry: padding slot
+        for j, e in enumerate(mapping.gpu_experts(self.layer, self.rank).tolist()):
+            slot_map[self.rank * S + j] = row_of[e]  # KeyError here would mean a corrupt store: let it raise
+        self.slot_map = torch.from_numpy(slot_map).to(dev)
+        table, count = self.policy.tables(mapping, self.layer)
+        self.table = torch.from_numpy(table).to(dev)
+        self.count = torch.from_numpy(count).to(dev)
+
+    @property
+    def local_experts(self) -> list[int]:
+        """Logical expert of each local slot (the timing records' ``experts``)."""
+        return self.mapping.gpu_experts(self.layer, self.rank).tolist()
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int,
+                 ctx: StepContext) -> torch.Tensor:
+        """x [T, H], weights [T, k] float32, ids [T, k] logical experts → [T, H] weighted expert outputs."""
+        T = x.shape[0]
+        S = self.mapping.slots_per_gpu
+        with ctx.timer.region(layer, "gate"):
+            key = ctx.key_offset + torch.arange(T, device=x.device)
+            origin = torch.full((T,), self.rank, dtype=torch.int64, device=x.device)
+            slots = choose_slots(self.table, self.count, ids, origin, key)  # [T, k] physical slots
+        with ctx.timer.region(layer, "dispatch"):
+            d = self.backend.prepare(x, slots, weights.float(), S, self.mapping.num_slots)
+        with ctx.timer.region(layer, "expert"):
+            y = kernels.fused_moe(d.x, self.store.w13, self.store.w2, d.weights, d.slots, expert_map=self.slot_map)
+            local = d.slots - self.rank * S
+            mine = (local >= 0) & (local < S)
+            ctx.timer.tokens(layer, torch.bincount(local[mine], minlength=S))
+        with ctx.timer.region(layer, "combine"):
+            return self.backend.finalize(y, d.handle)
