@@ -101,13 +101,24 @@ def grouped_topk(
     )
 
 
-def _check_ids(ids: torch.Tensor, expert_map: torch.Tensor | None) -> None:
+def _check_ids(ids: torch.Tensor, expert_map: torch.Tensor | None, num_local: int) -> None:
+    """Shapes and dtypes always; value ranges only off the GPU (there a check would cost a host sync per call, and
+    the Triton kernels do not bound-check: out-of-range ids read garbage)."""
     if ids.dim() != 2:
         raise KernelError(f"topk_ids must be [T, k], got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise KernelError(f"topk_ids must be int32 or int64, got {ids.dtype}")
     if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)):
         raise KernelError("expert_map must be a 1-D int32/int64 tensor (local index, -1 = not resident)")
+    if ids.is_cuda or ids.numel() == 0:
+        return
+    limit = expert_map.numel() if expert_map is not None else num_local
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= limit:
+        what = "expert_map's length" if expert_map is not None else "the number of local experts"
+        raise KernelError(f"topk_ids must lie in [0, {limit}) ({what}), got values in [{lo}, {hi}]")
+    if expert_map is not None and expert_map.numel() and int(expert_map.max()) >= num_local:
+        raise KernelError(f"expert_map points at local expert {int(expert_map.max())} but only {num_local} exist")
 
 
 def moe_align(
@@ -122,9 +133,9 @@ def moe_align(
     ids [T, k] → (sorted_token_ids [P] int32, block_expert_ids [P // block_m] int32, num_tokens_post_pad [1] int32);
     see ``reference.moe_align_ref``. ``num_experts`` is the number of local experts.
     """
-    _check_ids(ids, expert_map)
     if num_experts < 1 or block_m < 1:
         raise KernelError(f"num_experts and block_m must be positive, got {num_experts}, {block_m}")
+    _check_ids(ids, expert_map, num_experts)
     if resolve_impl(impl, ids) == "torch":
         return reference.moe_align_ref(ids, num_experts, block_m, expert_map)
     return _triton_module("align", ids).moe_align_triton(ids, num_experts, block_m, expert_map)
@@ -151,9 +162,9 @@ def fused_moe(
     _check_float("hidden", hidden, 2)
     _check_float("w13", w13, 3)
     _check_float("w2", w2, 3)
-    _check_ids(topk_ids, expert_map)
     t, h = hidden.shape
     e, two_f, h13 = w13.shape
+    _check_ids(topk_ids, expert_map, e)
     if two_f % 2 or h13 != h:
         raise KernelError(f"w13 must be [E, 2F, {h}], got {tuple(w13.shape)}")
     if tuple(w2.shape) != (e, h, two_f // 2):

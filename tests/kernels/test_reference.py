@@ -106,5 +106,10 @@ def test_entry_point_rejects_bad_input() -> None:
     with pytest.raises(kernels.KernelError, match="w2"):
         kernels.fused_moe(x, torch.randn(2, 6, 8), torch.randn(2, 8, 4), torch.ones(4, 1), torch.zeros(4, 1,
                           dtype=torch.int64))
+    w13, w2 = torch.randn(2, 6, 8), torch.randn(2, 8, 3)
+    with pytest.raises(kernels.KernelError, match=r"topk_ids must lie in \[0, 2\)"):
+        kernels.fused_moe(x, w13, w2, torch.ones(4, 1), torch.full((4, 1), 2))
+    with pytest.raises(kernels.KernelError, match="only 2 exist"):
+        kernels.fused_moe(x, w13, w2, torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.int64), torch.tensor([5, 0]))
     with pytest.raises(kernels.KernelError, match="groups"):
         kernels.grouped_topk(torch.randn(3, 10), None, 2, num_groups=4, topk_groups=2)
