@@ -58,8 +58,10 @@ configs = st.builds(
     lambda bm, bn1, bk1, bn2, bk2, gm, split: {
         "BLOCK_M": bm, "w13": {"BLOCK_N": bn1, "BLOCK_K": bk1, "GROUP_M": gm},
         "w2": {"BLOCK_N": bn2, "BLOCK_K": bk2, "GROUP_M": gm, "SPLIT_K": split}},
+    # BLOCK_N 16 appears once so that the interpreter's grids stay small (~10 ms a program); split-K 4 and 8 have
+    # their own deterministic test below
     st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.sampled_from([16, 32]),
-    st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.sampled_from([1, 4]), st.sampled_from([1, 2, 4]))
+    st.just(32), st.sampled_from([16, 32]), st.sampled_from([1, 4]), st.sampled_from([1, 2]))
 
 
 @FAST
