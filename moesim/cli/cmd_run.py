@@ -1,0 +1,38 @@
+"""``moesim run``: the live EP runtime on this node (wraps torchrun; torch is imported only by the workers)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+ORDER = 60
+
+
+def register(sub: Any) -> None:
+    from runtime.config import add_arguments
+
+    p = sub.add_parser(
+        "run", help="run the live expert-parallel runtime (torch.distributed) and record a trace",
+        description="Run a Mixtral-architecture MoE model with expert parallelism on N local processes "
+                    "(NCCL on GPUs, gloo on CPU): one prefill step then decode steps on random prompts. "
+                    "Everything is validated before any process starts.",
+        epilog="Multi-node: run 'torchrun ... -m runtime.worker' with the same options on every node "
+               "(see 'python -m runtime.worker --help').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this node")
+    add_arguments(p)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: torchrun's default, 1)")
+    p.add_argument("--check-only", action="store_true", help="validate the inputs and exit without running")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moesim.errors import MoesimError
+    from runtime.config import config_from_args
+    from runtime.launch import launch
+
+    cfg = config_from_args(args, args.nproc)
+    rc = launch(cfg, threads=args.threads, check_only=args.check_only)
+    if rc != 0:
+        raise MoesimError(f"the run failed (torchrun exit code {rc}); see the rank errors above")
+    return 0

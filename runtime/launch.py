@@ -1,0 +1,77 @@
+"""Single-node launcher behind ``moesim run``: validate everything, then start torchrun (no torch imported here).
+
+The launcher runs ``python -m torch.distributed.run --nproc-per-node N --master-addr 127.0.0.1 --master-port P
+-m runtime.worker ...`` with a free port. torchrun is started with a parent-death signal, and every worker sets
+one too, so killing ``moesim run`` (even with SIGKILL) takes the whole run down instead of leaving orphans.
+Multi-node runs use torchrun directly with the same worker entry point (see ``runtime.worker``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from moesim.errors import MoesimError
+from runtime.config import RunConfig, validate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_args(cfg: RunConfig) -> list[str]:
+    """The worker's command-line options for ``cfg`` (everything but ``--nproc``)."""
+    args = ["--preset", cfg.preset, "--backend", cfg.backend, "--steps", str(cfg.steps), "--batch", str(cfg.batch),
+            "--prompt-len", str(cfg.prompt_len), "--seed", str(cfg.seed), "--device", cfg.device,
+            "--policy", cfg.policy, "--gpus-per-node", str(cfg.gpus_per_node)]
+    for flag, value in (("--mapping", cfg.mapping), ("--record", cfg.record), ("--checkpoint", cfg.checkpoint),
+                        ("--dtype", cfg.dtype)):
+        if value is not None:
+            args += [flag, str(value)]
+    for step, path in cfg.remap_at:
+        args += ["--remap-at", f"{step}:{path}"]
+    if cfg.profile:
+        args.append("--profile")
+    return args
+
+
+def torchrun_command(cfg: RunConfig, port: int | None = None, threads: int = 0) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(cfg.nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()), "-m", "runtime.worker"]
+    cmd += worker_args(cfg)
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+def _pdeathsig() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def launch(cfg: RunConfig, *, threads: int = 0, check_only: bool = False, **popen: Any) -> int:
+    """Validate ``cfg`` (raising a one-line MoesimError), then run torchrun and return its exit code."""
+    model, mapping, remaps = validate(cfg)
+    print(f"moesim run: {model.name} on {cfg.nproc} rank(s), {mapping.slots_per_gpu} expert slots per rank "
+          f"({mapping.num_redundant} redundant), backend {cfg.backend}, {cfg.steps} steps"
+          + (f", {len(remaps)} live remap(s)" if remaps else ""), flush=True)
+    if check_only:
+        return 0
+    cmd = torchrun_command(cfg, threads=threads)
+    try:
+        proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig, **popen)
+    except OSError as exc:
+        raise MoesimError(f"cannot start torchrun: {exc}") from None
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
