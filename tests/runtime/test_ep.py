@@ -10,7 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moesim.mapping import ExpertMapping
 from moesim.models import get_model
+from moesim.replica import ReplicaPolicy, choose_slots
 from moesim.trace import Trace
 from runtime.testing import assert_matches_reference, random_mapping, small_config, spawn_run
 from runtime.weights import SeededWeights
@@ -34,9 +36,7 @@ def test_ep_logits_equal_reference(tmp_path_factory, world, backend, extra, pres
 @pytest.mark.parametrize("backend", ["all2all", "allgather"])
 def test_replicas_and_empty_ranks(tmp_path, backend) -> None:
     """Four ranks, one of which holds only replicas of a single expert (it receives few or no tokens)."""
-    phy2log = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [7, 7, 7, 7], [0, 2, 4, 6]] * 1).reshape(1, 16)
-    from moesim.mapping import ExpertMapping
-
+    phy2log = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [7, 7, 7, 7], [0, 2, 4, 6]]).reshape(1, 16)
     ExpertMapping(np.repeat(phy2log, 2, axis=0), 4, 8).save(tmp_path / "m.json")
     cfg = small_config(nproc=4, backend=backend, mapping=str(tmp_path / "m.json"), record=str(tmp_path / "rec"))
     assert_matches_reference(cfg, spawn_run(cfg, tmp_path / "dump"))
@@ -46,6 +46,18 @@ def test_replicas_and_empty_ranks(tmp_path, backend) -> None:
         assert len(tm) == cfg.steps * 2 * 4
         # every token-choice of the trace was computed by exactly one slot
         assert int(tm.tokens.sum()) == int(t.load().sum())
+        # ... and by the slot the simulator's replica policy picks when it replays this trace (numpy side)
+        mapping = ExpertMapping.load(tmp_path / "m.json")
+        for step in t.steps():
+            for layer in range(2):
+                table, count = ReplicaPolicy().tables(mapping, layer)
+                slots = choose_slots(table, count, step.ids[layer].astype(np.int64),
+                                     step.origin.astype(np.int64), np.arange(step.num_tokens))
+                per_slot = np.bincount(slots.ravel(), minlength=16).reshape(4, 4)
+                rows = (tm.index[:, 0] == step.index) & (tm.index[:, 1] == layer)
+                got = np.zeros((4, 4), dtype=np.int64)
+                got[tm.index[rows, 2]] = tm.tokens[rows][:, :4]
+                assert np.array_equal(got, per_slot)
 
 
 def _checksums_of_source(preset: str, seed: int) -> dict[tuple[int, int], tuple[float, ...]]:
