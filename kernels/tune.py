@@ -41,8 +41,10 @@ def _fits(bm: int, bn: int, bk: int, warps: int, stages: int, b_tiles: int, elem
 
 
 def _ok(c, bm: int, gemm: str, k_dim: int, smoke: bool) -> bool:
-    if c.SPLIT_K > 1 and k_dim < c.SPLIT_K * c.BLOCK_K:
-        return False  # some splits would have nothing to do
+    if c.SPLIT_K > 1 and (k_dim < c.SPLIT_K * c.BLOCK_K or (bm > 32 and not smoke)):
+        # some splits would have nothing to do; or a prefill-sized problem, where the output tiles already fill
+        # the GPU and fp32 partials would cost gigabytes (DeepSeek-V3, 16384 tokens, split 8: 30 GB)
+        return False
     return smoke or _fits(bm, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, 2 if gemm == "w13" else 1)
 
 
