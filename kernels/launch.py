@@ -187,8 +187,16 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, ffn: int, top_k: 
 
     ``config_dir`` defaults to $MOESIM_KERNEL_CONFIGS or kernels/configs.
     """
-    folder = Path(config_dir or os.environ.get("MOESIM_KERNEL_CONFIGS") or CONFIG_DIR)
-    path = folder / config_filename(num_experts, hidden, ffn, device_name(device), dtype)
+    folder = str(config_dir or os.environ.get("MOESIM_KERNEL_CONFIGS") or CONFIG_DIR)
+    return _lookup(num_tokens, num_experts, hidden, ffn, top_k, dtype, device, folder)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(num_tokens: int, num_experts: int, hidden: int, ffn: int, top_k: int, dtype: torch.dtype,
+            device: torch.device | None, folder: str) -> MoEConfig:
+    """Cached: fused_moe asks once per layer per step, and a file stat plus a device query each time would show
+    at decode. (A config file written while a process runs is seen by new processes.)"""
+    path = Path(folder) / config_filename(num_experts, hidden, ffn, device_name(device), dtype)
     if path.is_file():
         file_k, table = load_table(path)
         want = max(1.0, num_tokens * top_k / file_k)
