@@ -35,6 +35,17 @@ class Dispatched:
     handle: Any  # what finalize needs to bring the outputs home
 
 
+def pack_meta(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """slots [T, k] int64 and weights [T, k] float32 → [T, 2k] float64, one message instead of two (both
+    round-trip exactly: slot ids are far below 2**53, float32 embeds in float64)."""
+    return torch.cat([slots.double(), weights.double()], dim=1)
+
+
+def unpack_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = meta.shape[1] // 2
+    return meta[:, :k].to(torch.int64), meta[:, k:].float()
+
+
 class Backend:
     name = "base"
 
@@ -69,10 +80,11 @@ class AllToAll(Backend):
         send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
         n = sum(recv_split)
         recv_x = x.new_empty((n, x.shape[1]))
-        recv_slots = slots.new_empty((n, slots.shape[1]))
-        recv_w = weights.new_empty((n, weights.shape[1]))
-        for out, src in ((recv_x, x), (recv_slots, slots), (recv_w, weights)):
-            dist.all_to_all_single(out, src[send_tok].contiguous(), recv_split, send_split, group=self.group)
+        dist.all_to_all_single(recv_x, x[send_tok].contiguous(), recv_split, send_split, group=self.group)
+        meta = pack_meta(slots, weights)[send_tok].contiguous()
+        recv_meta = meta.new_empty((n, meta.shape[1]))
+        dist.all_to_all_single(recv_meta, meta, recv_split, send_split, group=self.group)
+        recv_slots, recv_w = unpack_meta(recv_meta)
         return Dispatched(recv_x, recv_slots, recv_w, (send_tok, send_split, recv_split, T))
 
     def finalize(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
@@ -108,7 +120,12 @@ class AllGather(Backend):
             dist.all_gather_into_tensor(out, padded, group=self.group)
             return out
 
-        return Dispatched(gather(x, 0), gather(slots, pad_slot), gather(weights, 0), (T, tmax))
+        meta = gather(pack_meta(slots, weights), 0)
+        gslots, gweights = unpack_meta(meta)
+        # padding rows (beyond each rank's batch) point at pad_slot, which maps to no expert
+        pad_rows = (torch.arange(G * tmax, device=x.device) % tmax) >= sizes.repeat_interleave(tmax)
+        gslots[pad_rows] = pad_slot
+        return Dispatched(gather(x, 0), gslots, gweights, (T, tmax))
 
     def finalize(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         """y [G*Tmax, H] partial outputs of every rank's tokens → this rank's [T, H], summed over ranks."""
