@@ -21,6 +21,7 @@ from moesim.replica import ReplicaPolicy
 
 BACKENDS = ("all2all", "allgather")
 DTYPES = ("float32", "bfloat16", "float16")
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     policy: str = "round_robin"  # replica policy (moesim.replica)
     gpus_per_node: int = 8
+    kernels: str = "auto"  # "auto" (Triton on CUDA, torch reference on CPU) | "torch" | "triton"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -96,6 +98,8 @@ def validate(cfg: RunConfig) -> tuple[ModelSpec, ExpertMapping, list[tuple[int, 
         raise MoesimError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise MoesimError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.kernels not in KERNELS:
+        raise MoesimError(f"--kernels must be one of {', '.join(KERNELS)}, got {cfg.kernels!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise MoesimError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     for name in ("steps", "batch", "prompt_len"):
@@ -228,6 +232,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--policy", default="round_robin", help="replica policy: round_robin | local (moesim.replica)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for the 'local' replica policy (default 8)")
+    p.add_argument("--kernels", default="auto", choices=KERNELS,
+                   help="MoE kernels: auto = Triton on CUDA, torch on CPU; triton on CPU runs the interpreter")
 
 
 def config_from_args(args: Any, nproc: int) -> RunConfig:
@@ -235,4 +241,4 @@ def config_from_args(args: Any, nproc: int) -> RunConfig:
                      batch=args.batch, prompt_len=args.prompt_len, seed=args.seed, record=args.record,
                      remap_at=[parse_remap(s) for s in args.remap_at], profile=args.profile,
                      checkpoint=args.checkpoint, dtype=args.dtype, device=args.device, policy=args.policy,
-                     gpus_per_node=args.gpus_per_node)
+                     gpus_per_node=args.gpus_per_node, kernels=args.kernels)

@@ -85,6 +85,7 @@ class Router:
     spec: ModelSpec
     weight: torch.Tensor  # [E, H]
     bias: torch.Tensor | None = None  # [E] correction bias (sigmoid_grouped)
+    impl: str | None = None  # kernels implementation: None (Triton on CUDA, torch on CPU), "torch", "triton"
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] → (weights [T, k] float32, ids [T, k] int64)."""
@@ -92,20 +93,20 @@ class Router:
         s = self.spec
         if s.router == "sigmoid_grouped":
             return kernels.grouped_topk(logits, self.bias, s.top_k, s.num_groups, s.topk_groups,
-                                        s.routed_scaling_factor)
-        return kernels.topk_softmax(logits, s.top_k, renormalize=True)
+                                        s.routed_scaling_factor, impl=self.impl)
+        return kernels.topk_softmax(logits, s.top_k, renormalize=True, impl=self.impl)
 
 
 class LocalExperts:
     """Every expert of a layer on this process: w13 [E, 2F, H], w2 [E, H, F] (the reference path)."""
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        self.w13, self.w2 = w13, w2
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, impl: str | None = None) -> None:
+        self.w13, self.w2, self.impl = w13, w2, impl
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int,
                  ctx: StepContext) -> torch.Tensor:
         with ctx.timer.region(layer, "expert"):
-            return kernels.fused_moe(x, self.w13, self.w2, weights.to(x.dtype), ids)
+            return kernels.fused_moe(x, self.w13, self.w2, weights.float(), ids, impl=self.impl)
 
 
 @dataclass
@@ -182,9 +183,10 @@ class Decoder:
 
 
 def build_decoder(spec: ModelSpec, source: WeightSource, device: torch.device | str, dtype: torch.dtype,
-                  experts: Callable[[int], Callable[..., torch.Tensor]] | None = None) -> Decoder:
+                  experts: Callable[[int], Callable[..., torch.Tensor]] | None = None,
+                  impl: str | None = None) -> Decoder:
     """Assemble a decoder from ``source``. ``experts(layer)`` builds each layer's expert part; by default
-    :class:`LocalExperts` with every expert (the single-process reference)."""
+    :class:`LocalExperts` with every expert (the single-process reference). ``impl`` picks the kernels."""
 
     def get(name: str) -> torch.Tensor:
         return source.get(name).to(device=device, dtype=dtype)
@@ -193,7 +195,7 @@ def build_decoder(spec: ModelSpec, source: WeightSource, device: torch.device | 
         pairs = [source.expert(i, e) for e in range(spec.num_experts)]
         w13 = torch.stack([p[0] for p in pairs]).to(device=device, dtype=dtype)
         w2 = torch.stack([p[1] for p in pairs]).to(device=device, dtype=dtype)
-        return LocalExperts(w13, w2)
+        return LocalExperts(w13, w2, impl)
 
     make = experts or local
     layers = []
@@ -206,7 +208,7 @@ def build_decoder(spec: ModelSpec, source: WeightSource, device: torch.device | 
             ln1=get(f"{p}.input_layernorm.weight"), q=get(f"{p}.self_attn.q_proj.weight"),
             k=get(f"{p}.self_attn.k_proj.weight"), v=get(f"{p}.self_attn.v_proj.weight"),
             o=get(f"{p}.self_attn.o_proj.weight"), ln2=get(f"{p}.post_attention_layernorm.weight"),
-            router=Router(spec, get(f"{p}.block_sparse_moe.gate.weight"), bias), experts=make(i)))
+            router=Router(spec, get(f"{p}.block_sparse_moe.gate.weight"), bias, impl), experts=make(i)))
     return Decoder(spec, get("model.embed_tokens.weight"), layers, get("model.norm.weight"), get("lm_head.weight"))
 
 

@@ -65,8 +65,8 @@ class EPMoE:
     """Expert part of one MoE layer under expert parallelism: ``(x, weights, ids, layer, ctx) -> [T, H]``."""
 
     def __init__(self, spec: ModelSpec, layer: int, rank: int, store: ExpertStore, mapping: ExpertMapping,
-                 backend: Backend, policy: ReplicaPolicy) -> None:
-        self.spec, self.layer, self.rank = spec, layer, rank
+                 backend: Backend, policy: ReplicaPolicy, impl: str | None = None) -> None:
+        self.spec, self.layer, self.rank, self.impl = spec, layer, rank, impl
         self.store, self.backend, self.policy = store, backend, policy
         self.set_mapping(mapping)
 
@@ -103,7 +103,8 @@ class EPMoE:
         with ctx.timer.region(layer, "dispatch"):
             d = self.backend.prepare(x, slots, weights.float(), S, self.mapping.num_slots)
         with ctx.timer.region(layer, "expert"):
-            y = kernels.fused_moe(d.x, self.store.w13, self.store.w2, d.weights, d.slots, expert_map=self.slot_map)
+            y = kernels.fused_moe(d.x, self.store.w13, self.store.w2, d.weights, d.slots, expert_map=self.slot_map,
+                                  impl=self.impl)
             local = d.slots - self.rank * S
             mine = (local >= 0) & (local < S)
             ctx.timer.tokens(layer, torch.bincount(local[mine], minlength=S))

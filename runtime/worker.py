@@ -66,13 +66,14 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
     backend = make_backend(cfg.backend)
     policy = ReplicaPolicy(cfg.policy, cfg.gpus_per_node)
     moes: list[EPMoE] = []
+    impl = None if cfg.kernels == "auto" else cfg.kernels
 
     def experts(i: int) -> EPMoE:
         store = load_store(source, spec, mapping, i, rank, device, dtype)
-        moes.append(EPMoE(spec, i, rank, store, mapping, backend, policy))
+        moes.append(EPMoE(spec, i, rank, store, mapping, backend, policy, impl))
         return moes[-1]
 
-    model = build_decoder(spec, source, device, dtype, experts)
+    model = build_decoder(spec, source, device, dtype, experts, impl)
     cache = model.new_cache(cfg.batch, cfg.prompt_len + cfg.steps)
     recorder = Recorder(cfg.record, spec, rank, world, cfg.to_dict(), mapping)
     remap_at = dict(remaps)

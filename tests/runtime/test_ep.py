@@ -133,3 +133,13 @@ def test_fault_mid_remap_keeps_old_mapping(tmp_path, fault) -> None:
     assert len(run["mappings"]) == 1 and not run["remaps"][0]["ok"]
     assert ("checksum" if fault.startswith("corrupt") else "injected fault") in run["remaps"][0]["error"]
     assert "old mapping kept" in run["remaps"][0]["error"]
+
+
+@pytest.mark.parametrize("backend", ["all2all", "allgather"])
+def test_triton_kernels_in_the_ep_layer(tmp_path, backend) -> None:
+    """The GPU production path's kernels (Triton router + fused MoE with the slot map), run by the interpreter."""
+    spec = get_model("tiny-deepseek")
+    random_mapping(np.random.default_rng(9), spec.num_layers, spec.num_experts, 2, 1).save(tmp_path / "m.json")
+    cfg = small_config(preset="tiny-deepseek", kernels="triton", backend=backend, steps=2,
+                       mapping=str(tmp_path / "m.json"))
+    assert_matches_reference(cfg, spawn_run(cfg, tmp_path / "dump"))
