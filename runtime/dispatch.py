@@ -24,6 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the flat collectives (the old names warn); torch 2.11 on the GPU box has only the old ones.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass
 class Dispatched:
@@ -110,14 +114,14 @@ class AllGather(Backend):
         no expert, and weight 0)."""
         T, G = x.shape[0], self.world
         sizes = torch.empty(G, dtype=torch.int64, device=x.device)
-        dist.all_gather_into_tensor(sizes, torch.tensor([T], dtype=torch.int64, device=x.device), group=self.group)
+        _all_gather(sizes, torch.tensor([T], dtype=torch.int64, device=x.device), group=self.group)
         tmax = int(sizes.max())
 
         def gather(t: torch.Tensor, fill: float) -> torch.Tensor:
             padded = t.new_full((tmax, t.shape[1]), fill)
             padded[:T] = t
             out = t.new_empty((G * tmax, t.shape[1]))
-            dist.all_gather_into_tensor(out, padded, group=self.group)
+            _all_gather(out, padded, group=self.group)
             return out
 
         meta = gather(pack_meta(slots, weights), 0)
@@ -133,7 +137,7 @@ class AllGather(Backend):
         out = y.new_empty((tmax, y.shape[1]))
         if self._reduce_scatter_ok is not False:
             try:
-                dist.reduce_scatter_tensor(out, y.contiguous(), group=self.group)
+                _reduce_scatter(out, y.contiguous(), group=self.group)
                 self._reduce_scatter_ok = True
                 return out[:T]
             except (RuntimeError, NotImplementedError):
