@@ -20,6 +20,16 @@ from moesim.errors import MoesimError
 from runtime.config import RunConfig, validate
 
 
+def weight_bytes_per_rank(cfg: RunConfig, slots_per_rank: int) -> int:
+    """Weights one rank holds: its expert rows plus the replicated dense part (attention, router, embeddings)."""
+    m = cfg.model
+    elem = 4 if cfg.dtype == "float32" or (cfg.dtype is None and cfg.device == "cpu") else 2  # auto: GPU bf16
+    q, kv = m.num_attention_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    dense = m.num_layers * (2 * q * m.hidden_size + 2 * kv * m.hidden_size + m.num_experts * m.hidden_size)
+    dense += 2 * m.vocab_size * m.hidden_size
+    return (dense + m.num_layers * slots_per_rank * m.expert_params) * elem
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,7 +71,8 @@ def launch(cfg: RunConfig, *, threads: int = 0, check_only: bool = False, **pope
     model, mapping, remaps = validate(cfg)
     print(f"moesim run: {model.name} on {cfg.nproc} rank(s), {mapping.slots_per_gpu} expert slots per rank "
           f"({mapping.num_redundant} redundant), backend {cfg.backend}, {cfg.steps} steps"
-          + (f", {len(remaps)} live remap(s)" if remaps else ""), flush=True)
+          + (f", {len(remaps)} live remap(s)" if remaps else "")
+          + f"; ~{weight_bytes_per_rank(cfg, mapping.slots_per_gpu) / 2**30:.2f} GiB of weights per rank", flush=True)
     if check_only:
         return 0
     cmd = torchrun_command(cfg, threads=threads)

@@ -155,12 +155,16 @@ def _remap(moes: list[EPMoE], new: Any, step: int, recorder: Recorder, rank: int
 
 def spawn_entry(rank: int, world: int, port: int, cfg_dict: dict[str, Any], dump: str | None,
                 env: dict[str, str] | None = None) -> None:
-    """``torch.multiprocessing.spawn`` target (tests): one gloo rank on 127.0.0.1:port."""
+    """``torch.multiprocessing.spawn`` target (tests): one rank on 127.0.0.1:port — gloo on CPU, NCCL when the
+    config asks for CUDA."""
     os.environ.update(env or {})
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = RunConfig.from_dict(cfg_dict)
+    device = resolve_device(cfg, rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
     try:
-        run(RunConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"), dump=dump, log=False)
+        run(cfg, rank, world, device, dump=dump, log=False)
     finally:
         dist.destroy_process_group()
 

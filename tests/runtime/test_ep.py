@@ -143,3 +143,12 @@ def test_triton_kernels_in_the_ep_layer(tmp_path, backend) -> None:
     cfg = small_config(preset="tiny-deepseek", kernels="triton", backend=backend, steps=2,
                        mapping=str(tmp_path / "m.json"))
     assert_matches_reference(cfg, spawn_run(cfg, tmp_path / "dump"))
+
+
+@pytest.mark.gpu
+def test_one_gpu_nccl_run_matches_reference(tmp_path) -> None:
+    """World size 1 on a CUDA GPU with NCCL and the Triton kernels; float32 against the CPU reference."""
+    cfg = small_config(nproc=1, device="cuda", dtype="float32", steps=4, record=str(tmp_path / "rec"))
+    assert_matches_reference(cfg, spawn_run(cfg, tmp_path / "dump"), rtol=2e-3)  # Triton dots may use TF32
+    with Trace.open(tmp_path / "rec" / "trace.mtrace") as t:
+        assert t.validate() == [] and (t.timings().phases > 0).all()
