@@ -84,7 +84,8 @@ class Recorder:
                                     "steps": [], "remaps": [], "status": "running"}
         if rank == 0 and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            meta = {"source": "moesim run", "backend": config.get("backend"), "preset": spec.name}
+            meta = {"source": "moesim run", "backend": config.get("backend"), "preset": spec.name,
+                    "mapping": mapping.to_dict(), "policy": config.get("policy")}
             self.writer = TraceWriter(self.out / "trace.mtrace", spec, origin=True, num_ranks=world,
                                       weights=True, timing_phases=PHASES, meta=meta)
             self._write_doc()

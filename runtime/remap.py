@@ -169,7 +169,9 @@ def apply_mapping(layers: list[EPMoE], new: ExpertMapping, *, fault: str | None 
         for r in free:
             rows[r] = -1
         lay.set_mapping(new)
-    return {"ok": True, "moved_experts": len(moves), "bytes_received": moved_bytes,
+    total = torch.tensor([moved_bytes], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return {"ok": True, "moved_experts": len(moves), "moved_bytes": int(total.item()),
             "seconds": time.perf_counter() - t0}
 
 

@@ -149,8 +149,8 @@ def _remap(moes: list[EPMoE], new: Any, step: int, recorder: Recorder, rank: int
         return
     recorder.note_remap(step, new, info)
     if log and rank == 0:
-        print(f"remapped before step {step}: {info['moved_experts']} experts moved in {info['seconds'] * 1e3:.1f} ms",
-              flush=True)
+        print(f"remapped before step {step}: {info['moved_experts']} experts ({info['moved_bytes'] / 2**20:.1f} MiB) "
+              f"moved in {info['seconds'] * 1e3:.1f} ms", flush=True)
 
 
 def spawn_entry(rank: int, world: int, port: int, cfg_dict: dict[str, Any], dump: str | None,

@@ -102,9 +102,12 @@ def test_live_remap_keeps_weights_and_outputs(tmp_path, backend) -> None:
     run = json.loads((tmp_path / "rec" / "run.json").read_text())
     assert [m["from_step"] for m in run["mappings"]] == [0, 2]
     assert run["remaps"][0]["ok"] and run["remaps"][0]["moved_experts"] > 0
+    expert_bytes = 3 * spec.hidden_size * spec.ffn_size * 4  # float32
+    assert run["remaps"][0]["moved_bytes"] == run["remaps"][0]["moved_experts"] * expert_bytes
     assert [s["mapping"] for s in run["steps"]] == [0, 0, 1, 1]
     with Trace.open(tmp_path / "rec" / "trace.mtrace") as t:  # the trace continues across the remap
         assert t.num_steps == 4 and t.validate() == []
+        assert ExpertMapping.from_dict(t.meta["mapping"]) == old
         tm = t.timings()
         after = tm.index[:, 0] >= 2
         rank1 = (tm.index[:, 2] == 1) & (tm.index[:, 1] == 0)
