@@ -43,6 +43,7 @@ class RunConfig:
     policy: str = "round_robin"  # replica policy (moesim.replica)
     gpus_per_node: int = 8
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch reference on CPU) | "torch" | "triton"
+    remap_transport: str = "p2p"  # how a live remap moves weights: "p2p" (batch_isend_irecv) | "all2all"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,6 +101,8 @@ def validate(cfg: RunConfig) -> tuple[ModelSpec, ExpertMapping, list[tuple[int, 
         raise MoesimError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.kernels not in KERNELS:
         raise MoesimError(f"--kernels must be one of {', '.join(KERNELS)}, got {cfg.kernels!r}")
+    if cfg.remap_transport not in ("p2p", "all2all"):
+        raise MoesimError(f"--remap-transport must be p2p or all2all, got {cfg.remap_transport!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise MoesimError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     for name in ("steps", "batch", "prompt_len"):
@@ -234,6 +237,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8, help="for the 'local' replica policy (default 8)")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="MoE kernels: auto = Triton on CUDA, torch on CPU; triton on CPU runs the interpreter")
+    p.add_argument("--remap-transport", default="p2p", choices=("p2p", "all2all"),
+                   help="how --remap-at moves expert weights: batched point-to-point or all_to_all_single")
 
 
 def config_from_args(args: Any, nproc: int) -> RunConfig:
@@ -241,4 +246,5 @@ def config_from_args(args: Any, nproc: int) -> RunConfig:
                      batch=args.batch, prompt_len=args.prompt_len, seed=args.seed, record=args.record,
                      remap_at=[parse_remap(s) for s in args.remap_at], profile=args.profile,
                      checkpoint=args.checkpoint, dtype=args.dtype, device=args.device, policy=args.policy,
-                     gpus_per_node=args.gpus_per_node, kernels=args.kernels)
+                     gpus_per_node=args.gpus_per_node, kernels=args.kernels,
+                     remap_transport=args.remap_transport)

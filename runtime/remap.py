@@ -7,8 +7,9 @@ load spreads). Experts that stay on a rank keep their storage row (the slot map 
 Protocol (each line is collective, so no rank can be left waiting in a collective another rank skipped):
   1. prepare locally: gather the outgoing tensors, fingerprint each (float64 sum + position-weighted hash of
      the raw bits); all-gather the error strings — a rank that failed here stops everyone before any data moves;
-  2. transfer: per layer, one ``all_to_all_single`` of flattened weights and one of fingerprints (works on
-     gloo and NCCL; equivalent to a batch of point-to-point sends, with splits every rank already knows);
+  2. transfer: per layer, one ``all_to_all_single`` of flattened weights and one of fingerprints (splits
+     every rank already knows), or a batch of point-to-point sends (``batch_isend_irecv``); both work on
+     gloo and NCCL;
   3. verify every received tensor against the sender's fingerprint; all-gather the errors again;
   4. commit only if every rank verified: copy staged tensors into the rows freed by departing experts and
      switch slot maps and replica tables. Otherwise nothing was written and the old mapping stays in force.
@@ -88,9 +89,15 @@ def _errors(error: str) -> str:
     return "; ".join(failed[:3]) + (f"; and {len(failed) - 3} more ranks" if len(failed) > 3 else "")
 
 
-def apply_mapping(layers: list[EPMoE], new: ExpertMapping, *, fault: str | None = None) -> dict[str, Any]:
+def apply_mapping(layers: list[EPMoE], new: ExpertMapping, *, transport: str = "all2all",
+                  fault: str | None = None) -> dict[str, Any]:
     """Switch every layer of this rank to ``new``; collective over the default group. Returns a summary
-    (moved experts, bytes, seconds). Raises :class:`RemapError` on every rank when any rank failed."""
+    (moved experts, bytes, seconds). Raises :class:`RemapError` on every rank when any rank failed.
+
+    ``transport``: "all2all" (one ``all_to_all_single`` of flattened weights per layer) or "p2p" (one
+    ``batch_isend_irecv`` per layer, only between the ranks that exchange experts, as vLLM's EPLB does)."""
+    if transport not in ("all2all", "p2p"):
+        raise RemapError(f"remap transport must be 'all2all' or 'p2p', got {transport!r}")
     t0 = time.perf_counter()
     old = layers[0].mapping
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -136,9 +143,19 @@ def apply_mapping(layers: list[EPMoE], new: ExpertMapping, *, fault: str | None 
             sums = torch.stack([fingerprint(p) for p in pieces]) if pieces else \
                 torch.empty((0, 2), dtype=torch.float64, device=device)
             inbox = torch.empty(sum(recv_split), dtype=dtype, device=device)
-            dist.all_to_all_single(inbox, out, recv_split, send_split)
             inbox_sums = torch.empty((len(recv), 2), dtype=torch.float64, device=device)
-            dist.all_to_all_single(inbox_sums, sums, [s // per for s in recv_split], [s // per for s in send_split])
+            if transport == "p2p":
+                got_rows = inbox.view(len(recv), per)
+                ops = [dist.P2POp(dist.isend, out[i * per:(i + 1) * per], m.dst) for i, m in enumerate(send)]
+                ops += [dist.P2POp(dist.isend, sums[i], m.dst) for i, m in enumerate(send)]
+                ops += [dist.P2POp(dist.irecv, got_rows[i], m.src) for i, m in enumerate(recv)]
+                ops += [dist.P2POp(dist.irecv, inbox_sums[i], m.src) for i, m in enumerate(recv)]
+                for req in dist.batch_isend_irecv(ops) if ops else []:
+                    req.wait()
+            else:
+                dist.all_to_all_single(inbox, out, recv_split, send_split)
+                dist.all_to_all_single(inbox_sums, sums, [s // per for s in recv_split],
+                                       [s // per for s in send_split])
             if fault_kind == "corrupt" and inbox.numel():
                 inbox[inbox.numel() // 2] += 1.0  # a bit flip on the wire
             got = inbox.view(len(recv), per) if recv else inbox.view(0, per)

@@ -95,7 +95,7 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
                 if step in remap_at:
                     if dump:
                         dumps.setdefault("rows_before", {})[step] = [list(m.store.row_expert) for m in moes]
-                    _remap(moes, remap_at[step], step, recorder, rank, log)
+                    _remap(moes, remap_at[step], step, recorder, rank, log, cfg.remap_transport)
                     if dump:
                         dumps["checksums"][step] = expert_checksums(moes)
                 phase = "prefill" if step == 0 else "decode"
@@ -139,9 +139,10 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
     return doc
 
 
-def _remap(moes: list[EPMoE], new: Any, step: int, recorder: Recorder, rank: int, log: bool) -> None:
+def _remap(moes: list[EPMoE], new: Any, step: int, recorder: Recorder, rank: int, log: bool,
+           transport: str) -> None:
     try:
-        info = apply_mapping(moes, new)
+        info = apply_mapping(moes, new, transport=transport)
     except RemapError as exc:
         recorder.note_remap(step, None, {"ok": False, "error": str(exc)})
         if log and rank == 0:

@@ -173,7 +173,8 @@ def test_worker_args_round_trip() -> None:
 
     cfg = RunConfig(preset="small", nproc=4, backend="allgather", mapping="m.json", steps=5, batch=3, prompt_len=7,
                     seed=9, record="out", remap_at=[(2, "a.json"), (4, "b.json")], profile=True, checkpoint="ck",
-                    dtype="float32", device="cpu", policy="local", gpus_per_node=2, kernels="triton")
+                    dtype="float32", device="cpu", policy="local", gpus_per_node=2, kernels="triton",
+                    remap_transport="all2all")
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert config_from_args(p.parse_args(worker_args(cfg)), 4) == cfg

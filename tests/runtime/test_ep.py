@@ -73,15 +73,15 @@ def _checksums_of_source(preset: str, seed: int) -> dict[tuple[int, int], tuple[
     return out
 
 
-@pytest.mark.parametrize("backend", ["all2all", "allgather"])
-def test_live_remap_keeps_weights_and_outputs(tmp_path, backend) -> None:
+@pytest.mark.parametrize(("backend", "transport"), [("all2all", "p2p"), ("allgather", "all2all")])
+def test_live_remap_keeps_weights_and_outputs(tmp_path, backend, transport) -> None:
     spec = get_model("tiny")
     rng = np.random.default_rng(3)
     old = random_mapping(rng, spec.num_layers, spec.num_experts, 4, 1)
     new = random_mapping(rng, spec.num_layers, spec.num_experts, 4, 1)
     old.save(tmp_path / "old.json")
     new.save(tmp_path / "new.json")
-    cfg = small_config(nproc=4, steps=4, backend=backend, mapping=str(tmp_path / "old.json"),
+    cfg = small_config(nproc=4, steps=4, backend=backend, mapping=str(tmp_path / "old.json"), remap_transport=transport,
                   remap_at=[(2, str(tmp_path / "new.json"))], record=str(tmp_path / "rec"))
     dumps = spawn_run(cfg, tmp_path / "dump")
     assert_matches_reference(cfg, dumps)  # outputs before and after the remap equal the reference
@@ -115,8 +115,8 @@ def test_live_remap_keeps_weights_and_outputs(tmp_path, backend) -> None:
         assert tm.experts[~after & rank1][0, :3].tolist() == old.gpu_experts(0, 1).tolist()
 
 
-@pytest.mark.parametrize("fault", ["corrupt:1", "raise:2"])
-def test_fault_mid_remap_keeps_old_mapping(tmp_path, fault) -> None:
+@pytest.mark.parametrize(("fault", "transport"), [("corrupt:1", "p2p"), ("corrupt:3", "all2all"), ("raise:2", "p2p")])
+def test_fault_mid_remap_keeps_old_mapping(tmp_path, fault, transport) -> None:
     spec = get_model("tiny")
     rng = np.random.default_rng(5)
     old = random_mapping(rng, spec.num_layers, spec.num_experts, 4, 0)
@@ -124,7 +124,7 @@ def test_fault_mid_remap_keeps_old_mapping(tmp_path, fault) -> None:
     old.save(tmp_path / "old.json")
     new.save(tmp_path / "new.json")
     cfg = small_config(nproc=4, steps=3, mapping=str(tmp_path / "old.json"), remap_at=[(1, str(tmp_path / "new.json"))],
-                  record=str(tmp_path / "rec"))
+                       record=str(tmp_path / "rec"), remap_transport=transport)
     dumps = spawn_run(cfg, tmp_path / "dump", env={"MOESIM_REMAP_FAULT": fault})
     assert_matches_reference(cfg, dumps)
     truth = _checksums_of_source("tiny", cfg.seed)
