@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -28,6 +29,10 @@ def weight_bytes_per_rank(cfg: RunConfig, slots_per_rank: int) -> int:
     dense = m.num_layers * (2 * q * m.hidden_size + 2 * kv * m.hidden_size + m.num_experts * m.hidden_size)
     dense += 2 * m.vocab_size * m.hidden_size
     return (dense + m.num_layers * slots_per_rank * m.expert_params) * elem
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def free_port() -> int:
@@ -73,12 +78,14 @@ def launch(cfg: RunConfig, *, threads: int = 0, check_only: bool = False, **pope
     print(f"moesim run: {model.name} on {cfg.nproc} rank(s), {mapping.slots_per_gpu} expert slots per rank "
           f"({mapping.num_redundant} redundant), backend {cfg.backend}, {cfg.steps} steps"
           + (f", {len(remaps)} live remap(s)" if remaps else "")
-          + f"; ~{weight_bytes_per_rank(cfg, mapping.slots_per_gpu) / 2**30:.2f} GiB of weights per rank", flush=True)
+          + f"; ~{_size(weight_bytes_per_rank(cfg, mapping.slots_per_gpu))} of weights per rank", flush=True)
     if check_only:
         return 0
     cmd = torchrun_command(cfg, threads=threads)
+    env = dict(popen.pop("env", None) or os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads or 1))  # torchrun's default, without its warning banner
     try:
-        proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig, **popen)
+        proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig, env=env, **popen)
     except OSError as exc:
         raise MoesimError(f"cannot start torchrun: {exc}") from None
     try:

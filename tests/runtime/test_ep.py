@@ -23,13 +23,15 @@ pytestmark = pytest.mark.dist
 @pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(world=st.sampled_from([2, 4]), backend=st.sampled_from(["all2all", "allgather"]),
-       extra=st.integers(0, 2), preset=st.sampled_from(["tiny", "tiny-deepseek"]), seed=st.integers(0, 2**31))
-def test_ep_logits_equal_reference(tmp_path_factory, world, backend, extra, preset, seed) -> None:
+       extra=st.integers(0, 2), preset=st.sampled_from(["tiny", "tiny-deepseek"]), seed=st.integers(0, 2**31),
+       policy=st.sampled_from(["round_robin", "local"]))
+def test_ep_logits_equal_reference(tmp_path_factory, world, backend, extra, preset, seed, policy) -> None:
     spec = get_model(preset)
     tmp = tmp_path_factory.mktemp("ep")
     mapping = random_mapping(np.random.default_rng(seed), spec.num_layers, spec.num_experts, world, extra)
     mapping.save(tmp / "m.json")
-    cfg = small_config(preset=preset, nproc=world, backend=backend, mapping=str(tmp / "m.json"), seed=seed % 1000)
+    cfg = small_config(preset=preset, nproc=world, backend=backend, mapping=str(tmp / "m.json"), seed=seed % 1000,
+                       policy=policy, gpus_per_node=2)
     assert_matches_reference(cfg, spawn_run(cfg, tmp))
 
 
