@@ -105,6 +105,10 @@ class Recorder:
     def record_step(self, step: int, phase: str, ids: torch.Tensor, weights: torch.Tensor, timer: StepTimer,
                     experts: list[list[int]], wall: float, tokens: int) -> None:
         """ids/weights [L, T_local, k] of this rank; ``experts`` [L][S] logical expert per local slot."""
+        if self.out is None:  # nothing to write: rank 0 keeps the step for the summary, no gather
+            if self.rank == 0:
+                self._note_step(step, phase, tokens, wall)
+            return
         mine = (ids.cpu().numpy(), weights.float().cpu().numpy(), timer.seconds, timer.slot_tokens,
                 np.asarray(experts, dtype=np.int64))
         gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
@@ -115,9 +119,7 @@ class Recorder:
         if self.rank != 0:
             return
         assert gathered is not None
-        self.doc["steps"].append({"step": step, "phase": phase, "tokens": tokens, "wall_s": wall,
-                                  "tokens_per_s": tokens / wall if wall > 0 else None,
-                                  "mapping": self.mapping_index})
+        self._note_step(step, phase, tokens, wall)
         if self.writer is not None:
             all_ids = np.concatenate([g[0] for g in gathered], axis=1)
             all_w = np.concatenate([g[1] for g in gathered], axis=1)
@@ -129,6 +131,10 @@ class Recorder:
                                            g[3][layer].tolist())
             self.writer.flush()
             self._write_doc()
+
+    def _note_step(self, step: int, phase: str, tokens: int, wall: float) -> None:
+        self.doc["steps"].append({"step": step, "phase": phase, "tokens": tokens, "wall_s": wall,
+                                  "tokens_per_s": tokens / wall if wall > 0 else None, "mapping": self.mapping_index})
 
     def close(self, status: str = "done") -> dict[str, Any]:
         steps = self.doc["steps"]
