@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("torch")  # the runtime needs torch; moesim itself does not
+
 import contextlib
 import importlib.util
 import json
@@ -13,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from moesim.cli import main
 from moesim.mapping import ExpertMapping

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # the runtime needs torch; moesim itself does not
+
+import numpy as np
 import torch
 
 from moesim.errors import MoesimError

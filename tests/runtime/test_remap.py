@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("torch")  # the runtime needs torch; moesim itself does not
+
 import numpy as np
 import torch
 from hypothesis import given, settings
