@@ -4,7 +4,8 @@ Timing phases per (step, layer, rank), in the trace header's order: ``attention`
 attention, residuals), ``gate`` (router + replica choice), ``dispatch``, ``expert`` (fused MoE on the rows
 received) and ``combine``. On CUDA each region is bracketed by CUDA events, read after the step's
 synchronize (no host sync inside the step); on CPU by ``time.perf_counter``. Every region is also a
-``torch.profiler.record_function`` range, so ``--profile`` traces show the same names.
+``torch.profiler.record_function`` range, so ``--profile`` traces show the same names (and an NVTX range
+on CUDA, for Nsight Systems).
 
 Rank 0 gathers every rank's routing and timings once per step, appends one trace step and flushes it, and
 rewrites ``run.json`` atomically: a run killed at any point leaves a trace readable up to its last step.
@@ -47,9 +48,13 @@ class StepTimer:
         with torch.profiler.record_function(f"moesim.{phase}"):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.nvtx.range_push(f"moesim.{phase}.L{layer}")  # for Nsight Systems timelines
                 start.record()
-                yield
-                end.record()
+                try:
+                    yield
+                finally:
+                    end.record()
+                    torch.cuda.nvtx.range_pop()
                 self._events.append((layer, p, start, end))
             else:
                 t0 = time.perf_counter()
