@@ -1,0 +1,50 @@
+"""``moesim validate``: live run → fit → place → live remap → measured vs predicted."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+ORDER = 70
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "validate", help="check the simulator against the live runtime, before and after a live remap",
+        description="Run the live runtime with linear placement and record it; fit the cost model, network and "
+                    "per-step overhead from that run; compute a new mapping with --algo from the recorded load; "
+                    "run again applying the new mapping live; compare the simulator's predictions of the second "
+                    "run with what it measured. Writes DIR/report.json, DIR/report.md and plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (processes) on this node")
+    p.add_argument("--preset", default="tiny", help="model preset the runtime supports (tiny, small, ...)")
+    p.add_argument("--algo", default="eplb", help="placement algorithm for the new mapping")
+    p.add_argument("--steps", type=int, default=16, help="steps per run (one prefill, then decode)")
+    p.add_argument("--remap-at", type=int, help="step before which the new mapping goes live (default: half-way)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence")
+    p.add_argument("--slots-per-gpu", type=int, help="expert slots per rank (more than experts/nproc: redundant)")
+    p.add_argument("--backend", default="all2all", choices=("all2all", "allgather"))
+    p.add_argument("--engine", default="analytic", choices=("analytic", "des"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--quiet", action="store_true", help="hide the runs' per-step output")
+    p.add_argument("--out", default="moesim-validate", help="output directory")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moesim.errors import MoesimError
+    from moesim.validate import ValidateConfig, print_summary, run_validation
+
+    if args.nproc < 1:
+        raise MoesimError(f"--nproc must be positive, got {args.nproc}")
+    cfg = ValidateConfig(nproc=args.nproc, preset=args.preset, algo=args.algo, steps=args.steps,
+                         remap_at=args.remap_at, batch=args.batch, prompt_len=args.prompt_len, seed=args.seed,
+                         backend=args.backend, slots_per_gpu=args.slots_per_gpu, engine=args.engine,
+                         device=args.device, threads=args.threads, out=args.out, quiet=args.quiet)
+    report = run_validation(cfg)
+    print_summary(report)
+    print(f"report: {args.out}/report.md, {args.out}/report.json")
+    return 0
