@@ -1,0 +1,367 @@
+"""Synthetic routing traces that behave like real MoE routers, seeded and reproducible.
+
+Why: placement and simulator studies need traces of every model shape at every scale, and real traces of
+DeepSeek-V3 or Qwen3 are rarely at hand. The generator reproduces the properties that matter for expert
+parallelism, each behind one knob of :class:`SynthConfig`:
+
+- **Skewed popularity, a different hot set per layer.** Each layer ``l`` has latent expert scores
+  ``v[l] ~ N(0, 1)``; the router logit of expert ``e`` is ``skew * v[l, e]`` (log-normal popularity).
+  ``skew`` near 0 is near-uniform; the per-model defaults in :data:`ROUTING_DEFAULTS` are calibrated so the
+  busiest expert of a layer gets about the load real statistics show: Mixtral 1.1-1.95x the mean
+  (../shared/data/routing, mixtral-8x7b-expert-counts), DeepSeek-V3 / Qwen3 a few times up to ~13x the mean.
+- **Drift.** The latent scores follow an Ornstein-Uhlenbeck walk: each step renews a fraction ``drift`` of
+  their variance, so the hot set moves slowly over steps (what periodic EPLB rebalancing reacts to).
+- **Token domains.** Each sequence belongs to one of ``num_domains`` domains with its own per-layer logit
+  offsets (strength ``domain_strength``); a step's batch mixes domains, so load fluctuates from step to step and
+  a token's experts co-occur (the per-domain specialisation reported for OLMoE, Muennighoff et al. 2024).
+- **Cross-layer correlation.** Expert ``e`` chosen in layer ``l`` adds ``layer_corr`` to the logit of its
+  successor ``succ[l][e]`` (a fixed random permutation) in layer ``l+1``: expert i in one layer predicts
+  expert j in the next, as the OLMoE cross-layer co-occurrence statistics show.
+- **Group-limited routing** (DeepSeek-V3, ``model.num_groups > 1``): a group's score is the sum of its two
+  best expert scores; each token keeps its ``topk_groups`` best groups and takes its top-k experts inside them
+  (DeepSeek-V3 config: n_group 8, topk_group 4).
+- **Batch shapes.** ``prefill_steps`` prefill steps of ``tokens`` tokens (sequences of ``seq_len``), then decode
+  steps of ``decode_tokens`` tokens: one token per running sequence, sequences persist across decode steps and
+  are replaced at rate ``1/mean_decode_len``.
+- **Origin ranks.** A step's tokens are split evenly and contiguously over ``num_ranks`` attention ranks
+  (data-parallel attention); a decode sequence stays on its rank.
+
+Sampling is exact Gumbel-top-k (top-k of logits plus Gumbel noise samples k experts without replacement with
+probabilities proportional to softmax(logits), Kool et al. 2019), vectorised over the tokens of a layer, so
+top-k ids are distinct per token. Router weights: softmax routers (Mixtral, Qwen3) renormalise the softmax over
+the chosen k; sigmoid routers (DeepSeek-V3) normalise the chosen sigmoid scores (norm_topk_prob).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.models import ModelSpec
+from moesim.trace.writer import TraceWriter
+
+# Default (skew, domain_strength) per preset, calibrated with the other ``SynthConfig`` defaults so that the
+# per-layer busiest/mean load of a 16-step trace lands in the published ranges: Mixtral ~1.15-1.9x (real counts,
+# ../shared/data/routing/mixtral-8x7b-expert-counts: 1.1-1.95x), DeepSeek-V3 ~5-14x, Qwen3 ~4-12x (3-13x reported
+# for DeepSeek/Qwen3 serving). Few experts need weaker domains: with 8 experts a batch of a few sequences of one
+# domain would otherwise unbalance a layer more than real Mixtral routing does.
+ROUTING_DEFAULTS: dict[str, tuple[float, float]] = {
+    "tiny": (0.6, 1.0),
+    "small": (0.6, 1.0),
+    "tiny-deepseek": (1.0, 1.0),
+    "mixtral-8x7b": (0.3, 0.5),
+    "mixtral-8x22b": (0.3, 0.5),
+    "deepseek-v3": (0.85, 1.0),
+    "qwen3-30b-a3b": (1.0, 1.0),
+    "qwen3-235b-a22b": (1.0, 1.0),
+    "olmoe-1b-7b": (1.1, 1.0),
+    "switch-base-128": (1.2, 1.0),
+}
+
+
+def routing_defaults(model: ModelSpec) -> tuple[float, float]:
+    """(skew, domain_strength) of a preset, or a guess from the shape: few experts route nearly evenly."""
+    if model.name in ROUTING_DEFAULTS:
+        return ROUTING_DEFAULTS[model.name]
+    return (0.3, 0.5) if model.num_experts <= 16 else (1.0, 1.0)
+
+
+def default_skew(model: ModelSpec) -> float:
+    return routing_defaults(model)[0]
+
+
+@dataclass
+class SynthConfig:
+    """Knobs of the synthetic router. Defaults: one prefill step of 4096 tokens, then decode steps."""
+
+    steps: int = 16
+    tokens: int = 4096  # tokens of each prefill step
+    decode_tokens: int | None = None  # tokens (running sequences) per decode step; None: same as ``tokens``
+    prefill_steps: int = 1
+    skew: float | None = None  # None: the model's default (ROUTING_DEFAULTS)
+    drift: float = 0.02  # fraction of the latent popularity variance renewed per step
+    layer_corr: float = 1.0  # logit bonus of a previous-layer expert's successor
+    num_domains: int = 8
+    domain_strength: float | None = None  # None: the model's default (ROUTING_DEFAULTS)
+    seq_len: int = 512  # prefill sequence length (tokens of one sequence share a domain and a rank)
+    mean_decode_len: float = 256.0  # decode steps a sequence runs on average
+    num_ranks: int = 8
+    seed: int = 0
+    weights: bool = True
+    origin: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        problems = []
+        for name in ("steps", "tokens", "num_ranks", "num_domains", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if self.decode_tokens is not None and (not isinstance(self.decode_tokens, (int, np.integer))
+                                               or self.decode_tokens < 1):
+            problems.append(f"decode_tokens must be a positive integer, got {self.decode_tokens!r}")
+        if not isinstance(self.prefill_steps, (int, np.integer)) or self.prefill_steps < 0:
+            problems.append(f"prefill_steps must be >= 0, got {self.prefill_steps!r}")
+        if self.skew is not None and not (np.isfinite(self.skew) and 0 <= self.skew <= 20):
+            problems.append(f"skew must lie in [0, 20], got {self.skew!r}")
+        if not (np.isfinite(self.drift) and 0 <= self.drift <= 1):
+            problems.append(f"drift must lie in [0, 1], got {self.drift!r}")
+        for name in ("layer_corr", "domain_strength"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and 0 <= value <= 50):
+                problems.append(f"{name} must lie in [0, 50], got {value!r}")
+        if not (np.isfinite(self.mean_decode_len) and self.mean_decode_len >= 1):
+            problems.append(f"mean_decode_len must be >= 1, got {self.mean_decode_len!r}")
+        if self.num_ranks > 0xFFFF:
+            problems.append(f"num_ranks must be <= 65535, got {self.num_ranks}")
+        if problems:
+            raise MoesimError("synthetic trace config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Gumbel(0, 1) quantiles at 65536 evenly spaced probabilities: a table lookup with 16-bit uniforms replaces two
+# logarithms per (token, expert) — the bulk of the generator's time. The quantisation is far below sampling noise.
+_GUMBEL = (-np.log(-np.log((np.arange(1 << 16) + 0.5) / (1 << 16)))).astype(np.float32)
+
+
+class _Router:
+    """State of the synthetic router of one model: latent popularity, domains, successors."""
+
+    def __init__(self, model: ModelSpec, cfg: SynthConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        skew, strength = routing_defaults(model)
+        self.skew = float(skew if cfg.skew is None else cfg.skew)
+        self.domain_strength = float(strength if cfg.domain_strength is None else cfg.domain_strength)
+        self.rng = np.random.default_rng(cfg.seed)
+        L, E = model.num_layers, model.num_experts
+        setup = np.random.default_rng([cfg.seed, 1])  # layout independent of the per-step stream
+        self.latent = setup.standard_normal((L, E)).astype(np.float32)
+        self.domains = (self.domain_strength * setup.standard_normal((L, cfg.num_domains, E))).astype(np.float32)
+        self.succ = np.stack([setup.permutation(E) for _ in range(L)])  # succ[l]: layer l-1 expert -> layer l
+        self.decode_domain: np.ndarray | None = None
+        self.decode_rank: np.ndarray | None = None
+
+    # -- per-step inputs ----------------------------------------------------------------------------
+    def _drift(self) -> None:
+        d = self.cfg.drift
+        if d > 0:
+            noise = self.rng.standard_normal(self.latent.shape).astype(np.float32)
+            self.latent = np.sqrt(1 - d, dtype=np.float32) * self.latent + np.sqrt(d, dtype=np.float32) * noise
+
+    def _prefill_batch(self, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Domain and origin rank of each token of a prefill step: contiguous sequences of seq_len."""
+        cfg = self.cfg
+        n_seq = -(-T // cfg.seq_len)
+        mix = self.rng.dirichlet(np.ones(cfg.num_domains))
+        seq_domain = self.rng.choice(cfg.num_domains, size=n_seq, p=mix)
+        domain = np.repeat(seq_domain, cfg.seq_len)[:T]
+        origin = (np.arange(T, dtype=np.int64) * cfg.num_ranks) // T
+        return domain, origin
+
+    def _decode_batch(self, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Running sequences persist across decode steps; finished ones are replaced by new ones."""
+        cfg = self.cfg
+        if self.decode_domain is None or len(self.decode_domain) != T:
+            self.decode_domain = self.rng.integers(0, cfg.num_domains, size=T)
+            self.decode_rank = (np.arange(T, dtype=np.int64) * cfg.num_ranks) // T
+        else:
+            done = self.rng.random(T) < 1.0 / cfg.mean_decode_len
+            self.decode_domain[done] = self.rng.integers(0, cfg.num_domains, size=int(done.sum()))
+        assert self.decode_rank is not None
+        return self.decode_domain, self.decode_rank
+
+    # -- routing ------------------------------------------------------------------------------------
+    def route(self, step: int, domain: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ids [L, T, k] uint16 (best first) and router weights [L, T, k] float32 of one step.
+
+        A pure function of its inputs and the step's own random stream, so steps can be routed in parallel.
+        """
+        m, cfg = self.model, self.cfg
+        L, E, k = m.num_layers, m.num_experts, m.top_k
+        T = len(domain)
+        rng = np.random.default_rng([cfg.seed, 2, step])
+        ids = np.empty((L, T, k), dtype=np.uint16)
+        weights = np.empty((L, T, k), dtype=np.float32)
+        prev: np.ndarray | None = None
+        grouped = m.num_groups > 1
+        for layer in range(L):
+            logits = self.domains[layer] + base[layer]  # [domains, E]
+            if grouped:
+                cand, scores = _group_candidates(logits, domain, m.num_groups, m.topk_groups, rng)
+            else:
+                cand, scores = None, np.take(logits, domain, axis=0)  # [T, E]
+            if prev is not None and cfg.layer_corr > 0:
+                _add_successor_bonus(scores, self.succ[layer][prev], cand, E // m.num_groups, cfg.layer_corr)
+            scores += np.take(_GUMBEL, rng.integers(0, _GUMBEL.size, size=scores.shape, dtype=np.uint16))
+            top = _top_k(scores, k)
+            top_scores = _pick(scores, top)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            top = _pick(top, order)
+            top_scores = _pick(top_scores, order)
+            if cand is not None:
+                top = _pick(cand, top)
+            ids[layer] = top
+            weights[layer] = _router_weights(top_scores, m.router)
+            prev = top
+        return ids, weights
+
+    def inputs(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, str]]:
+        """Per step, sequentially: (step, domain [T], origin [T], popularity logits [L, E], phase)."""
+        cfg = self.cfg
+        decode_T = cfg.tokens if cfg.decode_tokens is None else cfg.decode_tokens
+        for step in range(cfg.steps):
+            if step:
+                self._drift()
+            if step < cfg.prefill_steps:
+                phase = "prefill"
+                domain, origin = self._prefill_batch(cfg.tokens)
+            else:
+                phase = "decode"
+                domain, origin = self._decode_batch(decode_T)
+            yield step, domain.copy(), origin.copy(), self.skew * self.latent, phase
+
+    def steps(self, threads: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+        """Route the steps on a thread pool (numpy releases the GIL), yielding them in order."""
+        workers = threads or min(os.cpu_count() or 1, 8)
+        if workers <= 1:
+            for step, domain, origin, base, phase in self.inputs():
+                yield (*self.route(step, domain, base), origin, phase)
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[tuple[Future, np.ndarray, str]] = deque()
+            for step, domain, origin, base, phase in self.inputs():
+                pending.append((pool.submit(self.route, step, domain, base), origin, phase))
+                if len(pending) >= 2 * workers:
+                    fut, o, ph = pending.popleft()
+                    yield (*fut.result(), o, ph)
+            while pending:
+                fut, o, ph = pending.popleft()
+                yield (*fut.result(), o, ph)
+
+
+def _group_candidates(logits: np.ndarray, domain: np.ndarray, num_groups: int, topk_groups: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-style group-limited routing: each token keeps ``topk_groups`` of ``num_groups`` expert groups.
+
+    Groups are drawn without replacement in proportion to their softmax mass (Gumbel-top-k over the groups'
+    log-sum-exp logits), then experts are chosen only inside them. Returns the candidate experts
+    ``cand [T, topk_groups * per_group]`` (ascending) and their logits ``[T, same]``.
+    DeepSeek-V3 picks groups by the sum of each group's two best scores; sampling groups by mass keeps the
+    same structure (a token's experts lie in at most ``topk_groups`` groups, i.e. nodes) at a fraction of
+    the cost, and skips the noise of the groups not chosen.
+    """
+    T = len(domain)
+    C, E = logits.shape
+    per = E // num_groups
+    g = logits.reshape(C, num_groups, per)
+    peak = g.max(axis=2, keepdims=True)
+    group_logit = (peak[:, :, 0] + np.log(np.exp(g - peak).sum(axis=2)))  # [C, G] log-sum-exp
+    gscore = np.take(group_logit, domain, axis=0) + rng.gumbel(size=(T, num_groups)).astype(np.float32)
+    chosen = np.sort(np.argpartition(-gscore, topk_groups - 1, axis=1)[:, :topk_groups], axis=1)
+    cand = (chosen[:, :, None] * per + np.arange(per)).reshape(T, topk_groups * per)
+    scores = np.take(logits.reshape(-1), cand + (domain * E)[:, None])
+    return cand, scores
+
+
+def _add_successor_bonus(scores: np.ndarray, succ: np.ndarray, cand: np.ndarray | None, per: int,
+                         bonus: float) -> None:
+    """Add ``bonus`` to the logits of the successor experts ``succ [T, k]`` of a token's previous experts.
+
+    With group-limited candidates, successors outside the token's chosen groups are skipped.
+    """
+    T, W = scores.shape
+    flat = scores.reshape(-1)
+    if cand is None:
+        flat[succ + (np.arange(T) * W)[:, None]] += np.float32(bonus)  # distinct per row: no lost updates
+        return
+    chosen = cand[:, ::per] // per  # [T, groups kept], ascending
+    group = succ // per
+    slot = np.empty_like(succ)
+    found = np.zeros(succ.shape, dtype=bool)
+    for j in range(chosen.shape[1]):
+        hit = group == chosen[:, j:j + 1]
+        slot[hit] = j
+        found |= hit
+    pos = slot * per + succ % per + (np.arange(T) * W)[:, None]
+    flat[pos[found]] += np.float32(bonus)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """[T, k] column indices of the k largest scores of each row (unordered).
+
+    k rounds of argmax: much faster in numpy than argpartition for k << E, and exact.
+    """
+    T, E = scores.shape
+    if k * 4 >= E:
+        return np.argpartition(scores, E - k, axis=1)[:, E - k:]
+    work = scores.copy()
+    out = np.empty((T, k), dtype=np.int64)
+    rows = np.arange(T)
+    for j in range(k):
+        best = work.argmax(axis=1)
+        out[:, j] = best
+        work[rows, best] = -np.inf
+    return out
+
+
+def _pick(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``take_along_axis(a, idx, axis=1)`` for 2-D arrays, as one flat take (several times faster)."""
+    return np.take(a.reshape(-1), idx + (np.arange(a.shape[0]) * a.shape[1])[:, None])
+
+
+def _router_weights(top_scores: np.ndarray, router: str) -> np.ndarray:
+    """Weights of the chosen experts, normalised over the k of each token."""
+    if router == "sigmoid_grouped":
+        w = 1.0 / (1.0 + np.exp(-top_scores))
+    else:
+        w = np.exp(top_scores - top_scores[:, :1])
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: int | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+    """Yield ``(ids [L, T, k] uint16, weights [L, T, k] float32, origin [T] int64, phase)`` per step.
+
+    The same ``(model, cfg)`` always yields the same steps, whatever ``threads`` (default: up to 8 cores).
+    """
+    cfg = cfg or SynthConfig()
+    cfg.check()
+    if model.num_experts > 0xFFFF:
+        raise MoesimError(f"synthetic traces support up to 65535 experts, model has {model.num_experts}")
+    if model.num_groups > 1 and model.topk_groups * (model.num_experts // model.num_groups) < model.top_k:
+        raise MoesimError(f"model {model.name!r}: {model.topk_groups} groups of "
+                          f"{model.num_experts // model.num_groups} experts cannot hold top-{model.top_k}")
+    yield from _Router(model, cfg).steps(threads)
+
+
+def synthesize(model: ModelSpec, cfg: SynthConfig | None, path: str | Path,
+               progress: Any = None) -> Path:
+    """Write a synthetic token trace of ``model`` to ``path`` atomically; return the path.
+
+    ``progress``, if given, is called with (step, steps) after each step.
+    """
+    cfg = cfg or SynthConfig()
+    cfg.check()
+    path = Path(path)
+    skew, strength = routing_defaults(model)
+    resolved = {"skew": skew if cfg.skew is None else cfg.skew,
+                "domain_strength": strength if cfg.domain_strength is None else cfg.domain_strength}
+    meta = {"source": "moesim.trace.synth", "synth": {**cfg.to_dict(), **resolved}}
+    with TraceWriter(path, model, kind="tokens", weights=cfg.weights, origin=cfg.origin,
+                     num_ranks=cfg.num_ranks if cfg.origin else None, meta=meta, atomic=True) as writer:
+        for i, (ids, weights, origin, phase) in enumerate(generate_steps(model, cfg)):
+            writer.add_step(ids, weights if cfg.weights else None, origin if cfg.origin else None, phase)
+            if progress is not None:
+                progress(i + 1, cfg.steps)
+    return path
