@@ -143,7 +143,7 @@ def trace_stats(trace: Trace, start: int = 0, stop: int | None = None, *, window
     m = trace.model
     stop = trace.num_steps if stop is None else min(stop, trace.num_steps)
     start = max(0, min(start, stop))
-    hot = hot or min(m.num_experts, max(1, m.top_k))
+    hot = hot or min(m.num_experts, max(4, m.top_k))
     per_step = trace.load(start, stop)  # [S, L, E]
     load = per_step.sum(axis=0)
     total = load.sum(axis=1, keepdims=True).astype(np.float64)
