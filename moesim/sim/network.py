@@ -1,0 +1,322 @@
+"""A flow-level (fluid) network for the discrete-event engine: concurrent flows share links max-min fairly.
+
+Model (the fluid model of SimGrid's network models and of ASTRA-sim's analytical network backend):
+
+- A *flow* moves ``nbytes`` along a fixed list of directed links (its route, edge indices of a topology).
+- While it transmits, a flow has a rate (bytes/s). Rates are the **max-min fair** allocation over every link
+  the active flows cross (progressive filling / water-filling): all flows grow at the same pace; a link that
+  fills up freezes the flows crossing it at the current level; the others keep growing.
+- Rates are recomputed whenever a flow starts or ends (event-driven). Between two such events every rate is
+  constant, so the next completion time is exact: ``min(remaining / rate)``. One timer is pending at a time;
+  a generation counter makes a superseded timer a no-op (no interrupts needed). All starts and ends that
+  happen at the same simulated instant are batched into one recomputation.
+- Propagation latency: a flow's bytes have all *arrived* ``sum(edge_latency[route])`` after its last byte left
+  (``t_done = t_start + transmission + latency``, the ``latency + size / bandwidth`` of an isolated flow).
+  Latency does not occupy links.
+- A flow with an empty route (a GPU sending to itself) or zero bytes arrives after its path latency (0 for
+  an empty route) and uses no link.
+
+Limits (by design): no packets, no queues or buffers, no head-of-line blocking, no congestion control or
+slow start, no incast collapse, no protocol overheads beyond what the link bandwidth already discounts;
+max-min fairness is the ideal that fair-queuing switches approach, real NVLink/IB fabrics deviate from it
+under heavy incast. Per-link utilisation is tracked (bytes per link, integrated over time).
+
+Cost: each recomputation is vectorised numpy over a padded route table [flows, hops] (an implicit
+flow-link incidence matrix, link loads by ``bincount``); one iteration per distinct fair-share level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import simpy
+
+from moesim.errors import MoesimError
+
+# Flows whose remaining transmission time is below this are complete (float round-off of rate × dt).
+_TIME_EPS = 1e-13
+# Relative tolerance when deciding which links are saturated at the current fair-share level.
+_LEVEL_RTOL = 1e-9
+
+
+def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Max-min fair rates by progressive filling.
+
+    routes [F, H] int: link indices of each flow, padded with ``len(capacity) - 1`` (a pad link whose
+    capacity must be ``inf``); capacity [E+1] bytes/s. Returns rates [F] (bytes/s; ``inf`` for a flow that
+    crosses no finite link).
+    """
+    F = routes.shape[0]
+    rate = np.full(F, np.inf)
+    if F == 0:
+        return rate
+    n_links = capacity.shape[0]
+    flat = routes.ravel()
+    count = np.bincount(flat, minlength=n_links).astype(np.float64)
+    remcap = capacity.astype(np.float64, copy=True)
+    idx = np.arange(F)
+    cur = routes
+    finite = np.isfinite(capacity)
+    while True:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where((count > 0) & finite, remcap / np.where(count > 0, count, 1.0), np.inf)
+        level = share.min()
+        if not np.isfinite(level):
+            break  # what is left crosses only unconstrained links
+        level = max(level, 0.0)
+        sat = share <= level * (1.0 + _LEVEL_RTOL) + 1e-300
+        hit = sat[cur].any(axis=1)
+        frozen_routes = cur[hit].ravel()
+        rate[idx[hit]] = level
+        used = np.bincount(frozen_routes, minlength=n_links)
+        count -= used
+        remcap -= level * used
+        keep = ~hit
+        if not keep.any():
+            break
+        idx = idx[keep]
+        cur = cur[keep]
+    return rate
+
+
+class FlowNetwork:
+    """Flows over links with max-min fair sharing, driven by a simpy environment.
+
+    ``FlowNetwork(env, edge_bw, edge_latency)`` or ``FlowNetwork(env, topology)`` (anything with
+    ``edge_bw`` / ``edge_latency`` arrays). ``transfer(route, nbytes)`` returns an event that fires when
+    the flow's bytes have all arrived; ``transfer_many`` starts a batch of flows, each counted towards a
+    :meth:`group` (an event that fires once its expected number of flows all arrived) — the DES uses groups
+    so that a GPU waits on one event for all of its incoming flows.
+    """
+
+    def __init__(self, env: simpy.Environment, edge_bw: Any, edge_latency: Any = None) -> None:
+        if edge_latency is None and hasattr(edge_bw, "edge_bw"):
+            edge_bw, edge_latency = edge_bw.edge_bw, edge_bw.edge_latency
+        bw = np.asarray(edge_bw, dtype=np.float64).ravel()
+        lat = np.asarray(edge_latency if edge_latency is not None else np.zeros_like(bw), dtype=np.float64).ravel()
+        if bw.shape != lat.shape:
+            raise MoesimError(f"edge_bw has {bw.size} links but edge_latency has {lat.size}")
+        if np.any(~(bw > 0)):
+            raise MoesimError(f"link {int(np.argmax(~(bw > 0)))} has a non-positive or NaN bandwidth")
+        if np.any(~(lat >= 0)) or np.any(~np.isfinite(lat)):
+            raise MoesimError(f"link {int(np.argmax(~((lat >= 0) & np.isfinite(lat))))} has a negative or "
+                              "non-finite latency")
+        self.env = env
+        self.num_links = bw.size
+        self.edge_bw = bw
+        self.edge_latency = lat
+        self._pad = bw.size  # index of the pad link (infinite capacity)
+        self._cap = np.append(bw, np.inf)
+        self.link_bytes = np.zeros(bw.size)  # bytes that crossed each link so far
+        # active flows (compact arrays)
+        self._routes = np.empty((0, 1), dtype=np.int64)
+        self._remaining = np.empty(0)
+        self._rate = np.empty(0)
+        self._lat = np.empty(0)
+        self._group = np.empty(0, dtype=np.int64)
+        self._fid = np.empty(0, dtype=np.int64)
+        self._last = 0.0
+        self._gen = 0
+        self._update_pending = False
+        self._pending_adds: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        # every flow ever started, by id
+        self._req = np.empty(1024)
+        self._deliv = np.empty(1024)
+        self._start = np.empty(1024)
+        self._end = np.empty(1024)
+        self.num_flows = 0
+        # groups: pending count, latest arrival, event
+        self._g_pending: list[int] = []
+        self._g_latest: list[float] = []
+        self._g_event: list[simpy.Event] = []
+        self._g_value: list[Any] = []
+        self.recomputations = 0
+
+    # ---- public API -------------------------------------------------------------------------------
+    def group(self, nflows: int) -> tuple[int, simpy.Event]:
+        """A new group expecting ``nflows`` flows: (group id, event that fires when they all arrived).
+
+        The event's value is the group id."""
+        if nflows < 0:
+            raise MoesimError("a group cannot expect a negative number of flows")
+        gid = len(self._g_event)
+        ev = self.env.event()
+        self._g_pending.append(int(nflows))
+        self._g_latest.append(self.env.now)
+        self._g_event.append(ev)
+        self._g_value.append(gid)
+        if nflows == 0:
+            ev.succeed(gid)
+        return gid, ev
+
+    def transfer(self, route_edges: Sequence[int], nbytes: float) -> simpy.Event:
+        """Start one flow now; the event fires (value: the flow id) once all its bytes arrived."""
+        gid, ev = self.group(1)
+        self._g_value[gid] = self.num_flows  # the id transfer_many gives this flow
+        self.transfer_many([route_edges], [nbytes], [gid])
+        return ev
+
+    def transfer_many(self, routes: Sequence[Sequence[int]] | np.ndarray, nbytes: Any, groups: Any) -> np.ndarray:
+        """Start flows now: routes (list of edge-index lists, or a [F, H] array padded with -1), bytes [F],
+        group id [F] (from :meth:`group`). Returns the new flow ids [F]."""
+        nb = np.asarray(nbytes, dtype=np.float64).ravel()
+        grp = np.broadcast_to(np.asarray(groups, dtype=np.int64), nb.shape).copy()
+        F = nb.size
+        if np.any(~(nb >= 0)) or np.any(~np.isfinite(nb)):
+            raise MoesimError("flow sizes must be finite and non-negative")
+        if F and (grp.min() < 0 or grp.max() >= len(self._g_event)):
+            raise MoesimError("flow names an unknown group")
+        rt = self._route_table(routes, F)
+        fids = self._new_ids(nb)
+        lat = np.where(rt < self._pad, np.append(self.edge_latency, 0.0)[np.minimum(rt, self._pad)], 0.0).sum(axis=1)
+        uses_link = (rt < self._pad).any(axis=1)
+        instant = (nb <= 0) | ~uses_link
+        if instant.any():
+            self._deliv[fids[instant]] = nb[instant]
+            self._end[fids[instant]] = self.env.now + lat[instant]
+            self._arrive(grp[instant], self.env.now + lat[instant])
+        live = ~instant
+        if live.any():
+            self._pending_adds.append((rt[live], nb[live], lat[live], grp[live], fids[live]))
+            self._request_update()
+        return fids
+
+    def flow_record(self) -> dict[str, np.ndarray]:
+        """Per flow ever started: requested and delivered bytes, start and arrival time (nan while in flight)."""
+        n = self.num_flows
+        return {"requested": self._req[:n].copy(), "delivered": self._deliv[:n].copy(),
+                "start": self._start[:n].copy(), "end": self._end[:n].copy()}
+
+    @property
+    def active_flows(self) -> int:
+        return int(self._remaining.size + sum(a[1].size for a in self._pending_adds))
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _route_table(self, routes: Any, F: int) -> np.ndarray:
+        if isinstance(routes, np.ndarray) and routes.ndim == 2:
+            rt = routes.astype(np.int64, copy=True)
+            if rt.shape[0] != F:
+                raise MoesimError(f"{rt.shape[0]} routes for {F} flow sizes")
+            rt[rt < 0] = self._pad
+        else:
+            routes = list(routes)
+            if len(routes) != F:
+                raise MoesimError(f"{len(routes)} routes for {F} flow sizes")
+            H = max([len(r) for r in routes] + [1])
+            rt = np.full((F, H), self._pad, dtype=np.int64)
+            for i, r in enumerate(routes):
+                if len(r):
+                    rt[i, :len(r)] = r
+        if rt.size and (rt.min() < 0 or rt.max() > self._pad):
+            raise MoesimError(f"route names a link outside 0..{self.num_links - 1}")
+        return rt
+
+    def _new_ids(self, nb: np.ndarray) -> np.ndarray:
+        n0, F = self.num_flows, nb.size
+        while n0 + F > self._req.size:
+            grow = self._req.size
+            for name in ("_req", "_deliv", "_start", "_end"):
+                setattr(self, name, np.concatenate([getattr(self, name), np.empty(grow)]))
+        fids = np.arange(n0, n0 + F)
+        self._req[fids] = nb
+        self._deliv[fids] = 0.0
+        self._start[fids] = self.env.now
+        self._end[fids] = np.nan
+        self.num_flows += F
+        return fids
+
+    def _arrive(self, groups: np.ndarray, when: np.ndarray) -> None:
+        """Count flows (arriving at ``when``) towards their groups; fire completed groups at their latest arrival."""
+        now = self.env.now
+        for g, t in zip(groups.tolist(), when.tolist()):
+            if t > self._g_latest[g]:
+                self._g_latest[g] = t
+            self._g_pending[g] -= 1
+            if self._g_pending[g] == 0:
+                ev, val = self._g_event[g], self._g_value[g]
+                delay = self._g_latest[g] - now
+                if delay <= 0:
+                    ev.succeed(val)
+                else:
+                    self.env.timeout(delay).callbacks.append(lambda _e, ev=ev, val=val: ev.succeed(val))
+            elif self._g_pending[g] < 0:
+                raise MoesimError(f"group {g} received more flows than it expected")
+
+    def _advance(self) -> None:
+        """Move every active flow forward to now at its current rate; account link bytes."""
+        now = self.env.now
+        dt = now - self._last
+        self._last = now
+        if dt <= 0 or self._remaining.size == 0:
+            return
+        moved = np.minimum(self._rate * dt, self._remaining)
+        self._remaining -= moved
+        H = self._routes.shape[1]
+        lb = np.bincount(self._routes.ravel(), weights=np.repeat(moved, H), minlength=self._pad + 1)
+        self.link_bytes += lb[:self._pad]
+
+    def _request_update(self) -> None:
+        if not self._update_pending:
+            self._update_pending = True
+            # a zero-delay event queued behind everything already due now: batches same-instant changes
+            self.env.timeout(0).callbacks.append(self._update)
+
+    def _complete_due(self) -> None:
+        if self._remaining.size == 0:
+            return
+        with np.errstate(divide="ignore", invalid="ignore"):
+            due = self._remaining <= self._rate * _TIME_EPS + 1e-9
+        if not due.any():
+            return
+        # snap the float residue so that delivered bytes equal requested bytes exactly
+        rest = self._remaining[due]
+        if np.any(rest > 0):
+            H = self._routes.shape[1]
+            lb = np.bincount(self._routes[due].ravel(), weights=np.repeat(rest, H), minlength=self._pad + 1)
+            self.link_bytes += lb[:self._pad]
+        fid = self._fid[due]
+        now = self.env.now
+        self._deliv[fid] = self._req[fid]
+        arrival = now + self._lat[due]
+        self._end[fid] = arrival
+        groups = self._group[due]
+        keep = ~due
+        self._routes, self._remaining, self._rate = self._routes[keep], self._remaining[keep], self._rate[keep]
+        self._lat, self._group, self._fid = self._lat[keep], self._group[keep], self._fid[keep]
+        self._arrive(groups, arrival)
+
+    def _update(self, _event: Any = None) -> None:
+        """Batch point: take in new flows, retire finished ones, recompute rates, arm the next timer."""
+        self._update_pending = False
+        self._advance()
+        self._complete_due()
+        if self._pending_adds:
+            adds = self._pending_adds
+            self._pending_adds = []
+            H = max([self._routes.shape[1]] + [a[0].shape[1] for a in adds])
+            parts = [self._routes] + [a[0] for a in adds]
+            parts = [p if p.shape[1] == H else np.pad(p, ((0, 0), (0, H - p.shape[1])), constant_values=self._pad)
+                     for p in parts]
+            self._routes = np.concatenate(parts)
+            self._remaining = np.concatenate([self._remaining] + [a[1] for a in adds])
+            self._lat = np.concatenate([self._lat] + [a[2] for a in adds])
+            self._group = np.concatenate([self._group] + [a[3] for a in adds])
+            self._fid = np.concatenate([self._fid] + [a[4] for a in adds])
+        self._gen += 1
+        if self._remaining.size == 0:
+            self._rate = np.empty(0)
+            return
+        self._rate = maxmin_rates(self._routes, self._cap)
+        self.recomputations += 1
+        with np.errstate(divide="ignore"):
+            ttf = self._remaining / self._rate
+        delay = max(float(ttf.min()), 0.0)
+        gen = self._gen
+        self.env.timeout(delay).callbacks.append(lambda _e: self._on_timer(gen))
+
+    def _on_timer(self, gen: int) -> None:
+        if gen != self._gen:
+            return  # superseded by a later start or end
+        self._request_update()

@@ -1,0 +1,177 @@
+"""Flow network: fair sharing checked by hand, byte conservation as a property, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import simpy
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moesim.errors import MoesimError
+from moesim.sim.network import FlowNetwork, maxmin_rates
+
+
+def _run(bw, lat, flows, starts=None):
+    """Run flows (route, nbytes[, start]) to completion; return (arrival times, network)."""
+    env = simpy.Environment()
+    net = FlowNetwork(env, bw, lat)
+    done = {}
+    order = {}
+    starts = starts or [0.0] * len(flows)
+
+    def proc(i, route, nbytes, t0):
+        yield env.timeout(t0)
+        fid = yield net.transfer(route, nbytes)
+        done[i] = env.now
+        order[fid] = i
+
+    for i, ((route, nbytes), t0) in enumerate(zip(flows, starts)):
+        env.process(proc(i, route, nbytes, t0))
+    env.run()
+    net.order = [order[f] for f in range(len(flows))]  # flow id -> index in ``flows``
+    return [done[i] for i in range(len(flows))], net
+
+
+def test_single_flow_gets_whole_link():
+    # 1 MB over a 100 GB/s link with 2 us latency: 1e6 / 1e11 + 2e-6 = 12 us
+    t, net = _run([100e9], [2e-6], [([0], 1e6)])
+    assert t[0] == pytest.approx(12e-6, rel=1e-12)
+    assert net.link_bytes[0] == pytest.approx(1e6)
+
+
+def test_two_flows_share_one_link_equally():
+    # each gets 50 GB/s: 2 * 1e6 / 1e11 + 2e-6 = 22 us
+    t, net = _run([100e9], [2e-6], [([0], 1e6), ([0], 1e6)])
+    assert t == pytest.approx([22e-6, 22e-6], rel=1e-12)
+    assert net.link_bytes[0] == pytest.approx(2e6)
+
+
+def test_short_flow_leaves_then_long_one_speeds_up():
+    # link 100 B/s; A=100 B, B=300 B. Both at 50 B/s until A ends at t=2 (B has 200 left), then B at 100 B/s:
+    # B ends at 2 + 200/100 = 4.
+    t, _ = _run([100.0], [0.0], [([0], 100.0), ([0], 300.0)])
+    assert t == pytest.approx([2.0, 4.0])
+
+
+def test_late_joiner_slows_the_first_flow():
+    # A=300 B starts at 0 alone at 100 B/s; B=100 B joins at t=1 (A has 200 left): both at 50 B/s,
+    # B ends at t=3 (A has 100 left), A ends at 3 + 1 = 4.
+    t, _ = _run([100.0], [0.0], [([0], 300.0), ([0], 100.0)], starts=[0.0, 1.0])
+    assert t == pytest.approx([4.0, 3.0])
+
+
+def test_parking_lot_maxmin_by_hand():
+    # Classic parking lot: links 0,1,2 of capacity 1; flow A crosses all three, flows B,C,D one each.
+    # Max-min: every link has 2 flows -> A = B = C = D = 1/2.
+    # Raise link 2 to capacity 2: links 0 and 1 still bind A at 1/2, D takes the rest of link 2: 3/2.
+    pad = 3
+    routes = np.array([[0, 1, 2], [0, pad, pad], [1, pad, pad], [2, pad, pad]])
+    assert maxmin_rates(routes, np.array([1.0, 1.0, 1.0, np.inf])) == pytest.approx([0.5] * 4)
+    assert maxmin_rates(routes, np.array([1.0, 1.0, 2.0, np.inf])) == pytest.approx([0.5, 0.5, 0.5, 1.5])
+    # Link 0 of capacity 3 with A and B; link 1 capacity 1 with A and C: A, C = 1/2, B takes 3 - 1/2 = 5/2.
+    routes2 = np.array([[0, 1], [0, 2], [1, 2]])
+    assert maxmin_rates(routes2, np.array([3.0, 1.0, np.inf])) == pytest.approx([0.5, 2.5, 0.5])
+
+
+def test_parking_lot_in_time():
+    # Same parking lot (capacity 1 B/s, 1 B each): all four at 1/2 finish at t=2.
+    t, _ = _run([1.0, 1.0, 1.0], [0.0] * 3, [([0, 1, 2], 1.0), ([0], 1.0), ([1], 1.0), ([2], 1.0)])
+    assert t == pytest.approx([2.0] * 4)
+
+
+def test_empty_route_and_zero_bytes_arrive_after_latency_only():
+    t, net = _run([10.0, 10.0], [1.0, 2.0], [([], 500.0), ([0, 1], 0.0)])
+    assert t == pytest.approx([0.0, 3.0])
+    assert net.link_bytes.tolist() == [0.0, 0.0]
+
+
+def test_groups_fire_when_all_their_flows_arrived():
+    env = simpy.Environment()
+    net = FlowNetwork(env, [10.0, 10.0], [0.0, 0.5])
+    gid, ev = net.group(2)
+    net.transfer_many(np.array([[0, -1], [1, -1]]), [10.0, 40.0], [gid, gid])
+    env.run(until=ev)
+    assert env.now == pytest.approx(4.5)  # flow 2: 40 B at 10 B/s + 0.5 s latency
+    assert net.group(0)[1].triggered
+
+
+def test_bad_inputs():
+    env = simpy.Environment()
+    with pytest.raises(MoesimError, match="bandwidth"):
+        FlowNetwork(env, [1.0, 0.0], [0.0, 0.0])
+    with pytest.raises(MoesimError, match="latency"):
+        FlowNetwork(env, [1.0], [-1.0])
+    net = FlowNetwork(env, [1.0], [0.0])
+    with pytest.raises(MoesimError, match="outside"):
+        net.transfer([3], 1.0)
+    with pytest.raises(MoesimError, match="non-negative"):
+        net.transfer([0], -1.0)
+
+
+@st.composite
+def flow_sets(draw):
+    n_links = draw(st.integers(1, 6))
+    bw = draw(st.lists(st.floats(1.0, 1e3), min_size=n_links, max_size=n_links))
+    lat = draw(st.lists(st.floats(0.0, 1.0), min_size=n_links, max_size=n_links))
+    n = draw(st.integers(1, 25))
+    flows = []
+    for _ in range(n):
+        route = draw(st.lists(st.integers(0, n_links - 1), min_size=0, max_size=n_links, unique=True))
+        flows.append((route, draw(st.sampled_from([0.0, 1.0, 7.5, 100.0, 1234.0]) | st.floats(0.0, 1e4))))
+    starts = draw(st.lists(st.sampled_from([0.0, 0.5, 2.0]) | st.floats(0.0, 10.0), min_size=n, max_size=n))
+    return bw, lat, flows, starts
+
+
+@given(flow_sets())
+def test_every_byte_arrives(case):
+    bw, lat, flows, starts = case
+    t, net = _run(bw, lat, flows, starts)
+    rec = net.flow_record()
+    requested = np.array([flows[i][1] for i in net.order])
+    np.testing.assert_allclose(rec["delivered"], requested, rtol=1e-12)
+    expect = np.zeros(len(bw))
+    for route, nb in flows:
+        expect[route] += nb
+    np.testing.assert_allclose(net.link_bytes, expect, rtol=1e-9, atol=1e-6)
+    for i, (route, nb) in enumerate(flows):
+        # never faster than alone on its slowest link, never sooner than its latency
+        floor = starts[i] + sum(lat[e] for e in route) + (nb / min(bw[e] for e in route) if route else 0.0)
+        assert t[i] >= floor * (1 - 1e-9) - 1e-12
+    assert net.active_flows == 0
+
+
+@given(flow_sets())
+def test_maxmin_allocation_is_feasible_and_each_flow_has_a_bottleneck(case):
+    bw, _, flows, _ = case
+    flows = [(r, nb) for r, nb in flows if r]
+    if not flows:
+        return
+    pad = len(bw)
+    H = max(len(r) for r, _ in flows)
+    routes = np.full((len(flows), H), pad)
+    for i, (r, _) in enumerate(flows):
+        routes[i, :len(r)] = r
+    rate = maxmin_rates(routes, np.append(bw, np.inf))
+    load = np.zeros(pad + 1)
+    np.add.at(load, routes.ravel(), np.repeat(rate, H))
+    assert np.all(load[:pad] <= np.array(bw) * (1 + 1e-9))
+    # max-min optimality: each flow crosses a saturated link on which it has the largest rate
+    for i, (r, _) in enumerate(flows):
+        ok = False
+        for e in r:
+            on_e = [j for j, (rj, _) in enumerate(flows) if e in rj]
+            if load[e] >= bw[e] * (1 - 1e-9) and rate[i] >= max(rate[on_e]) * (1 - 1e-9):
+                ok = True
+        assert ok, (i, r, rate)
+
+
+def test_deterministic():
+    rng = np.random.default_rng(0)
+    flows = [(sorted(rng.choice(5, size=rng.integers(1, 4), replace=False).tolist()), float(rng.integers(1, 1000)))
+             for _ in range(40)]
+    starts = rng.uniform(0, 5, size=40).tolist()
+    a, na = _run([10.0, 20.0, 5.0, 8.0, 40.0], [0.1] * 5, flows, starts)
+    b, nb = _run([10.0, 20.0, 5.0, 8.0, 40.0], [0.1] * 5, flows, starts)
+    assert a == b
+    assert np.array_equal(na.link_bytes, nb.link_bytes)
