@@ -365,6 +365,8 @@ def read_vllm_eplb(path: Path, model: ModelSpec | None = None, mapping: str | Pa
     E = model.num_experts if model is not None else int(p2l.max()) + 1
     model, dense = _resolve_model(model, L, E, path.name)
     if step is not None:
+        if hasattr(step, "numpy") or isinstance(step, np.ndarray):  # a 0-d tensor / array (np.savez, torch.save)
+            step = _array(step, "expert_load_window_step", (0,)).item()
         if not isinstance(step, (int, np.integer)) or not 0 <= int(step) < max(W, 1):
             raise TraceError(f"{path.name}: expert_load_window_step {step!r} is not an index into the window")
         load = np.roll(load, -int(step), axis=0)  # oldest first
@@ -414,8 +416,10 @@ def read_megatron(path: Path, model: ModelSpec | None = None) -> Imported:
         it, layer, rank = _field(rec, "iteration", where), _field(rec, "layer", where), rec.get("rank", 0)
         if not all(isinstance(v, int) and v >= 0 for v in (it, layer, rank)):
             raise TraceError(f"{where}: iteration, layer and rank must be non-negative integers")
-        idx = _array(_field(rec, "topk_idx", where), f"{where}: topk_idx", (2,))
-        probs = rec.get("topk_probs")
+        raw, probs = _field(rec, "topk_idx", where), rec.get("topk_probs")
+        if isinstance(raw, list) and not raw:  # a rank with no tokens this iteration
+            raw, probs = np.zeros((0, 0), np.int64), None if probs is None else np.zeros((0, 0))
+        idx = _array(raw, f"{where}: topk_idx", (2,))
         w = None if probs is None else _array(probs, f"{where}: topk_probs", (2,), integer=False)
         if w is not None and w.shape != idx.shape:
             raise TraceError(f"{where}: topk_probs shape {list(w.shape)} differs from topk_idx {list(idx.shape)}")
@@ -427,7 +431,19 @@ def read_megatron(path: Path, model: ModelSpec | None = None) -> Imported:
     if not rows:
         raise TraceError(f"Megatron router trace {path} holds no records")
     layer_ids = sorted({lay for ranks in rows.values() for lays in ranks.values() for lay in lays})
-    k = next(iter(next(iter(next(iter(rows.values())).values())).values()))[0].shape[1]
+    widths = {x[0].shape[1] for ranks in rows.values() for lays in ranks.values() for x in lays.values()
+              if x[0].shape[0]}
+    if not widths and model is not None:
+        widths = {model.top_k}
+    if len(widths) != 1:
+        raise TraceError(f"{path.name}: records have top-k widths {sorted(widths) or 'none (no tokens)'}; "
+                         "expected one width")
+    k = widths.pop()
+    for ranks in rows.values():  # give token-less records the common width
+        for lays in ranks.values():
+            for lay, (idx, w) in list(lays.items()):
+                if not idx.shape[0]:
+                    lays[lay] = (idx.reshape(0, k), None if w is None else w.reshape(0, k))
     E = model.num_experts if model is not None else None
     if E is None:
         E = 1 + max(int(x[0].max(initial=0)) for ranks in rows.values() for lays in ranks.values()
@@ -449,8 +465,6 @@ def read_megatron(path: Path, model: ModelSpec | None = None) -> Imported:
             if len(T) != 1:
                 raise TraceError(f"{path.name}: iteration {it} rank {rank}: layers route different token counts")
             ids = np.stack([lays[lay][0] for lay in layer_ids])
-            if ids.shape[2] != k:
-                raise TraceError(f"{path.name}: iteration {it}: top-k differs between records")
             if ids.size and (ids.min() < 0 or ids.max() >= E):
                 raise TraceError(f"{path.name}: iteration {it}: expert id outside [0, {E})")
             s = np.sort(ids, axis=2)
@@ -462,6 +476,8 @@ def read_megatron(path: Path, model: ModelSpec | None = None) -> Imported:
             o_parts.append(np.full(ids.shape[1], rank, dtype=np.int64))
         steps.append((np.concatenate(ids_parts, axis=1), np.concatenate(w_parts, axis=1) if with_weights else None,
                       np.concatenate(o_parts), phase_of.get(it)))
+    if not sum(s[0].shape[1] for s in steps):
+        raise TraceError(f"Megatron router trace {path} routes no tokens")
     ranks = {r for ranks in rows.values() for r in ranks}
     meta = {"source": "megatron:router-jsonl", "files": [str(path)], "layers": layer_ids,
             "iterations": sorted(rows)}

@@ -1,0 +1,296 @@
+"""Importers: each public format read back exactly; malformed inputs are one-line TraceErrors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moesim.errors import TraceError
+from moesim.models import get_model
+from moesim.trace import Trace
+from moesim.trace.importers import import_trace, read_import
+
+FIX = Path(__file__).resolve().parent / "fixtures"
+_spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixtures.py")
+mf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mf)
+TINY = get_model("tiny")
+
+has_torch = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not has_torch, reason="reading .pt needs torch")
+
+
+def _imported(tmp_path: Path, fmt: str, *files: str, **kw) -> Trace:
+    out = tmp_path / f"{fmt}.mtrace"
+    import_trace(fmt, [FIX / f for f in files], out, **kw)
+    trace = Trace.open(out)
+    assert trace.validate() == []
+    return trace
+
+
+@pytest.mark.parametrize("name", [pytest.param("sglang_stat.pt", marks=needs_torch), "sglang_stat.json"])
+def test_sglang_stat(tmp_path, name):
+    expected = mf.sglang_stat()["logical_count"][:3]  # the 4th buffer row is empty
+    with _imported(tmp_path, "sglang", name, model=TINY) as trace:
+        assert trace.kind == "counts" and trace.num_steps == 3
+        assert np.array_equal(trace.load(), expected)
+        assert trace.num_tokens == 12 + 5 + 7
+        assert "unfilled" in trace.meta["note"]
+
+
+@needs_torch
+def test_sglang_per_token_two_ranks(tmp_path):
+    _, expected = mf.sglang_per_token()
+    with _imported(tmp_path, "sglang", "sglang_per_token_rank1.pt", "sglang_per_token_rank0.pt") as trace:
+        assert trace.kind == "tokens" and trace.model.name == "tiny"  # inferred from the shape
+        assert trace.num_steps == 3 and trace.num_ranks == 2
+        for step, ids in zip(trace.steps(), expected):
+            assert np.array_equal(step.ids, ids)
+        assert [s.phase for s in trace.steps()] == ["prefill", "decode", "decode"]
+        assert np.array_equal(trace.step(0).origin, [0] * 6 + [1] * 4)
+        assert trace.meta["forward_pass_ids"] == [100, 101, 102]
+
+
+def test_sglang_per_pass_json(tmp_path):
+    _, expected = mf.sglang_per_token()
+    with _imported(tmp_path, "sglang", "sglang_per_pass.json", model=TINY) as trace:
+        assert trace.kind == "counts"
+        want = np.stack([[np.bincount(ids[layer].ravel(), minlength=8) for layer in range(2)] for ids in expected])
+        assert np.array_equal(trace.load(), want)
+
+
+@pytest.mark.parametrize("name", [pytest.param("vllm_eplb.pt", marks=needs_torch), "vllm_eplb.npz"])
+def test_vllm_eplb_window_folded_and_unrolled(tmp_path, name):
+    _, expected = mf.vllm_eplb()
+    with _imported(tmp_path, "vllm-eplb", name, model=TINY) as trace:
+        assert np.array_equal(trace.load(), expected)
+
+
+def test_vllm_bare_npy_needs_the_mapping(tmp_path):
+    _, expected = mf.vllm_eplb()
+    with _imported(tmp_path, "vllm", "vllm_load.npy", model=TINY, mapping=FIX / "phy2log.json") as trace:
+        assert np.array_equal(trace.load(), expected[[3, 0, 1, 2]])  # no window step: file order
+    with pytest.raises(TraceError, match="--mapping"):
+        read_import("vllm", [FIX / "vllm_load.npy"], model=TINY)
+
+
+def test_megatron_jsonl(tmp_path):
+    _, expected = mf.megatron_lines()
+    with _imported(tmp_path, "megatron", "megatron_router.jsonl") as trace:
+        assert trace.kind == "tokens" and trace.has_weights and trace.num_ranks == 2
+        assert trace.meta["layers"] == [2, 4]
+        for step, ids in zip(trace.steps(), expected):
+            assert np.array_equal(step.ids, ids)
+            assert np.allclose(step.weights.sum(axis=2), 1, atol=1e-5)
+        assert trace.step(0).phase == "prefill" and trace.step(2).phase == "decode"
+
+
+@pytest.mark.parametrize("name", ["counts.csv", "counts.json"])
+def test_counts_tables(tmp_path, name):
+    with _imported(tmp_path, "counts", name, model=TINY) as trace:
+        assert np.array_equal(trace.load()[0], mf.counts_table())
+        assert trace.num_tokens == 40
+
+
+# -- round trips (hypothesis) ---------------------------------------------------------------------------------
+counts_strategy = st.integers(1, 4).flatmap(lambda S: st.lists(
+    st.lists(st.lists(st.integers(0, 10**6), min_size=8, max_size=8), min_size=2, max_size=2),
+    min_size=S, max_size=S))
+
+
+@given(counts=counts_strategy, fmt=st.sampled_from(["sglang-json", "counts-json", "counts-npy", "counts-csv"]))
+@settings(max_examples=25, deadline=None)
+def test_counts_round_trip_exactly(tmp_path_factory, counts, fmt):
+    tmp = tmp_path_factory.mktemp("rt")
+    arr = np.array(counts, dtype=np.int64)
+    arr[:, :, 0] += 1  # no all-zero step (SGLang drops those as unfilled buffer rows)
+    if fmt == "sglang-json":
+        src = tmp / "dump.json"
+        src.write_text(json.dumps({"rank": 0, "logical_count": arr.tolist()}))
+        name = "sglang"
+    elif fmt == "counts-json":
+        src = tmp / "load.json"
+        src.write_text(json.dumps({"load": arr.tolist()}))
+        name = "counts"
+    elif fmt == "counts-npy":
+        src = tmp / "load.npy"
+        np.save(src, arr, allow_pickle=False)
+        name = "counts"
+    else:
+        arr = arr[:1]
+        src = tmp / "load.csv"
+        src.write_text("\n".join(",".join(map(str, r)) for r in arr[0]))
+        name = "counts"
+    out = tmp / "t.mtrace"
+    import_trace(name, [src], out, model=TINY)
+    with Trace.open(out) as trace:
+        assert np.array_equal(trace.load(), arr)
+
+
+@given(data=st.data())
+@settings(max_examples=25, deadline=None)
+def test_vllm_physical_counts_fold_to_logical_exactly(tmp_path_factory, data):
+    """Any split of logical load over replicas folds back to the logical load (conservation)."""
+    tmp = tmp_path_factory.mktemp("vl")
+    W = data.draw(st.integers(1, 5))
+    extra = data.draw(st.lists(st.integers(0, 7), min_size=0, max_size=6))
+    p2l = np.array([list(range(8)) + extra] * 2)
+    perm = data.draw(st.permutations(range(p2l.shape[1])))
+    p2l = p2l[:, list(perm)]
+    phys = np.array(data.draw(st.lists(st.integers(0, 1000), min_size=W * 2 * p2l.shape[1],
+                                       max_size=W * 2 * p2l.shape[1]))).reshape(W, 2, -1)
+    phys[:, :, 0] += 1
+    logical = np.zeros((W, 2, 8), dtype=np.int64)
+    for layer in range(2):
+        for slot in range(p2l.shape[1]):
+            logical[:, layer, p2l[layer, slot]] += phys[:, layer, slot]
+    src = tmp / "eplb.json"
+    src.write_text(json.dumps({"expert_load_window": phys.tolist(), "physical_to_logical_map": p2l.tolist()}))
+    out = tmp / "t.mtrace"
+    import_trace("vllm-eplb", [src], out, model=TINY)
+    with Trace.open(out) as trace:
+        assert np.array_equal(trace.load(), logical)
+
+
+@given(seed=st.integers(0, 2**31), steps=st.integers(1, 4), ranks=st.integers(1, 3))
+@settings(max_examples=20, deadline=None)
+def test_megatron_round_trip_conserves_tokens(tmp_path_factory, seed, steps, ranks):
+    """Token ids survive exactly, and counts sum to tokens x top_k per layer."""
+    tmp = tmp_path_factory.mktemp("mg")
+    rng = np.random.default_rng(seed)
+    model = get_model("tiny-deepseek")
+    lines, expected = [], []
+    for it in range(steps):
+        parts = []
+        for rank in range(ranks):
+            T = int(rng.integers(0, 6))
+            ids = np.array([[rng.choice(16, 4, replace=False) for _ in range(T)] for _ in range(2)]).reshape(2, T, 4)
+            for layer in range(2):
+                lines.append(json.dumps({"iteration": it, "layer": layer, "rank": rank,
+                                         "topk_idx": ids[layer].tolist()}))
+            parts.append(ids)
+        expected.append(np.concatenate(parts, axis=1))
+    src = tmp / "r.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp / "t.mtrace"
+    tokens = [e.shape[1] for e in expected]
+    if not sum(tokens):
+        with pytest.raises(TraceError, match="no tokens"):
+            import_trace("megatron", [src], out, model=model)
+        return
+    import_trace("megatron", [src], out, model=model)
+    with Trace.open(out) as trace:
+        assert trace.num_tokens == sum(tokens)
+        assert np.array_equal(trace.load().sum(axis=2), np.repeat(np.array(tokens)[:, None], 2, 1) * 4)
+        for step, ids in zip(trace.steps(), expected):
+            assert np.array_equal(step.ids, ids)
+
+
+# -- malformed inputs ---------------------------------------------------------------------------------------
+def _write(tmp: Path, name: str, text: str | bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+BAD = [
+    ("sglang", "x.json", "{}", "no field 'records'"),
+    ("sglang", "x.json", "[1, 2", "not valid JSON"),
+    ("sglang", "x.json", '{"logical_count": [[[1, -2]]]}', "negative"),
+    ("sglang", "x.json", '{"logical_count": [[1, 2], [3]]}', "not a rectangular|numeric"),
+    ("sglang", "x.json", '{"logical_count": [[[0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]]]}', "no load"),
+    ("sglang", "x.json", '{"records": [{"forward_pass_id": 0, "global_physical_count": [[1]]}]}', "preset"),
+    ("sglang", "x.txt", "hello", "unsupported extension"),
+    ("sglang", "x.pt", b"garbage bytes", "not a readable torch file|needs torch"),
+    ("vllm-eplb", "x.json", '{"foo": 1}', "expert_load_window"),
+    ("vllm-eplb", "x.npy", b"\x93NUMPY garbage", "not a readable numpy file"),
+    ("vllm-eplb", "x.json", '{"expert_load_window": [[[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]]],'
+                            ' "physical_to_logical_map": [[0, 1, 2, 3, 4, 5, 6, 9], [0, 1, 2, 3, 4, 5, 6, 7]]}',
+     "outside"),
+    ("megatron", "x.jsonl", '{"iteration": 0, "layer": 0, "topk_idx": [[0, 0]]}\n'
+                            '{"iteration": 0, "layer": 1, "topk_idx": [[0, 1]]}', "same expert twice"),
+    ("megatron", "x.jsonl", '{"iteration": 0, "layer": 0, "topk_idx": [[0, 1]]}\n'
+                            '{"iteration": 1, "layer": 1, "topk_idx": [[0, 1]]}', "lacks layers"),
+    ("megatron", "x.jsonl", '{"iteration": 0, "layer": 0, "topk_idx": [[0, 9]]}\n'
+                            '{"iteration": 0, "layer": 1, "topk_idx": [[0, 1]]}', "outside"),
+    ("megatron", "x.jsonl", "not json\n", "not valid JSON"),
+    ("megatron", "x.jsonl", "", "no records"),
+    ("counts", "x.csv", "1,2,3\n4,5\n", "different lengths"),
+    ("counts", "x.csv", "a,b\n", "not a CSV of numbers"),
+    ("counts", "x.json", '{"load": [[1.5, 2]]}', "whole numbers"),
+    ("counts", "x.json", '{"load": [[1, 2], [3, 4]]}', "preset|experts"),
+    ("olmoe", "x.json", '{"olmoe/expert_counts/x": {"pairs": []}}', "no load counts"),
+    ("olmoe", "x.json", '{"a/b/c": {"counts": []}}', "no entry"),
+    ("olmoe", "x.json", "[]", "not the OLMoE"),
+    ("switch", "x.json", '{"expert_usage_by_layer": {"1": {"0": -3}}, "layers": [1]}', "bad entry"),
+]
+
+
+@pytest.mark.parametrize("fmt,name,text,match", BAD)
+def test_malformed_inputs_are_one_line_errors(tmp_path, fmt, name, text, match):
+    src = _write(tmp_path, name, text)
+    model = None if match == "preset" else TINY
+    if fmt in ("olmoe", "switch"):
+        model = None
+    with pytest.raises(TraceError, match=match) as err:
+        import_trace(fmt, [src], tmp_path / "out.mtrace", model=model)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out.mtrace").exists()
+
+
+def test_missing_file_and_directory(tmp_path):
+    for fmt in ("sglang", "vllm", "megatron", "counts", "mixtral-csv", "olmoe", "switch"):
+        with pytest.raises(TraceError, match="does not exist"):
+            read_import(fmt, [tmp_path / "nope.json"])
+        with pytest.raises(TraceError, match="directory"):
+            read_import(fmt, [tmp_path])
+
+
+# -- the real statistics in ../shared/data/routing -------------------------------------------------------------
+def test_real_mixtral_counts(tmp_path, shared_data):
+    for name in ("expert_activation_count.csv", "expert_activation_count.npy"):
+        out = tmp_path / f"{name}.mtrace"
+        import_trace("mixtral-csv", [shared_data / "mixtral-8x7b-expert-counts" / name], out)
+        with Trace.open(out) as trace:
+            assert trace.model.name == "mixtral-8x7b" and trace.model.num_layers == 32
+            load = trace.load()[0]
+            assert load.shape == (32, 8) and np.all(load.sum(axis=1) == 119_010)
+            assert trace.num_tokens == 59_505
+            ratio = load.max(axis=1) / load.mean(axis=1)
+            assert ratio.min() >= 1.1 and ratio.max() <= 1.96
+
+
+def test_real_olmoe_counts(tmp_path, shared_data):
+    src = shared_data / "olmoe-routing-analysis" / "expert_counts_all.json"
+    out = tmp_path / "o.mtrace"
+    import_trace("olmoe", [src], out)
+    with Trace.open(out) as trace:
+        assert trace.model.name == "olmoe-1b-7b" and trace.model.num_layers == 3 and trace.model.top_k == 8
+        assert trace.meta["layers"] == [0, 7, 15] and trace.meta["model_layers"] == 16
+        assert trace.num_steps == 6  # arxiv, book, c4, github, tulu, wikipedia
+        load = trace.load()
+        assert np.all(load[0].sum(axis=1) == 1_671_168)  # arxiv: 208,896 tokens x 8
+        assert load[0].sum(axis=1)[0] // 8 == 208_896
+    out2 = tmp_path / "m.mtrace"
+    import_trace("olmoe", [src], out2, select="mistral/expert_counts/arxiv")
+    with Trace.open(out2) as trace:
+        assert trace.model.name == "mixtral-8x7b" and trace.num_steps == 1
+        assert np.all(trace.load()[0].sum(axis=1) == 417_792)
+
+
+def test_real_switch_counts(tmp_path, shared_data):
+    out = tmp_path / "s.mtrace"
+    import_trace("switch", [shared_data / "switch-base-128-expert-counts" / "expert_statistics_3d.json"], out)
+    with Trace.open(out) as trace:
+        assert trace.model.name == "switch-base-128" and trace.model.num_layers == 6
+        assert trace.meta["layers"] == [1, 3, 5, 7, 9, 11]
+        load = trace.load()[0]
+        assert np.all(load.sum(axis=1) == 206_866)
+        ratio = load.max(axis=1) / load.mean(axis=1)
+        assert ratio.max() > 25  # heavily skewed: the README's 2.5-31x
