@@ -54,11 +54,12 @@ def window_drift(load: np.ndarray, windows: int, hot: int) -> dict[str, Any]:
         w = load[a:b].sum(axis=0).astype(np.float64)  # [L, E]
         total = w.sum(axis=1, keepdims=True)
         shares.append(np.divide(w, total, out=np.zeros_like(w), where=total > 0))
-        hot_sets.append(np.argsort(-w, axis=1, kind="stable")[:, :hot])
+        order = np.argsort(-w, axis=1, kind="stable")[:, :hot]
+        hot_sets.append([set(row[w[i, row] > 0].tolist()) for i, row in enumerate(order)])  # idle experts aren't hot
     tv, overlap = [], []
     for i in range(1, len(shares)):
         tv.append(float(0.5 * np.abs(shares[i] - shares[i - 1]).sum(axis=1).mean()))
-        jac = [len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(hot_sets[i], hot_sets[i - 1])]
+        jac = [len(x & y) / len(x | y) if x | y else 1.0 for x, y in zip(hot_sets[i], hot_sets[i - 1])]
         overlap.append(float(np.mean(jac)))
     return {"windows": windows, "bounds": bounds.tolist(), "tv": tv, "hot_overlap": overlap,
             "tv_mean": float(np.mean(tv)) if tv else 0.0}
@@ -173,8 +174,13 @@ def trace_stats(trace: Trace, start: int = 0, stop: int | None = None, *, window
         "drift": window_drift(per_step, windows, hot) if len(per_step) else {},
     }
     if trace.kind == "tokens" and m.num_layers > 1:
-        cross = cross_layer(trace, start, stop, max_tokens)
-        out["cross_layer_nmi"] = np.array([_nmi(c) for c in cross])
+        ids = _token_ids(trace, start, stop, max_tokens or 1 << 62)
+        E = m.num_experts
+        nmi = []
+        for layer in range(m.num_layers - 1):
+            first = np.zeros(0, np.int64) if ids is None else ids[layer, :, 0] * E + ids[layer + 1, :, 0]
+            nmi.append(_nmi(np.bincount(first, minlength=E * E).reshape(E, E)))
+        out["cross_layer_nmi"] = np.array(nmi)
     if trace.kind == "tokens" and m.top_k > 1:
         co = coactivation(trace, start, stop, max_tokens)
         E = m.num_experts
