@@ -15,7 +15,9 @@ Formats (field names as the producing projects write them):
   per_token only: "topk_ids_of_layer": [layers, tokens, 8] physical ids padded with -1, "input_ids",
   "positions", "extend_seq_lens", "forward_mode"}], "last_physical_to_logical_map": [layers, physical]}``.
   Records of the same forward pass from several ranks are merged into one step (origin = rank).
-  ``forward_mode`` 1 (EXTEND) → prefill, 2 (DECODE) → decode.
+  ``forward_mode`` 1 (EXTEND) → prefill, 2 (DECODE) → decode. Where every rank routed the same tokens
+  (tensor-parallel attention), identical per-token records of a pass are kept once; ``stat`` and ``per_pass``
+  counts cannot be told apart that way and are taken as summed (SGLang all-reduces ``stat`` counts over ranks).
 - **vLLM EPLB** (``vllm/distributed/eplb/eplb_state.py``): ``expert_load_window`` [window, layers, physical]
   (or ``expert_load_pass`` [layers, physical]) and ``physical_to_logical_map`` [layers, physical], optional
   ``expert_load_window_step`` (the next slot the circular window writes: the oldest entry). vLLM gives no dump
@@ -292,7 +294,7 @@ def _sglang_records(dumps: list[tuple[Path, Any]], model: ModelSpec | None) -> I
         return Imported(model, counts=arr, phases=phases, meta=meta, notes=notes)
     steps: list[TokenStep] = []
     for fid in sorted(by_pass):
-        ids_parts, origin_parts = [], []
+        ids_parts, origin_parts, seen = [], [], []
         for rank, rec, _ in sorted(by_pass[fid], key=lambda r: r[0]):
             where = f"forward pass {fid} rank {rank}"
             topk = _array(rec["topk_ids_of_layer"], f"{where}: topk_ids_of_layer", (3,))
@@ -301,7 +303,14 @@ def _sglang_records(dumps: list[tuple[Path, Any]], model: ModelSpec | None) -> I
             n = len(rec["input_ids"]) if isinstance(rec.get("input_ids"), (list, tuple)) else topk.shape[1]
             topk = topk[:, :n]
             topk = _drop_dense(topk + 1, dense, 0, where, notes) - 1  # dense layers hold only -1 padding
-            ids_parts.append(_sglang_topk(topk, p2l[dense:], model, where))
+            ids = _sglang_topk(topk, p2l[dense:], model, where)
+            key = (rec.get("input_ids"), ids.tobytes())
+            if ids.shape[1] and key in seen:  # tensor-parallel attention: every rank routes the same tokens
+                notes.append("ranks that recorded identical tokens in a forward pass (tensor-parallel attention) "
+                             "were kept once")
+                continue
+            seen.append(key)
+            ids_parts.append(ids)
             origin_parts.append(np.full(topk.shape[1], rank, dtype=np.int64))
         steps.append((np.concatenate(ids_parts, axis=1), None, np.concatenate(origin_parts),
                       _sglang_phase(by_pass[fid])))

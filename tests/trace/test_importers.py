@@ -294,3 +294,19 @@ def test_real_switch_counts(tmp_path, shared_data):
         assert np.all(load.sum(axis=1) == 206_866)
         ratio = load.max(axis=1) / load.mean(axis=1)
         assert ratio.max() > 25  # heavily skewed: the README's 2.5-31x
+
+
+def test_sglang_per_token_identical_ranks_kept_once(tmp_path):
+    """Under tensor-parallel attention every rank records the same tokens: import them once."""
+    dumps, _ = mf.sglang_per_token()
+    rank0 = mf._jsonable(dumps[0])
+    twin = json.loads(json.dumps(rank0))
+    for rec in twin["records"]:
+        rec["rank"] = 1
+    (tmp_path / "r0.json").write_text(json.dumps(rank0))
+    (tmp_path / "r1.json").write_text(json.dumps(twin))
+    out = tmp_path / "t.mtrace"
+    _, info = import_trace("sglang", [tmp_path / "r0.json", tmp_path / "r1.json"], out, model=TINY)
+    assert any("kept once" in n for n in info["notes"])
+    with Trace.open(out) as trace:
+        assert [s.num_tokens for s in trace.steps()] == [6, 2, 2]
