@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
                     "hot set per layer), drift over steps, token domains, cross-layer correlation, group-limited "
                     "routing for DeepSeek-style models; prefill steps then decode steps; tokens spread over ranks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model", required=True, help="model preset (see 'moesim trace synth --model list')")
+    s.add_argument("--model", required=True, help="model preset ('list' prints them with their default skew)")
     s.add_argument("--steps", type=int, default=16, help="steps to generate")
     s.add_argument("--tokens", "--tokens-per-step", dest="tokens", type=int, default=4096,
                    help="tokens of each prefill step")
@@ -98,7 +98,7 @@ def _model(name: str) -> Any:
     from moesim.models import PRESETS, get_model
 
     if name == "list":
-        raise MoesimError(f"model presets: {', '.join(PRESETS)}")
+        raise MoesimError(f"'list' is not a model; the presets are {', '.join(PRESETS)}")
     return get_model(name)
 
 
@@ -112,8 +112,17 @@ def _window(trace: Any, start: int, stop: int | None) -> tuple[int, int]:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from moesim.trace.synth import SynthConfig, synthesize
+    from moesim.trace.synth import SynthConfig, routing_defaults, synthesize
 
+    if args.model == "list":
+        from moesim.models import PRESETS
+
+        print(f"{'preset':18} {'layers':>6} {'experts':>7} {'top-k':>5} {'groups':>6} {'skew':>5}")
+        for m in PRESETS.values():
+            groups = f"{m.topk_groups}/{m.num_groups}" if m.num_groups > 1 else "-"
+            print(f"{m.name:18} {m.num_layers:>6} {m.num_experts:>7} {m.top_k:>5} {groups:>6} "
+                  f"{routing_defaults(m)[0]:>5.2f}")
+        return 0
     model = _model(args.model)
     cfg = SynthConfig(steps=args.steps, tokens=args.tokens, decode_tokens=args.decode_tokens,
                       prefill_steps=args.prefill_steps, skew=args.skew, drift=args.drift,

@@ -125,7 +125,7 @@ def test_import_real_data(tmp_path, shared_data, capsys):
     ["trace", "load", "{good}", "--out", "{tmp}/nodir/x.json"],
     ["trace", "show", "{good}", "--start", "5", "--stop", "3"],
     ["trace", "synth", "--model", "nope", "--out", "{tmp}/x.mtrace"],
-    ["trace", "synth", "--model", "list", "--out", "{tmp}/x.mtrace"],
+    ["trace", "import", "--format", "counts", "{fix}/counts.csv", "--model", "list", "--out", "{tmp}/x.mtrace"],
     ["trace", "synth", "--model", "tiny", "--steps", "0", "--out", "{tmp}/x.mtrace"],
     ["trace", "synth", "--model", "tiny", "--skew", "-2", "--out", "{tmp}/x.mtrace"],
     ["trace", "synth", "--model", "tiny", "--out", "{tmp}/nodir/x.mtrace"],
@@ -168,6 +168,12 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     again = demo_trace(tmp_path / "again")
     assert again.read_bytes() == (out / "trace.mtrace").read_bytes()  # the demo is reproducible
+
+
+def test_synth_model_list(capsys):
+    assert main(["trace", "synth", "--model", "list", "--out", "unused.mtrace"]) == 0
+    out = capsys.readouterr().out
+    assert "deepseek-v3" in out and "4/8" in out and not Path("unused.mtrace").exists()
 
 
 def test_help_texts_and_module_entry():
