@@ -331,11 +331,12 @@ def _router_weights(top_scores: np.ndarray, router: str) -> np.ndarray:
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: int | None = None
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-    """Yield ``(ids [L, T, k] uint16, weights [L, T, k] float32, origin [T] int64, phase)`` per step.
+def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: int | None = None,
+                   compact: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+    """Yield ``(ids [L, T, k] int64, weights [L, T, k] float32, origin [T] int64, phase)`` per step.
 
     The same ``(model, cfg)`` always yields the same steps, whatever ``threads`` (default: up to 8 cores).
+    ``compact=True`` yields ids as uint16 (the trace's on-disk dtype; mind overflow in arithmetic).
     """
     cfg = cfg or SynthConfig()
     cfg.check()
@@ -344,7 +345,8 @@ def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: in
     if model.num_groups > 1 and model.topk_groups * (model.num_experts // model.num_groups) < model.top_k:
         raise MoesimError(f"model {model.name!r}: {model.topk_groups} groups of "
                           f"{model.num_experts // model.num_groups} experts cannot hold top-{model.top_k}")
-    yield from _Router(model, cfg).steps(threads)
+    for ids, weights, origin, phase in _Router(model, cfg).steps(threads):
+        yield (ids if compact else ids.astype(np.int64)), weights, origin, phase
 
 
 def synthesize(model: ModelSpec, cfg: SynthConfig | None, path: str | Path,
@@ -362,7 +364,7 @@ def synthesize(model: ModelSpec, cfg: SynthConfig | None, path: str | Path,
     meta = {"source": "moesim.trace.synth", "synth": {**cfg.to_dict(), **resolved}}
     with TraceWriter(path, model, kind="tokens", weights=cfg.weights, origin=cfg.origin,
                      num_ranks=cfg.num_ranks if cfg.origin else None, meta=meta, atomic=True) as writer:
-        for i, (ids, weights, origin, phase) in enumerate(generate_steps(model, cfg)):
+        for i, (ids, weights, origin, phase) in enumerate(generate_steps(model, cfg, compact=True)):
             writer.add_step(ids, weights if cfg.weights else None, origin if cfg.origin else None, phase)
             if progress is not None:
                 progress(i + 1, cfg.steps)
