@@ -185,3 +185,14 @@ def test_help_texts_and_module_entry():
     res = subprocess.run([sys.executable, "-m", "moesim", "trace", "show", "/nonexistent/x.mtrace"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "does not exist" in res.stderr
+
+
+def test_load_export_imports_back_as_counts(tmp_path, synth_trace):
+    """trace load --per-step → trace import --format counts keeps every step's load exactly."""
+    exported = tmp_path / "steps.json"
+    assert main(["trace", "load", str(synth_trace), "--per-step", "--out", str(exported)]) == 0
+    back = tmp_path / "back.mtrace"
+    assert main(["trace", "import", "--format", "counts", str(exported), "--model", "tiny-deepseek",
+                 "--out", str(back)]) == 0
+    with Trace.open(synth_trace) as a, Trace.open(back) as b:
+        assert b.kind == "counts" and np.array_equal(a.load(), b.load()) and a.num_tokens == b.num_tokens
