@@ -209,7 +209,7 @@ class TraceWriter:
         crc = zlib.crc32(directory)
         pieces = []
         for arr in arrays.values():
-            data = np.ascontiguousarray(arr).data.cast("B")
+            data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # also for empty arrays
             crc = zlib.crc32(data, crc)
             padding = b"\0" * fmt.pad(arr.nbytes)
             crc = zlib.crc32(padding, crc)
