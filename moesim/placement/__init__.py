@@ -1,0 +1,118 @@
+"""Expert placement: where each logical expert (and each redundant replica) lives, and when to move them.
+
+One entry point, :func:`place`: load [layers × experts] + cluster shape → :class:`PlacementResult`
+(the mapping, the algorithm's own seconds, and info such as the MILP gap and the lower bound).
+Quality figures (balancedness, imbalance, lower bound) are defined once, in :mod:`moesim.placement.base`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from moesim.mapping import ExpertMapping
+from moesim.placement.base import (
+    PlacementError,
+    PlacementResult,
+    balancedness,
+    check_load,
+    check_shape,
+    gpu_loads,
+    imbalance,
+    lower_bound,
+    read_load,
+    slot_loads,
+)
+
+
+def _linear(load: np.ndarray, G: int, N: int, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.simple import linear
+    return linear(load, G, N), {}
+
+
+def _round_robin(load: np.ndarray, G: int, N: int, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.simple import round_robin
+    return round_robin(load, G, N), {}
+
+
+def _greedy(load: np.ndarray, G: int, N: int, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.simple import greedy
+    return greedy(load, G, N), {}
+
+
+def _lpt(load: np.ndarray, G: int, N: int, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.simple import greedy
+    m = greedy(load, G, N, slack=(0.0,), move_limit=0)
+    return ExpertMapping(m.phy2log, G, m.num_experts, {"algo": "lpt"}), {}
+
+
+def _eplb_with(policy: str) -> Callable[..., tuple[ExpertMapping, dict]]:
+    def run(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, num_groups: int = 1,
+            **kw: Any) -> tuple[ExpertMapping, dict]:
+        from moesim.placement.eplb import eplb
+        m = eplb(load, G, N, gpus_per_node, num_groups, policy)
+        return m, {"policy": m.meta["policy"]}
+    return run
+
+
+def _milp(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, time_limit: float = 30.0,
+          coactivation: Any = None, internode_weight: float = 0.0, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.milp import milp_place
+    co = getattr(coactivation, "same", coactivation)
+    return milp_place(load, G, N, time_limit=time_limit, gpus_per_node=gpus_per_node, coactivation=co,
+                      internode_weight=internode_weight)
+
+
+def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coactivation: Any = None,
+              cross_weight: float = 0.5, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.affinity import affinity
+    m = affinity(load, G, N, gpus_per_node, coactivation, cross_weight=cross_weight)
+    return m, {"coactivation": coactivation is not None, "nodes": m.meta.get("nodes")}
+
+
+ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {
+    "linear": _linear,
+    "round_robin": _round_robin,
+    "lpt": _lpt,
+    "greedy": _greedy,
+    "eplb": _eplb_with("auto"),
+    "eplb-global": _eplb_with("global"),
+    "eplb-hierarchical": _eplb_with("hierarchical"),
+    "milp": _milp,
+    "affinity": _affinity,
+}
+
+
+def place(load: np.ndarray, algo: str, *, num_gpus: int, num_slots: int, gpus_per_node: int = 8, seed: int = 0,
+          time_limit: float = 30.0, coactivation: Any = None, **kw: Any) -> PlacementResult:
+    """Place ``load`` [L, E] on ``num_gpus`` GPUs with ``num_slots`` physical slots per layer (in total).
+
+    ``algo``: one of :data:`ALGORITHMS`. ``seed`` is recorded; every algorithm here is deterministic.
+    Extra keywords go to the algorithm (``num_groups`` for eplb, ``internode_weight`` for milp, ...).
+    info always holds ``lower_bound`` (mean over layers), ``busiest_over_bound``, ``balancedness``, ``imbalance``.
+    """
+    if algo not in ALGORITHMS:
+        raise PlacementError(f"unknown placement algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
+    load = check_load(load)
+    check_shape(load.shape[1], num_gpus, num_slots, gpus_per_node)
+    t0 = time.perf_counter()
+    mapping, info = ALGORITHMS[algo](load, num_gpus, num_slots, gpus_per_node=gpus_per_node,
+                                     time_limit=time_limit, coactivation=coactivation, seed=seed, **kw)
+    seconds = time.perf_counter() - t0
+    meta = dict(mapping.meta)
+    meta.update({"algo": algo, "seed": seed})
+    mapping = ExpertMapping(mapping.phy2log, num_gpus, load.shape[1], meta)
+    lb = lower_bound(load, num_gpus, num_slots)
+    busiest = gpu_loads(load, mapping).max(axis=1)
+    info = dict(info)
+    info.update({"lower_bound": float(lb.mean()),
+                 "busiest_over_bound": float(busiest.sum() / lb.sum()) if lb.sum() > 0 else 1.0,
+                 "balancedness": balancedness(load, mapping), "imbalance": imbalance(load, mapping)})
+    return PlacementResult(mapping, seconds, info)
+
+
+__all__ = ["ALGORITHMS", "PlacementError", "PlacementResult", "balancedness", "gpu_loads", "imbalance",
+           "lower_bound", "place", "read_load", "slot_loads"]

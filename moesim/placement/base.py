@@ -1,0 +1,247 @@
+"""What every placement algorithm shares: the result type, load statistics, and the quality measures.
+
+Conventions (one definition, used by every command that prints a number):
+
+- ``load`` [L, E]: token-choices per logical expert per MoE layer (a trace window's counts, a load file).
+- ``num_slots``: physical slots per layer over the whole cluster (DeepSeek EPLB's ``num_replicas``);
+  ``num_slots // num_gpus`` per GPU.
+- A redundant expert's tokens split evenly over its replicas (vLLM's EPLB sends a token's choice to
+  replica ``position % replica_count``), so each replica carries ``load[e] / logcnt[e]``.
+- **balancedness** = Σ_layers mean_GPU(load) / Σ_layers max_GPU(load), in (0, 1], 1 = perfect. This is the
+  figure vLLM's EPLB logs (``avg_tokens / max_tokens`` with both summed over layers; vllm/distributed/eplb/
+  eplb_state.py). We follow it because it weights each layer by its size: with layers run one after the
+  other and expert time ∝ tokens, it is exactly ideal MoE time ÷ actual MoE time.
+- **imbalance** = mean over layers of max_GPU / mean_GPU (≥ 1): the per-layer figure DeepSeek and the papers
+  quote ("busiest GPU is 1.08× the mean"). Reported beside balancedness, never instead of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.io import check_file
+from moesim.mapping import ExpertMapping
+from moesim.models import ModelSpec
+
+
+class PlacementError(MoesimError):
+    """An impossible placement request or a malformed load statistic."""
+
+
+@dataclass
+class PlacementResult:
+    """A mapping plus how it was obtained: ``seconds`` of algorithm time and ``info`` (gap, bound, ...)."""
+
+    mapping: ExpertMapping
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- checks -------------------------------------------------------------------------------------------
+def check_load(load: Any, what: str = "load") -> np.ndarray:
+    """Return ``load`` as float64 [L, E]; raise a one-line error on a wrong shape, NaN/inf or negatives."""
+    try:
+        arr = np.asarray(load, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PlacementError(f"{what} must be a numeric [layers × experts] table") from None
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise PlacementError(f"{what} must be a non-empty [layers × experts] table, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        layer, expert = np.argwhere(~np.isfinite(arr))[0]
+        raise PlacementError(f"{what} has a non-finite value at layer {layer}, expert {expert}")
+    if np.any(arr < 0):
+        layer, expert = np.argwhere(arr < 0)[0]
+        raise PlacementError(f"{what} has a negative value {arr[layer, expert]:g} at layer {layer}, expert {expert}")
+    return arr
+
+
+def check_shape(num_experts: int, num_gpus: int, num_slots: int, gpus_per_node: int = 1) -> int:
+    """Validate the cluster shape; return slots per GPU."""
+    for name, value in (("num_gpus", num_gpus), ("num_slots", num_slots), ("gpus_per_node", gpus_per_node)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise PlacementError(f"{name} must be a positive integer, got {value!r}")
+    if num_slots % num_gpus:
+        raise PlacementError(f"{num_slots} slots do not divide evenly over {num_gpus} GPUs")
+    if num_slots < num_experts:
+        raise PlacementError(f"{num_slots} slots cannot hold {num_experts} experts (need at least one slot each)")
+    return num_slots // num_gpus
+
+
+# -- per-GPU load and the quality measures ------------------------------------------------------------
+def slot_loads(load: np.ndarray, mapping: ExpertMapping) -> np.ndarray:
+    """[L, slots]: expected token-choices per physical slot, replicas sharing their expert's load evenly."""
+    load = np.asarray(load, dtype=np.float64)
+    _check_fit(load, mapping)
+    per_replica = load / np.maximum(mapping.logcnt, 1)
+    return np.take_along_axis(per_replica, mapping.phy2log, axis=1)
+
+
+def gpu_loads(load: np.ndarray, mapping: ExpertMapping, policy: Any = None) -> np.ndarray:
+    """[L, G] expected token-choices per GPU.
+
+    ``policy`` None or round_robin: replicas share evenly. A ``local`` ReplicaPolicy: tokens are assumed to
+    originate evenly on all GPUs and go to the replicas that policy makes eligible from their origin.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    _check_fit(load, mapping)
+    G, S = mapping.num_gpus, mapping.slots_per_gpu
+    if policy is None or getattr(policy, "name", "round_robin") == "round_robin":
+        return slot_loads(load, mapping).reshape(load.shape[0], G, S).sum(axis=2)
+    out = np.zeros((mapping.num_layers, G))
+    slot_gpu = mapping.slot_gpu()
+    for layer in range(mapping.num_layers):
+        table, count = policy.tables(mapping, layer)  # [G, E, R], [G, E]
+        R = table.shape[2]
+        eligible = np.arange(R)[None, None, :] < count[:, :, None]  # [G, E, R]
+        share = np.where(eligible, load[layer][None, :, None] / (G * count[:, :, None]), 0.0)
+        dest = slot_gpu[np.maximum(table, 0)]
+        np.add.at(out[layer], dest[eligible], share[eligible])
+    return out
+
+
+def balancedness(load: np.ndarray, mapping: ExpertMapping, policy: Any = None) -> float:
+    """Σ_l mean_g / Σ_l max_g of per-GPU load (vLLM EPLB's logged figure; see the module docstring)."""
+    gl = gpu_loads(load, mapping, policy)
+    top = float(gl.max(axis=1).sum())
+    return 1.0 if top == 0 else float(gl.mean(axis=1).sum()) / top
+
+
+def imbalance(load: np.ndarray, mapping: ExpertMapping, policy: Any = None) -> float:
+    """Mean over layers (with any load) of busiest GPU ÷ mean GPU load (≥ 1)."""
+    gl = gpu_loads(load, mapping, policy)
+    mean = gl.mean(axis=1)
+    busy = mean > 0
+    return 1.0 if not busy.any() else float(np.mean(gl.max(axis=1)[busy] / mean[busy]))
+
+
+def lower_bound(load: np.ndarray, num_gpus: int, num_slots: int) -> np.ndarray:
+    """[L] a lower bound on the busiest GPU's load of any placement with ``num_slots`` slots per layer.
+
+    The bound is the optimum of a relaxation that keeps replica counts integer but lets an expert's load
+    spread over the GPUs that hold it in any proportion and drops the per-GPU slot limit (keeping the total):
+    the smallest T with T ≥ Σ load / G and Σ_e max(1, ceil(load_e / T)) ≤ num_slots. Why it is a bound: if a
+    placement's busiest GPU carries T*, expert e sits on d_e ≥ 1 distinct GPUs with Σ d_e ≤ num_slots, and
+    some GPU takes ≥ load_e / d_e of it, so d_e ≥ load_e / T*; the mean bound is averaging. It dominates the
+    trivial max(mean, max_e load_e / min(G, slots − E + 1)) and the LP relaxation of the MILP in milp.py.
+    """
+    load = check_load(load)
+    E = load.shape[1]
+    check_shape(E, num_gpus, num_slots)
+    out = np.empty(load.shape[0])
+    ks = np.arange(1, num_gpus + 1, dtype=np.float64)
+    for layer, row in enumerate(load):
+        mean = row.sum() / num_gpus
+        if mean == 0:
+            out[layer] = 0.0
+            continue
+        cand = np.unique(np.concatenate([(row[:, None] / ks[None, :]).ravel(), [mean]]))
+        cand = cand[cand >= mean]
+        lo, hi = 0, len(cand) - 1  # cand[-1] ≥ max load: one replica each, always feasible
+
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _need(row, cand[mid]) <= num_slots:
+                hi = mid
+            else:
+                lo = mid + 1
+        out[layer] = cand[lo]
+    return out
+
+
+def _need(row: np.ndarray, t: float) -> int:
+    """Slots needed so that no expert of ``row`` puts more than ``t`` on one GPU."""
+    return int(np.maximum(1, np.ceil(row / t - 1e-12)).sum())
+
+
+def replica_counts(load: np.ndarray, num_slots: int) -> np.ndarray:
+    """[L, E] replica counts minimising the heaviest replica load (greedy water-filling, exact for that goal).
+
+    Each extra slot goes to the expert with the largest load per replica (ties: lowest expert id).
+    """
+    load = np.asarray(load, dtype=np.float64)
+    L, E = load.shape
+    cnt = np.ones((L, E), dtype=np.int64)
+    rows = np.arange(L)
+    for _ in range(num_slots - E):
+        best = np.argmax(load / cnt, axis=1)
+        cnt[rows, best] += 1
+    return cnt
+
+
+def _check_fit(load: np.ndarray, mapping: ExpertMapping) -> None:
+    if load.ndim != 2 or load.shape != (mapping.num_layers, mapping.num_experts):
+        raise PlacementError(f"load has shape {load.shape} but the mapping is for {mapping.num_layers} layers × "
+                             f"{mapping.num_experts} experts")
+
+
+# -- reading load statistics ---------------------------------------------------------------------------
+def read_load(path: str | Path, model: ModelSpec | None = None) -> np.ndarray:
+    """Read a load table [layers × experts] from JSON, CSV or .npy and validate it (and its shape vs ``model``).
+
+    JSON: a list of rows, or an object with a ``load`` (or ``counts``) list of rows. CSV: one row per layer,
+    numbers only (a first row of names is skipped). .npy: a 2-D numeric array (never unpickled).
+    """
+    path = check_file(path, "load file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr: Any = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise PlacementError(f"load file {path} is not a readable .npy array: {exc}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PlacementError(f"load file {path} is not valid JSON") from None
+        if isinstance(data, dict):
+            key = next((k for k in ("load", "counts") if k in data), None)
+            if key is None:
+                raise PlacementError(f"load file {path}: JSON object needs a 'load' list of rows")
+            data = data[key]
+        arr = _rows(data, path)
+    elif suffix in (".csv", ".txt"):
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise PlacementError(f"load file {path} is not a text CSV file") from None
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+        if rows and not _numeric(rows[0]):
+            rows = rows[1:]
+        bad = next((i for i, r in enumerate(rows) if not _numeric(r)), None)
+        if bad is not None:
+            raise PlacementError(f"load file {path}: row {bad + 1} is not all numbers")
+        arr = _rows([[float(c) for c in r] for r in rows], path)
+    else:
+        raise PlacementError(f"load file {path}: unknown format {suffix!r} (use .json, .csv or .npy)")
+    load = check_load(arr, f"load file {path}")
+    if model is not None and load.shape != (model.num_layers, model.num_experts):
+        raise PlacementError(f"load file {path} has shape {load.shape[0]}×{load.shape[1]} but model "
+                             f"{model.name!r} has {model.num_layers} layers × {model.num_experts} experts")
+    return load
+
+
+def _numeric(row: list[str]) -> bool:
+    try:
+        [float(c) for c in row]
+    except ValueError:
+        return False
+    return True
+
+
+def _rows(data: Any, path: Path) -> np.ndarray:
+    if not isinstance(data, list) or not data or not all(isinstance(r, list) for r in data):
+        raise PlacementError(f"load file {path}: expected a list of rows [layers][experts]")
+    if len({len(r) for r in data}) != 1:
+        raise PlacementError(f"load file {path}: rows have different lengths")
+    try:
+        return np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PlacementError(f"load file {path}: entries must be numbers") from None

@@ -1,0 +1,211 @@
+"""Baseline placements: vLLM's ``linear`` and ``round_robin`` strategies, and ``greedy`` (LPT + swaps).
+
+``greedy`` is the fast heuristic: replica counts by water-filling (each extra slot to the expert with the
+largest load per replica), then longest-processing-time-first packing of the replicas onto GPUs with exactly
+``S`` slots each, then pairwise swaps that lower the busiest GPU until none does. All layers at once in numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.mapping import ExpertMapping
+from moesim.placement.base import replica_counts
+
+
+def linear(load: np.ndarray, num_gpus: int, num_slots: int) -> ExpertMapping:
+    """vLLM ``linear``: GPU g holds a contiguous range of experts; extra slots replicate experts 0, 1, ...
+
+    (vLLM's EPLB starts from physical = [0..E-1] + [i % E for the redundant ones]; this is that table.)
+    """
+    L, E = load.shape
+    m = ExpertMapping.linear(L, E, num_gpus, num_slots // num_gpus)
+    return ExpertMapping(m.phy2log, num_gpus, E, {"algo": "linear"})
+
+
+def round_robin(load: np.ndarray, num_gpus: int, num_slots: int) -> ExpertMapping:
+    """vLLM ``round_robin``: expert e on GPU e % G. vLLM defines it without redundancy; the extra slots
+    continue the deal with experts 0, 1, ... (moesim's extension, as ExpertMapping.round_robin does)."""
+    L, E = load.shape
+    m = ExpertMapping.round_robin(L, E, num_gpus, num_slots // num_gpus)
+    return ExpertMapping(m.phy2log, num_gpus, E, {"algo": "round_robin"})
+
+
+def replica_items(load: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(expert [L, N], weight [L, N]) of every replica, heaviest first (ties: lower expert id first)."""
+    L, E = load.shape
+    N = int(counts[0].sum())
+    expert = np.empty((L, N), dtype=np.int64)
+    for layer in range(L):
+        expert[layer] = np.repeat(np.arange(E), counts[layer])
+    weight = np.take_along_axis(load / counts, expert, axis=1)
+    order = np.argsort(-weight, axis=1, kind="stable")
+    return np.take_along_axis(expert, order, axis=1), np.take_along_axis(weight, order, axis=1)
+
+
+def lpt_pack(weight: np.ndarray, num_bins: int, per_bin: int) -> np.ndarray:
+    """[L, N] bin of each item: items in the given order (heaviest first) to the lightest bin with room.
+
+    Ties go to the lowest bin index. Vectorised over rows.
+    """
+    L, N = weight.shape
+    bins = np.empty((L, N), dtype=np.int64)
+    fill = np.zeros((L, num_bins))
+    used = np.zeros((L, num_bins), dtype=np.int64)
+    rows = np.arange(L)
+    for t in range(N):
+        b = np.where(used < per_bin, fill, np.inf).argmin(axis=1)
+        bins[:, t] = b
+        fill[rows, b] += weight[:, t]
+        used[rows, b] += 1
+    return bins
+
+
+def refine_swaps(weight: np.ndarray, bins: np.ndarray, num_bins: int, max_iter: int = 500,
+                 item_key: np.ndarray | None = None) -> np.ndarray:
+    """Swap an item of each row's busiest bin with an item elsewhere while that lowers the pair's maximum.
+
+    Every bin holds the same number of items. An accepted swap leaves both bins strictly below the old
+    busiest load, so the sorted load vector falls lexicographically and the loop ends (``max_iter`` caps it).
+    Items with equal ``item_key`` (replicas of one expert) are never swapped with each other.
+    """
+    bins = bins.copy()
+    L, N = weight.shape
+    if num_bins < 2 or L == 0:
+        return bins
+    per_bin = N // num_bins
+    active = np.arange(L)
+    for _ in range(max_iter):
+        w, b = weight[active], bins[active]
+        n = len(active)
+        rows = np.arange(n)
+        fill = np.zeros((n, num_bins))
+        np.add.at(fill, (np.repeat(rows, N), b.ravel()), w.ravel())
+        a = fill.argmax(axis=1)
+        top = fill[rows, a]
+        idx_a = np.nonzero(b == a[:, None])[1].reshape(n, per_bin)  # items on the busiest bin
+        wi = np.take_along_axis(w, idx_a, axis=1)[:, :, None]  # [n, S, 1]
+        wj = w[:, None, :]  # [n, 1, N]
+        fb = np.take_along_axis(fill, b, axis=1)[:, None, :]
+        worst = np.maximum(top[:, None, None] - wi + wj, fb - wj + wi)
+        skip = (b == a[:, None])[:, None, :]
+        if item_key is not None:
+            k = item_key[active]
+            skip = skip | (np.take_along_axis(k, idx_a, axis=1)[:, :, None] == k[:, None, :])
+        worst = np.where(skip, np.inf, worst)
+        flat = worst.reshape(n, -1).argmin(axis=1)
+        best = worst.reshape(n, -1)[rows, flat]
+        improve = best < top - 1e-9 * np.maximum(top, 1.0)
+        if not improve.any():
+            break
+        si, j = np.divmod(flat[improve], N)
+        r = rows[improve]
+        i = idx_a[r, si]
+        g = active[r]
+        bi, bj = bins[g, i], bins[g, j]
+        bins[g, i] = bj
+        bins[g, j] = bi
+        active = g
+    return bins
+
+
+def layout(expert: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """phy2log rows from each item's expert and bin: bins in order, slots within a bin by expert id."""
+    out = np.empty_like(expert)
+    for row in range(expert.shape[0]):
+        order = np.lexsort((expert[row], bins[row]))
+        out[row] = expert[row, order]
+    return out
+
+
+def fill_counts(load: np.ndarray, counts: np.ndarray, num_slots: int) -> np.ndarray:
+    """Complete replica counts [R, E] (each row summing to ≤ num_slots) by water-filling the free slots."""
+    counts = counts.copy()
+    rows = np.arange(len(counts))
+    free = num_slots - counts.sum(axis=1)
+    for _ in range(int(free.max(initial=0))):
+        todo = free > 0
+        best = np.argmax(load / counts, axis=1)
+        counts[rows[todo], best[todo]] += 1
+        free[todo] -= 1
+    return counts
+
+
+def pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, refine: bool = True
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(phy2log [R, N], busiest [R]) for given replica counts: LPT with equal slots, then improving swaps."""
+    N = int(counts[0].sum())
+    expert, weight = replica_items(load, counts)
+    bins = lpt_pack(weight, num_gpus, N // num_gpus)
+    if refine:
+        bins = refine_swaps(weight, bins, num_gpus, item_key=expert)
+    fill = np.zeros((len(load), num_gpus))
+    np.add.at(fill, (np.repeat(np.arange(len(load)), N), bins.ravel()), weight.ravel())
+    return layout(expert, bins), fill.max(axis=1)
+
+
+# relative slack above the lower bound at which alternative replica counts are tried (0: water-filling only)
+COUNT_SLACK = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08)
+
+
+def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
+           slack: tuple[float, ...] = COUNT_SLACK, move_limit: int = 20000, max_rounds: int = 20) -> ExpertMapping:
+    """LPT + swaps on several replica-count vectors per layer; keeps the best.
+
+    Water-filling counts minimise the heaviest replica but not the busiest GPU (8 Mixtral experts on 16 slots:
+    all get 2, and 16 halves pair badly). So for a few targets T = bound · (1 + slack) we also try
+    r_e = max(1, ceil(load_e / T)), the free slots water-filled, and keep the best packing per layer. On small
+    layers (E·(E−1)·L ≤ ``move_limit``) a local search then moves single replicas between experts while that
+    lowers the busiest GPU (up to ``max_rounds`` moves per layer).
+    """
+    from moesim.placement.base import lower_bound
+
+    L, E = load.shape
+    cands = [replica_counts(load, num_slots)]
+    if num_slots > E and len(slack) > 1:
+        lb = lower_bound(load, num_gpus, num_slots)
+        for s in slack[1:]:
+            t = np.maximum(lb * (1 + s), 1e-12)[:, None]
+            r = np.maximum(1, np.ceil(load / t - 1e-9)).astype(np.int64)
+            over = r.sum(axis=1) > num_slots
+            r[over] = cands[0][over]  # target unreachable: fall back to water-filling
+            cands.append(fill_counts(load, r, num_slots))
+    J = len(cands)
+    allc = np.concatenate(cands)  # [J*L, E]
+    phy, busiest = pack_counts(np.tile(load, (J, 1)), allc, num_gpus, refine)
+    pick = busiest.reshape(J, L).argmin(axis=0)
+    rows = np.arange(L)
+    phy2log = phy.reshape(J, L, -1)[pick, rows]
+    counts = allc.reshape(J, L, E)[pick, rows]
+    busiest = busiest.reshape(J, L)[pick, rows]
+    if num_slots > E and move_limit >= E * (E - 1) * L:
+        phy2log = _move_replicas(load, counts, phy2log, busiest, num_gpus, refine, max_rounds)
+    return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
+
+
+def _move_replicas(load: np.ndarray, counts: np.ndarray, phy2log: np.ndarray, busiest: np.ndarray,
+                   num_gpus: int, refine: bool, max_rounds: int) -> np.ndarray:
+    """Local search on replica counts: move one replica from expert a to expert b, repack, keep if better."""
+    L, E = load.shape
+    a_idx, b_idx = np.nonzero(~np.eye(E, dtype=bool))
+    M = len(a_idx)
+    active = np.arange(L)
+    for _ in range(max_rounds):
+        cand = np.repeat(counts[active], M, axis=0).reshape(len(active), M, E)
+        cand[:, np.arange(M), a_idx] -= 1
+        cand[:, np.arange(M), b_idx] += 1
+        ok = cand[:, np.arange(M), a_idx] >= 1  # [n, M]
+        cand = np.where(ok[:, :, None], cand, counts[active][:, None, :])
+        phy, busy = pack_counts(np.repeat(load[active], M, axis=0), cand.reshape(-1, E), num_gpus, refine)
+        busy = np.where(ok.ravel(), busy, np.inf).reshape(len(active), M)
+        best = busy.argmin(axis=1)
+        gain = busy[np.arange(len(active)), best] < busiest[active] * (1 - 1e-9)
+        if not gain.any():
+            break
+        r = active[gain]
+        sel = np.arange(len(active))[gain] * M + best[gain]
+        counts[r] = cand.reshape(-1, E)[sel]
+        phy2log[r] = phy[sel]
+        busiest[r] = busy.ravel()[sel]
+        active = r
+    return phy2log
