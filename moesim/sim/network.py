@@ -64,32 +64,33 @@ def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     if F == 0:
         return rate
     n_links = capacity.shape[0]
-    count = np.bincount(routes.ravel(), minlength=n_links).astype(np.float64)
+    pad = n_links - 1
+    cur = np.ascontiguousarray(routes.T)  # [H, F]: reductions over the short hop axis run fast on axis 0
+    count = np.bincount(cur.ravel(), minlength=n_links).astype(np.float64)
     remcap = capacity.astype(np.float64, copy=True)
     idx = np.arange(F)
-    cur = routes
     with np.errstate(divide="ignore", invalid="ignore"):
-        while cur.shape[0]:
+        while cur.shape[1]:
             share = remcap / count  # inf on the pad link and on links without unfrozen flows
             share[count <= 0] = np.inf
-            fs = share[cur]  # [F', H]
-            fmin = fs.min(axis=1)
+            share[pad] = np.inf
+            fs = share[cur]  # [H, F']
+            fmin = fs.min(axis=0)
             if not np.isfinite(fmin).any():
                 break  # what is left crosses only unconstrained links
             # a link is not a local minimum if some flow crossing it has a smaller share elsewhere
-            above = fs > (fmin * (1.0 + _LEVEL_RTOL))[:, None]
-            blocked = np.bincount(cur[above], minlength=n_links) > 0
-            local = ~blocked & np.isfinite(share)
-            hit = local[cur].any(axis=1)
+            above = fs > fmin * (1.0 + _LEVEL_RTOL)
+            blocked = np.bincount(np.where(above, cur, pad).ravel(), minlength=n_links) > 0
+            blocked[pad] = True
+            hit = (~blocked)[cur].any(axis=0) & np.isfinite(fmin)
             r = np.maximum(fmin[hit], 0.0)
             rate[idx[hit]] = r
-            fr = cur[hit]
-            H = fr.shape[1]
+            fr = np.compress(hit, cur, axis=1)
             count -= np.bincount(fr.ravel(), minlength=n_links)
-            remcap -= np.bincount(fr.ravel(), weights=np.repeat(r, H), minlength=n_links)
+            remcap -= np.bincount(fr.ravel(), weights=np.broadcast_to(r, fr.shape).ravel(), minlength=n_links)
             keep = ~hit
             idx = idx[keep]
-            cur = cur[keep]
+            cur = np.compress(keep, cur, axis=1)
     return rate
 
 
@@ -104,7 +105,7 @@ class FlowNetwork:
     """
 
     def __init__(self, env: simpy.Environment, edge_bw: Any, edge_latency: Any = None, *,
-                 quantum: float = 0.0) -> None:
+                 quantum: float = 0.0, rel_quantum: float = 0.0) -> None:
         if edge_latency is None and hasattr(edge_bw, "edge_bw"):
             edge_bw, edge_latency = edge_bw.edge_bw, edge_bw.edge_latency
         bw = np.asarray(edge_bw, dtype=np.float64).ravel()
@@ -119,7 +120,10 @@ class FlowNetwork:
         if not (quantum >= 0 and np.isfinite(quantum)):
             raise MoesimError(f"quantum must be a non-negative number of seconds, got {quantum!r}")
         self.env = env
+        if not (0 <= rel_quantum < 1):
+            raise MoesimError(f"rel_quantum must be in [0, 1), got {rel_quantum!r}")
         self.quantum = float(quantum)
+        self.rel_quantum = float(rel_quantum)
         self.num_links = bw.size
         self.edge_bw = bw
         self.edge_latency = lat
@@ -167,6 +171,12 @@ class FlowNetwork:
         if nflows == 0:
             ev.succeed(gid)
         return gid, ev
+
+    def group_many(self, counts: Any) -> tuple[np.ndarray, list[simpy.Event]]:
+        """Several groups at once: (group ids [n], their events)."""
+        cnt = np.asarray(counts, dtype=np.int64).ravel()
+        pairs = [self.group(int(c)) for c in cnt]
+        return np.array([p[0] for p in pairs], dtype=np.int64), [p[1] for p in pairs]
 
     def transfer(self, route_edges: Sequence[int], nbytes: float) -> simpy.Event:
         """Start one flow now; the event fires (value: the flow id) once all its bytes arrived."""
@@ -333,9 +343,13 @@ class FlowNetwork:
             ttf = self._remaining / self._rate
         first = max(float(ttf.min()), 0.0)
         self._finish = self.env.now + ttf
-        if self.quantum > 0:
+        q = self.quantum
+        if self.rel_quantum > 0:
+            # relative part: a fraction of the age of the oldest flow in flight
+            q = max(q, self.rel_quantum * (self.env.now - float(self._start[self._fid].min())))
+        if q > 0:
             # retire every flow ending within one quantum of the first in one batch, at the last one's end
-            delay = float(ttf[ttf <= first + self.quantum].max())
+            delay = float(ttf[ttf <= first + q].max())
         else:
             delay = first
         gen = self._gen
