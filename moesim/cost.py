@@ -1,0 +1,398 @@
+"""Compute cost of one GPU in one MoE layer: the grouped expert kernel, the attention block and the router.
+
+Three ways to get a :class:`CostModel`:
+
+- :meth:`CostModel.roofline` (default): time = max(FLOPs / (peak·mfu), HBM bytes / (bandwidth·mbu)) plus kernel
+  launches. Expert FFN (SwiGLU: gate, up, down projections): 2·3·H·F FLOPs per token-choice; bytes = the
+  weights of every *used* expert (3·H·F·bytes_per_param, read once per kernel however many tokens it gets) plus
+  each choice's activations in and out. Local experts run as one grouped kernel (vLLM ``fused_moe``: one launch
+  for all experts of the rank), so the GPU's experts share one roofline; ``grouped=False`` charges one kernel
+  per expert instead.
+- :meth:`CostModel.fit`: from a runtime trace's recorded timings, least squares (relative error) of
+  expert = a + b·token_choices + c·experts_used, attention = a + b·tokens, gate = a + b·tokens.
+- :meth:`CostModel.from_calibration`: the expert kernel from ``kernels/calibrate.py`` measurements (time per
+  expert interpolated against tokens per expert), the rest from the roofline.
+
+Efficiency defaults (mfu 0.6, mbu 0.8): well-tuned Hopper GEMMs reach 60–75 % of bf16 peak at large sizes and
+memory-bound decode kernels 80–90 % of HBM bandwidth (FlashAttention-3 and vLLM fused_moe benchmarks; the
+project's kernel goals in kernels/README.md are 60 % and 80–90 %).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.models import ModelSpec
+from moesim.topo.devices import DeviceSpec
+
+COST_FORMAT = "moesim.cost-model"
+# Kernel launches per layer outside the MoE kernel: 2 RMSNorms, QKV GEMM, rotary, attention, O GEMM (attention
+# block); router GEMM and top-k (gate). Counted from the vLLM/SGLang layer code paths, order of magnitude.
+ATTENTION_LAUNCHES = 6
+GATE_LAUNCHES = 2
+# FlashAttention re-reads K/V once per query tile; 128-row tiles on Hopper (FlashAttention-3 paper).
+PREFILL_QUERY_TILE = 128
+# DeepSeek-V3 MLA (deepseek-ai/DeepSeek-V3 config.json): q_lora_rank 1536, kv_lora_rank 512, qk_nope_head_dim 128,
+# qk_rope_head_dim 64, v_head_dim 128. The KV cache holds the 512 latent + 64 rope dims per token.
+_MLA = {"deepseek-v3": {"q_lora": 1536, "kv_lora": 512, "nope": 128, "rope": 64, "v": 128}}
+DECODE, PREFILL = 0, 1  # trace phase codes (moesim.trace.format.PHASES)
+
+
+def attention_shape(model: ModelSpec) -> dict[str, float]:
+    """Per-layer attention numbers: weight params, FLOPs per token per context position, KV elements per position.
+
+    GQA from the ModelSpec heads; DeepSeek-V3's multi-head latent attention from its config (absorbed form:
+    scores over the 576-dim compressed KV, values over the 512-dim latent).
+    """
+    H, nh = model.hidden_size, model.num_attention_heads
+    mla = _MLA.get(model.name)
+    if mla:
+        params = (H * mla["q_lora"] + mla["q_lora"] * nh * (mla["nope"] + mla["rope"])
+                  + H * (mla["kv_lora"] + mla["rope"]) + mla["kv_lora"] * nh * (mla["nope"] + mla["v"])
+                  + nh * mla["v"] * H)
+        kv = mla["kv_lora"] + mla["rope"]
+        return {"params": params, "attn_flops_per_pos": 2.0 * nh * (kv + mla["kv_lora"]), "kv_elems_per_pos": kv,
+                "act_elems": 2 * H + nh * (mla["nope"] + mla["rope"]) + kv}
+    q, kv = nh * model.head_dim, model.num_kv_heads * model.head_dim
+    return {"params": 2 * H * q + 2 * H * kv, "attn_flops_per_pos": 4.0 * q, "kv_elems_per_pos": 2 * kv,
+            "act_elems": 2 * H + 2 * q + 2 * kv}
+
+
+# --------------------------------------------------------------------------------------------------------
+# component evaluators: each takes its parameter dict and token arrays, returns seconds
+# --------------------------------------------------------------------------------------------------------
+def _expert_roofline(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
+    used = t > 0
+    bm = int(p.get("block_m", 1))
+    padded = np.ceil(t / bm) * bm if bm > 1 else t
+    flops_t = padded * (p["flops_per_choice"] / p["flops_rate"])  # [..., W] seconds of compute
+    bytes_t = (used * p["bytes_per_expert"] + t * p["bytes_per_choice"]) / p["byte_rate"]
+    if p.get("grouped", True):
+        busy = np.maximum(flops_t.sum(axis=-1), bytes_t.sum(axis=-1))
+        return np.where(used.any(axis=-1), busy + p["launch"], 0.0)
+    per = np.where(used, np.maximum(flops_t, bytes_t) + p["launch"], 0.0)
+    return per.sum(axis=-1)
+
+
+def _expert_affine(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
+    n = t.sum(axis=-1)
+    u = (t > 0).sum(axis=-1)
+    return np.where(n > 0, p["a"] + p["b"] * n + p["c"] * u, 0.0)
+
+
+def _expert_table(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
+    x, y = np.asarray(p["x"], dtype=float), np.asarray(p["y"], dtype=float)
+    per = np.interp(t, x, y)  # flat below the first point: the weight read dominates there
+    if len(x) > 1:  # linear beyond the last point, with the last segment's slope
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        per = np.where(t > x[-1], y[-1] + slope * (t - x[-1]), per)
+    return np.where(t > 0, per, 0.0).sum(axis=-1) + np.where((t > 0).any(axis=-1), p.get("launch", 0.0), 0.0)
+
+
+def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) -> np.ndarray:
+    per_tok = np.asarray(p["bytes_per_token"], dtype=float)
+    if phase is not None and "bytes_per_token_prefill" in p:
+        per_tok = np.where(np.asarray(phase) == PREFILL, p["bytes_per_token_prefill"], per_tok)
+    busy = np.maximum(n * (p["flops_per_token"] / p["flops_rate"]),
+                      (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
+    return np.where(n > 0, busy + p["launch"], 0.0)
+
+
+def _dense_affine(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) -> np.ndarray:
+    return np.where(n > 0, p["a"] + p["b"] * n, 0.0)
+
+
+_EXPERT = {"roofline": _expert_roofline, "affine": _expert_affine, "table": _expert_table}
+_DENSE = {"roofline": _dense_roofline, "affine": _dense_affine}
+_EXPERT_KEYS = {"roofline": ("flops_per_choice", "bytes_per_expert", "bytes_per_choice", "flops_rate", "byte_rate",
+                             "launch"),
+                "affine": ("a", "b", "c"), "table": ("x", "y")}
+_DENSE_KEYS = {"roofline": ("flops_per_token", "bytes_fixed", "bytes_per_token", "flops_rate", "byte_rate", "launch"),
+               "affine": ("a", "b")}
+
+
+class CostModel:
+    """Seconds for MoE expert compute and the non-MoE part of a layer on one GPU.
+
+    ``expert``, ``attention`` and ``gate`` are parameter dicts with a ``kind`` (see the module docstring);
+    build one with :meth:`roofline`, :meth:`fit` or :meth:`from_calibration`, or :meth:`from_dict`.
+    """
+
+    def __init__(self, expert: dict[str, Any], attention: dict[str, Any], gate: dict[str, Any],
+                 info: dict[str, Any] | None = None) -> None:
+        _check_component("expert", expert, _EXPERT_KEYS)
+        _check_component("attention", attention, _DENSE_KEYS)
+        _check_component("gate", gate, _DENSE_KEYS)
+        self.expert, self.attention, self.gate = dict(expert), dict(attention), dict(gate)
+        self.info = dict(info or {})
+
+    @property
+    def kind(self) -> str:
+        return str(self.info.get("source", self.expert["kind"]))
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def expert_time(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [..., W] token-choices per local slot of one GPU in one layer -> [...] seconds of its MoE kernel.
+
+        A slot with 0 tokens costs nothing; a GPU with no tokens at all launches nothing (0 s).
+        """
+        t = np.asarray(tokens, dtype=float)
+        if t.ndim == 0:
+            t = t[None]
+        return _EXPERT[self.expert["kind"]](self.expert, np.maximum(t, 0.0))
+
+    def attention_time(self, tokens: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
+        """tokens [...] -> seconds of the attention block (norms, projections, attention) without the router.
+
+        ``phase`` (broadcastable trace phase codes, 0 decode / 1 prefill) decides how often the KV cache is read:
+        once per token in decode, once per query tile in prefill. None counts every token as decode.
+        """
+        n = np.maximum(np.asarray(tokens, dtype=float), 0.0)
+        return _DENSE[self.attention["kind"]](self.attention, n, phase)
+
+    def gate_time(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [...] -> seconds of the router (gate GEMM and top-k)."""
+        n = np.maximum(np.asarray(tokens, dtype=float), 0.0)
+        return _DENSE[self.gate["kind"]](self.gate, n, None)
+
+    def dense_time(self, tokens: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
+        """tokens [...] whose attention/norm/gate this GPU computes in one layer -> seconds (attention + gate)."""
+        return self.attention_time(tokens, phase) + self.gate_time(tokens)
+
+    # -- constructors --------------------------------------------------------------------------------
+    @classmethod
+    def roofline(cls, model: ModelSpec, device: DeviceSpec, *, mfu: float = 0.6, mbu: float = 0.8,
+                 context_len: int = 1024, grouped: bool = True, block_m: int = 1) -> CostModel:
+        """Roofline costs of ``model`` on ``device`` with efficiency factors; see the module docstring.
+
+        ``context_len``: tokens each query attends to (capped by the model's sliding window). ``block_m`` > 1
+        pads each expert's rows to a multiple of the GEMM tile (fused_moe's BLOCK_M) for the FLOP count.
+        """
+        for name, v in (("mfu", mfu), ("mbu", mbu)):
+            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise MoesimError(f"{name} must be in (0, 1], got {v!r}")
+        if not isinstance(context_len, int) or context_len < 0:
+            raise MoesimError(f"context_len must be an integer >= 0, got {context_len!r}")
+        H, F, b = model.hidden_size, model.ffn_size, model.bytes_per_param
+        fr, br = device.peak_flops * mfu, device.hbm_bw * mbu
+        expert = {"kind": "roofline", "flops_per_choice": 2.0 * 3 * H * F, "bytes_per_expert": 3.0 * H * F * b,
+                  "bytes_per_choice": 2.0 * H * b, "flops_rate": fr, "byte_rate": br,
+                  "launch": device.kernel_launch, "grouped": bool(grouped), "block_m": int(block_m)}
+        a = attention_shape(model)
+        ctx = min(context_len, model.sliding_window) if model.sliding_window else context_len
+        shared_params = 3.0 * H * F * model.num_shared_experts  # shared experts run on every token (DeepSeek-V3)
+        kv_bytes = ctx * a["kv_elems_per_pos"] * b
+        act = (a["act_elems"] + 6 * H) * b  # projections' in/out + norms and residual reads/writes
+        attention = {"kind": "roofline", "flops_per_token": 2.0 * (a["params"] + shared_params)
+                     + ctx * a["attn_flops_per_pos"],
+                     "bytes_fixed": (a["params"] + shared_params) * b, "bytes_per_token": act + kv_bytes,
+                     "bytes_per_token_prefill": act + kv_bytes / PREFILL_QUERY_TILE,
+                     "flops_rate": fr, "byte_rate": br, "launch": ATTENTION_LAUNCHES * device.kernel_launch}
+        E = model.num_experts
+        gate = {"kind": "roofline", "flops_per_token": 2.0 * H * E, "bytes_fixed": float(H * E * b),
+                "bytes_per_token": float(H * b + 8 * E), "flops_rate": fr, "byte_rate": br,
+                "launch": GATE_LAUNCHES * device.kernel_launch}
+        info = {"source": "roofline", "model": model.name, "device": device.to_dict(), "mfu": mfu, "mbu": mbu,
+                "context_len": ctx}
+        return cls(expert, attention, gate, info)
+
+    @classmethod
+    def fit(cls, timings: Any, model: ModelSpec, device: DeviceSpec | None = None, *,
+            dense_tokens: np.ndarray | None = None) -> tuple[CostModel, dict[str, Any]]:
+        """Least-squares fit of expert, attention and gate costs to a runtime trace's recorded timings.
+
+        ``timings``: :class:`moesim.trace.reader.Timings` with phases ``attention``, ``gate``, ``expert``.
+        Expert records use the tokens per local slot; attention/gate records the tokens the rank computed, which
+        the timings do not hold: ``dense_tokens`` [N] gives them, else each (step, layer)'s token-choices over
+        all ranks / top_k / ranks (the runtime spreads each step's batch evenly over ranks). Each phase is fitted
+        by non-negative least squares on the *relative* residual (every record counts alike, small or large);
+        records with no tokens are left out (the model charges them 0). ``device`` is only recorded.
+        Returns (model, report) with per-phase coefficients, relative errors (median, p90) and record counts.
+        """
+        return _fit_timings(cls, timings, model, device, dense_tokens)
+
+    @classmethod
+    def from_calibration(cls, path: Any, model: ModelSpec, device: DeviceSpec, **roofline_kw: Any) -> CostModel:
+        """Expert kernel from a ``moesim.kernel-calibration`` JSON (kernels/calibrate.py); the rest roofline."""
+        table, info = _read_calibration_table(path, model)
+        base = cls.roofline(model, device, **roofline_kw)
+        return cls(table, base.attention, base.gate, {**base.info, "source": "calibration", **info})
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": COST_FORMAT, "version": 1, "expert": _plain(self.expert), "attention": _plain(self.attention),
+                "gate": _plain(self.gate), "info": _plain(self.info)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CostModel:
+        if not isinstance(d, dict) or d.get("format") != COST_FORMAT:
+            raise MoesimError(f"cost model must be a JSON object with format {COST_FORMAT!r}")
+        if d.get("version") != 1:
+            raise MoesimError(f"unsupported cost model version {d.get('version')!r}")
+        for key in ("expert", "attention", "gate"):
+            if not isinstance(d.get(key), dict):
+                raise MoesimError(f"cost model lacks the object {key!r}")
+        return cls(d["expert"], d["attention"], d["gate"], d.get("info") or {})
+
+    def __repr__(self) -> str:
+        return f"CostModel({self.kind}: expert {self.expert['kind']}, attention {self.attention['kind']})"
+
+
+def _check_component(name: str, p: Any, keys: dict[str, tuple[str, ...]]) -> None:
+    if not isinstance(p, dict) or p.get("kind") not in keys:
+        kind = p.get("kind") if isinstance(p, dict) else None
+        raise MoesimError(f"cost model {name}: kind must be one of {', '.join(keys)}, got {kind!r}")
+    for k in keys[p["kind"]]:
+        if k not in p:
+            raise MoesimError(f"cost model {name} ({p['kind']}) lacks {k!r}")
+        vals = np.asarray(p[k], dtype=float).ravel() if not isinstance(p[k], bool) else np.array([0.0])
+        if not np.isfinite(vals).all():
+            raise MoesimError(f"cost model {name}: {k} must be finite")
+    for k in ("flops_rate", "byte_rate"):
+        if k in p and not float(p[k]) > 0:
+            raise MoesimError(f"cost model {name}: {k} must be positive")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------
+# fitting to recorded timings
+# --------------------------------------------------------------------------------------------------------
+def _lsq_relative(cols: dict[str, np.ndarray], t: np.ndarray) -> dict[str, float]:
+    """Non-negative coefficients minimising sum(((A·x − t) / t)²); columns constant over the records are
+    dropped (coefficient 0) except the intercept, so the problem is never rank-deficient by construction."""
+    from scipy.optimize import lsq_linear
+
+    names = [k for k, c in cols.items() if k == "a" or np.ptp(c) > 0]
+    A = np.column_stack([cols[k] for k in names]) / t[:, None]
+    scale = np.abs(A).max(axis=0)
+    scale[scale == 0] = 1.0
+    res = lsq_linear(A / scale, np.ones_like(t), bounds=(0.0, np.inf), method="bvls", tol=1e-14)
+    coef = dict.fromkeys(cols, 0.0)
+    coef.update({k: float(v) for k, v in zip(names, res.x / scale)})
+    return coef
+
+
+def _errors(pred: np.ndarray, t: np.ndarray) -> dict[str, Any]:
+    rel = np.abs(pred - t) / t
+    return {"n": int(t.size), "median_rel_error": float(np.median(rel)) if rel.size else None,
+            "p90_rel_error": float(np.percentile(rel, 90)) if rel.size else None,
+            "mean_seconds": float(t.mean()) if t.size else None}
+
+
+def _dense_tokens_from_timings(timings: Any, model: ModelSpec) -> np.ndarray:
+    """[N] tokens per rank per record: each (step, layer)'s token-choices over all ranks / top_k / ranks."""
+    idx = np.asarray(timings.index, dtype=np.int64)
+    choices = np.asarray(timings.tokens, dtype=float).sum(axis=1)
+    key = idx[:, 0] * (int(idx[:, 1].max(initial=0)) + 1) + idx[:, 1]
+    _, inv = np.unique(key, return_inverse=True)
+    total = np.bincount(inv, weights=choices)
+    ranks = np.bincount(inv)
+    return total[inv] / model.top_k / ranks[inv]
+
+
+def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | None,
+                 dense_tokens: np.ndarray | None) -> tuple[CostModel, dict[str, Any]]:
+    n_rec = len(timings) if hasattr(timings, "__len__") else 0
+    if n_rec == 0:
+        raise MoesimError("the trace holds no timing records to fit a cost model (record it with moesim run --record)")
+    names = tuple(timings.phase_names)
+    for ph in ("attention", "gate", "expert"):
+        if ph not in names:
+            raise MoesimError(f"trace timings have no phase {ph!r} (they have {', '.join(names)})")
+    tok = np.maximum(np.asarray(timings.tokens, dtype=float), 0.0)
+    if dense_tokens is None:
+        dense = _dense_tokens_from_timings(timings, model)
+    else:
+        dense = np.asarray(dense_tokens, dtype=float).ravel()
+        if dense.shape != (n_rec,):
+            raise MoesimError(f"dense_tokens must hold one value per timing record ({n_rec}), got {dense.shape}")
+    report: dict[str, Any] = {"records": n_rec, "phases": {}}
+    comps: dict[str, dict[str, Any]] = {}
+    # expert: a + b·choices + c·experts used
+    t = np.asarray(timings.phase("expert"), dtype=float)
+    n = tok.sum(axis=1)
+    u = (tok > 0).sum(axis=1).astype(float)
+    ok = (n > 0) & np.isfinite(t) & (t > 0)
+    if ok.sum() < 1:
+        raise MoesimError("no timing record has expert tokens and a positive expert time; cannot fit")
+    coef = _lsq_relative({"a": np.ones(ok.sum()), "b": n[ok], "c": u[ok]}, t[ok])
+    comps["expert"] = {"kind": "affine", **coef}
+    pred = _expert_affine(comps["expert"], tok[ok])
+    report["phases"]["expert"] = {"coef": coef, "model": "a + b*token_choices + c*experts_used", **_errors(pred, t[ok])}
+    for ph in ("attention", "gate"):
+        t = np.asarray(timings.phase(ph), dtype=float)
+        ok = (dense > 0) & np.isfinite(t) & (t > 0)
+        if ok.sum() < 1:
+            raise MoesimError(f"no timing record has tokens and a positive {ph} time; cannot fit")
+        coef = _lsq_relative({"a": np.ones(ok.sum()), "b": dense[ok]}, t[ok])
+        comps[ph] = {"kind": "affine", **coef}
+        pred = _dense_affine(comps[ph], dense[ok], None)
+        report["phases"][ph] = {"coef": coef, "model": "a + b*tokens", **_errors(pred, t[ok])}
+    info = {"source": "fit", "model": model.name, "records": n_rec,
+            "device": device.to_dict() if device is not None else None,
+            "dense_tokens": "given" if dense_tokens is not None else "even split of each step over ranks"}
+    return cls(comps["expert"], comps["attention"], comps["gate"], info), report
+
+
+# --------------------------------------------------------------------------------------------------------
+# kernel calibration files (kernels/calibrate.py; read here without torch)
+# --------------------------------------------------------------------------------------------------------
+CALIBRATION_FORMAT = "moesim.kernel-calibration"
+
+
+def _read_calibration_table(path: Any, model: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(expert table component, info): seconds per active expert against token-choices per active expert."""
+    from moesim.io import read_json
+
+    doc = read_json(path, "kernel calibration")
+    if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
+        raise MoesimError(f"{path} is not a {CALIBRATION_FORMAT} file")
+    if doc.get("version") != 1:
+        raise MoesimError(f"{path}: unsupported calibration version {doc.get('version')!r}")
+    entries = doc.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise MoesimError(f"{path}: 'entries' must be a non-empty list")
+    need = ("hidden_size", "ffn_size", "num_experts", "top_k", "tokens", "seconds")
+    pts: dict[float, list[float]] = {}
+    shapes = set()
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or any(k not in e for k in need):
+            raise MoesimError(f"{path}: entry {i} needs {', '.join(need)}")
+        vals = [e[k] for k in need]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals):
+            raise MoesimError(f"{path}: entry {i} has a non-numeric or non-finite value")
+        if e["seconds"] <= 0 or e["tokens"] < 1 or e["num_experts"] < 1 or e["top_k"] < 1:
+            raise MoesimError(f"{path}: entry {i} needs seconds > 0, tokens >= 1, num_experts >= 1, top_k >= 1")
+        shapes.add((int(e["hidden_size"]), int(e["ffn_size"])))
+        if (e["hidden_size"], e["ffn_size"]) != (model.hidden_size, model.ffn_size):
+            continue
+        choices = float(e["tokens"]) * e["top_k"]
+        active = float(e.get("active_experts") or min(e["num_experts"], choices))
+        if not 0 < active <= e["num_experts"]:
+            raise MoesimError(f"{path}: entry {i} has active_experts {active!r} outside 1..num_experts")
+        pts.setdefault(choices / active, []).append(float(e["seconds"]) / active)
+    if not pts:
+        have = ", ".join(f"H={h} F={f}" for h, f in sorted(shapes))
+        raise MoesimError(f"{path} has no entries for {model.name} (H={model.hidden_size}, F={model.ffn_size}); "
+                          f"it holds {have}")
+    x = np.array(sorted(pts))
+    y = np.array([float(np.median(pts[k])) for k in x])
+    table = {"kind": "table", "x": x.tolist(), "y": y.tolist(), "launch": 0.0}
+    return table, {"calibration": str(path), "calibration_device": doc.get("device"), "points": len(x)}

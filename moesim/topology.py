@@ -1,0 +1,405 @@
+"""Cluster topologies: a ``networkx.DiGraph`` of GPUs, switches and NICs, with the routes the simulator needs.
+
+Nodes ``gpu<i>`` (attrs ``kind="gpu"``, ``index=i``, ``node=n``) and anything else (``nvswitch<n>``,
+``pcie<n>_<k>``, ``host<n>``, ``nic<i>``, ``leaf<k>``, ``spine<s>``, ``switch0``); every directed edge carries
+``bandwidth`` (bytes/s), ``latency`` (s) and a ``kind`` (``nvlink``, ``pcie``, ``ib``, ``link``).
+A full-duplex link is two edges. Every pair of GPUs has one fixed route (a list of edge indices); the
+analytic engine multiplies traffic matrices by :meth:`Topology.routing_matrix`, so routes, the matrix and
+path latencies are computed once per topology and cached.
+
+Routing (graph attribute ``routing``): ``shortest`` (least total latency, then fewest hops; custom graphs),
+``rail-pxn`` or ``rail-spine`` (rail-optimised clusters; see :mod:`moesim.topo.presets` for the rules).
+Preset names: ``dgx-h100``, ``dgx-h200``, ``hgx-h800``, ``pcie-8gpu``, and ``NAME:N`` for N such nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import scipy.sparse as sp
+
+from moesim.errors import MoesimError
+from moesim.topo.devices import DEVICES, DeviceSpec, get_device
+from moesim.topo.presets import NODE_PRESETS, build_flat, build_preset
+
+__all__ = ["DEVICES", "PRESETS", "DeviceSpec", "Topology", "get_device", "load_topology"]
+
+PRESETS: tuple[str, ...] = tuple(NODE_PRESETS)
+ROUTINGS = ("shortest", "rail-pxn", "rail-spine")
+TOPOLOGY_FORMAT = "moesim.topology"
+TOPOLOGY_VERSION = 1
+_GPU_ID = re.compile(r"gpu(\d+)\Z")
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+class Topology:
+    """A validated cluster graph with cached, vectorised routing (see the module docstring)."""
+
+    def __init__(self, graph: nx.DiGraph, name: str, device: DeviceSpec, gpus_per_node: int | None = None,
+                 routing: str | None = None, source: str | None = None) -> None:
+        self.graph = graph
+        self.name = name
+        self.device = device
+        self.source = source or name
+        self.routing = routing or graph.graph.get("routing") or "shortest"
+        graph.graph["routing"] = self.routing
+        self._validate(gpus_per_node)
+        self._edges: list[tuple[str, str]] = list(graph.edges())
+        self._edge_index = {e: k for k, e in enumerate(self._edges)}
+        self.edge_bw = np.array([graph.edges[e]["bandwidth"] for e in self._edges], dtype=float)
+        self.edge_latency = np.array([graph.edges[e]["latency"] for e in self._edges], dtype=float)
+        self.edge_kind = np.array([str(graph.edges[e].get("kind", "link")) for e in self._edges])
+        self._indptr: np.ndarray | None = None
+        self._indices: np.ndarray | None = None
+        self._rmat: sp.csr_matrix | None = None
+        self._plat: np.ndarray | None = None
+
+    # -- validation -----------------------------------------------------------------------------------
+    def _fail(self, msg: str) -> MoesimError:
+        return MoesimError(f"topology {self.source}: {msg}")
+
+    def _validate(self, gpus_per_node: int | None) -> None:
+        g = self.graph
+        if self.routing not in ROUTINGS:
+            raise self._fail(f"unknown routing {self.routing!r}; known: {', '.join(ROUTINGS)}")
+        gpus: dict[int, str] = {}
+        for v, attrs in g.nodes(data=True):
+            if not isinstance(v, str):
+                raise self._fail(f"node id {v!r} is not a string")
+            is_gpu = attrs.get("kind") == "gpu"
+            if not is_gpu and _GPU_ID.match(v):
+                raise self._fail(f"node {v} is named like a GPU but its kind is {attrs.get('kind')!r}, not 'gpu'")
+            if not is_gpu:
+                continue
+            idx = attrs.get("index")
+            if idx is None:
+                m = _GPU_ID.match(v)
+                if not m:
+                    raise self._fail(f"GPU node {v} has no 'index' and is not named gpu<i>")
+                idx = attrs["index"] = int(m.group(1))
+            if not isinstance(idx, (int, np.integer)) or isinstance(idx, bool) or idx < 0:
+                raise self._fail(f"GPU node {v} has index {idx!r}; need an integer >= 0")
+            if int(idx) in gpus:
+                raise self._fail(f"GPU index {idx} is used by both {gpus[int(idx)]} and {v}")
+            gpus[int(idx)] = v
+        if not gpus:
+            raise self._fail("has no GPU nodes (kind 'gpu')")
+        G = len(gpus)
+        missing = sorted(set(range(G)) - set(gpus))
+        if missing:
+            raise self._fail(f"GPU indices must be contiguous 0..{G - 1}; index {missing[0]} is missing")
+        self.gpu_names = [gpus[i] for i in range(G)]
+        self.num_gpus = G
+        for u, v, attrs in g.edges(data=True):
+            if u == v:
+                raise self._fail(f"edge {u}->{v} is a self-loop")
+            for key, lo in (("bandwidth", 0.0), ("latency", 0.0)):
+                x = attrs.get(key)
+                if x is None:
+                    raise self._fail(f"edge {u}->{v} has no {key}")
+                if not _num(x) or not math.isfinite(float(x)):
+                    raise self._fail(f"edge {u}->{v} has {key} {x!r}; need a finite number")
+                if key == "bandwidth" and not float(x) > lo:
+                    raise self._fail(f"edge {u}->{v} has non-positive bandwidth {x!r} (bytes/s)")
+                if key == "latency" and float(x) < lo:
+                    raise self._fail(f"edge {u}->{v} has negative latency {x!r} (s)")
+        # nodes: explicit attrs, else one node of gpus_per_node GPUs per block of indices
+        nodes = [g.nodes[self.gpu_names[i]].get("node") for i in range(G)]
+        if all(n is None for n in nodes):
+            gpn = gpus_per_node or G
+            if G % gpn:
+                raise self._fail(f"{G} GPUs do not split into nodes of gpus_per_node={gpn}")
+            nodes = [i // gpn for i in range(G)]
+            for i in range(G):
+                g.nodes[self.gpu_names[i]]["node"] = nodes[i]
+        elif any(n is None or not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0 for n in nodes):
+            bad = next(i for i, n in enumerate(nodes)
+                       if n is None or not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0)
+            raise self._fail(f"GPU {self.gpu_names[bad]} has node {nodes[bad]!r}; need an integer >= 0 on every GPU")
+        node_ids = sorted(set(int(n) for n in nodes))
+        if node_ids != list(range(len(node_ids))):
+            raise self._fail(f"GPU node numbers must be contiguous 0..{len(node_ids) - 1}, got {node_ids[:8]}")
+        counts = np.bincount(np.asarray(nodes, dtype=int))
+        if gpus_per_node is not None and (counts != gpus_per_node).any():
+            raise self._fail(f"gpus_per_node is {gpus_per_node} but the nodes hold {sorted(set(counts.tolist()))} GPUs")
+        self._gpu_node = np.asarray(nodes, dtype=np.int64)
+        self.num_nodes = len(node_ids)
+        self.gpus_per_node = int(counts.max())
+        self._check_reachable()
+        if self.routing != "shortest":
+            self._check_rails()
+
+    def _check_reachable(self) -> None:
+        g = self.graph
+        g0 = self.gpu_names[0]
+        fwd = nx.descendants(g, g0) | {g0}
+        bwd = nx.ancestors(g, g0) | {g0}
+        for name in self.gpu_names:
+            if name not in fwd:
+                raise self._fail(f"GPU {name} cannot be reached from {g0} (disconnected)")
+            if name not in bwd:
+                raise self._fail(f"GPU {name} cannot reach {g0} (disconnected)")
+
+    def _check_rails(self) -> None:
+        """Rail routing needs nic/leaf attributes: index the NIC of (node, rail) and the leaf of (pod, rail)."""
+        g = self.graph
+        self._nic: dict[tuple[int, int], str] = {}
+        self._leaf: dict[tuple[int, int], str] = {}
+        self._spines = sorted((v for v, a in g.nodes(data=True) if a.get("kind") == "spine"), key=_natural)
+        self._node_pod: dict[int, int] = {}
+        for v, a in g.nodes(data=True):
+            kind = a.get("kind")
+            try:
+                if kind == "nic":
+                    self._nic[(int(a["node"]), int(a["rail"]))] = v
+                    self._node_pod[int(a["node"])] = int(a.get("pod", 0))
+                elif kind == "leaf":
+                    self._leaf[(int(a.get("pod", 0)), int(a["rail"]))] = v
+            except (KeyError, TypeError, ValueError):
+                raise self._fail(f"routing {self.routing} needs integer 'node'/'rail' on nic and 'rail' on leaf "
+                                 f"nodes; {v} lacks them") from None
+        if self.num_nodes > 1:
+            for n in range(self.num_nodes):
+                for r in range(self.gpus_per_node):
+                    if (n, r) not in self._nic:
+                        raise self._fail(f"routing {self.routing}: node {n} has no NIC on rail {r}")
+                    if (self._node_pod[n], r) not in self._leaf:
+                        raise self._fail(f"routing {self.routing}: pod {self._node_pod[n]} has no leaf on rail {r}")
+
+    # -- basic queries -------------------------------------------------------------------------------
+    def gpu_node(self) -> np.ndarray:
+        """[G] node index of each GPU."""
+        return self._gpu_node.copy()
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Directed links in a fixed order; position = edge index ``e`` of every per-link array."""
+        return list(self._edges)
+
+    def edge_index(self, u: str, v: str) -> int:
+        try:
+            return self._edge_index[(u, v)]
+        except KeyError:
+            raise MoesimError(f"topology {self.name} has no link {u}->{v}") from None
+
+    @property
+    def num_links(self) -> int:
+        return len(self._edges)
+
+    def is_inter_node(self) -> np.ndarray:
+        """[G, G] True where source and destination GPU sit in different nodes."""
+        return self._gpu_node[:, None] != self._gpu_node[None, :]
+
+    # -- routing -------------------------------------------------------------------------------------
+    def _path_edges(self, path: list[str]) -> list[int]:
+        return [self._edge_index[(a, b)] for a, b in itertools.pairwise(path)]
+
+    def _build_routes(self) -> None:
+        G = self.num_gpus
+        if self.routing == "shortest" or self.num_nodes == 1:
+            per_pair = self._routes_shortest()
+        else:
+            per_pair = self._routes_rail()
+        lengths = np.fromiter((len(r) for r in per_pair), dtype=np.int64, count=G * G)
+        self._indptr = np.concatenate([[0], np.cumsum(lengths)])
+        self._indices = np.fromiter((e for r in per_pair for e in r), dtype=np.int64, count=int(lengths.sum()))
+
+    def _routes_shortest(self) -> list[list[int]]:
+        """Least latency, then fewest hops (a tiny per-hop weight breaks ties deterministically)."""
+        hop = 1e-12 + 1e-9 * float(self.edge_latency.min(initial=0.0))
+        weight = {e: float(self.graph.edges[e]["latency"]) + hop for e in self._edges}
+        out: list[list[int]] = []
+        for s in self.gpu_names:
+            paths = nx.single_source_dijkstra_path(self.graph, s, weight=lambda u, v, _d: weight[(u, v)])
+            out.extend(self._path_edges(paths[d]) if d != s else [] for d in self.gpu_names)
+        return out
+
+    def _intra(self, n: int) -> nx.DiGraph:
+        keep = [v for v, a in self.graph.nodes(data=True) if a.get("node") == n and a.get("kind") != "leaf"]
+        return self.graph.subgraph(keep)
+
+    def _routes_rail(self) -> list[list[int]]:
+        """Rail-optimised fabric: intra-node legs by shortest path inside each node, IB legs by the rail rule."""
+        G, R = self.num_gpus, self.gpus_per_node
+        rail = np.array([int(self.graph.nodes[v].get("rail", i % R)) for i, v in enumerate(self.gpu_names)])
+        node = self._gpu_node
+        intra: dict[int, dict[str, dict[str, list[str]]]] = {}
+        for n in range(self.num_nodes):
+            sub = self._intra(n)
+            w = {(u, v): float(d["latency"]) + 1e-12 for u, v, d in sub.edges(data=True)}
+            srcs = [v for v in sub if sub.nodes[v].get("kind") in ("gpu", "nic")]
+            intra[n] = {s: nx.single_source_dijkstra_path(sub, s, weight=lambda u, v, _d, w=w: w[(u, v)])
+                        for s in srcs}
+
+        def leg(n: int, a: str, b: str) -> list[int]:
+            try:
+                return self._path_edges(intra[n][a][b])
+            except KeyError:
+                raise self._fail(f"routing {self.routing}: no path inside node {n} from {a} to {b}") from None
+
+        def fabric(src_leaf: str, dst_leaf: str, s: int, d: int) -> list[int]:
+            if src_leaf == dst_leaf:
+                return []
+            if not self._spines:
+                raise self._fail(f"routing {self.routing}: traffic {src_leaf}->{dst_leaf} needs a spine; none exist")
+            spine = self._spines[(s + d) % len(self._spines)]
+            try:
+                return [self._edge_index[(src_leaf, spine)], self._edge_index[(spine, dst_leaf)]]
+            except KeyError:
+                raise self._fail(f"routing {self.routing}: no link {src_leaf}->{spine}->{dst_leaf}") from None
+
+        def ib(nic: str, leaf: str) -> int:
+            try:
+                return self._edge_index[(nic, leaf)]
+            except KeyError:
+                raise self._fail(f"routing {self.routing}: no link {nic}->{leaf}") from None
+
+        up = {}  # (src gpu, rail) -> edges from the GPU out of its node's NIC on that rail, to the leaf
+        down = {}  # (rail, dst gpu) -> edges from the leaf into the destination GPU
+        for i, name in enumerate(self.gpu_names):
+            n, pod = int(node[i]), self._node_pod.get(int(node[i]), 0)
+            for r in range(R):
+                nic, leaf = self._nic[(n, r)], self._leaf[(pod, r)]
+                up[(i, r)] = leg(n, name, nic) + [ib(nic, leaf)]
+                down[(r, i)] = [ib(leaf, nic)] + leg(n, nic, name)
+        out: list[list[int]] = []
+        pxn = self.routing == "rail-pxn"
+        for s in range(G):
+            ns, ps = int(node[s]), self._node_pod.get(int(node[s]), 0)
+            for d in range(G):
+                nd = int(node[d])
+                if s == d:
+                    out.append([])
+                elif ns == nd:
+                    out.append(leg(ns, self.gpu_names[s], self.gpu_names[d]))
+                else:
+                    r_out = int(rail[d]) if pxn else int(rail[s])
+                    pd = self._node_pod.get(nd, 0)
+                    out.append(up[(s, r_out)] + fabric(self._leaf[(ps, r_out)], self._leaf[(pd, int(rail[d]))], s, d)
+                               + down[(int(rail[d]), d)])
+        return out
+
+    def route(self, src: int, dst: int) -> list[int]:
+        """Edge indices of the path from GPU ``src`` to GPU ``dst`` (empty when src == dst)."""
+        G = self.num_gpus
+        if not (0 <= src < G and 0 <= dst < G):
+            raise MoesimError(f"topology {self.name} has GPUs 0..{G - 1}; asked for route {src}->{dst}")
+        if self._indptr is None:
+            self._build_routes()
+        k = src * G + dst
+        return self._indices[self._indptr[k]:self._indptr[k + 1]].tolist()
+
+    def route_nodes(self, src: int, dst: int) -> list[str]:
+        """The graph nodes a route visits, source and destination GPUs included (for display and tests)."""
+        path = [self.gpu_names[src]]
+        for e in self.route(src, dst):
+            path.append(self._edges[e][1])
+        return path
+
+    def routing_matrix(self) -> sp.csr_matrix:
+        """[G*G, E] 0/1: row ``s*G+d`` marks the links the pair's route crosses (cached; do not modify)."""
+        if self._rmat is None:
+            if self._indptr is None:
+                self._build_routes()
+            G, E = self.num_gpus, self.num_links
+            data = np.ones(len(self._indices), dtype=np.float64)
+            m = sp.csr_matrix((data, self._indices.copy(), self._indptr.copy()), shape=(G * G, E))
+            m.sum_duplicates()
+            m.data[:] = 1.0
+            self._rmat = m
+        return self._rmat
+
+    def path_latency(self) -> np.ndarray:
+        """[G, G] seconds: sum of link latencies along each route, 0 on the diagonal (cached; read-only)."""
+        if self._plat is None:
+            G = self.num_gpus
+            plat = (self.routing_matrix() @ self.edge_latency).reshape(G, G)
+            plat.setflags(write=False)
+            self._plat = plat
+        return self._plat
+
+    def link_load(self, bytes_matrix: np.ndarray) -> np.ndarray:
+        """bytes [..., G, G] (src, dst) -> [..., E] bytes on each link."""
+        b = np.asarray(bytes_matrix, dtype=float)
+        G = self.num_gpus
+        flat = b.reshape(-1, G * G)
+        return np.asarray((self.routing_matrix().T @ flat.T).T).reshape(b.shape[:-2] + (self.num_links,))
+
+    # -- constructors, serialisation, summary ----------------------------------------------------------
+    @classmethod
+    def flat(cls, num_gpus: int, link_bw: float, latency: float, device: DeviceSpec | str = "cpu",
+             name: str = "flat") -> Topology:
+        """One switch, every GPU on it by a link of ``link_bw`` bytes/s each way; GPU→GPU ``latency`` s.
+
+        For clusters whose network was fitted from a run (CPU/gloo ranks), not modelled link by link.
+        """
+        if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, np.integer)) or num_gpus < 1:
+            raise MoesimError(f"flat topology needs num_gpus >= 1, got {num_gpus!r}")
+        if not _num(link_bw) or not math.isfinite(link_bw) or link_bw <= 0:
+            raise MoesimError(f"flat topology needs a positive finite link bandwidth, got {link_bw!r}")
+        if not _num(latency) or not math.isfinite(latency) or latency < 0:
+            raise MoesimError(f"flat topology needs a finite latency >= 0, got {latency!r}")
+        dev = get_device(device) if isinstance(device, str) else device
+        return cls(build_flat(int(num_gpus), float(link_bw), float(latency)), name, dev,
+                   gpus_per_node=int(num_gpus))
+
+    def to_json(self) -> dict[str, Any]:
+        from moesim.topo.jsonio import topology_to_json
+
+        return topology_to_json(self)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "<json>") -> Topology:
+        from moesim.topo.jsonio import topology_from_json
+
+        return topology_from_json(cls, data, source)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, per-GPU bandwidths, all-to-all bandwidth and latencies (for ``moesim topo show``)."""
+        from moesim.topo.summary import summarize
+
+        return summarize(self)
+
+    def __repr__(self) -> str:
+        return (f"Topology({self.name!r}, {self.num_gpus} GPUs = {self.num_nodes}×{self.gpus_per_node}, "
+                f"{self.num_links} links, {self.device.name})")
+
+
+def _natural(s: str) -> tuple[Any, ...]:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
+
+
+def load_topology(spec: str) -> Topology:
+    """A preset (``dgx-h100``), a cluster of preset nodes (``dgx-h100:8``) or a topology JSON file."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise MoesimError("topology must be a preset name, NAME:N or a JSON file path")
+    spec = spec.strip()
+    key = spec.lower()
+    if key in NODE_PRESETS:
+        graph, node = build_preset(key)
+        return Topology(graph, key, node.device, gpus_per_node=node.gpus)
+    m = re.fullmatch(r"([a-z0-9-]+):(\S+)", key)
+    if m and m.group(1) in NODE_PRESETS and not Path(spec).exists():
+        count = m.group(2)
+        if not count.isdigit() or int(count) < 1:
+            raise MoesimError(f"topology {spec!r}: the node count after ':' must be a positive integer")
+        if int(count) > 4096:
+            raise MoesimError(f"topology {spec!r}: at most 4096 nodes are supported")
+        graph, node = build_preset(m.group(1), int(count))
+        return Topology(graph, key, node.device, gpus_per_node=node.gpus)
+    path = Path(spec)
+    if path.exists() or spec.endswith(".json"):
+        from moesim.io import read_json
+
+        return Topology.from_json(read_json(path, "topology file"), source=str(path))
+    raise MoesimError(f"unknown topology {spec!r}; use a preset ({', '.join(PRESETS)}), NAME:N for a cluster "
+                      "of N such nodes (e.g. dgx-h100:8), or a topology JSON file")
+
