@@ -46,7 +46,7 @@ import numpy as np
 import simpy
 
 from moesim.errors import MoesimError
-from moesim.sim.network import FlowNetwork
+from moesim.sim.network import FlowNetwork, dominated_links
 
 PHASES = ("dense", "gate", "dispatch", "expert", "combine")
 # Default bandwidth hand-over quantum (see FlowNetwork): 0.5 µs, half of one NVLink hop's latency
@@ -93,9 +93,13 @@ def step_plan(workload: Any, s: int, cost: Any, model: Any, config: Any, G: int)
     send = np.asarray(workload.send_tokens[s], dtype=np.float64) * tb  # [L, G, G]
     plan: list[_Phase] = []
     if getattr(config, "include_dense", True):
-        plan.append(_Phase("compute", 0, "dense", np.asarray(cost.dense_time(gpu_tokens), dtype=np.float64)))
-        if hasattr(cost, "gate_time"):
+        if hasattr(cost, "attention_time"):  # attention and router separately (their sum is dense_time)
+            ph = np.asarray(workload.phase[s])
+            plan.append(_Phase("compute", 0, "attention",
+                               np.asarray(cost.attention_time(gpu_tokens, ph), dtype=np.float64)))
             plan.append(_Phase("compute", 1, "gate", np.asarray(cost.gate_time(gpu_tokens), dtype=np.float64)))
+        else:
+            plan.append(_Phase("compute", 0, "dense", np.asarray(cost.dense_time(gpu_tokens), dtype=np.float64)))
     expert = np.asarray(cost.expert_time(slot_tokens.reshape(L, G, W)), dtype=np.float64)
     if layout == "ep":
         plan += [_Phase("exchange", 2, "dispatch", send),
@@ -120,9 +124,9 @@ class _StepRun:
 
     def __init__(self, env: simpy.Environment, plan: list[_Phase], routes: np.ndarray, G: int,
                  bw: np.ndarray, lat: np.ndarray, quantum: float, events: list, max_events: int,
-                 rel_quantum: float = 0.0) -> None:
+                 rel_quantum: float = 0.0, ignore_links: np.ndarray | None = None) -> None:
         self.env, self.plan, self.routes, self.G = env, plan, routes, G
-        self.net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum)
+        self.net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum, ignore_links=ignore_links)
         L = plan[0].data.shape[0] if plan else 0
         self.L = L
         # per (phase, layer, gpu): start and end times
@@ -186,6 +190,8 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any,
     if send_shape[-2:] != (G, G):
         raise MoesimError(f"workload is for {send_shape[-1]} GPUs but topology {topology.name!r} has {G}")
     routes = _route_table(topology, G)
+    # the DES only ever sends along these routes, so links that can never bind may be left out of the rates
+    ignore = dominated_links([r[r >= 0] for r in routes], topology.edge_bw)
     bw = np.asarray(topology.edge_bw, dtype=np.float64)
     lat = np.asarray(topology.edge_latency, dtype=np.float64)
     inter = np.asarray(topology.is_inter_node(), dtype=bool)
@@ -206,7 +212,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any,
     flows = 0
     for s in range(S):
         plan = step_plan(workload, s, cost, model, config, G)
-        run = _StepRun(env, plan, routes, G, bw, lat, quantum, events, max_events, rel_quantum)
+        run = _StepRun(env, plan, routes, G, bw, lat, quantum, events, max_events, rel_quantum, ignore)
         t_begin = env.now
         procs = [env.process(run.gpu(g)) for g in range(G)]
         env.run(until=env.all_of(procs))

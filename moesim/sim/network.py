@@ -94,6 +94,40 @@ def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     return rate
 
 
+def dominated_links(routes: Sequence[Sequence[int]], edge_bw: Any) -> np.ndarray:
+    """Links that can never constrain max-min rates given every route flows will ever take: bool [E].
+
+    Link ``e`` is dominated by ``e2`` when every route crossing ``e`` also crosses ``e2`` and ``e2`` is no
+    wider (ties: the higher index goes). Then ``load(e) <= load(e2) <= bw(e2) <= bw(e)`` for any set of flows,
+    so ``e``'s capacity constraint is implied and dropping it leaves the feasible set — and the max-min
+    allocation — unchanged. (Rail-optimised fabrics have chains of such links: GPU->NIC->leaf.) Unused
+    links are dominated too. Pass the result as ``FlowNetwork(ignore_links=...)``; it is only valid if no
+    flow ever takes a route outside ``routes``.
+    """
+    import scipy.sparse as sp
+
+    bw = np.asarray(edge_bw, dtype=np.float64).ravel()
+    E = bw.size
+    rows = [i for i, r in enumerate(routes) for _ in r]
+    cols = [e for r in routes for e in r]
+    if not cols:
+        return np.ones(E, dtype=bool)
+    M = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(routes), E))
+    M.data[:] = 1.0
+    M.sum_duplicates()
+    M.data[:] = 1.0
+    co = (M.T @ M).toarray()  # [E, E] routes crossing both
+    n = np.diag(co).copy()
+    subset = (co >= n[:, None]) & (n[:, None] > 0)  # subset[e, e2]: routes(e) within routes(e2)
+    np.fill_diagonal(subset, False)
+    same = subset & subset.T
+    idx = np.arange(E)
+    wider = bw[:, None] > bw[None, :]
+    tie = (bw[:, None] == bw[None, :]) & (~same | (idx[None, :] < idx[:, None]))
+    dominated = (subset & (wider | tie)).any(axis=1)
+    return dominated | (n == 0)
+
+
 class FlowNetwork:
     """Flows over links with max-min fair sharing, driven by a simpy environment.
 
@@ -105,7 +139,7 @@ class FlowNetwork:
     """
 
     def __init__(self, env: simpy.Environment, edge_bw: Any, edge_latency: Any = None, *,
-                 quantum: float = 0.0, rel_quantum: float = 0.0) -> None:
+                 quantum: float = 0.0, rel_quantum: float = 0.0, ignore_links: Any = None) -> None:
         if edge_latency is None and hasattr(edge_bw, "edge_bw"):
             edge_bw, edge_latency = edge_bw.edge_bw, edge_bw.edge_latency
         bw = np.asarray(edge_bw, dtype=np.float64).ravel()
@@ -129,9 +163,17 @@ class FlowNetwork:
         self.edge_latency = lat
         self._pad = bw.size  # index of the pad link (infinite capacity)
         self._cap = np.append(bw, np.inf)
+        # links whose capacity never binds (see dominated_links) are left out of the rate computation
+        self._cmap = np.arange(bw.size + 1)
+        if ignore_links is not None:
+            ign = np.asarray(ignore_links, dtype=bool).ravel()
+            if ign.size != bw.size:
+                raise MoesimError(f"ignore_links has {ign.size} entries for {bw.size} links")
+            self._cmap[:bw.size][ign] = self._pad
         self.link_bytes = np.zeros(bw.size)  # bytes that crossed each link so far
         # active flows (compact arrays)
         self._routes = np.empty((0, 1), dtype=np.int64)
+        self._croutes = np.empty((0, 1), dtype=np.int64)  # constraining links only (for the rates)
         self._remaining = np.empty(0)
         self._rate = np.empty(0)
         self._lat = np.empty(0)
@@ -141,7 +183,7 @@ class FlowNetwork:
         self._last = 0.0
         self._gen = 0
         self._update_pending = False
-        self._pending_adds: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_adds: list[tuple[np.ndarray, ...]] = []
         # every flow ever started, by id
         self._req = np.empty(1024)
         self._deliv = np.empty(1024)
@@ -206,7 +248,10 @@ class FlowNetwork:
             self._arrive(grp[instant], self.env.now + lat[instant])
         live = ~instant
         if live.any():
-            self._pending_adds.append((rt[live], nb[live], lat[live], grp[live], fids[live]))
+            crt = np.sort(self._cmap[rt[live]], axis=1)  # pads (largest index) last
+            keep_cols = (crt < self._pad).any(axis=0)
+            crt = crt[:, :max(int(keep_cols.sum()), 1)]
+            self._pending_adds.append((rt[live], nb[live], lat[live], grp[live], fids[live], crt))
             self._request_update()
         return fids
 
@@ -311,9 +356,15 @@ class FlowNetwork:
         groups = self._group[due]
         keep = ~due
         self._routes, self._remaining, self._rate = self._routes[keep], self._remaining[keep], self._rate[keep]
+        self._croutes = self._croutes[keep]
         self._lat, self._group, self._fid = self._lat[keep], self._group[keep], self._fid[keep]
         self._finish = self._finish[keep]
         self._arrive(groups, arrival)
+
+    def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        H = max(p.shape[1] for p in parts)
+        return np.concatenate([p if p.shape[1] == H else
+                               np.pad(p, ((0, 0), (0, H - p.shape[1])), constant_values=self._pad) for p in parts])
 
     def _update(self, _event: Any = None) -> None:
         """Batch point: take in new flows, retire finished ones, recompute rates, arm the next timer."""
@@ -323,11 +374,8 @@ class FlowNetwork:
         if self._pending_adds:
             adds = self._pending_adds
             self._pending_adds = []
-            H = max([self._routes.shape[1]] + [a[0].shape[1] for a in adds])
-            parts = [self._routes] + [a[0] for a in adds]
-            parts = [p if p.shape[1] == H else np.pad(p, ((0, 0), (0, H - p.shape[1])), constant_values=self._pad)
-                     for p in parts]
-            self._routes = np.concatenate(parts)
+            self._routes = self._stack([self._routes] + [a[0] for a in adds])
+            self._croutes = self._stack([self._croutes] + [a[5] for a in adds])
             self._remaining = np.concatenate([self._remaining] + [a[1] for a in adds])
             self._lat = np.concatenate([self._lat] + [a[2] for a in adds])
             self._group = np.concatenate([self._group] + [a[3] for a in adds])
@@ -337,7 +385,7 @@ class FlowNetwork:
             self._rate = np.empty(0)
             self._finish = np.empty(0)
             return
-        self._rate = maxmin_rates(self._routes, self._cap)
+        self._rate = maxmin_rates(self._croutes, self._cap)
         self.recomputations += 1
         with np.errstate(divide="ignore"):
             ttf = self._remaining / self._rate
