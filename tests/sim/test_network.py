@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moesim.errors import MoesimError
-from moesim.sim.network import FlowNetwork, maxmin_rates
+from moesim.sim.network import FlowNetwork, dominated_links, maxmin_rates
 
 
 def _run(bw, lat, flows, starts=None):
@@ -202,3 +202,29 @@ def test_quantum_keeps_bytes_and_only_delays(case, quantum):
         floor = starts[i] + sum(lat[e] for e in route) + (nb / min(bw[e] for e in route) if route else 0.0)
         assert done[i] >= floor * (1 - 1e-9) - 1e-12
     assert max(done.values()) == pytest.approx(max(exact), rel=0.5)
+
+
+@given(flow_sets())
+def test_dominated_links_leave_rates_unchanged(case):
+    bw, _, flows, _ = case
+    routes = [r for r, _ in flows if r]
+    if not routes:
+        return
+    dom = dominated_links(routes, bw)
+    pad = len(bw)
+    H = max(len(r) for r in routes)
+    full = np.full((len(routes), H), pad)
+    for i, r in enumerate(routes):
+        full[i, :len(r)] = r
+    cmap = np.append(np.where(dom, pad, np.arange(pad)), pad)
+    cap = np.append(bw, np.inf)
+    np.testing.assert_allclose(maxmin_rates(cmap[full], cap), maxmin_rates(full, cap), rtol=1e-9)
+
+
+def test_dominated_links_on_a_chain():
+    # routes 0->1->2 and 1 alone: link 0 (wide) carries a subset of link 1's routes -> dominated;
+    # link 2 has the same routes as link 0 and is narrower than link 1? no: 2 carries {A}, 1 carries {A, B}.
+    dom = dominated_links([[0, 1, 2], [1]], [10.0, 5.0, 5.0])
+    assert dom.tolist() == [True, False, True]
+    dom = dominated_links([[0, 1, 2], [1]], [10.0, 5.0, 1.0])
+    assert dom.tolist() == [True, False, False]
