@@ -67,9 +67,9 @@ def _milp(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, time_limi
 
 
 def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coactivation: Any = None,
-              cross_weight: float = 0.5, **kw: Any) -> tuple[ExpertMapping, dict]:
+              cross_weight: float = 0.5, num_groups: int = 1, **kw: Any) -> tuple[ExpertMapping, dict]:
     from moesim.placement.affinity import affinity
-    m = affinity(load, G, N, gpus_per_node, coactivation, cross_weight=cross_weight)
+    m = affinity(load, G, N, gpus_per_node, coactivation, cross_weight=cross_weight, num_groups=num_groups)
     return m, {"coactivation": coactivation is not None, "nodes": m.meta.get("nodes")}
 
 

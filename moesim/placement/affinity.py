@@ -6,18 +6,19 @@ l+1 (``cross`` [L-1, E, E]). With DeepEP-style dispatch a token crosses InfiniBa
 needs, so experts that share tokens on one node cut inter-node bytes; cross-layer edges keep a token's
 consecutive layers on the same nodes (what a node-affine serving layout or a pipelined dispatch exploits).
 
-Algorithm, per layer in order (all sizes from the cluster: M nodes, G/M GPUs each, S slots per GPU):
-1. replica counts: those of ``greedy`` for the layer (water-filling plus its count search), so the balance
-   target is the heuristic's;
-2. nodes: every expert's replicas are dealt to nodes (replicas of one expert on different nodes when it has
-   several), heaviest first, each to the node maximising affinity − β · overload, where affinity is the
-   co-activation weight to experts already on the node (same layer) and to the previous layer's experts on
-   the node (cross), and a node takes at most G/M·S replicas; then Kernighan–Lin style pairwise swaps of
-   single replicas between nodes that raise the intra-node weight without raising the busiest node's load
-   above max(mean node load · (1 + ε), its current value);
-3. GPUs within each node: LPT packing with S slots per GPU plus improving swaps (``simple.refine_swaps``).
-Deterministic (no randomness; ``seed`` only breaks nothing). Without co-activation data the affinity term is
-zero and the result is a node-balanced greedy placement.
+Algorithm, per layer in order (M nodes of G/M GPUs, S slots per GPU; E divisible by M):
+1. node partition of the layer's experts, E/M per node (as DeepSeek's EPLB packs whole groups per node), from
+   up to two starts: (a) grown greedily, heaviest expert first, each to the node with the most co-activation
+   to its members (plus ``cross_weight`` × co-activation with the previous layer's experts on that node)
+   among nodes with room under the load target (1 + ε) · mean; (b) the model's expert groups when they divide
+   over the nodes (DeepSeek-V3's group-limited routing makes them the natural clusters);
+2. balance repair: while the busiest node is above target, swap one of its experts with another node's so
+   both end below it, losing the least affinity; then Kernighan–Lin style swaps that raise the intra-node
+   weight without pushing a node above max(target, busiest); the start with more intra-node weight wins;
+3. within each node: replicas by water-filling over the node's slots, then LPT packing onto its GPUs plus
+   improving swaps (``simple.refine_swaps``).
+Deterministic. Without co-activation data the affinity term is zero: a node-balanced greedy placement.
+Nodes with unequal expert counts (E not divisible by M) or a single node fall back to ``greedy``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from moesim.mapping import ExpertMapping
-from moesim.placement.simple import greedy, layout, lpt_pack, refine_swaps
+from moesim.placement.base import replica_counts
+from moesim.placement.simple import greedy, layout, lpt_pack, refine_swaps, replica_items
 
 
 @dataclass
@@ -83,98 +85,141 @@ def coactivation_from_trace(trace: Any, start: int = 0, stop: int | None = None)
 
 
 def affinity(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int = 8,
-             coactivation: Coactivation | None = None, cross_weight: float = 0.5, epsilon: float = 0.01,
-             max_swaps: int = 200) -> ExpertMapping:
-    """Node partition by co-activation under a node-balance constraint, then balanced GPUs within nodes."""
+             coactivation: Coactivation | None = None, cross_weight: float = 0.5, epsilon: float = 0.02,
+             max_swaps: int = 32, num_groups: int = 1) -> ExpertMapping:
+    """Experts partitioned onto nodes by co-activation (equal expert counts, node loads within 1 + ε of the
+    mean), replicated within their node, packed onto the node's GPUs; see the module docstring."""
     L, E = load.shape
     G, S = num_gpus, num_slots // num_gpus
-    if G % gpus_per_node or gpus_per_node >= G:
-        m = greedy(load, G, num_slots)  # one node: nothing to partition
+    M = G // gpus_per_node if G % gpus_per_node == 0 else 1
+    if M <= 1 or E % M or num_slots % M:
+        m = greedy(load, G, num_slots)  # one node (or experts not divisible by nodes): plain balance
         return ExpertMapping(m.phy2log, G, E, {"algo": "affinity", "nodes": 1})
-    M = G // gpus_per_node
-    cap = gpus_per_node * S  # replicas per node
-    base = greedy(load, G, num_slots)
-    counts = base.logcnt
-    node_items_e = np.empty((L * M, cap), dtype=np.int64)
-    node_items_w = np.empty((L * M, cap))
-    prev_node_of: np.ndarray | None = None  # [E, M] replicas of each previous-layer expert per node
+    per_node = E // M
+    cap = num_slots // M  # slots per node
+    rows_e = np.empty((L, M, per_node), dtype=np.int64)
+    prev_part: np.ndarray | None = None  # [E] node of each previous-layer expert
     for layer in range(L):
         w = load[layer]
-        c = counts[layer]
         aff = np.zeros((E, E)) if coactivation is None else coactivation.same[layer].astype(np.float64)
-        cross = np.zeros((E, E))
-        if coactivation is not None and layer > 0 and prev_node_of is not None and cross_weight > 0:
+        if coactivation is not None and layer > 0 and prev_part is not None and cross_weight > 0:
             cross = coactivation.cross[layer - 1].astype(np.float64).T  # [E this, E prev]
-        # items: replicas, heaviest first
-        expert = np.repeat(np.arange(E), c)
-        rw = (w / c)[expert]
-        order = np.argsort(-rw, kind="stable")
-        expert, rw = expert[order], rw[order]
-        N = len(expert)
-        node = np.empty(N, dtype=np.int64)
-        held = np.zeros((E, M))  # replicas of each expert per node
-        fill = np.zeros(M)
-        used = np.zeros(M, dtype=np.int64)
-        target = w.sum() / M
-        scale_aff = max(aff.sum() / max(E, 1), 1e-12)
-        for t in range(N):
-            e = expert[t]
-            has = (held > 0).astype(np.float64)
-            gain = aff[e] @ has  # [M] same-layer weight to experts already on each node
-            if prev_node_of is not None:
-                gain = gain + cross_weight * (cross[e] @ (prev_node_of > 0))
-            gain = gain / scale_aff
-            over = np.maximum(fill + rw[t] - target * (1 + epsilon), 0) / max(target, 1e-12)
-            # balance first, then affinity, then spread an expert's replicas, then the lightest node (LPT)
-            score = gain - 1e3 * over - 10.0 * (held[e] > 0) - 1e-3 * fill / max(target, 1e-12)
-            score = np.where(used < cap, score, -np.inf)
-            m = int(np.argmax(score))
-            node[t] = m
-            held[e, m] += 1
-            fill[m] += rw[t]
-            used[m] += 1
-        node = _kl_swaps(expert, rw, node, aff, cross if prev_node_of is not None else None, prev_node_of,
-                         cross_weight, M, target * (1 + epsilon), max_swaps)
-        # items of each node, heaviest first (rw is sorted, a stable sort by node keeps that order)
-        o = np.argsort(node, kind="stable")
-        node_items_e[layer * M:(layer + 1) * M] = expert[o].reshape(M, cap)
-        node_items_w[layer * M:(layer + 1) * M] = rw[o].reshape(M, cap)
-        prev_node_of = np.zeros((E, M))
-        np.add.at(prev_node_of, (expert, node), 1)
-    # GPUs within each node: all (layer, node) rows at once
-    bins = lpt_pack(node_items_w, gpus_per_node, S)
-    bins = refine_swaps(node_items_w, bins, gpus_per_node, item_key=node_items_e)
-    phy2log = layout(node_items_e, bins).reshape(L, num_slots)
-    return ExpertMapping(phy2log, G, E, {"algo": "affinity", "nodes": M, "cross_weight": cross_weight})
+            prev_onehot = np.eye(M)[prev_part]  # [E prev, M]
+            bonus = cross_weight * (cross @ prev_onehot)  # [E, M]
+        else:
+            bonus = np.zeros((E, M))
+        inits = [_grow_parts(w, aff, bonus, M, per_node, epsilon)]
+        if num_groups > 1 and num_groups % M == 0 and E % num_groups == 0:
+            inits.append(np.arange(E) // (E // M))  # the model's expert groups, as DeepSeek's EPLB packs them
+        best, best_val = None, -np.inf
+        for part in inits:
+            part = _repair_balance(w, aff, bonus, part, M, epsilon)
+            part = _swap_parts(w, aff, bonus, part, M, epsilon, max_swaps)
+            val = _intra(aff, bonus, part, M)
+            if val > best_val:
+                best, best_val = part, val
+        part = best
+        for m in range(M):
+            rows_e[layer, m] = np.nonzero(part == m)[0]
+        prev_part = part
+    # replicas within each node (water-filling on the node's experts), then GPUs within the node
+    node_load = np.take_along_axis(np.repeat(load[:, None, :], M, axis=1), rows_e, axis=2).reshape(L * M, per_node)
+    counts = replica_counts(node_load, cap)
+    expert_local, weight = replica_items(node_load, counts)
+    bins = lpt_pack(weight, gpus_per_node, S)
+    bins = refine_swaps(weight, bins, gpus_per_node, item_key=expert_local)
+    local = layout(expert_local, bins)  # [L*M, cap] local expert index within the node
+    phy2log = np.take_along_axis(rows_e.reshape(L * M, per_node), local, axis=1).reshape(L, num_slots)
+    return ExpertMapping(phy2log, G, E, {"algo": "affinity", "nodes": M, "cross_weight": cross_weight,
+                                         "epsilon": epsilon})
 
 
-def _kl_swaps(expert: np.ndarray, rw: np.ndarray, node: np.ndarray, aff: np.ndarray, cross: np.ndarray | None,
-              prev: np.ndarray | None, cross_weight: float, M: int, limit: float, max_swaps: int) -> np.ndarray:
-    """Swap replicas between nodes while the intra-node co-activation weight rises and no node exceeds the
-    larger of ``limit`` and the current busiest node load."""
-    node = node.copy()
-    E = aff.shape[0]
-    for _ in range(max_swaps):
-        held = np.zeros((E, M))
-        np.add.at(held, (expert, node), 1)
-        has = (held > 0).astype(np.float64)
-        # value of item t on node m: affinity of its expert to experts on m (excluding itself)
-        val = aff[expert] @ has  # [N, M]
-        if cross is not None and prev is not None:
-            val = val + cross_weight * (cross[expert] @ (prev > 0))
-        fill = np.bincount(node, weights=rw, minlength=M)
-        cap = max(limit, float(fill.max()))
-        here = val[np.arange(len(node)), node]
-        # swap i (node a) with j (node b): gain ≈ val[i,b] + val[j,a] - here_i - here_j (first order)
-        gain = val[:, node] + val[:, node].T - here[:, None] - here[None, :]
-        gain = gain - 2 * aff[expert][:, expert]  # they leave each other's node
-        d = rw[:, None] - rw[None, :]  # load moving from a to b
-        fa = fill[node][:, None] - d
-        fb = fill[node][None, :] + d
-        bad = (node[:, None] == node[None, :]) | (expert[:, None] == expert[None, :]) | (fa > cap) | (fb > cap)
-        gain = np.where(bad, -np.inf, gain)
-        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
-        if not gain[i, j] > 1e-9:
+def _grow_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, M: int, per_node: int,
+                epsilon: float) -> np.ndarray:
+    """Experts heaviest first, each to the node with the most affinity (same layer + previous layer) among
+    those with a free expert place and load room; the lightest node when none has room."""
+    E = len(w)
+    target = w.sum() / M * (1 + epsilon)
+    part = np.full(E, -1, dtype=np.int64)
+    members = np.zeros((E, M))  # one-hot of placed experts
+    fill = np.zeros(M)
+    used = np.zeros(M, dtype=np.int64)
+    scale = max(float(aff.max(initial=0)), float(np.abs(bonus).max(initial=0)), 1e-12)
+    for e in np.argsort(-w, kind="stable"):
+        room = used < per_node
+        fits = room & (fill + w[e] <= target)
+        score = (aff[e] @ members + bonus[e]) / scale - 1e-6 * fill / max(target, 1e-12)
+        if fits.any():
+            m = int(np.argmax(np.where(fits, score, -np.inf)))
+        else:
+            m = int(np.argmin(np.where(room, fill, np.inf)))
+        part[e] = m
+        members[e, m] = 1
+        fill[m] += w[e]
+        used[m] += 1
+    return part
+
+
+def _intra(aff: np.ndarray, bonus: np.ndarray, part: np.ndarray, M: int) -> float:
+    """Co-activation weight inside nodes plus the previous-layer bonus of the chosen nodes."""
+    same = part[:, None] == part[None, :]
+    return float(aff[same].sum()) + float(bonus[np.arange(len(part)), part].sum())
+
+
+def _repair_balance(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.ndarray, M: int,
+                    epsilon: float, max_iter: int = 2000) -> np.ndarray:
+    """While the busiest node is above (1 + ε) · mean: swap one of its experts with one of another node so
+    that both end below its load, choosing the swap that loses the least affinity."""
+    part = part.copy()
+    E = len(w)
+    target = w.sum() / M * (1 + epsilon)
+    for _ in range(max_iter):
+        fill = np.bincount(part, weights=w, minlength=M)
+        a = int(np.argmax(fill))
+        if fill[a] <= target * (1 + 1e-12):
             break
-        node[i], node[j] = node[j], node[i]
-    return node
+        onehot = np.eye(M)[part]
+        val = aff @ onehot + bonus
+        here = val[np.arange(E), part]
+        ii = np.nonzero(part == a)[0]
+        d = w[ii][:, None] - w[None, :]  # load leaving a
+        fa = fill[a] - d
+        fb = fill[part][None, :] + d
+        ok = (part[None, :] != a) & (d > 0) & (np.maximum(fa, fb) < fill[a] * (1 - 1e-12))
+        if not ok.any():
+            break
+        gain = val[ii][:, part] + val[:, a][None, :] - here[ii][:, None] - here[None, :] - 2 * aff[ii]
+        # prefer swaps that reach the target, then the least affinity lost
+        score = np.where(ok, gain - 1e6 * np.maximum(np.maximum(fa, fb) - target, 0) / max(target, 1e-12), -np.inf)
+        k, j = divmod(int(np.argmax(score)), E)
+        i = ii[k]
+        part[i], part[j] = part[j], part[i]
+    return part
+
+
+def _swap_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.ndarray, M: int, epsilon: float,
+                max_swaps: int) -> np.ndarray:
+    """Kernighan–Lin style: swap two experts of different nodes while the intra-node weight (plus the
+    previous-layer bonus) rises and neither node ends above max((1 + ε) · mean, the busiest node now)."""
+    part = part.copy()
+    E = len(w)
+    target = w.sum() / M * (1 + epsilon)
+    idx = np.arange(E)
+    for _ in range(max_swaps):
+        onehot = np.eye(M)[part]  # [E, M]
+        val = aff @ onehot + bonus  # [E, M]: weight of e to each node's experts
+        here = val[idx, part]
+        fill = np.bincount(part, weights=w, minlength=M)
+        cap = max(target, float(fill.max()))
+        gain = val[:, part] + val[:, part].T - here[:, None] - here[None, :] - 2 * aff
+        d = w[:, None] - w[None, :]
+        fa = fill[part][:, None] - d
+        fb = fill[part][None, :] + d
+        bad = (part[:, None] == part[None, :]) | (fa > cap) | (fb > cap)
+        gain = np.where(bad, -np.inf, gain)
+        flat = int(np.argmax(gain))
+        i, j = divmod(flat, E)
+        if not gain[i, j] > 1e-9 * max(float(aff.max(initial=0)), 1.0):
+            break
+        part[i], part[j] = part[j], part[i]
+    return part
