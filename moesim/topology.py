@@ -62,6 +62,7 @@ class Topology:
         self._indices: np.ndarray | None = None
         self._rmat: sp.csr_matrix | None = None
         self._plat: np.ndarray | None = None
+        self._table: np.ndarray | None = None
 
     # -- validation -----------------------------------------------------------------------------------
     def _fail(self, msg: str) -> MoesimError:
@@ -317,6 +318,23 @@ class Topology:
             self._rmat = m
         return self._rmat
 
+    def route_table(self) -> np.ndarray:
+        """[G*G, H] edge indices of every pair's route (row ``s*G+d``, in path order), padded with -1 (cached;
+        read-only). H is the longest route's hop count. For event-driven consumers that start one flow per pair."""
+        if self._table is None:
+            if self._indptr is None:
+                self._build_routes()
+            assert self._indptr is not None and self._indices is not None
+            lengths = np.diff(self._indptr)
+            H = max(int(lengths.max(initial=0)), 1)
+            table = np.full((len(lengths), H), -1, dtype=np.int64)
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            cols = np.arange(len(self._indices)) - np.repeat(self._indptr[:-1], lengths)
+            table[rows, cols] = self._indices
+            table.setflags(write=False)
+            self._table = table
+        return self._table
+
     def path_latency(self) -> np.ndarray:
         """[G, G] seconds: sum of link latencies along each route, 0 on the diagonal (cached; read-only)."""
         if self._plat is None:
@@ -377,8 +395,13 @@ def _natural(s: str) -> tuple[Any, ...]:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
-def load_topology(spec: str) -> Topology:
-    """A preset (``dgx-h100``), a cluster of preset nodes (``dgx-h100:8``) or a topology JSON file."""
+def load_topology(spec: str | Topology) -> Topology:
+    """A preset (``dgx-h100``), a cluster of preset nodes (``dgx-h100:8``) or a topology JSON file.
+
+    ``NAME:1`` is the single node (no InfiniBand). A :class:`Topology` is returned as it is.
+    """
+    if isinstance(spec, Topology):
+        return spec
     if not isinstance(spec, str) or not spec.strip():
         raise MoesimError("topology must be a preset name, NAME:N or a JSON file path")
     spec = spec.strip()

@@ -79,6 +79,8 @@ def _check_routes(t: Topology) -> None:
             assert len({edges[e][1] for e in r}) == len(r), "a route visits no node twice"
             kinds = set(t.edge_kind[r].tolist())
             assert ("ib" in kinds) == bool(inter[s, d])  # intra-node never touches IB; inter-node always does
+            tab = t.route_table()[s * G + d]
+            assert tab[:len(r)].tolist() == r and (tab[len(r):] == -1).all()
             row = R.getrow(s * G + d)
             assert sorted(row.indices.tolist()) == sorted(r)
             assert t.path_latency()[s, d] == pytest.approx(t.edge_latency[r].sum())
