@@ -28,10 +28,11 @@ fabric do). Each GPU moves ``(G-1)/G · nbytes`` per half, as a ring would; a ri
 per half where this adds one. The analytic engine prices the same bytes, so the two engines agree when
 nothing contends.
 
-Reported per layer (``phase_time[s, l, :]``: dense, gate, dispatch, expert, combine): the layer's wall span
-(the time between the moment the last GPU finished layer ``l-1`` and the moment the last GPU finished layer
-``l``) split in proportion to the phase durations of the GPU that finished layer ``l`` last, so phases sum to
-the step time exactly, as in the analytic engine. ``extra["events"]``: per-GPU timeline slices
+Reported per layer (``phase_time[s, l, :]``: dense, gate, dispatch, expert, combine): the step's *critical
+path*, traced back from the GPU that finished last through the flows it waited on (a wait is charged from the
+moment the awaited flow was sent, and the path continues on its sender), so the parts sum to the step time
+exactly, as in the analytic engine, and show whose work and which transfers the step waited for.
+``extra["events"]``: per-GPU timeline slices
 ``(gpu, name, start, end)`` for the Chrome trace (capped at ``max_events``; ``extra["events_dropped"]`` counts
 the rest).
 """
@@ -134,6 +135,7 @@ class _StepRun:
         self.end = np.zeros((len(plan), L, G))
         self.events, self.max_events = events, max_events
         self.dropped = 0
+        self.src: list[int] = []  # sending GPU of each flow id
         # one group per exchange phase, layer and receiving GPU, expecting its incoming flows
         self.group_ids: dict[int, np.ndarray] = {}
         self.group_events: dict[int, list[simpy.Event]] = {}
@@ -161,6 +163,7 @@ class _StepRun:
                     dst = dst[dst != g]
                     if dst.size:
                         self.net.transfer_many(self.routes[g * G + dst], row[dst], self.group_ids[i][layer, dst])
+                        self.src.extend([g] * dst.size)
                     yield self.group_events[i][layer * G + g]
                 t1 = env.now
                 self.end[i, layer, g] = t1
@@ -169,6 +172,36 @@ class _StepRun:
                         self.events.append((g, ph.name, t0, t1))
                     else:
                         self.dropped += 1
+
+
+    def critical_path(self) -> np.ndarray:
+        """[L, len(PHASES)] seconds of the step's critical path spent in each layer and phase.
+
+        Walks back from the GPU that finished last: a compute phase, or a wait that ended without waiting on a
+        flow, counts its own duration; a wait that ended when a flow arrived counts the flow's time in flight
+        (from the moment its sender started it) and continues on the sender's timeline. The parts add up to
+        the step time exactly.
+        """
+        P, L = len(self.plan), self.L
+        per = np.zeros((L, len(PHASES)))
+        if P == 0 or L == 0:
+            return per
+        g = int(self.end[P - 1, L - 1].argmax())
+        t = float(self.end[P - 1, L - 1, g])
+        for k in range(L * P - 1, -1, -1):
+            layer, i = divmod(k, P)
+            ph = self.plan[i]
+            s0 = float(self.start[i, layer, g])
+            if ph.kind == "exchange":
+                f, arrival = self.net.group_last(int(self.group_ids[i][layer, g]))
+                if f >= 0 and arrival > s0:
+                    ts = float(self.net._start[f])  # the sender started it when it began this exchange
+                    per[layer, ph.slot] += t - ts
+                    g, t = self.src[f], ts
+                    continue
+            per[layer, ph.slot] += t - s0
+            t = s0
+        return per
 
 
 def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any,
@@ -233,17 +266,8 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any,
                 bytes_inter[s] += float(b[inter].sum())
                 bytes_intra[s] += float(b[~inter & off].sum())
         if plan and L:
-            layer_end = run.end.max(axis=0)  # [L, G]
-            gpu_finish[s] = layer_end[-1] - t_begin
-            last = layer_end.argmax(axis=1)  # straggler of each layer
-            bounds = np.concatenate([[t_begin], layer_end.max(axis=1)])
-            span = np.diff(bounds)  # [L]
-            per = np.zeros((L, len(PHASES)))
-            for i, ph in enumerate(plan):
-                per[:, ph.slot] += dur[i, np.arange(L), last]
-            tot = per.sum(axis=1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                phase_time[s] = np.where(tot > 0, per / np.where(tot > 0, tot, 1.0) * span[:, None], 0.0)
+            gpu_finish[s] = run.end[-1, -1] - t_begin
+            phase_time[s] = run.critical_path()
         if callable(progress):
             progress(s + 1, S)
     W = slots // G

@@ -193,6 +193,7 @@ class FlowNetwork:
         # groups: pending count, latest arrival, event
         self._g_pending: list[int] = []
         self._g_latest: list[float] = []
+        self._g_last: list[int] = []  # id of the flow that arrived last (-1: none yet)
         self._g_event: list[simpy.Event] = []
         self._g_value: list[Any] = []
         self.recomputations = 0
@@ -208,6 +209,7 @@ class FlowNetwork:
         ev = self.env.event()
         self._g_pending.append(int(nflows))
         self._g_latest.append(self.env.now)
+        self._g_last.append(-1)
         self._g_event.append(ev)
         self._g_value.append(gid)
         if nflows == 0:
@@ -245,7 +247,7 @@ class FlowNetwork:
         if instant.any():
             self._deliv[fids[instant]] = nb[instant]
             self._end[fids[instant]] = self.env.now + lat[instant]
-            self._arrive(grp[instant], self.env.now + lat[instant])
+            self._arrive(grp[instant], self.env.now + lat[instant], fids[instant])
         live = ~instant
         if live.any():
             crt = np.sort(self._cmap[rt[live]], axis=1)  # pads (largest index) last
@@ -254,6 +256,10 @@ class FlowNetwork:
             self._pending_adds.append((rt[live], nb[live], lat[live], grp[live], fids[live], crt))
             self._request_update()
         return fids
+
+    def group_last(self, gid: int) -> tuple[int, float]:
+        """(id of the flow that arrived last in group ``gid`` or -1 if none, its arrival time)."""
+        return self._g_last[gid], self._g_latest[gid]
 
     def flow_record(self) -> dict[str, np.ndarray]:
         """Per flow ever started: requested and delivered bytes, start and arrival time (nan while in flight)."""
@@ -299,12 +305,13 @@ class FlowNetwork:
         self.num_flows += F
         return fids
 
-    def _arrive(self, groups: np.ndarray, when: np.ndarray) -> None:
+    def _arrive(self, groups: np.ndarray, when: np.ndarray, fids: np.ndarray) -> None:
         """Count flows (arriving at ``when``) towards their groups; fire completed groups at their latest arrival."""
         now = self.env.now
-        for g, t in zip(groups.tolist(), when.tolist()):
-            if t > self._g_latest[g]:
+        for g, t, f in zip(groups.tolist(), when.tolist(), fids.tolist()):
+            if t >= self._g_latest[g]:
                 self._g_latest[g] = t
+                self._g_last[g] = f
             self._g_pending[g] -= 1
             if self._g_pending[g] == 0:
                 ev, val = self._g_event[g], self._g_value[g]
@@ -359,7 +366,7 @@ class FlowNetwork:
         self._croutes = self._croutes[keep]
         self._lat, self._group, self._fid = self._lat[keep], self._group[keep], self._fid[keep]
         self._finish = self._finish[keep]
-        self._arrive(groups, arrival)
+        self._arrive(groups, arrival, fid)
 
     def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
         H = max(p.shape[1] for p in parts)
