@@ -41,6 +41,13 @@ def summarize(topo: Any) -> dict[str, Any]:
     inter = topo.is_inter_node()
     intra_pairs = ~inter & ~np.eye(G, dtype=bool)
     lat = topo.path_latency()
+    # bisection: GPU i of the first half exchanges with GPU i + G/2 of the second (whole nodes on each side when
+    # the node count is even); bytes/s across the cut, one direction
+    half = G // 2
+    cut = np.zeros((G, G), dtype=bool)
+    if half:
+        cut[np.arange(half), np.arange(half) + half] = True
+        cut[np.arange(half) + half, np.arange(half)] = True
     out: dict[str, Any] = {
         "name": topo.name, "device": topo.device.to_dict(), "routing": topo.routing,
         "num_gpus": G, "num_nodes": topo.num_nodes, "gpus_per_node": topo.gpus_per_node,
@@ -52,6 +59,7 @@ def summarize(topo: Any) -> dict[str, Any]:
             "intra_node_alltoall_bw": alltoall_bw_per_gpu(topo, intra_pairs) if intra_pairs.any() else float("nan"),
             "inter_node_alltoall_bw": alltoall_bw_per_gpu(topo, inter) if inter.any() else float("nan"),
         },
+        "bisection_bw": alltoall_bw_per_gpu(topo, cut) * half if half else float("nan"),
         "latency": {
             "intra_node_max": float(lat[intra_pairs].max()) if intra_pairs.any() else float("nan"),
             "inter_node_min": float(lat[inter].min()) if inter.any() else float("nan"),
@@ -74,7 +82,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"topology     {s['name']}  ({s['num_nodes']} node(s) × {s['gpus_per_node']} GPUs = {s['num_gpus']} GPUs, "
         f"routing {s['routing']})",
-        f"device       {d['name']}: {d['peak_flops'] / 1e12:,.0f} TFLOP/s bf16, HBM {d['hbm_bw'] / 1e12:.2f} TB/s, "
+        f"device       {d['name']}: {d['peak_flops'] / 1e12:.4g} TFLOP/s bf16, HBM {d['hbm_bw'] / 1e12:.3g} TB/s, "
         f"{d['hbm_bytes'] / 1e9:,.0f} GB",
         "nodes        " + ", ".join(f"{k} {v}" for k, v in s["node_kinds"].items()),
         f"links        {s['num_links']} directed",
@@ -88,6 +96,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{gbs(p['scale_out_bw'])}",
         f"all-to-all   per GPU: all pairs {gbs(p['alltoall_bw'])}, intra-node {gbs(p['intra_node_alltoall_bw'])}, "
         f"inter-node {gbs(p['inter_node_alltoall_bw'])}",
+        f"bisection    {gbs(s['bisection_bw'])} each way (GPU i <-> GPU i+{s['num_gpus'] // 2})",
         f"latency      intra-node ≤ {us(s['latency']['intra_node_max'])}, inter-node "
         f"{us(s['latency']['inter_node_min'])}..{us(s['latency']['inter_node_max'])}",
     ]

@@ -55,6 +55,8 @@ def test_clusters(spec: str, nodes: int) -> None:
     assert s["per_gpu"]["scale_out_bw"] == IB_NDR_BW
     if not spec.startswith("pcie"):
         assert s["per_gpu"]["inter_node_alltoall_bw"] == pytest.approx(IB_NDR_BW)
+        if nodes % 2 == 0:  # whole nodes on each side of the cut: one NIC per GPU crosses it
+            assert s["bisection_bw"] == pytest.approx(4 * nodes * IB_NDR_BW)
     lat = t.path_latency()
     inter = t.is_inter_node()
     assert lat[inter].min() >= 2e-6 and lat[inter].max() <= 5e-6  # IB: 2-5 µs
