@@ -1,0 +1,312 @@
+"""Turn a routing trace and an expert mapping into what every engine needs: tokens per slot, per GPU pair.
+
+One :class:`Workload` holds, for consecutive steps ``S``, MoE layers ``L`` and GPUs ``G``:
+
+- ``slot_tokens [S, L, slots]`` token-choices each physical slot computes (``slots`` = G × slots per GPU; GPU
+  ``g`` owns the block ``g*W .. g*W+W-1``). Summed over slots: tokens × top_k of the step, in every layout.
+- ``send_tokens [S, L, G, G]`` tokens (or token-choices, ``dedup=False``) sent from source GPU to destination GPU
+  by the dispatch; the diagonal is the part that stays on its GPU (no bytes move). Combine sends it back.
+- ``gpu_tokens [S, L, G]`` tokens whose attention/norm/gate each GPU computes (summed over GPUs: the step's
+  tokens, in every layout; in the TP layouts each GPU does 1/G of every token: T/G token-equivalents).
+
+Which replica computes a token's choice: ``config.policy`` compiled by :meth:`ReplicaPolicy.tables` and applied
+with :func:`choose_slots`, the same object the live runtime uses, with ``key`` = the token's position in its step
+(ranks' tokens concatenated in rank order, as the runtime records them).
+
+Origin GPU of a token (where its attention runs in the ``ep`` layout): the trace's recorded origin rank when the
+trace has origins and its ``num_ranks`` equals the mapping's GPU count; otherwise each step's tokens are split
+into G contiguous blocks of (almost) equal size: token ``i`` of ``T`` goes to GPU ``floor(i·G / T)``.
+
+Layouts (see :mod:`moesim.sim.config`):
+
+- ``ep``: tokens sit on their origin GPU; ``send_tokens[o, d]`` counts tokens from origin ``o`` with at least one
+  choice on GPU ``d`` (``dedup``, DeepEP sends a token once per destination GPU) or their choices there.
+- ``ep-tp-attn``: every GPU holds every token, so nothing is dispatched: ``send_tokens`` is diagonal (the tokens
+  or choices each GPU's own slots compute); outputs are combined by reduce-scatter + all-gather (the engines
+  price those from ``step_tokens``).
+- ``tp``: every expert is sharded over all GPUs; GPU ``g``'s block holds one shard slot per logical expert, each
+  computing 1/G of that expert's token-choices (so slots = G × E and the sum stays tokens × top_k); pair it with
+  :func:`moesim.sim.analytic.layout_cost`, which prices a 1/G shard of a token-choice as the TP shard does.
+
+Load-only traces (counts per expert) and ``[L, E]`` load tables: :func:`workload_from_counts` spreads tokens
+evenly over origins and each expert's load evenly over its replicas (whatever the policy); with ``dedup`` the
+tokens a GPU receives are estimated as if a token's top_k choices fell independently (``T·(1-(1-p)^k)``,
+``p`` = the GPU's share of the choices), never more than its choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import MappingError, MoesimError
+from moesim.mapping import ExpertMapping
+from moesim.replica import choose_slots
+from moesim.sim.config import SimConfig
+
+UNKNOWN_PHASE = 255
+
+
+@dataclass
+class Workload:
+    """Everything an engine needs, for one mapping and layout, as whole arrays (see the module docstring)."""
+
+    step_tokens: np.ndarray  # [S]
+    phase: np.ndarray  # [S] uint8 (trace codes: 0 decode, 1 prefill, 255 unknown)
+    slot_tokens: np.ndarray  # [S, L, slots] float
+    send_tokens: np.ndarray  # [S, L, G, G] float
+    gpu_tokens: np.ndarray  # [S, L, G] float
+    first_step: int = 0
+    layout: str = "ep"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_tokens)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.slot_tokens.shape[1])
+
+    @property
+    def num_gpus(self) -> int:
+        return int(self.send_tokens.shape[-1])
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return int(self.slot_tokens.shape[2]) // self.num_gpus
+
+    def gpu_choices(self) -> np.ndarray:
+        """[S, L, G] token-choices each GPU's slots compute."""
+        S, L, slots = self.slot_tokens.shape
+        return self.slot_tokens.reshape(S, L, self.num_gpus, slots // self.num_gpus).sum(axis=3)
+
+    def window(self, start: int, stop: int) -> Workload:
+        """Steps ``start .. stop-1`` counted from this workload's first step (views, no copy)."""
+        sl = slice(start, stop)
+        return replace(self, step_tokens=self.step_tokens[sl], phase=self.phase[sl], slot_tokens=self.slot_tokens[sl],
+                       send_tokens=self.send_tokens[sl], gpu_tokens=self.gpu_tokens[sl],
+                       first_step=self.first_step + start)
+
+    @staticmethod
+    def concat(parts: list[Workload]) -> Workload:
+        if not parts:
+            raise MoesimError("no workload parts to concatenate")
+        cat = np.concatenate
+        return Workload(cat([p.step_tokens for p in parts]), cat([p.phase for p in parts]),
+                        cat([p.slot_tokens for p in parts]), cat([p.send_tokens for p in parts]),
+                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout)
+
+
+def check_mapping(mapping: ExpertMapping, model: Any) -> None:
+    """One-line errors when a mapping does not fit the model (layers, experts)."""
+    if mapping.num_experts != model.num_experts:
+        raise MappingError(f"mapping is for {mapping.num_experts} experts but model {model.name!r} has "
+                           f"{model.num_experts}")
+    if mapping.num_layers != model.num_layers:
+        raise MappingError(f"mapping has {mapping.num_layers} layers but model {model.name!r} has "
+                           f"{model.num_layers} MoE layers")
+
+
+def _dedup_mask(dst: np.ndarray) -> np.ndarray:
+    """[T, k] True at the first occurrence of each destination in a token's row (k is small: pairwise)."""
+    first = np.ones(dst.shape, dtype=bool)
+    for j in range(1, dst.shape[1]):
+        first[:, j] = (dst[:, :j] != dst[:, j:j + 1]).all(axis=1)
+    return first
+
+
+class _LayerChooser:
+    """choose_slots for one layer, with fast paths that give exactly the same slots."""
+
+    def __init__(self, table: np.ndarray, count: np.ndarray, round_robin: bool) -> None:
+        self.table, self.count = table, count
+        self.shared = round_robin  # tables identical for every origin
+        self.single = bool(count.max() <= 1)
+        _G, E, _ = table.shape
+        self.E = E
+        if self.single:
+            self.first = np.ascontiguousarray(table[0, :, 0] if round_robin else table[:, :, 0].ravel())
+
+    def __call__(self, ids: np.ndarray, origin: np.ndarray, key: np.ndarray) -> np.ndarray:
+        if self.single:
+            if self.shared:
+                return np.take(self.first, ids)
+            return np.take(self.first, origin[:, None] * self.E + ids)
+        if self.shared:
+            t, c = self.table[0], self.count[0]
+            return t[ids, key[:, None] % np.take(c, ids)]
+        return choose_slots(self.table, self.count, ids, origin, key)
+
+
+def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertMapping,
+                      config: SimConfig | None = None, origin: np.ndarray | None = None,
+                      phase: np.ndarray | None = None, first_step: int = 0) -> Workload:
+    """Workload from per-token choices: ``ids [L, T, k]`` of consecutive steps of ``step_tokens [S]`` tokens.
+
+    ``origin [T]``: origin GPU of each token (None: contiguous equal blocks per step, see the module docstring).
+    """
+    config = config or SimConfig()
+    ids = np.asarray(ids)
+    step_tokens = np.asarray(step_tokens, dtype=np.int64)
+    L, T, k = ids.shape
+    S = len(step_tokens)
+    G, E = mapping.num_gpus, mapping.num_experts
+    slots = mapping.phy2log.shape[1]
+    if mapping.num_layers != L:
+        raise MappingError(f"mapping has {mapping.num_layers} layers but the trace has {L}")
+    if int(step_tokens.sum()) != T:
+        raise MoesimError(f"step_tokens add up to {int(step_tokens.sum())} but ids hold {T} tokens")
+    if T and int(ids.max()) >= E:
+        raise MoesimError(f"expert id {int(ids.max())} is out of range for {E} experts")
+    offsets = np.concatenate([[0], np.cumsum(step_tokens)])
+    step_of = np.repeat(np.arange(S, dtype=np.int64), step_tokens)
+    key = np.arange(T, dtype=np.int64) - offsets[step_of]  # position in the step
+    if origin is None:
+        origin = key * G // np.maximum(step_tokens[step_of], 1)
+    else:
+        origin = np.asarray(origin, dtype=np.int64)
+        if origin.shape != (T,):
+            raise MoesimError(f"origin has shape {origin.shape}, expected ({T},)")
+        if T and (origin.min() < 0 or origin.max() >= G):
+            raise MoesimError(f"origin GPU {int(origin.max())} is outside the mapping's {G} GPUs")
+    phase = np.full(S, UNKNOWN_PHASE, np.uint8) if phase is None else np.asarray(phase, dtype=np.uint8)
+    layout = config.layout
+    gpu_tokens = _gpu_tokens(step_tokens, origin, step_of, S, L, G, layout)
+    if layout == "tp":
+        counts = np.zeros((S, L, E))
+        for layer in range(L):
+            key_e = (step_of[:, None] * E + ids[layer]).ravel()
+            counts[:, layer] = np.bincount(key_e, minlength=S * E).reshape(S, E)
+        return _tp_workload(counts, step_tokens, phase, G, k, config.dedup, first_step)
+    slot_gpu = mapping.slot_gpu()
+    tables, counts_t = config.policy.all_tables(mapping)
+    rr = config.policy.name == "round_robin"
+    slot_tokens = np.zeros((S, L, slots))
+    send = np.zeros((S, L, G, G))
+    step_slots = (step_of * slots)[:, None]
+    src = ((step_of * G + origin) * G)[:, None]
+    diag_src = (step_of * G * G)[:, None]
+    for layer in range(L):
+        ids_l = ids[layer].astype(np.intp, copy=False)
+        slot = _LayerChooser(tables[layer], counts_t[layer], rr)(ids_l, origin, key)
+        slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
+        dst = np.take(slot_gpu, slot)
+        base = src if layout == "ep" else diag_src + dst * G  # ep-tp-attn: every GPU keeps its own
+        flat = base + dst
+        if config.dedup and k > 1:
+            flat = flat[_dedup_mask(dst)]
+        send[:, layer] = np.bincount(flat.ravel(), minlength=S * G * G).reshape(S, G, G)
+    return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout)
+
+
+def _gpu_tokens(step_tokens: np.ndarray, origin: np.ndarray, step_of: np.ndarray, S: int, L: int, G: int,
+                layout: str) -> np.ndarray:
+    if layout == "ep":
+        per = np.bincount(step_of * G + origin, minlength=S * G).reshape(S, G).astype(float)
+    else:
+        per = np.repeat(step_tokens[:, None] / G, G, axis=1)
+    return np.repeat(per[:, None, :], L, axis=1)
+
+
+def _tp_workload(counts: np.ndarray, step_tokens: np.ndarray, phase: np.ndarray, G: int, k: int, dedup: bool,
+                 first_step: int) -> Workload:
+    """Tensor-parallel MoE: GPU g holds a 1/G shard of every expert (slots = G × E)."""
+    S, L, _E = counts.shape
+    slot_tokens = np.tile(counts / G, (1, 1, G))  # [S, L, G*E]
+    per_gpu = step_tokens / G * (1 if dedup else k)
+    send = np.zeros((S, L, G, G))
+    idx = np.arange(G)
+    send[:, :, idx, idx] = per_gpu[:, None, None]
+    gpu_tokens = np.repeat((step_tokens[:, None] / G)[:, None, :], L, axis=1) * np.ones((1, 1, G))
+    return Workload(np.asarray(step_tokens, dtype=np.int64), phase, slot_tokens, send, gpu_tokens, first_step, "tp")
+
+
+def workload_from_counts(counts: np.ndarray, step_tokens: np.ndarray, mapping: ExpertMapping,
+                         config: SimConfig | None = None, phase: np.ndarray | None = None,
+                         first_step: int = 0, top_k: int | None = None) -> Workload:
+    """Workload from load only: ``counts [S, L, E]`` token-choices per logical expert (or one ``[L, E]`` table).
+
+    Tokens spread evenly over origins; replicas share their expert's load evenly (see the module docstring).
+    ``top_k`` (for the dedup estimate) defaults to round(choices / tokens).
+    """
+    config = config or SimConfig()
+    counts = np.asarray(counts, dtype=float)
+    if counts.ndim == 2:
+        counts = counts[None]
+    step_tokens = np.asarray(step_tokens, dtype=np.int64).reshape(-1)
+    if counts.ndim != 3:
+        raise MoesimError(f"load must be [steps, layers, experts] or [layers, experts], got shape {counts.shape}")
+    S, L, E = counts.shape
+    if len(step_tokens) != S:
+        raise MoesimError(f"{len(step_tokens)} step token counts for {S} steps of load")
+    if mapping.num_experts != E or mapping.num_layers != L:
+        raise MappingError(f"load is for {L} layers × {E} experts but the mapping has {mapping.num_layers} × "
+                           f"{mapping.num_experts}")
+    if counts.size and (not np.all(np.isfinite(counts)) or counts.min() < 0):
+        raise MoesimError("load counts must be finite and >= 0")
+    G = mapping.num_gpus
+    if top_k is None:
+        tot = float(step_tokens.sum())
+        top_k = max(1, round(counts[:, 0].sum() / tot)) if tot > 0 else 1
+    phase = np.full(S, UNKNOWN_PHASE, np.uint8) if phase is None else np.asarray(phase, dtype=np.uint8)
+    if config.layout == "tp":
+        return _tp_workload(counts, step_tokens, phase, G, top_k, config.dedup, first_step)
+    p2l = mapping.phy2log  # [L, slots]
+    share = 1.0 / np.take_along_axis(mapping.logcnt, p2l, axis=1)  # [L, slots]
+    slot_tokens = np.take_along_axis(counts, np.broadcast_to(p2l, (S,) + p2l.shape), axis=2) * share[None]
+    slots = p2l.shape[1]
+    choices = slot_tokens.reshape(S, L, G, slots // G).sum(axis=3)  # [S, L, G]
+    T = step_tokens.astype(float)[:, None, None]
+    if config.dedup and top_k > 1:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = np.clip(np.where(T > 0, choices / np.maximum(T * top_k, 1e-300), 0.0), 0.0, 1.0)
+        received = np.minimum(T * (1.0 - (1.0 - p) ** top_k), choices)
+    else:
+        received = choices
+    send = np.zeros((S, L, G, G))
+    if config.layout == "ep":
+        send[:] = received[:, :, None, :] / G
+    else:
+        idx = np.arange(G)
+        send[:, :, idx, idx] = received
+    gpu_tokens = np.repeat((step_tokens[:, None] / G)[:, None, :], L, axis=1) * np.ones((1, 1, G))
+    return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, config.layout)
+
+
+def _check_range(trace: Any, start: int, stop: int | None) -> tuple[int, int]:
+    n = trace.num_steps
+    stop = n if stop is None else stop
+    if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))):
+        raise MoesimError("step range bounds must be integers")
+    if start < 0 or stop > n or start >= stop:
+        raise MoesimError(f"step range {start}:{stop} is not inside the trace's {n} steps (0:{n})")
+    return int(start), int(stop)
+
+
+def build_workload(trace: Any, mapping: ExpertMapping, config: SimConfig | None = None, start: int = 0,
+                   stop: int | None = None) -> Workload:
+    """Workload of steps ``start .. stop-1`` of an open :class:`moesim.trace.Trace` under ``mapping``."""
+    config = config or SimConfig()
+    check_mapping(mapping, trace.model)
+    start, stop = _check_range(trace, start, stop)
+    use_origin = trace.has_origin and trace.num_ranks == mapping.num_gpus
+    parts: list[Workload] = []
+    for chunk in trace.chunks():
+        first, n = chunk.first_step, chunk.num_steps
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo >= hi:
+            continue
+        a, b = lo - first, hi - first
+        st = np.asarray(chunk.step_tokens[a:b], dtype=np.int64)
+        ph = np.asarray(chunk.phase[a:b])
+        if chunk.counts is not None:
+            parts.append(workload_from_counts(chunk.counts[a:b], st, mapping, config, ph, lo, trace.model.top_k))
+            continue
+        assert chunk.ids is not None
+        offsets = chunk.step_offsets
+        t0, t1 = int(offsets[a]), int(offsets[b])
+        origin = chunk.origin[t0:t1] if use_origin and chunk.origin is not None else None
+        parts.append(workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo))
+    return parts[0] if len(parts) == 1 else Workload.concat(parts)
