@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     s.add_argument("--png", metavar="OUT.png", help="also draw the topology to this PNG")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--route", nargs=2, type=int, metavar=("SRC", "DST"), help="also print the route SRC->DST")
+    s.add_argument("--model", help="also print the roofline cost of this model preset on the topology's device "
+                                   "(expert kernel and dense part against tokens)")
+    s.add_argument("--context-len", type=int, default=1024, help="with --model: context each token attends to")
     s.set_defaults(func=_show)
     v = tsub.add_parser("validate", help="check a topology JSON file (exit 0 when valid, 2 with the problem)")
     v.add_argument("topology", help="topology JSON file (or a preset)")
@@ -51,6 +54,8 @@ def _show(args: argparse.Namespace) -> int:
         summary["route"] = {"src": s, "dst": d, "nodes": topo.route_nodes(s, d),
                             "latency": float(topo.path_latency()[s, d]),
                             "bottleneck_bw": float(min((topo.edge_bw[e] for e in topo.route(s, d)), default=0.0))}
+    if args.model:
+        summary["cost"] = _cost_table(topo, args.model, args.context_len)
     if args.png:
         from moesim.topo.draw import draw_png
 
@@ -63,9 +68,40 @@ def _show(args: argparse.Namespace) -> int:
             r = summary["route"]
             print(f"route        {' -> '.join(r['nodes'])}  ({r['latency'] * 1e6:.2f} µs, "
                   f"bottleneck {r['bottleneck_bw'] / 1e9:,.1f} GB/s)")
+        if args.model:
+            c = summary["cost"]
+            print(f"cost         {c['model']} on {c['device']} (roofline, mfu {c['mfu']}, mbu {c['mbu']}, context "
+                  f"{c['context_len']}); one expert turns compute-bound at ~{c['knee_tokens']:.0f} tokens")
+            print(f"  {'tokens':>8} {'1 expert µs':>12} {'bound':>8} {'dense decode µs':>16} {'dense prefill µs':>17}")
+            for r in c["rows"]:
+                print(f"  {r['tokens']:>8} {r['expert_us']:>12.1f} {r['bound']:>8} {r['dense_decode_us']:>16.1f} "
+                      f"{r['dense_prefill_us']:>17.1f}")
         if args.png:
             print(f"wrote {args.png}", file=sys.stderr)
     return 0
+
+
+def _cost_table(topo: Any, model_name: str, context_len: int) -> dict[str, Any]:
+    import numpy as np
+
+    from moesim.cost import CostModel
+    from moesim.models import get_model
+
+    model = get_model(model_name)
+    cost = CostModel.roofline(model, topo.device, context_len=context_len)
+    e = cost.expert
+    knee = e["bytes_per_expert"] / e["byte_rate"] / (e["flops_per_choice"] / e["flops_rate"]
+                                                     - e["bytes_per_choice"] / e["byte_rate"])
+    rows = []
+    for n in (1, 4, 16, 64, 256, 1024, 4096, 16384):
+        compute = n * e["flops_per_choice"] / e["flops_rate"]
+        memory = (e["bytes_per_expert"] + n * e["bytes_per_choice"]) / e["byte_rate"]
+        rows.append({"tokens": n, "expert_us": float(cost.expert_time(np.array([n]))) * 1e6,
+                     "bound": "compute" if compute > memory else "memory",
+                     "dense_decode_us": float(cost.dense_time(np.array(n), np.array(0))) * 1e6,
+                     "dense_prefill_us": float(cost.dense_time(np.array(n), np.array(1))) * 1e6})
+    return {"model": model.name, "device": topo.device.name, "mfu": cost.info["mfu"], "mbu": cost.info["mbu"],
+            "context_len": cost.info["context_len"], "knee_tokens": knee, "rows": rows}
 
 
 def _nan_none(x: Any) -> Any:

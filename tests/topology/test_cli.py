@@ -55,3 +55,12 @@ def test_subprocess_entry_point(tmp_path: Path) -> None:
     code = ("import sys; from moesim.cli import main; main(['topo', 'show', 'dgx-h100']); "
             "assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_show_with_a_cost_table(capsys) -> None:
+    assert main(["topo", "show", "dgx-h100", "--model", "mixtral-8x7b", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["cost"]
+    assert c["rows"][0]["bound"] == "memory" and c["rows"][-1]["bound"] == "compute"
+    assert 150 < c["knee_tokens"] < 300  # ridge 295 FLOP/B scaled by mfu/mbu = 0.75
+    assert main(["topo", "show", "dgx-h100", "--model", "gpt-17"]) == 2
+    assert main(["topo", "show", "dgx-h100", "--model", "tiny", "--context-len", "-3"]) == 2
