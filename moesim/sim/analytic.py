@@ -1,0 +1,253 @@
+"""Analytic engine: every (step, layer) at once, in numpy; the busiest GPU and the busiest link decide.
+
+Per step ``s`` and MoE layer ``l`` (phases run one after another, every GPU waits for the slowest):
+
+    dense    = max_g [attention(gpu_tokens) + gate(gpu_tokens)]          (+ all-reduce of attention in TP layouts)
+    dispatch = comm_time(send_tokens · token_bytes)                       (ep; zero when nothing leaves a GPU)
+    expert   = max_g expert_time(token-choices of g's slots)
+    combine  = comm_time(send_tokensᵀ · token_bytes)                      (ep) or reduce-scatter + all-gather
+
+``comm_time(bytes[src, dst])`` = max over links of (bytes crossing the link on the fixed routes of
+``topology.routing_matrix()``) / bandwidth, plus the largest path latency among the pairs that exchange bytes:
+a contention-aware bound in which the busiest link sets the pace (every flow through it shares it, as the DES's
+max-min fair network does when that link is the only bottleneck).
+
+Collectives (TP layouts) are priced as the discrete-event engine models them: all-reduce = reduce-scatter then
+all-gather, each half a pairwise exchange where every GPU sends ``nbytes / G`` to every other GPU, so each GPU
+moves ``2·(G-1)/G·nbytes`` in all (``nbytes`` = step tokens × token bytes).
+
+``overlap_comm``: a layer takes max(compute, communication) (two micro-batches overlapping, an optimistic bound);
+phases are scaled to that span. Dense layers (``model.num_dense_layers``, DeepSeek-V3's first three) are charged
+per step as attention + a dense FFN of ``model.dense_ffn_size`` (data-parallel in ``ep``, as DeepSeek's
+deployment runs the dense MLPs; tensor-parallel in the TP layouts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moesim.cost import CostModel
+from moesim.errors import MoesimError
+from moesim.sim.config import SimConfig
+from moesim.sim.result import PHASES, SimResult
+from moesim.sim.workload import Workload
+
+TIMELINE_STEPS = 8  # per-GPU phase times kept for the report's timeline (first steps only)
+
+
+# -- costs per layout -----------------------------------------------------------------------------------------
+def _shard_expert(p: dict[str, Any], G: int) -> dict[str, Any]:
+    """Expert cost of a 1/G FFN shard, fed 1/G of each token-choice (the TP workload's convention)."""
+    q = dict(p)
+    if q["kind"] == "roofline":
+        # FLOPs of a shard-choice = 1/G of the choice's FLOPs at full width = the choice's FLOPs at width F/G;
+        # weights read: 1/G of each used expert; activations: every choice's full hidden state in and out.
+        q["bytes_per_expert"] = p["bytes_per_expert"] / G
+        q["bytes_per_choice"] = p["bytes_per_choice"] * G
+    elif q["kind"] == "affine":  # a + b·n + c·used, n counted in shard-choices (n/G): b unchanged, c/G
+        q["c"] = p["c"] / G
+    elif q["kind"] == "table":  # per-expert time t(x) at full width; a shard: t(G·x')/G
+        q["x"] = (np.asarray(p["x"], dtype=float) / G).tolist()
+        q["y"] = (np.asarray(p["y"], dtype=float) / G).tolist()
+    return q
+
+
+def _shard_attention(p: dict[str, Any], G: int) -> dict[str, Any]:
+    """Attention sharded over G GPUs (heads split), fed T/G token-equivalents: weights read 1/G each."""
+    q = dict(p)
+    if q["kind"] == "roofline":
+        q["bytes_fixed"] = p["bytes_fixed"] / G
+    elif q["kind"] == "affine":
+        q["a"] = p["a"]  # fitted on DP runs: the fixed part is mostly launches
+    return q
+
+
+def _replicate_gate(p: dict[str, Any], G: int) -> dict[str, Any]:
+    """Router replicated on every GPU over all T tokens, fed T/G token-equivalents: per-token cost × G."""
+    q = dict(p)
+    if q["kind"] == "roofline":
+        q["flops_per_token"] = p["flops_per_token"] * G
+        q["bytes_per_token"] = p["bytes_per_token"] * G
+    elif q["kind"] == "affine":
+        q["b"] = p["b"] * G
+    return q
+
+
+def layout_cost(cost: CostModel, layout: str, num_gpus: int) -> CostModel:
+    """The cost model as the workload of ``layout`` feeds it (idempotent; ``ep`` returns ``cost`` itself).
+
+    TP layouts count each GPU's share of the attention as T/G token-equivalents and, in ``tp``, each GPU's expert
+    work as 1/G of every token-choice; this rescales the cost components so those counts give the TP shard's
+    time: attention weights read 1/G per GPU, the router run on all tokens on every GPU, expert weights 1/G.
+    """
+    G = int(num_gpus)
+    if layout == "ep" or G == 1:
+        return cost
+    tag = f"{layout}/{G}"
+    if cost.info.get("layout") == tag:
+        return cost
+    if cost.info.get("layout"):
+        raise MoesimError(f"cost model already adjusted for layout {cost.info['layout']}, not {tag}")
+    expert = _shard_expert(cost.expert, G) if layout == "tp" else cost.expert
+    return CostModel(expert, _shard_attention(cost.attention, G), _replicate_gate(cost.gate, G),
+                     {**cost.info, "layout": tag})
+
+
+# -- communication ---------------------------------------------------------------------------------------------
+def _comm(topology: Any, bytes_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds [...], link bytes summed over [...] as [E_links]) for bytes [..., G, G]."""
+    G = int(topology.num_gpus)
+    b = np.asarray(bytes_matrix, dtype=float)
+    lead = b.shape[:-2]
+    flat = b.reshape(-1, G * G).copy()
+    flat[:, np.arange(G) * (G + 1)] = 0.0  # the diagonal stays on its GPU
+    link = np.asarray(topology.routing_matrix().T @ flat.T).T  # [N, E_links]
+    bw = np.asarray(topology.edge_bw, dtype=float)
+    busy = (link / bw).max(axis=1) if link.shape[1] else np.zeros(len(flat))
+    plat = np.asarray(topology.path_latency(), dtype=float).ravel()
+    lat = np.where(flat > 0, plat, 0.0).max(axis=1) if G > 1 else np.zeros(len(flat))
+    return (busy + lat).reshape(lead), link.sum(axis=0)
+
+
+def comm_time(topology: Any, bytes_matrix: np.ndarray) -> np.ndarray:
+    """bytes [..., G, G] (src, dst) -> seconds [...]: busiest link (its bytes / bandwidth) + max path latency."""
+    return _comm(topology, bytes_matrix)[0]
+
+
+def pairwise_half(nbytes: np.ndarray, num_gpus: int) -> np.ndarray:
+    """[...] bytes all-reduced -> [..., G, G] bytes of one half (reduce-scatter or all-gather): nbytes/G per pair."""
+    G = int(num_gpus)
+    nb = np.asarray(nbytes, dtype=float)
+    out = np.broadcast_to((nb / G)[..., None, None], nb.shape + (G, G)).copy()
+    out[..., np.arange(G), np.arange(G)] = 0.0
+    return out
+
+
+def _split_bytes(topology: Any, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bytes [S, ..., G, G] -> (intra-node [S], inter-node [S]) off-diagonal totals."""
+    inter = np.asarray(topology.is_inter_node(), dtype=bool)
+    G = inter.shape[0]
+    off = ~np.eye(G, dtype=bool)
+    S = b.shape[0]
+    flat = b.reshape(S, -1, G, G)
+    return (flat * (off & ~inter)).sum(axis=(1, 2, 3)), (flat * inter).sum(axis=(1, 2, 3))
+
+
+# -- dense layers ----------------------------------------------------------------------------------------------
+def dense_layers_time(workload: Workload, topology: Any, cost: CostModel, model: Any,
+                      config: SimConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step: (seconds [S] of the model's dense layers, compute seconds per GPU [S, G], bytes [S, G, G]).
+
+    Each dense layer: attention + gate as in a MoE layer, then a dense FFN of ``model.dense_ffn_size``
+    priced as one expert of that width (data-parallel on each GPU's tokens in ``ep``; a 1/G shard in the TP
+    layouts, whose activations are all-reduced).
+    """
+    S, G = workload.num_steps, workload.num_gpus
+    n = int(getattr(model, "num_dense_layers", 0) or 0)
+    if not config.dense_layers or n == 0 or S == 0:
+        return np.zeros(S), np.zeros((S, G)), np.zeros((S, G, G))
+    F = float(getattr(model, "dense_ffn_size", 0) or model.ffn_size)
+    ratio = F / model.ffn_size
+    c = layout_cost(cost, config.layout, G)
+    tok = np.asarray(workload.gpu_tokens[:, 0, :], dtype=float)  # [S, G]
+    ph = np.asarray(workload.phase)[:, None]
+    per = c.attention_time(tok, ph) + c.gate_time(tok)
+    ffn_cost = c if config.layout == "ep" else layout_cost(cost, "tp", G)
+    per = per + ffn_cost.expert_time(tok[..., None]) * ratio
+    t = per.max(axis=1)
+    nbytes = np.zeros((S, G, G))
+    if config.layout != "ep" and G > 1:
+        half = pairwise_half(np.asarray(workload.step_tokens, dtype=float) * model.token_bytes, G)
+        t = t + 4 * comm_time(topology, half)  # attention and FFN outputs, two halves each
+        nbytes = 4 * half
+    return n * t, n * per, n * nbytes
+
+
+# -- the engine -------------------------------------------------------------------------------------------------
+def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
+                 config: SimConfig | None = None, *, timeline_steps: int = TIMELINE_STEPS) -> SimResult:
+    """Step times and their breakdown for every step of ``workload`` (see the module docstring)."""
+    config = config or SimConfig()
+    G = int(topology.num_gpus)
+    if workload.num_gpus != G:
+        raise MoesimError(f"workload is for {workload.num_gpus} GPUs but topology {topology.name!r} has {G}")
+    if workload.layout != config.layout:
+        raise MoesimError(f"workload was built for layout {workload.layout!r}, config says {config.layout!r}")
+    cost = layout_cost(cost, config.layout, G)
+    S, L, slots = workload.slot_tokens.shape
+    W = slots // G
+    tb = float(model.token_bytes)
+    phase_time = np.zeros((S, L, len(PHASES)))
+    gpu_tok = np.asarray(workload.gpu_tokens, dtype=float)
+    if config.include_dense:
+        att = np.asarray(cost.attention_time(gpu_tok, np.asarray(workload.phase)[:, None, None]), dtype=float)
+        gate = np.asarray(cost.gate_time(gpu_tok), dtype=float)
+    else:
+        att = gate = np.zeros((S, L, G))
+    dense = att + gate
+    g_star = dense.argmax(axis=2)[..., None]
+    phase_time[..., 0] = np.take_along_axis(att, g_star, axis=2)[..., 0]
+    phase_time[..., 1] = np.take_along_axis(gate, g_star, axis=2)[..., 0]
+    expert = np.asarray(cost.expert_time(workload.slot_tokens.reshape(S, L, G, W)), dtype=float)  # [S, L, G]
+    phase_time[..., 3] = expert.max(axis=2)
+    link_bytes = np.zeros(int(topology.num_links))
+    send_b = np.asarray(workload.send_tokens, dtype=float) * tb  # [S, L, G, G]
+    b_intra, b_inter = np.zeros(S), np.zeros(S)
+    if config.layout in ("ep", "ep-tp-attn") and G > 1:
+        t_disp, lb = _comm(topology, send_b)
+        phase_time[..., 2] = t_disp
+        link_bytes += lb
+        bi, bo = _split_bytes(topology, send_b)
+        b_intra += bi
+        b_inter += bo
+    comm_overlappable = phase_time[..., 2].copy()
+    if config.layout == "ep" and G > 1:
+        back = np.swapaxes(send_b, 2, 3)
+        t_comb, lb = _comm(topology, back)
+        phase_time[..., 4] = t_comb
+        link_bytes += lb
+        b_intra += bi
+        b_inter += bo
+        comm_overlappable += t_comb
+    elif config.layout in ("ep-tp-attn", "tp") and G > 1:
+        half = pairwise_half(np.asarray(workload.step_tokens, dtype=float) * tb, G)  # [S, G, G]
+        t_half, lb_half = _comm(topology, half)  # [S]
+        hi, ho = _split_bytes(topology, half)
+        n_halves = 4 if config.include_dense else 2
+        phase_time[..., 4] = 2 * t_half[:, None]
+        if config.include_dense:
+            phase_time[..., 0] += 2 * t_half[:, None]
+        link_bytes += lb_half * L * n_halves
+        b_intra += hi * L * n_halves
+        b_inter += ho * L * n_halves
+        comm_overlappable += n_halves * t_half[:, None]
+    if config.overlap_comm:
+        layer = phase_time.sum(axis=2)
+        compute = dense.max(axis=2) + phase_time[..., 3]
+        span = np.maximum(compute, comm_overlappable)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            phase_time *= np.where(layer > 0, span / np.where(layer > 0, layer, 1.0), 0.0)[..., None]
+    d_time, d_busy, d_bytes = dense_layers_time(workload, topology, cost, model, config)
+    if d_bytes.any():
+        link_bytes += topology.link_load(d_bytes).sum(axis=0)
+        bi, bo = _split_bytes(topology, d_bytes)
+        b_intra += bi
+        b_inter += bo
+    step_time = phase_time.sum(axis=(1, 2)) + d_time
+    gpu_busy = (dense + expert).sum(axis=1) + d_busy
+    moe_time = expert.sum(axis=1)
+    gpu_load = workload.slot_tokens.reshape(S, L, G, W).sum(axis=(0, 3))
+    n_tl = min(S, max(int(timeline_steps), 0))
+    extra: dict[str, Any] = {
+        "engine": "analytic",
+        "dense_layer_time": d_time,
+        "gpu_phase_times": {"steps": n_tl, "attention": att[:n_tl], "gate": gate[:n_tl], "expert": expert[:n_tl],
+                            "phase_time": phase_time[:n_tl], "dense_layer_time": d_time[:n_tl],
+                            "dense_layer_busy": d_busy[:n_tl]},
+    }
+    return SimResult(step_time=step_time, phase_time=phase_time, gpu_busy=gpu_busy, moe_time=moe_time,
+                     bytes_intra=b_intra, bytes_inter=b_inter, link_bytes=link_bytes, gpu_load=gpu_load,
+                     step_tokens=np.asarray(workload.step_tokens), phase=np.asarray(workload.phase),
+                     first_step=int(workload.first_step), extra=extra)
