@@ -76,6 +76,8 @@ class Topology:
         for v, attrs in g.nodes(data=True):
             if not isinstance(v, str):
                 raise self._fail(f"node id {v!r} is not a string")
+            if "kind" not in attrs and _GPU_ID.match(v):
+                attrs["kind"] = "gpu"  # a node named gpu<i> without a kind is a GPU
             is_gpu = attrs.get("kind") == "gpu"
             if not is_gpu and _GPU_ID.match(v):
                 raise self._fail(f"node {v} is named like a GPU but its kind is {attrs.get('kind')!r}, not 'gpu'")
@@ -132,9 +134,16 @@ class Topology:
         counts = np.bincount(np.asarray(nodes, dtype=int))
         if gpus_per_node is not None and (counts != gpus_per_node).any():
             raise self._fail(f"gpus_per_node is {gpus_per_node} but the nodes hold {sorted(set(counts.tolist()))} GPUs")
+        if (counts != counts[0]).any():
+            raise self._fail(f"every node must hold the same number of GPUs; they hold {sorted(set(counts.tolist()))}")
+        gpn = int(counts[0])
+        wrong = [i for i in range(G) if int(nodes[i]) != i // gpn]
+        if wrong:
+            raise self._fail(f"GPU {wrong[0]} is in node {nodes[wrong[0]]}, expected {wrong[0] // gpn}: node n must "
+                             f"hold GPUs n*{gpn}..n*{gpn}+{gpn - 1} (number GPUs node by node)")
         self._gpu_node = np.asarray(nodes, dtype=np.int64)
         self.num_nodes = len(node_ids)
-        self.gpus_per_node = int(counts.max())
+        self.gpus_per_node = gpn
         self._check_reachable()
         if self.routing != "shortest":
             self._check_rails()

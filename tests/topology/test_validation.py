@@ -27,7 +27,10 @@ def _small() -> dict:
 
 
 def test_custom_ring_is_valid_and_routes_over_neighbours() -> None:
-    t = Topology.from_json(_small(), "ring")
+    d = _small()
+    for nd in d["graph"]["nodes"]:
+        del nd["kind"], nd["index"]  # gpu<i> names alone make GPUs
+    t = Topology.from_json(d, "ring")
     assert (t.num_gpus, t.num_nodes, t.gpus_per_node) == (4, 2, 2)
     assert len(t.route(0, 2)) == 2 and t.path_latency()[0, 2] == pytest.approx(2e-6)
     assert t.is_inter_node()[0, 2] and not t.is_inter_node()[0, 1]
@@ -90,6 +93,20 @@ def _mutate(kind: str) -> tuple[dict, str]:
     if kind == "gpus_per_node":
         d["gpus_per_node"] = 3
         return d, "gpus_per_node"
+    if kind == "uneven-nodes":
+        nodes[1]["node"] = 1
+        del d["gpus_per_node"]
+        return d, "same number of GPUs"
+    if kind == "interleaved-nodes":
+        nodes[1]["node"], nodes[2]["node"] = 1, 0
+        return d, "GPU 1 is in node 1, expected 0"
+    if kind == "node-gap":
+        for nd in nodes[2:]:
+            nd["node"] = 5
+        return d, "contiguous"
+    if kind == "kindless-gpu-named-switch":
+        nodes[0]["kind"] = "switch"
+        return d, "named like a GPU"
     if kind == "routing":
         d["routing"] = "magic"
         return d, "magic"
@@ -115,7 +132,8 @@ def _mutate(kind: str) -> tuple[dict, str]:
 
 
 KINDS = ["disconnected", "one-way", "negative", "zero", "nan", "inf", "string-number", "negative-latency", "gap",
-         "duplicate-index", "unknown-node", "no-gpus", "device", "device-fields", "gpus_per_node", "routing",
+         "duplicate-index", "unknown-node", "uneven-nodes", "interleaved-nodes", "node-gap",
+         "kindless-gpu-named-switch", "no-gpus", "device", "device-fields", "gpus_per_node", "routing",
          "rail-without-nics", "self-loop", "duplicate-link", "no-graph", "unknown-key", "version"]
 
 
