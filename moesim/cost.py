@@ -66,16 +66,22 @@ def attention_shape(model: ModelSpec) -> dict[str, float]:
 # component evaluators: each takes its parameter dict and token arrays, returns seconds
 # --------------------------------------------------------------------------------------------------------
 def _expert_roofline(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
-    used = t > 0
     bm = int(p.get("block_m", 1))
+    if p.get("grouped", True):  # one kernel: totals over the GPU's slots decide (reduce first: fast on big arrays)
+        n = t.sum(axis=-1)
+        u = np.count_nonzero(t, axis=-1)
+        padded = (np.ceil(t / bm) * bm).sum(axis=-1) if bm > 1 else n
+        busy = np.maximum(padded * (p["flops_per_choice"] / p["flops_rate"]),
+                          u * (p["bytes_per_expert"] / p["byte_rate"]) + n * (p["bytes_per_choice"] / p["byte_rate"]))
+        busy = np.asarray(busy, dtype=float)
+        busy += p["launch"]
+        busy[n <= 0] = 0.0
+        return busy
+    used = t > 0
     padded = np.ceil(t / bm) * bm if bm > 1 else t
-    flops_t = padded * (p["flops_per_choice"] / p["flops_rate"])  # [..., W] seconds of compute
+    flops_t = padded * (p["flops_per_choice"] / p["flops_rate"])
     bytes_t = (used * p["bytes_per_expert"] + t * p["bytes_per_choice"]) / p["byte_rate"]
-    if p.get("grouped", True):
-        busy = np.maximum(flops_t.sum(axis=-1), bytes_t.sum(axis=-1))
-        return np.where(used.any(axis=-1), busy + p["launch"], 0.0)
-    per = np.where(used, np.maximum(flops_t, bytes_t) + p["launch"], 0.0)
-    return per.sum(axis=-1)
+    return np.where(used, np.maximum(flops_t, bytes_t) + p["launch"], 0.0).sum(axis=-1)
 
 
 def _expert_affine(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
@@ -94,12 +100,14 @@ def _expert_table(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
 
 
 def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) -> np.ndarray:
-    per_tok = np.asarray(p["bytes_per_token"], dtype=float)
+    per_tok: Any = p["bytes_per_token"]
     if phase is not None and "bytes_per_token_prefill" in p:
         per_tok = np.where(np.asarray(phase) == PREFILL, p["bytes_per_token_prefill"], per_tok)
-    busy = np.maximum(n * (p["flops_per_token"] / p["flops_rate"]),
-                      (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
-    return np.where(n > 0, busy + p["launch"], 0.0)
+    busy = np.maximum(n * (p["flops_per_token"] / p["flops_rate"]), (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
+    busy = np.asarray(busy, dtype=float)
+    busy += p["launch"]
+    busy[np.broadcast_to(n <= 0, busy.shape)] = 0.0
+    return busy
 
 
 def _dense_affine(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) -> np.ndarray:
@@ -255,6 +263,10 @@ def _check_component(name: str, p: Any, keys: dict[str, tuple[str, ...]]) -> Non
     for k in ("flops_rate", "byte_rate"):
         if k in p and not float(p[k]) > 0:
             raise MoesimError(f"cost model {name}: {k} must be positive")
+    if p["kind"] == "table":
+        x, y = np.asarray(p["x"], dtype=float).ravel(), np.asarray(p["y"], dtype=float).ravel()
+        if x.size < 1 or x.shape != y.shape or (np.diff(x) <= 0).any() or (x <= 0).any() or (y < 0).any():
+            raise MoesimError(f"cost model {name}: table needs equally long x (positive, increasing) and y (>= 0)")
 
 
 def _plain(x: Any) -> Any:

@@ -108,6 +108,10 @@ def test_round_trip_every_model(name: str) -> None:
 @pytest.mark.parametrize("bad", [None, {}, {"format": "moesim.cost-model", "version": 1},
                                  {"format": "moesim.cost-model", "version": 1, "expert": {"kind": "magic"},
                                   "attention": {"kind": "affine", "a": 0, "b": 0},
+                                  "gate": {"kind": "affine", "a": 0, "b": 0}},
+                                 {"format": "moesim.cost-model", "version": 1, "expert": {"kind": "table", "x": [2, 1],
+                                                                                          "y": [1, 2]},
+                                  "attention": {"kind": "affine", "a": 0, "b": 0},
                                   "gate": {"kind": "affine", "a": 0, "b": 0}}])
 def test_from_dict_rejects(bad) -> None:
     with pytest.raises(MoesimError):
