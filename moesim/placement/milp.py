@@ -208,7 +208,7 @@ def pattern_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_l
             sparse.hstack([sparse.csr_matrix(np.ones((1, P))), sparse.csr_matrix((1, n_opt))]),
         ]).tocsr()
         lo_b = np.concatenate([np.zeros(n_opt), np.ones(E), [G]])
-        left = max(time_limit - (time.perf_counter() - t0), 0.05)
+        left = max(time_limit - (time.perf_counter() - t0), 0.01)
         res = milp(np.zeros(P + n_opt), constraints=LinearConstraint(A, lo_b, lo_b),
                    integrality=np.ones(P + n_opt), bounds=Bounds(0, np.concatenate([np.full(P, G), np.ones(n_opt)])),
                    options={"time_limit": left, "disp": False})
@@ -220,6 +220,9 @@ def pattern_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_l
         return None, None  # time limit: unknown
 
     while lo < hi:
+        if time.perf_counter() - t0 > time_limit:
+            proven = False
+            break
         mid = (lo + hi) // 2
         ok, sol = solve(cand[mid])
         if ok:
@@ -229,7 +232,7 @@ def pattern_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_l
                 proven = False
             lo = mid + 1
     if best is None:
-        ok, best = solve(cand[hi])
+        ok, best = solve(cand[hi]) if time.perf_counter() - t0 <= time_limit else (None, None)
         if not ok:
             return {"phy2log": None, "busiest": np.inf, "bound": float(cand[lo]) if proven else lower, "status": 1}
     used = best  # pattern ids, one per GPU
@@ -262,7 +265,12 @@ def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: f
     gaps, statuses, sources = [], [], []
     for layer in range(L):
         left = time_limit - (time.perf_counter() - t0)
-        per = max(left / (L - layer), 0.05)
+        if left <= 0:  # out of time: the greedy placement stands for the remaining layers
+            statuses.append(1)
+            sources.append("greedy")
+            gaps.append(0.0 if base_busy[layer] <= 0 else max(0.0, (base_busy[layer] - lb[layer]) / base_busy[layer]))
+            continue
+        per = left / (L - layer)
         kmin = kmax = None
         if restricted:
             kmin, kmax = water[layer] - window, water[layer] + window

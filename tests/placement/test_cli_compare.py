@@ -1,0 +1,73 @@
+"""``moesim compare`` end to end (load file and trace with held-out steps) and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moesim.cli import main
+from moesim.mapping import ExpertMapping
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory):
+    from moesim.models import get_model
+    from moesim.trace.synth import SynthConfig, synthesize
+
+    path = tmp_path_factory.mktemp("cmp") / "t.mtrace"
+    return synthesize(get_model("tiny-deepseek"), SynthConfig(steps=8, tokens=128, prefill_steps=2, num_ranks=16,
+                                                              seed=3), path)
+
+
+def test_compare_load_file(tmp_path, capsys):
+    load = np.random.default_rng(0).integers(0, 500, (4, 8))
+    path = tmp_path / "load.npy"
+    np.save(path, load)
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--load", str(path), "--model", "small", "--topology", "dgx-h100", "--redundant", "8",
+               "--algos", "linear,eplb,greedy,milp", "--time-limit", "2", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "busiest/bound" in text and "greedy" in text and "step time" in text
+    data = json.loads((out / "compare.json").read_text())
+    rows = {r["algo"]: r for r in data["rows"]}
+    assert set(rows) == {"linear", "eplb", "greedy", "milp"}
+    for r in rows.values():
+        assert r["busiest_over_bound"] >= 1 - 1e-9 and 0 < r["balancedness"] <= 1 and r["step_time"] > 0
+    assert rows["milp"]["busiest_over_bound"] <= rows["greedy"]["busiest_over_bound"] + 1e-9
+    assert (out / "compare.png").stat().st_size > 1000 and (out / "compare.md").exists()
+    assert ExpertMapping.load(out / "mapping-eplb.json").num_slots == 16
+
+
+def test_compare_trace_holdout(tmp_path, small_trace, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--trace", str(small_trace), "--topology", "dgx-h100:2", "--slots-per-gpu", "2",
+               "--algos", "eplb,eplb-global,greedy,affinity", "--holdout", "0.25", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert data["fit_steps"] == [0, 6] and data["holdout_steps"] == [6, 8]
+    assert len(data["holdout_rows"]) == 4
+    assert all(r["inter_bytes_per_token"] >= 0 for r in data["rows"])
+    assert "held-out steps 6:8" in capsys.readouterr().out
+
+
+def test_compare_window_holds_out_following_steps(tmp_path, small_trace):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--trace", str(small_trace), "--window", "2:5", "--topology", "dgx-h100",
+                 "--algos", "greedy", "--out", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert data["fit_steps"] == [2, 5] and data["holdout_steps"] == [5, 8]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--algos", "greedy,bogus"], "unknown placement algorithm"),
+    (["--algos", ","], "empty"),
+    (["--holdout", "1.5"], "--holdout"),
+    (["--window", "5:2"], "--window"),
+])
+def test_compare_bad_inputs(tmp_path, small_trace, capsys, args, needle):
+    rc = main(["compare", "--trace", str(small_trace), "--topology", "dgx-h100", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1
