@@ -109,12 +109,35 @@ def check_mapping(mapping: ExpertMapping, model: Any) -> None:
                            f"{model.num_layers} MoE layers")
 
 
-def _dedup_mask(dst: np.ndarray) -> np.ndarray:
-    """[T, k] True at the first occurrence of each destination in a token's row (k is small: pairwise)."""
-    first = np.ones(dst.shape, dtype=bool)
-    for j in range(1, dst.shape[1]):
-        first[:, j] = (dst[:, :j] != dst[:, j:j + 1]).all(axis=1)
-    return first
+def _dedup_rows(dst: np.ndarray) -> np.ndarray:
+    """dst [k, T] -> [k, T] True where a token's destination repeats an earlier choice's (k is small: pairwise)."""
+    dup = np.zeros(dst.shape, dtype=bool)
+    for j in range(1, dst.shape[0]):
+        for i in range(j):
+            dup[j] |= dst[i] == dst[j]
+    return dup
+
+
+def policy_tables(policy: Any, mapping: ExpertMapping) -> tuple[np.ndarray, np.ndarray]:
+    """``policy.all_tables(mapping)``, built from one computation of the mapping's log2phy.
+
+    (``ExpertMapping.log2phy`` is recomputed on every access and ``ReplicaPolicy.tables`` reads it per layer, so
+    ``all_tables`` costs O(L²); a frozen copy holding the derived tables gives identical results in O(L).)
+    """
+    cached = _FrozenTables(mapping)
+    return policy.all_tables(cached)  # type: ignore[arg-type]
+
+
+class _FrozenTables:
+    """Duck-typed ExpertMapping with log2phy / logcnt / slot_gpu computed once."""
+
+    def __init__(self, mapping: ExpertMapping) -> None:
+        self.log2phy, self.logcnt = mapping.log2phy, mapping.logcnt
+        self._slot_gpu = mapping.slot_gpu()
+        self.num_gpus, self.num_experts, self.num_layers = mapping.num_gpus, mapping.num_experts, mapping.num_layers
+
+    def slot_gpu(self) -> np.ndarray:
+        return self._slot_gpu
 
 
 class _LayerChooser:
@@ -129,23 +152,26 @@ class _LayerChooser:
         if self.single:
             self.first = np.ascontiguousarray(table[0, :, 0] if round_robin else table[:, :, 0].ravel())
 
-    def __call__(self, ids: np.ndarray, origin: np.ndarray, key: np.ndarray) -> np.ndarray:
+    def __call__(self, ids_t: np.ndarray, origin: np.ndarray, key: np.ndarray) -> np.ndarray:
+        """ids_t [k, T] (transposed choices) -> physical slots [k, T]."""
         if self.single:
             if self.shared:
-                return np.take(self.first, ids)
-            return np.take(self.first, origin[:, None] * self.E + ids)
+                return np.take(self.first, ids_t)
+            return np.take(self.first, origin[None, :] * self.E + ids_t)
         if self.shared:
             t, c = self.table[0], self.count[0]
-            return t[ids, key[:, None] % np.take(c, ids)]
-        return choose_slots(self.table, self.count, ids, origin, key)
+            return t[ids_t, key[None, :] % np.take(c, ids_t)]
+        return choose_slots(self.table, self.count, ids_t.T.astype(np.int64), origin, key).T
 
 
 def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertMapping,
                       config: SimConfig | None = None, origin: np.ndarray | None = None,
-                      phase: np.ndarray | None = None, first_step: int = 0) -> Workload:
+                      phase: np.ndarray | None = None, first_step: int = 0,
+                      tables: tuple[np.ndarray, np.ndarray] | None = None) -> Workload:
     """Workload from per-token choices: ``ids [L, T, k]`` of consecutive steps of ``step_tokens [S]`` tokens.
 
     ``origin [T]``: origin GPU of each token (None: contiguous equal blocks per step, see the module docstring).
+    ``tables``: ``config.policy.all_tables(mapping)`` when the caller already has them (they cost O(L²) to make).
     """
     config = config or SimConfig()
     ids = np.asarray(ids)
@@ -181,23 +207,29 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             counts[:, layer] = np.bincount(key_e, minlength=S * E).reshape(S, E)
         return _tp_workload(counts, step_tokens, phase, G, k, config.dedup, first_step)
     slot_gpu = mapping.slot_gpu()
-    tables, counts_t = config.policy.all_tables(mapping)
+    tables, counts_t = tables if tables is not None else policy_tables(config.policy, mapping)
     rr = config.policy.name == "round_robin"
+    # 32-bit keys where they fit (half the memory traffic of int64): this loop is the replay's hot path
+    it = np.int32 if max(S * slots, S * G * G + 1) < 2**31 and T < 2**31 else np.int64
+    slot_gpu = slot_gpu.astype(it)
     slot_tokens = np.zeros((S, L, slots))
     send = np.zeros((S, L, G, G))
-    step_slots = (step_of * slots)[:, None]
-    src = ((step_of * G + origin) * G)[:, None]
-    diag_src = (step_of * G * G)[:, None]
+    step_slots = (step_of * slots).astype(it)[None, :]
+    if layout == "ep":
+        src = ((step_of * G + origin) * G).astype(it)[None, :]
+    else:
+        src = (step_of * G * G).astype(it)[None, :]
+    sentinel = S * G * G
+    origin_i = origin.astype(it)
     for layer in range(L):
-        ids_l = ids[layer].astype(np.intp, copy=False)
-        slot = _LayerChooser(tables[layer], counts_t[layer], rr)(ids_l, origin, key)
+        chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
+        slot = chooser(ids[layer].T, origin_i, key)  # [k, T]
         slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
         dst = np.take(slot_gpu, slot)
-        base = src if layout == "ep" else diag_src + dst * G  # ep-tp-attn: every GPU keeps its own
-        flat = base + dst
+        flat = src + dst if layout == "ep" else src + dst * (G + 1)  # ep-tp-attn: every GPU keeps its own
         if config.dedup and k > 1:
-            flat = flat[_dedup_mask(dst)]
-        send[:, layer] = np.bincount(flat.ravel(), minlength=S * G * G).reshape(S, G, G)
+            np.putmask(flat, _dedup_rows(dst), sentinel)
+        send[:, layer] = np.bincount(flat.ravel(), minlength=sentinel + 1)[:sentinel].reshape(S, G, G)
     return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout)
 
 
@@ -292,6 +324,7 @@ def build_workload(trace: Any, mapping: ExpertMapping, config: SimConfig | None 
     check_mapping(mapping, trace.model)
     start, stop = _check_range(trace, start, stop)
     use_origin = trace.has_origin and trace.num_ranks == mapping.num_gpus
+    tables = policy_tables(config.policy, mapping) if config.layout != "tp" else None
     parts: list[Workload] = []
     for chunk in trace.chunks():
         first, n = chunk.first_step, chunk.num_steps
@@ -308,5 +341,5 @@ def build_workload(trace: Any, mapping: ExpertMapping, config: SimConfig | None 
         offsets = chunk.step_offsets
         t0, t1 = int(offsets[a]), int(offsets[b])
         origin = chunk.origin[t0:t1] if use_origin and chunk.origin is not None else None
-        parts.append(workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo))
+        parts.append(workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo, tables))
     return parts[0] if len(parts) == 1 else Workload.concat(parts)
