@@ -1,40 +1,50 @@
 """Discrete-event engine: one simpy process per GPU per step, flows on a max-min fair network.
 
-What it models, per step and MoE layer, on every GPU ``g`` independently (no global barrier inside a step):
+What it models, per step, on every GPU ``g`` independently (no global barrier inside a step):
 
-    dense (attention, norms) -> gate -> dispatch -> expert -> combine -> next layer
+    [dense layers] -> for each MoE layer: attention -> gate -> dispatch -> expert -> combine
 
-- *compute* phases take the cost model's time for that GPU's own work (``cost.dense_time``, ``cost.gate_time``
-  of the tokens whose dense part it computes; ``cost.expert_time`` of its slots' token-choices);
-- *exchange* phases start one flow to every peer it sends bytes to (routes from ``topology.route``), then wait
+- *compute* stages take the cost model's time for that GPU's own work (``cost.attention_time`` and
+  ``cost.gate_time`` of the tokens whose dense part it computes, ``cost.expert_time`` of its slots'
+  token-choices), with the cost model adjusted to the layout exactly as the analytic engine does
+  (:func:`moesim.sim.analytic.layout_cost`);
+- *exchange* stages start one flow to every peer the GPU sends bytes to (routes from the topology), then wait
   until all of *its own* incoming flows of that exchange arrived: a GPU starts its experts as soon as its own
   inputs are in, so a slow GPU only delays the GPUs that wait on its bytes, and stragglers emerge from
-  imbalance instead of being imposed by a barrier. Flows share links max-min fairly (:mod:`moesim.sim.network`).
-- Steps run back to back: a step begins when every GPU finished the previous one (the scheduler forms the
+  imbalance instead of being imposed by a barrier. Flows share links max-min fairly (:mod:`moesim.sim.network`),
+  and each arrives its path latency after its last byte left.
+- Steps run back to back: a step begins when every GPU finished the previous one (the serving engine forms the
   next batch only when the whole model step is done). The time of a step is that span.
 
-Layouts (``SimConfig.layout``; bytes = tokens × ``model.token_bytes``):
+Layouts (``SimConfig.layout``, workloads as :mod:`moesim.sim.workload` builds them; bytes = tokens ×
+``model.token_bytes``):
 
-- ``ep``: dispatch sends ``send_tokens[src, dst]`` (the workload's matrix; its diagonal stays local, no flow),
-  combine sends the same amounts back (``send_tokens.T``).
-- ``ep-tp-attn`` (vLLM's EP beside tensor-parallel attention): every rank holds all tokens, so the dispatch is
-  the workload's matrix as well (the workload has it local: no flow where it is zero); attention's output is
-  all-reduced and the experts' outputs are combined by a reduce-scatter + all-gather over all GPUs.
+- ``ep``: dispatch sends ``send_tokens[src, dst]`` (the diagonal stays local: no flow), combine sends the same
+  amounts back (``send_tokens.T``).
+- ``ep-tp-attn``: every rank holds all tokens (the workload's dispatch is diagonal: no flows); attention's output
+  is all-reduced after attention, the experts' outputs are combined by a reduce-scatter + all-gather.
 - ``tp``: every expert is sharded over all GPUs; attention and MoE outputs are all-reduced.
 
-Collectives (all-reduce = reduce-scatter then all-gather) are modelled as *pairwise* flows: in each half every
-GPU sends ``nbytes / G`` to every other GPU at once (what NCCL's all-to-all-like algorithms on a switched
-fabric do). Each GPU moves ``(G-1)/G · nbytes`` per half, as a ring would; a ring would add ``G-1`` latencies
-per half where this adds one. The analytic engine prices the same bytes, so the two engines agree when
-nothing contends.
+Collectives (all-reduce = reduce-scatter then all-gather) are *pairwise* flows: in each half every GPU sends
+``nbytes / G`` to every other GPU at once (``nbytes`` = step tokens × token bytes). Each GPU moves
+``(G-1)/G · nbytes`` per half, as a ring would; a ring would add ``G-1`` latencies per half where this adds
+one. The analytic engine prices the same bytes, so the two engines agree where nothing contends.
 
-Reported per layer (``phase_time[s, l, :]``: dense, gate, dispatch, expert, combine): the step's *critical
-path*, traced back from the GPU that finished last through the flows it waited on (a wait is charged from the
-moment the awaited flow was sent, and the path continues on its sender), so the parts sum to the step time
-exactly, as in the analytic engine, and show whose work and which transfers the step waited for.
-``extra["events"]``: per-GPU timeline slices
-``(gpu, name, start, end)`` for the Chrome trace (capped at ``max_events``; ``extra["events_dropped"]`` counts
-the rest).
+Dense layers (``model.num_dense_layers`` with ``config.dense_layers``, DeepSeek-V3's first three) run first in
+each step, per GPU, with the analytic engine's costs (:func:`moesim.sim.analytic.dense_layers_time`), followed
+in the TP layouts by the all-reduces of their attention and FFN outputs. Their critical-path time is reported in
+``extra["dense_layer_time"]`` (not in ``phase_time``, as in the analytic engine).
+
+``overlap_comm``: each GPU runs its step as two micro-batches of half the tokens (DeepSeek's two-micro-batch
+overlap): two processes per GPU sharing one compute stream (a simpy resource), so one micro-batch's transfers
+overlap the other's compute. Costs are those of half the tokens (not half the cost: the weights are read twice).
+
+Reported (``phase_time[s, l, :]``: dense, gate, dispatch, expert, combine): the step's *critical path*, traced
+back from the GPU that finished last through the flows it waited on (a wait is charged from the moment the
+awaited flow was sent, and the path continues on its sender; a compute stage includes any wait for the GPU's
+compute stream), so the parts plus the dense layers sum to the step time exactly, as in the analytic engine.
+``extra["events"]``: per-GPU timeline slices ``(gpu, name, start, end)`` for the Chrome trace (capped at
+``max_events``; ``extra["events_dropped"]`` counts the rest; names get ``/mb1`` for the second micro-batch).
 """
 
 from __future__ import annotations
@@ -55,18 +65,22 @@ PHASES = ("dense", "gate", "dispatch", "expert", "combine")
 # all-to-all (8 layers, 128 tokens per GPU), 11x fewer rate recomputations.
 DEFAULT_QUANTUM = 5e-7
 DEFAULT_MAX_EVENTS = 200_000
+DENSE_LAYER = -1  # layer index of the stages of the model's dense layers
 
 
 @dataclass
-class _Phase:
+class _Stage:
     kind: str  # "compute" | "exchange"
     slot: int  # index into PHASES
+    layer: int  # MoE layer, or DENSE_LAYER
     name: str  # timeline label
-    data: np.ndarray  # compute: [L, G] seconds; exchange: [L, G, G] bytes (src, dst), diagonal ignored
+    data: np.ndarray  # compute: [G] seconds; exchange: [G, G] bytes (src, dst), diagonal ignored
 
 
 def _route_table(topology: Any, G: int) -> np.ndarray:
-    """[G*G, H] edge indices of every GPU pair's route, padded with -1."""
+    """[G*G, H] edge indices of every GPU pair's route, padded with -1 (the topology's own table if it has one)."""
+    if hasattr(topology, "route_table"):
+        return np.asarray(topology.route_table(), dtype=np.int64)
     routes = [list(topology.route(s, d)) if s != d else [] for s in range(G) for d in range(G)]
     H = max([len(r) for r in routes] + [1])
     table = np.full((G * G, H), -1, dtype=np.int64)
@@ -75,206 +89,251 @@ def _route_table(topology: Any, G: int) -> np.ndarray:
     return table
 
 
-def _allreduce(nbytes: np.ndarray, G: int) -> np.ndarray:
-    """[L] bytes all-reduced -> [L, G, G] bytes of one pairwise half (reduce-scatter or all-gather)."""
-    out = np.broadcast_to((nbytes / G)[:, None, None], (nbytes.size, G, G)).copy()
-    idx = np.arange(G)
-    out[:, idx, idx] = 0.0
+def _half(nbytes: float, G: int) -> np.ndarray:
+    """[G, G] bytes of one pairwise half of an all-reduce of ``nbytes``."""
+    out = np.full((G, G), nbytes / G)
+    np.fill_diagonal(out, 0.0)
     return out
 
 
-def step_plan(workload: Any, s: int, cost: Any, model: Any, config: Any, G: int) -> list[_Phase]:
-    """The phases every GPU runs in each layer of step ``s``, with their per-GPU costs and bytes."""
+def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, config: Any,
+                scale: float = 1.0) -> list[_Stage]:
+    """The stages every GPU runs in step ``s``, in order, with per-GPU seconds or bytes.
+
+    ``cost`` must already be adjusted to the layout (:func:`moesim.sim.analytic.layout_cost`); ``scale``
+    multiplies every token count (0.5 for each of two micro-batches).
+    """
+    from moesim.sim.analytic import dense_layers_time
+
     layout = getattr(config, "layout", "ep")
+    G = int(topology.num_gpus)
     tb = float(model.token_bytes)
-    gpu_tokens = np.asarray(workload.gpu_tokens[s], dtype=np.float64)  # [L, G]
-    slot_tokens = np.asarray(workload.slot_tokens[s], dtype=np.float64)  # [L, slots]
+    gpu_tokens = np.asarray(workload.gpu_tokens[s], dtype=np.float64) * scale  # [L, G]
+    slot_tokens = np.asarray(workload.slot_tokens[s], dtype=np.float64) * scale  # [L, slots]
     L = slot_tokens.shape[0]
     W = slot_tokens.shape[1] // G
-    send = np.asarray(workload.send_tokens[s], dtype=np.float64) * tb  # [L, G, G]
-    plan: list[_Phase] = []
-    if getattr(config, "include_dense", True):
-        if hasattr(cost, "attention_time"):  # attention and router separately (their sum is dense_time)
-            ph = np.asarray(workload.phase[s])
-            plan.append(_Phase("compute", 0, "attention",
-                               np.asarray(cost.attention_time(gpu_tokens, ph), dtype=np.float64)))
-            plan.append(_Phase("compute", 1, "gate", np.asarray(cost.gate_time(gpu_tokens), dtype=np.float64)))
-        else:
-            plan.append(_Phase("compute", 0, "dense", np.asarray(cost.dense_time(gpu_tokens), dtype=np.float64)))
-    expert = np.asarray(cost.expert_time(slot_tokens.reshape(L, G, W)), dtype=np.float64)
-    if layout == "ep":
-        plan += [_Phase("exchange", 2, "dispatch", send),
-                 _Phase("compute", 3, "expert", expert),
-                 _Phase("exchange", 4, "combine", np.swapaxes(send, 1, 2))]
-    elif layout in ("ep-tp-attn", "tp"):
-        total = float(workload.step_tokens[s]) * tb * np.ones(L)
-        half = _allreduce(total, G) if G > 1 else np.zeros((L, G, G))
-        if getattr(config, "include_dense", True):
-            plan += [_Phase("exchange", 0, "attn-reduce-scatter", half), _Phase("exchange", 0, "attn-all-gather", half)]
-        if layout == "ep-tp-attn":
-            plan.append(_Phase("exchange", 2, "dispatch", send))
-        plan += [_Phase("compute", 3, "expert", expert),
-                 _Phase("exchange", 4, "reduce-scatter", half), _Phase("exchange", 4, "all-gather", half)]
-    else:
-        raise MoesimError(f"unknown layout {layout!r}; known: ep, ep-tp-attn, tp")
-    return plan
+    send = np.asarray(workload.send_tokens[s], dtype=np.float64) * (tb * scale)  # [L, G, G]
+    tp = layout in ("ep-tp-attn", "tp") and G > 1
+    half = _half(float(workload.step_tokens[s]) * tb * scale, G) if tp else None
+    stages: list[_Stage] = []
+    # the model's dense layers (DeepSeek-V3's first three), as the analytic engine prices them
+    n_dense = int(getattr(model, "num_dense_layers", 0) or 0) if getattr(config, "dense_layers", True) else 0
+    if n_dense:
+        one = _window(workload, s, scale)
+        _, busy, _ = dense_layers_time(one, topology, cost, model, config)
+        per = np.asarray(busy[0], dtype=np.float64) / n_dense  # [G]
+        for _ in range(n_dense):
+            stages.append(_Stage("compute", 0, DENSE_LAYER, "dense-layer", per))
+            if tp:
+                for name in ("attn-reduce-scatter", "attn-all-gather", "ffn-reduce-scatter", "ffn-all-gather"):
+                    stages.append(_Stage("exchange", 0, DENSE_LAYER, name, half))
+    include_dense = getattr(config, "include_dense", True)
+    if include_dense:
+        ph = np.asarray(workload.phase[s])
+        att = np.asarray(cost.attention_time(gpu_tokens, ph), dtype=np.float64)  # [L, G]
+        gate = np.asarray(cost.gate_time(gpu_tokens), dtype=np.float64)
+    expert = np.asarray(cost.expert_time(slot_tokens.reshape(L, G, W)), dtype=np.float64)  # [L, G]
+    for layer in range(L):
+        if include_dense:
+            stages.append(_Stage("compute", 0, layer, "attention", att[layer]))
+            if tp:
+                stages += [_Stage("exchange", 0, layer, "attn-reduce-scatter", half),
+                           _Stage("exchange", 0, layer, "attn-all-gather", half)]
+            stages.append(_Stage("compute", 1, layer, "gate", gate[layer]))
+        if layout in ("ep", "ep-tp-attn"):
+            stages.append(_Stage("exchange", 2, layer, "dispatch", send[layer]))
+        stages.append(_Stage("compute", 3, layer, "expert", expert[layer]))
+        if layout == "ep":
+            stages.append(_Stage("exchange", 4, layer, "combine", send[layer].T))
+        elif tp:
+            stages += [_Stage("exchange", 4, layer, "reduce-scatter", half),
+                       _Stage("exchange", 4, layer, "all-gather", half)]
+    return stages
+
+
+def _window(workload: Any, s: int, scale: float) -> Any:
+    """Step ``s`` of the workload alone, token counts scaled (for the analytic dense-layer costs)."""
+    from dataclasses import replace
+
+    sl = slice(s, s + 1)
+    return replace(workload, step_tokens=np.asarray(workload.step_tokens[sl], dtype=np.float64) * scale,
+                   phase=workload.phase[sl], slot_tokens=workload.slot_tokens[sl],
+                   send_tokens=workload.send_tokens[sl],
+                   gpu_tokens=np.asarray(workload.gpu_tokens[sl], dtype=np.float64) * scale)
 
 
 class _StepRun:
-    """Simulates one step: G GPU processes over one FlowNetwork."""
+    """One step: G × M lane processes (GPU g, micro-batch m) over one FlowNetwork."""
 
-    def __init__(self, env: simpy.Environment, plan: list[_Phase], routes: np.ndarray, G: int,
-                 bw: np.ndarray, lat: np.ndarray, quantum: float, events: list, max_events: int,
-                 rel_quantum: float = 0.0, ignore_links: np.ndarray | None = None) -> None:
-        self.env, self.plan, self.routes, self.G = env, plan, routes, G
-        self.net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum, ignore_links=ignore_links)
-        L = plan[0].data.shape[0] if plan else 0
-        self.L = L
-        # per (phase, layer, gpu): start and end times
-        self.start = np.zeros((len(plan), L, G))
-        self.end = np.zeros((len(plan), L, G))
+    def __init__(self, env: simpy.Environment, lanes: list[list[_Stage]], routes: np.ndarray, G: int,
+                 net: FlowNetwork, events: list, max_events: int) -> None:
+        self.env, self.lanes, self.routes, self.G = env, lanes, routes, G
+        self.M = len(lanes)
+        self.net = net
+        K = len(lanes[0])
+        self.K = K
+        self.start = np.zeros((self.M, K, G))
+        self.end = np.zeros((self.M, K, G))
         self.events, self.max_events = events, max_events
         self.dropped = 0
-        self.src: list[int] = []  # sending GPU of each flow id
-        # one group per exchange phase, layer and receiving GPU, expecting its incoming flows
-        self.group_ids: dict[int, np.ndarray] = {}
-        self.group_events: dict[int, list[simpy.Event]] = {}
+        self.src: list[tuple[int, int]] = []  # (sending GPU, micro-batch) of each flow id, from ``base`` on
+        self.base = net.num_flows
+        self.stream = [simpy.Resource(env, capacity=1) for _ in range(G)] if self.M > 1 else None
         off = ~np.eye(G, dtype=bool)
-        for i, ph in enumerate(plan):
-            if ph.kind == "exchange":
-                counts = ((ph.data > 0) & off).sum(axis=1)  # [L, G] incoming flows per receiver
-                gids, evs = self.net.group_many(counts.ravel())
-                self.group_ids[i] = gids.reshape(L, G)
-                self.group_events[i] = evs
+        # one group per (micro-batch, exchange stage, receiving GPU), expecting its incoming flows
+        self.gid = np.full((self.M, K, G), -1, dtype=np.int64)
+        self.gev: dict[tuple[int, int], list[simpy.Event]] = {}
+        for m, stages in enumerate(lanes):
+            for k, st in enumerate(stages):
+                if st.kind == "exchange":
+                    counts = ((st.data > 0) & off).sum(axis=0)  # incoming flows per receiver
+                    gids, evs = net.group_many(counts)
+                    self.gid[m, k] = gids
+                    self.gev[m, k] = evs
 
-    def gpu(self, g: int):
+    def lane(self, g: int, m: int):
         env, G = self.env, self.G
-        for layer in range(self.L):
-            for i, ph in enumerate(self.plan):
-                t0 = env.now
-                self.start[i, layer, g] = t0
-                if ph.kind == "compute":
-                    dt = float(ph.data[layer, g])
-                    if dt > 0:
-                        yield env.timeout(dt)
-                else:
-                    row = ph.data[layer, g]
-                    dst = np.flatnonzero(row > 0)
-                    dst = dst[dst != g]
-                    if dst.size:
-                        self.net.transfer_many(self.routes[g * G + dst], row[dst], self.group_ids[i][layer, dst])
-                        self.src.extend([g] * dst.size)
-                    yield self.group_events[i][layer * G + g]
-                t1 = env.now
-                self.end[i, layer, g] = t1
-                if t1 > t0:
-                    if len(self.events) < self.max_events:
-                        self.events.append((g, ph.name, t0, t1))
+        suffix = f"/mb{m}" if m else ""
+        for k, st in enumerate(self.lanes[m]):
+            t0 = env.now
+            self.start[m, k, g] = t0
+            if st.kind == "compute":
+                dt = float(st.data[g])
+                if dt > 0:
+                    if self.stream is not None:
+                        with self.stream[g].request() as req:
+                            yield req
+                            t0 = env.now
+                            yield env.timeout(dt)
                     else:
-                        self.dropped += 1
+                        yield env.timeout(dt)
+            else:
+                row = st.data[g]
+                dst = np.flatnonzero(row > 0)
+                dst = dst[dst != g]
+                if dst.size:
+                    self.net.transfer_many(self.routes[g * G + dst], row[dst], self.gid[m, k, dst])
+                    self.src.extend([(g, m)] * dst.size)
+                yield self.gev[m, k][g]
+            t1 = env.now
+            self.end[m, k, g] = t1
+            if t1 > t0:
+                if len(self.events) < self.max_events:
+                    self.events.append((g, st.name + suffix, t0, t1))
+                else:
+                    self.dropped += 1
 
+    def critical_path(self, L: int) -> tuple[np.ndarray, float]:
+        """([L, len(PHASES)] critical-path seconds per MoE layer and phase, seconds in dense layers).
 
-    def critical_path(self) -> np.ndarray:
-        """[L, len(PHASES)] seconds of the step's critical path spent in each layer and phase.
-
-        Walks back from the GPU that finished last: a compute phase, or a wait that ended without waiting on a
-        flow, counts its own duration; a wait that ended when a flow arrived counts the flow's time in flight
+        Walks back from the lane that finished last: a compute stage, or a wait that ended without waiting on
+        a flow, counts its own duration; a wait that ended when a flow arrived counts the flow's time in flight
         (from the moment its sender started it) and continues on the sender's timeline. The parts add up to
         the step time exactly.
         """
-        P, L = len(self.plan), self.L
         per = np.zeros((L, len(PHASES)))
-        if P == 0 or L == 0:
-            return per
-        g = int(self.end[P - 1, L - 1].argmax())
-        t = float(self.end[P - 1, L - 1, g])
-        for k in range(L * P - 1, -1, -1):
-            layer, i = divmod(k, P)
-            ph = self.plan[i]
-            s0 = float(self.start[i, layer, g])
-            if ph.kind == "exchange":
-                f, arrival = self.net.group_last(int(self.group_ids[i][layer, g]))
+        dense = 0.0
+        if self.K == 0:
+            return per, dense
+        last = self.end[:, -1, :]  # [M, G]
+        m, g = (int(x) for x in np.unravel_index(int(last.argmax()), last.shape))
+        t = float(last[m, g])
+        for k in range(self.K - 1, -1, -1):
+            st = self.lanes[m][k]
+            s0 = float(self.start[m, k, g])
+            if st.kind == "exchange":
+                f, arrival = self.net.group_last(int(self.gid[m, k, g]))
                 if f >= 0 and arrival > s0:
                     ts = float(self.net._start[f])  # the sender started it when it began this exchange
-                    per[layer, ph.slot] += t - ts
-                    g, t = self.src[f], ts
+                    if st.layer == DENSE_LAYER:
+                        dense += t - ts
+                    else:
+                        per[st.layer, st.slot] += t - ts
+                    g, m = self.src[f - self.base]
+                    t = ts
                     continue
-            per[layer, ph.slot] += t - s0
+            if st.layer == DENSE_LAYER:
+                dense += t - s0
+            else:
+                per[st.layer, st.slot] += t - s0
             t = s0
-        return per
+        return per, dense
 
 
-def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any,
+def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = None,
             progress: Callable[[int, int], None] | bool | None = None, *,
             quantum: float = DEFAULT_QUANTUM, rel_quantum: float = 0.0,
             max_events: int = DEFAULT_MAX_EVENTS) -> Any:
-    """Replay ``workload`` on ``topology`` event by event; returns a SimResult (same fields as the analytic one).
+    """Replay ``workload`` on ``topology`` event by event; returns a SimResult with the analytic engine's fields.
 
-    ``progress``: a callable ``(steps_done, steps_total)``, or a truthy value for nothing (the caller's bar).
-    ``quantum``: the flow network's bandwidth hand-over quantum in seconds (0 = exact, slower).
+    ``progress``: a callable ``(steps_done, steps_total)`` (anything else: no reports).
+    ``quantum`` / ``rel_quantum``: the flow network's bandwidth hand-over quantum (seconds / fraction of the
+    oldest flow's age; 0 and 0 = exact, slower), see :class:`moesim.sim.network.FlowNetwork`.
     """
+    from moesim.sim.analytic import layout_cost
+    from moesim.sim.config import SimConfig
     from moesim.sim.result import SimResult
 
+    config = config or SimConfig()
     G = int(topology.num_gpus)
     S, L, slots = np.asarray(workload.slot_tokens).shape
+    if np.shape(workload.send_tokens)[-1] != G:
+        raise MoesimError(f"workload is for {np.shape(workload.send_tokens)[-1]} GPUs but topology "
+                          f"{topology.name!r} has {G}")
     if slots % G:
         raise MoesimError(f"{slots} slots per layer do not split over {G} GPUs")
-    send_shape = np.shape(workload.send_tokens)
-    if send_shape[-2:] != (G, G):
-        raise MoesimError(f"workload is for {send_shape[-1]} GPUs but topology {topology.name!r} has {G}")
+    wl_layout = getattr(workload, "layout", config.layout)
+    if wl_layout != config.layout:
+        raise MoesimError(f"workload was built for layout {wl_layout!r}, config says {config.layout!r}")
+    if max_events < 0:
+        raise MoesimError("max_events must be >= 0")
+    cost = layout_cost(cost, config.layout, G)
     routes = _route_table(topology, G)
     # the DES only ever sends along these routes, so links that can never bind may be left out of the rates
     ignore = dominated_links([r[r >= 0] for r in routes], topology.edge_bw)
     bw = np.asarray(topology.edge_bw, dtype=np.float64)
     lat = np.asarray(topology.edge_latency, dtype=np.float64)
     inter = np.asarray(topology.is_inter_node(), dtype=bool)
-    off = ~np.eye(G, dtype=bool)
+    intra = ~inter & ~np.eye(G, dtype=bool)
+    M = 2 if getattr(config, "overlap_comm", False) else 1
     env = simpy.Environment()
     events: list[tuple[int, str, float, float]] = []
-    dropped = 0
-    step_time = np.zeros(S)
+    dropped = recomputes = flows = 0
+    step_time, dense_time = np.zeros(S), np.zeros(S)
     phase_time = np.zeros((S, L, len(PHASES)))
-    gpu_busy = np.zeros((S, G))
-    moe_time = np.zeros((S, G))
-    bytes_intra = np.zeros(S)
-    bytes_inter = np.zeros(S)
+    gpu_busy, moe_time, gpu_finish = np.zeros((S, G)), np.zeros((S, G)), np.zeros((S, G))
+    bytes_intra, bytes_inter = np.zeros(S), np.zeros(S)
     link_bytes = np.zeros(bw.size)
-    gpu_finish = np.zeros((S, G))
-    step_start = np.zeros(S)
-    recomputes = 0
-    flows = 0
     for s in range(S):
-        plan = step_plan(workload, s, cost, model, config, G)
-        run = _StepRun(env, plan, routes, G, bw, lat, quantum, events, max_events, rel_quantum, ignore)
+        lanes = [step_stages(workload, s, topology, cost, model, config, scale=1.0 / M) for _ in range(M)]
+        net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum, ignore_links=ignore)
+        run = _StepRun(env, lanes, routes, G, net, events, max_events)
         t_begin = env.now
-        procs = [env.process(run.gpu(g)) for g in range(G)]
+        procs = [env.process(run.lane(g, m)) for m in range(M) for g in range(G)]
         env.run(until=env.all_of(procs))
-        step_start[s] = t_begin
         step_time[s] = env.now - t_begin
+        gpu_finish[s] = run.end[:, -1, :].max(axis=0) - t_begin if run.K else 0.0
         dropped += run.dropped
-        link_bytes += run.net.link_bytes
-        recomputes += run.net.recomputations
-        flows += run.net.num_flows
-        dur = run.end - run.start  # [P, L, G]
-        for i, ph in enumerate(plan):
-            if ph.kind == "compute":
-                gpu_busy[s] += dur[i].sum(axis=0)
-                if ph.slot == 3:
-                    moe_time[s] += dur[i].sum(axis=0)
-            else:
-                b = np.where(off, ph.data, 0.0).sum(axis=0)  # [G, G]
-                bytes_inter[s] += float(b[inter].sum())
-                bytes_intra[s] += float(b[~inter & off].sum())
-        if plan and L:
-            gpu_finish[s] = run.end[-1, -1] - t_begin
-            phase_time[s] = run.critical_path()
+        link_bytes += net.link_bytes
+        recomputes += net.recomputations
+        flows += net.num_flows
+        for stages in lanes:
+            for st in stages:
+                if st.kind == "compute":
+                    gpu_busy[s] += st.data
+                    if st.slot == 3:
+                        moe_time[s] += st.data
+                else:
+                    bytes_inter[s] += float(st.data[inter].sum())
+                    bytes_intra[s] += float(st.data[intra].sum())
+        phase_time[s], dense_time[s] = run.critical_path(L)
         if callable(progress):
             progress(s + 1, S)
     W = slots // G
     gpu_load = np.asarray(workload.slot_tokens, dtype=np.float64).reshape(S, L, G, W).sum(axis=(0, 3))
-    extra = {"engine": "des", "events": events, "events_dropped": dropped, "quantum": quantum,
-             "flows": flows, "rate_recomputations": recomputes, "gpu_finish": gpu_finish,
-             "step_start": step_start}
+    extra = {"engine": "des", "events": events, "events_dropped": dropped, "dense_layer_time": dense_time,
+             "quantum": quantum, "rel_quantum": rel_quantum, "micro_batches": M, "flows": flows,
+             "rate_recomputations": recomputes, "gpu_finish": gpu_finish}
     return SimResult(step_time=step_time, phase_time=phase_time, gpu_busy=gpu_busy, moe_time=moe_time,
                      bytes_intra=bytes_intra, bytes_inter=bytes_inter, link_bytes=link_bytes, gpu_load=gpu_load,
                      step_tokens=np.asarray(workload.step_tokens), phase=np.asarray(workload.phase),
