@@ -86,8 +86,9 @@ def _expert_roofline(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
 
 def _expert_affine(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
     n = t.sum(axis=-1)
-    u = (t > 0).sum(axis=-1)
-    return np.where(n > 0, p["a"] + p["b"] * n + p["c"] * u, 0.0)
+    u = np.count_nonzero(t, axis=-1)
+    hinge = p.get("e", 0.0) * np.maximum(n - p.get("knot", 0.0), 0.0) if p.get("e") else 0.0
+    return np.where(n > 0, p["a"] + p["b"] * n + p["c"] * u + hinge, 0.0)
 
 
 def _expert_table(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
@@ -111,7 +112,8 @@ def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) 
 
 
 def _dense_affine(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) -> np.ndarray:
-    return np.where(n > 0, p["a"] + p["b"] * n, 0.0)
+    hinge = p.get("e", 0.0) * np.maximum(n - p.get("knot", 0.0), 0.0) if p.get("e") else 0.0
+    return np.where(n > 0, p["a"] + p["b"] * n + hinge, 0.0)
 
 
 _EXPERT = {"roofline": _expert_roofline, "affine": _expert_affine, "table": _expert_table}
@@ -210,7 +212,7 @@ class CostModel:
 
     @classmethod
     def fit(cls, timings: Any, model: ModelSpec, device: DeviceSpec | None = None, *,
-            dense_tokens: np.ndarray | None = None) -> tuple[CostModel, dict[str, Any]]:
+            dense_tokens: np.ndarray | None = None, piecewise: bool = True) -> tuple[CostModel, dict[str, Any]]:
         """Least-squares fit of expert, attention and gate costs to a runtime trace's recorded timings.
 
         ``timings``: :class:`moesim.trace.reader.Timings` with phases ``attention``, ``gate``, ``expert``.
@@ -219,9 +221,11 @@ class CostModel:
         all ranks / top_k / ranks (the runtime spreads each step's batch evenly over ranks). Each phase is fitted
         by non-negative least squares on the *relative* residual (every record counts alike, small or large);
         records with no tokens are left out (the model charges them 0). ``device`` is only recorded.
+        ``piecewise``: where a hinge ``e·max(0, tokens − knot)`` (slope rising past a knot: memory- to
+        compute-bound) cuts the relative squared error by 20 %, keep it (the report's ``form`` says which).
         Returns (model, report) with per-phase coefficients, relative errors (median, p90) and record counts.
         """
-        return _fit_timings(cls, timings, model, device, dense_tokens)
+        return _fit_timings(cls, timings, model, device, dense_tokens, piecewise)
 
     @classmethod
     def from_calibration(cls, path: Any, model: ModelSpec, device: DeviceSpec, **roofline_kw: Any) -> CostModel:
@@ -301,6 +305,30 @@ def _lsq_relative(cols: dict[str, np.ndarray], t: np.ndarray) -> dict[str, float
     return coef
 
 
+def _fit_piecewise(cols: dict[str, np.ndarray], x: np.ndarray, t: np.ndarray) -> tuple[dict[str, float], str]:
+    """Affine fit of ``t`` on ``cols``; then, with enough distinct ``x``, the same plus a hinge
+    ``e·max(0, x − knot)`` (slope rising past a knot, as a kernel turning from memory- to compute-bound), the knot
+    chosen among quantiles of ``x``. The hinge is kept only when it cuts the relative squared error by 20 %."""
+    def sse(coef: dict[str, float], c: dict[str, np.ndarray]) -> float:
+        pred = sum(coef[k] * c[k] for k in c)
+        return float((((pred - t) / t) ** 2).sum())
+
+    base = _lsq_relative(cols, t)
+    best, best_sse, base_sse = base, sse(base, cols), sse(base, cols)
+    if t.size >= 8 and np.unique(x).size >= 4:
+        for knot in np.unique(np.quantile(x, np.linspace(0.1, 0.9, 17))):
+            if (x > knot).sum() < 3:
+                continue
+            c = {**cols, "e": np.maximum(x - knot, 0.0)}
+            coef = _lsq_relative(c, t)
+            err = sse(coef, c)
+            if coef["e"] > 0 and err < best_sse:
+                best, best_sse = {**coef, "knot": float(knot)}, err
+    if best is not base and best_sse < 0.8 * base_sse and base_sse > 1e-12 * t.size:
+        return best, "piecewise"
+    return base, "affine"
+
+
 def _errors(pred: np.ndarray, t: np.ndarray) -> dict[str, Any]:
     rel = np.abs(pred - t) / t
     return {"n": int(t.size), "median_rel_error": float(np.median(rel)) if rel.size else None,
@@ -320,7 +348,7 @@ def _dense_tokens_from_timings(timings: Any, model: ModelSpec) -> np.ndarray:
 
 
 def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | None,
-                 dense_tokens: np.ndarray | None) -> tuple[CostModel, dict[str, Any]]:
+                 dense_tokens: np.ndarray | None, piecewise: bool = True) -> tuple[CostModel, dict[str, Any]]:
     n_rec = len(timings) if hasattr(timings, "__len__") else 0
     if n_rec == 0:
         raise MoesimError("the trace holds no timing records to fit a cost model (record it with moesim run --record)")
@@ -344,19 +372,23 @@ def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | 
     ok = (n > 0) & np.isfinite(t) & (t > 0)
     if ok.sum() < 1:
         raise MoesimError("no timing record has expert tokens and a positive expert time; cannot fit")
-    coef = _lsq_relative({"a": np.ones(ok.sum()), "b": n[ok], "c": u[ok]}, t[ok])
+    cols = {"a": np.ones(ok.sum()), "b": n[ok], "c": u[ok]}
+    coef, form = _fit_piecewise(cols, n[ok], t[ok]) if piecewise else (_lsq_relative(cols, t[ok]), "affine")
     comps["expert"] = {"kind": "affine", **coef}
     pred = _expert_affine(comps["expert"], tok[ok])
-    report["phases"]["expert"] = {"coef": coef, "model": "a + b*token_choices + c*experts_used", **_errors(pred, t[ok])}
+    desc = "a + b*token_choices + c*experts_used" + (" + e*max(0, token_choices - knot)" if form != "affine" else "")
+    report["phases"]["expert"] = {"coef": coef, "form": form, "model": desc, **_errors(pred, t[ok])}
     for ph in ("attention", "gate"):
         t = np.asarray(timings.phase(ph), dtype=float)
         ok = (dense > 0) & np.isfinite(t) & (t > 0)
         if ok.sum() < 1:
             raise MoesimError(f"no timing record has tokens and a positive {ph} time; cannot fit")
-        coef = _lsq_relative({"a": np.ones(ok.sum()), "b": dense[ok]}, t[ok])
+        cols = {"a": np.ones(ok.sum()), "b": dense[ok]}
+        coef, form = _fit_piecewise(cols, dense[ok], t[ok]) if piecewise else (_lsq_relative(cols, t[ok]), "affine")
         comps[ph] = {"kind": "affine", **coef}
         pred = _dense_affine(comps[ph], dense[ok], None)
-        report["phases"][ph] = {"coef": coef, "model": "a + b*tokens", **_errors(pred, t[ok])}
+        desc = "a + b*tokens" + (" + e*max(0, tokens - knot)" if form != "affine" else "")
+        report["phases"][ph] = {"coef": coef, "form": form, "model": desc, **_errors(pred, t[ok])}
     info = {"source": "fit", "model": model.name, "records": n_rec,
             "device": device.to_dict() if device is not None else None,
             "dense_tokens": "given" if dense_tokens is not None else "even split of each step over ranks"}

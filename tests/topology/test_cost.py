@@ -240,3 +240,27 @@ def test_from_calibration_errors(tmp_path: Path) -> None:
         CostModel.from_calibration(bad, MIXTRAL, H100)
     with pytest.raises(MoesimError, match="does not exist"):
         CostModel.from_calibration(tmp_path / "nope.json", MIXTRAL, H100)
+
+
+def test_piecewise_fit_finds_a_knee() -> None:
+    """Memory-bound (flat) below 256 choices, compute-bound (linear) above: the hinge fit finds the knee and
+    beats the plain affine fit; on affine data it stays affine."""
+    rng = np.random.default_rng(3)
+    N = 200
+    tokens = np.zeros((N, 2), dtype=int)
+    tokens[:, 0] = rng.integers(1, 2000, size=N)
+    n = tokens.sum(1)
+    t = 1e-4 + np.maximum(0, n - 256) * 2e-7
+    dense = rng.integers(1, 2000, size=N).astype(float)
+    phases = np.stack([1e-4 + 1e-7 * dense, 1e-5 + 1e-9 * dense, np.ones(N), t, np.ones(N)], axis=1)
+    tm = Timings(("attention", "gate", "dispatch", "expert", "combine"), np.zeros((N, 3), int), phases,
+                 np.zeros((N, 2), int), tokens)
+    model, rep = CostModel.fit(tm, get_model("tiny"), dense_tokens=dense)
+    r = rep["phases"]["expert"]
+    assert r["form"] == "piecewise" and 150 <= r["coef"]["knot"] <= 400 and r["median_rel_error"] < 0.05
+    _, aff = CostModel.fit(tm, get_model("tiny"), dense_tokens=dense, piecewise=False)
+    assert aff["phases"]["expert"]["form"] == "affine"
+    assert aff["phases"]["expert"]["p90_rel_error"] > 2 * r["p90_rel_error"]
+    assert rep["phases"]["attention"]["form"] == "affine"  # affine data: no hinge
+    assert CostModel.from_dict(model.to_dict()).expert_time(np.array([[1000, 0]])) == pytest.approx(
+        model.expert_time(np.array([[1000, 0]])))
