@@ -149,37 +149,53 @@ COUNT_SLACK = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08)
 
 
 def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
-           slack: tuple[float, ...] = COUNT_SLACK, move_limit: int = 20000, max_rounds: int = 20) -> ExpertMapping:
+           slack: tuple[float, ...] = COUNT_SLACK, move_limit: int = 20000, max_rounds: int = 20,
+           done: float = 2e-3) -> ExpertMapping:
     """LPT + swaps on several replica-count vectors per layer; keeps the best.
 
     Water-filling counts minimise the heaviest replica but not the busiest GPU (8 Mixtral experts on 16 slots:
     all get 2, and 16 halves pair badly). So for a few targets T = bound · (1 + slack) we also try
     r_e = max(1, ceil(load_e / T)), the free slots water-filled, and keep the best packing per layer. On small
     layers (E·(E−1)·L ≤ ``move_limit``) a local search then moves single replicas between experts while that
-    lowers the busiest GPU (up to ``max_rounds`` moves per layer).
+    lowers the busiest GPU (up to ``max_rounds`` moves per layer). Layers whose water-filling packing is already
+    within ``done`` (relative) of the lower bound skip both searches.
     """
     from moesim.placement.base import lower_bound
 
-    L, E = load.shape
-    cands = [replica_counts(load, num_slots)]
-    if num_slots > E and len(slack) > 1:
-        lb = lower_bound(load, num_gpus, num_slots)
-        for s in slack[1:]:
-            t = np.maximum(lb * (1 + s), 1e-12)[:, None]
-            r = np.maximum(1, np.ceil(load / t - 1e-9)).astype(np.int64)
-            over = r.sum(axis=1) > num_slots
-            r[over] = cands[0][over]  # target unreachable: fall back to water-filling
-            cands.append(fill_counts(load, r, num_slots))
-    J = len(cands)
-    allc = np.concatenate(cands)  # [J*L, E]
-    phy, busiest = pack_counts(np.tile(load, (J, 1)), allc, num_gpus, refine)
-    pick = busiest.reshape(J, L).argmin(axis=0)
-    rows = np.arange(L)
-    phy2log = phy.reshape(J, L, -1)[pick, rows]
-    counts = allc.reshape(J, L, E)[pick, rows]
-    busiest = busiest.reshape(J, L)[pick, rows]
-    if num_slots > E and move_limit >= E * (E - 1) * L:
-        phy2log = _move_replicas(load, counts, phy2log, busiest, num_gpus, refine, max_rounds)
+    E = load.shape[1]
+    water = replica_counts(load, num_slots)
+    phy2log, busiest = pack_counts(load, water, num_gpus, refine)
+    if num_slots <= E or (len(slack) <= 1 and move_limit < E * (E - 1)):
+        return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
+    lb = lower_bound(load, num_gpus, num_slots)
+    # layers already within `done` of the bound keep the water-filling packing (most of a large model's layers)
+    todo = np.nonzero(busiest > lb * (1 + done) + 1e-12)[0]
+    if len(todo) == 0:
+        return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
+    sub, counts, best = load[todo], water[todo], busiest[todo]
+    cands = []
+    for s in slack[1:]:
+        t = np.maximum(lb[todo] * (1 + s), 1e-12)[:, None]
+        r = np.maximum(1, np.ceil(sub / t - 1e-9)).astype(np.int64)
+        over = r.sum(axis=1) > num_slots
+        r[over] = counts[over]  # target unreachable: fall back to water-filling
+        cands.append(fill_counts(sub, r, num_slots))
+    best_phy = phy2log[todo]
+    if cands:
+        J, n = len(cands), len(todo)
+        allc = np.concatenate(cands)  # [J*n, E]
+        phy, busy = pack_counts(np.tile(sub, (J, 1)), allc, num_gpus, refine)
+        busy = busy.reshape(J, n)
+        pick = busy.argmin(axis=0)
+        rows = np.arange(n)
+        better = busy[pick, rows] < best
+        best_phy = np.where(better[:, None], phy.reshape(J, n, -1)[pick, rows], best_phy)
+        counts = np.where(better[:, None], allc.reshape(J, n, E)[pick, rows], counts)
+        best = np.minimum(best, busy[pick, rows])
+    if move_limit >= E * (E - 1) * len(todo):
+        best_phy = _move_replicas(sub, counts, best_phy, best, num_gpus, refine, max_rounds)
+    phy2log = phy2log.copy()
+    phy2log[todo] = best_phy
     return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
 
 
