@@ -250,3 +250,30 @@ def replay_with_rebalance(trace: Any, topology: Any, cost: Any, model: Any, init
                                           "events": [{"step": s.step, "moved_bytes": s.moved_bytes,
                                                       "seconds": s.seconds, **s.info} for s in schedule]})
     return result, schedule
+
+
+# -- hook for `moesim replay` ---------------------------------------------------------------------------
+def add_rebalance_arguments(parser: Any) -> None:
+    """Options for a replay command: --rebalance POLICY, --rebalance-algo A, --rebalance-overlap."""
+    parser.add_argument("--rebalance", default=None, metavar="POLICY",
+                        help="static | periodic:interval=N,window=W | threshold:balancedness=X,window=W[,cooldown=C]")
+    parser.add_argument("--rebalance-algo", default="greedy", help="placement algorithm used at each rebalance")
+    parser.add_argument("--rebalance-overlap", action="store_true",
+                        help="expert moves overlap compute (no stall); default: blocking, charged as a stall")
+
+
+def replay_from_args(args: Any, trace: Any, topology: Any, cost: Any, model: Any, mapping: ExpertMapping,
+                     config: Any = None, engine: str = "analytic", start: int = 0,
+                     stop: int | None = None) -> tuple[Any, list[ScheduleEntry]]:
+    """What a replay command calls when ``args.rebalance`` is set (validates before simulating)."""
+    from moesim.placement import ALGORITHMS, PlacementError
+
+    policy = parse_policy(args.rebalance)
+    algo = getattr(args, "rebalance_algo", "greedy")
+    if algo not in ALGORITHMS:
+        raise PlacementError(f"unknown placement algorithm {algo!r} for --rebalance-algo; known: "
+                             f"{', '.join(ALGORITHMS)}")
+    kw = {"num_groups": model.num_groups} if algo.startswith("eplb") else {}
+    return replay_with_rebalance(trace, topology, cost, model, mapping, policy, algo, config, engine,
+                                 blocking=not getattr(args, "rebalance_overlap", False), start=start, stop=stop,
+                                 place_kw=kw)

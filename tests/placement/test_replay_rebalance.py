@@ -52,3 +52,22 @@ def test_periodic_blocking_charges_stalls(setup):
     assert np.sum(res.step_time) == pytest.approx(np.sum(over.step_time) + np.sum(res.stall_time))
     assert res.extra["rebalance"]["events"][0]["step"] == sched[0].step
     assert static.num_steps == res.num_steps
+
+
+def test_replay_hook_from_args(setup):
+    import argparse
+
+    from moesim.errors import MoesimError
+    from moesim.placement.rebalance import add_rebalance_arguments, replay_from_args
+
+    trace, topo, cost, model, init = setup
+    p = argparse.ArgumentParser()
+    add_rebalance_arguments(p)
+    args = p.parse_args(["--rebalance", "threshold:balancedness=0.99,window=3", "--rebalance-algo", "eplb",
+                         "--rebalance-overlap"])
+    res, sched = replay_from_args(args, trace, topo, cost, model, init)
+    assert res.num_steps == trace.num_steps and not res.extra.get("stalls")
+    assert all(s.mapping.meta.get("algo") == "eplb" for s in sched)
+    with pytest.raises(MoesimError, match="rebalance-algo"):
+        replay_from_args(p.parse_args(["--rebalance", "static", "--rebalance-algo", "x"]), trace, topo, cost, model,
+                         init)
