@@ -10,7 +10,8 @@ Definitions used by :meth:`SimResult.summary` (one place, so every report means 
   GPU load, aggregated as sum_l max_g / sum_l mean_g (layers with more traffic weigh more; 1.0 = balanced).
 - *bytes intra / inter node*: bytes that leave a GPU for another GPU of the same / another node (all exchanges:
   dispatch, combine and collectives).
-- *busiest link*: the link carrying the most bytes; utilisation = its bytes / (bandwidth × total time).
+- *busiest link*: the link busiest in time (largest bytes / bandwidth); utilisation = its bytes / (bandwidth ×
+  total time).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class SimResult:
         }
         lb = np.asarray(self.link_bytes, dtype=float)
         if topology is not None and lb.size and lb.max() > 0:
-            e = int(lb.argmax())
+            e = int((lb / np.asarray(topology.edge_bw, dtype=float)).argmax())
             u, v = topology.edges()[e]
             bw = float(topology.edge_bw[e])
             out["busiest_link"] = f"{u}->{v}"
