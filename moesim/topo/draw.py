@@ -57,7 +57,7 @@ def draw_png(topo: Any, out: str | Path) -> None:
     big = g.number_of_nodes() > 120
     fig, ax = plt.subplots(figsize=(min(4 + topo.num_gpus * 0.35, 40), 5.5))
     bw = topo.edge_bw
-    lw = 0.5 + 2.5 * (np.log10(bw) - np.log10(bw.min())) / max(np.log10(bw.max()) - np.log10(bw.min()), 1e-9)
+    lw = 1.0 + 2.0 * (np.log10(bw) - np.log10(bw.min())) / max(np.log10(bw.max()) - np.log10(bw.min()), 1e-9)
     seen = set()
     for e, (u, v) in enumerate(topo.edges()):
         if (v, u) in seen:
