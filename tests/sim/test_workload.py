@@ -1,0 +1,183 @@
+"""Workload building: conservation of tokens, layouts, origins, and the runtime's replica choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moesim.errors import MappingError, MoesimError
+from moesim.mapping import ExpertMapping
+from moesim.models import get_model
+from moesim.replica import ReplicaPolicy, choose_slots
+from moesim.sim.config import SimConfig
+from moesim.sim.workload import _LayerChooser, build_workload, policy_tables, workload_from_counts, workload_from_ids
+from moesim.trace import Trace, TraceWriter
+
+
+def random_mapping(rng: np.random.Generator, L: int, E: int, G: int, extra: int) -> ExpertMapping:
+    """Every expert at least once, ``extra`` more slots per GPU holding random replicas, shuffled."""
+    spg = -(-E // G) + extra
+    rows = []
+    for _ in range(L):
+        row = np.concatenate([rng.permutation(E), rng.integers(0, E, spg * G - E)])
+        rows.append(rng.permutation(row))
+    return ExpertMapping(np.array(rows), G, E)
+
+
+def random_ids(rng: np.random.Generator, L: int, T: int, E: int, k: int, skew: float = 1.0) -> np.ndarray:
+    """[L, T, k] distinct experts per token, skewed popularity."""
+    p = rng.random(E) ** (1 + 4 * skew)
+    p /= p.sum()
+    keys = -np.log(rng.random((L, T, E))) / p  # exponential race: top-k without replacement ~ p
+    return np.argsort(keys, axis=2)[:, :, :k].astype(np.int64)
+
+
+@st.composite
+def cases(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    G = draw(st.sampled_from([1, 2, 3, 4]))
+    E = draw(st.integers(2, 9))
+    k = draw(st.integers(1, min(E, 4)))
+    L = draw(st.integers(1, 3))
+    extra = draw(st.integers(0, 2))
+    steps = draw(st.lists(st.integers(0, 23), min_size=1, max_size=4))
+    mapping = random_mapping(rng, L, E, G, extra)
+    st_ = np.array(steps, dtype=np.int64)
+    ids = random_ids(rng, L, int(st_.sum()), E, k)
+    origin = rng.integers(0, G, int(st_.sum())) if draw(st.booleans()) else None
+    policy = ReplicaPolicy(draw(st.sampled_from(["round_robin", "local"])), gpus_per_node=draw(st.sampled_from([1, 2])))
+    return mapping, ids, st_, origin, policy
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases(), st.sampled_from(["ep", "ep-tp-attn", "tp"]), st.booleans())
+def test_tokens_conserved(case, layout, dedup) -> None:
+    mapping, ids, st_, origin, policy = case
+    L, _T, k = ids.shape
+    G, E = mapping.num_gpus, mapping.num_experts
+    wl = workload_from_ids(ids, st_, mapping, SimConfig(layout=layout, policy=policy, dedup=dedup), origin)
+    S = len(st_)
+    # every token-choice computed exactly once (in tp: G shards of 1/G each)
+    np.testing.assert_allclose(wl.slot_tokens.sum(axis=2), st_[:, None] * k * np.ones((1, L)))
+    # every token's dense part computed once
+    np.testing.assert_allclose(wl.gpu_tokens.sum(axis=2), st_[:, None] * np.ones((1, L)))
+    choices = wl.gpu_choices()  # [S, L, G]
+    nd = workload_from_ids(ids, st_, mapping, SimConfig(layout=layout, policy=policy, dedup=False), origin)
+    assert np.all(wl.send_tokens <= nd.send_tokens + 1e-9)
+    if layout == "ep":
+        # without dedup: origin o sends k choices per token, GPU d receives what its slots compute
+        np.testing.assert_allclose(nd.send_tokens.sum(axis=3), nd.gpu_tokens * k)
+        np.testing.assert_allclose(nd.send_tokens.sum(axis=2), choices)
+        # with dedup: each token goes at least once, at most k times
+        assert np.all(wl.send_tokens.sum(axis=3) >= wl.gpu_tokens - 1e-9)
+        np.testing.assert_allclose(nd.gpu_tokens, wl.gpu_tokens)
+    elif layout == "ep-tp-attn":
+        off = ~np.eye(G, dtype=bool)
+        assert not wl.send_tokens[..., off].any()  # nothing dispatched: every GPU holds every token
+        np.testing.assert_allclose(np.diagonal(nd.send_tokens, axis1=2, axis2=3), choices)
+    else:
+        assert wl.slot_tokens.shape == (S, L, G * E)
+    if layout != "tp":
+        # the slots computing expert e add up to e's load: the policy only ever picks replicas of e
+        load = np.zeros((S, L, E))
+        step_of = np.repeat(np.arange(S), st_)
+        for layer in range(L):
+            np.add.at(load[:, layer], (step_of[:, None], ids[layer]), 1)
+        by_expert = np.zeros((S, L, E))
+        for layer in range(L):
+            for s_ in range(mapping.phy2log.shape[1]):
+                by_expert[:, layer, mapping.phy2log[layer, s_]] += wl.slot_tokens[:, layer, s_]
+        np.testing.assert_allclose(by_expert, load)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_replica_choice_is_the_runtime_policy(case) -> None:
+    """The fast paths pick exactly the slots moesim.replica.choose_slots picks (the runtime calls it)."""
+    mapping, ids, _st, origin, policy = case
+    L, T, _k = ids.shape
+    G = mapping.num_gpus
+    o = origin if origin is not None else np.arange(T) % G
+    key = np.arange(T)
+    tables, counts = policy_tables(policy, mapping)
+    ref_t, ref_c = policy.all_tables(mapping)
+    np.testing.assert_array_equal(tables, ref_t)
+    np.testing.assert_array_equal(counts, ref_c)
+    for layer in range(L):
+        want = choose_slots(ref_t[layer], ref_c[layer], ids[layer], o, key)
+        got = _LayerChooser(tables[layer], counts[layer], policy.name == "round_robin")(ids[layer].T, o, key).T
+        np.testing.assert_array_equal(got, want)
+
+
+def test_replica_round_robin_by_position() -> None:
+    """vLLM semantics: a token's choice goes to replica position % replica_count."""
+    mapping = ExpertMapping(np.array([[0, 1, 0, 2]]), 2, 3)  # expert 0 in slots 0 and 2
+    ids = np.zeros((1, 4, 1), dtype=np.int64)
+    wl = workload_from_ids(ids, np.array([4]), mapping, SimConfig(dedup=False))
+    np.testing.assert_array_equal(wl.slot_tokens[0, 0], [2, 0, 2, 0])
+    # origins: contiguous halves; tokens 0,1 on GPU 0 (positions 0,1 -> slots 0,2), tokens 2,3 on GPU 1
+    np.testing.assert_array_equal(wl.send_tokens[0, 0], [[1, 1], [1, 1]])
+    local = workload_from_ids(ids, np.array([4]), mapping, SimConfig(policy=ReplicaPolicy("local", 1)))
+    np.testing.assert_array_equal(local.send_tokens[0, 0], [[2, 0], [0, 2]])  # each origin has its replica
+
+
+def test_dedup_counts_tokens_per_destination_gpu() -> None:
+    mapping = ExpertMapping.linear(1, 4, 2)  # GPU 0: experts 0,1; GPU 1: experts 2,3
+    ids = np.array([[[0, 1], [0, 2], [2, 3], [3, 1]]])  # origins 0,0,1,1
+    wl = workload_from_ids(ids, np.array([4]), mapping, SimConfig(dedup=True))
+    np.testing.assert_array_equal(wl.send_tokens[0, 0], [[2, 1], [1, 2]])
+    nd = workload_from_ids(ids, np.array([4]), mapping, SimConfig(dedup=False))
+    np.testing.assert_array_equal(nd.send_tokens[0, 0], [[3, 1], [1, 3]])
+
+
+def test_origin_from_trace_or_blocks(tmp_path) -> None:
+    model = get_model("tiny")
+    rng = np.random.default_rng(1)
+    ids = random_ids(rng, model.num_layers, 6, model.num_experts, model.top_k)
+    origin = np.array([1, 1, 1, 0, 0, 0])
+    with TraceWriter(tmp_path / "t.mtrace", model, origin=True, num_ranks=2) as w:
+        w.add_step(ids, origin=origin, phase="decode")
+    m2 = ExpertMapping.linear(model.num_layers, model.num_experts, 2)
+    m4 = ExpertMapping.linear(model.num_layers, model.num_experts, 4)
+    with Trace.open(tmp_path / "t.mtrace") as tr:
+        wl2 = build_workload(tr, m2, SimConfig())
+        wl4 = build_workload(tr, m4, SimConfig())
+        with pytest.raises(MoesimError, match="step range"):
+            build_workload(tr, m2, SimConfig(), 1, 3)
+    np.testing.assert_array_equal(wl2.gpu_tokens[0, 0], [3, 3])
+    assert wl2.send_tokens[0, 0, 1].sum() >= 3  # GPU 1's tokens leave from GPU 1 (recorded origin)
+    np.testing.assert_array_equal(wl4.gpu_tokens[0, 0], [2, 1, 2, 1])  # floor(i*4/6): 0,0,1,2,2,3
+    assert wl2.phase[0] == 0
+
+
+def test_counts_workload() -> None:
+    mapping = ExpertMapping(np.array([[0, 1, 0, 2]]), 2, 3)
+    counts = np.array([[[6.0, 2.0, 4.0]]])  # 6 tokens × top-2
+    wl = workload_from_counts(counts, np.array([6]), mapping, SimConfig(dedup=False))
+    np.testing.assert_allclose(wl.slot_tokens[0, 0], [3, 2, 3, 4])  # expert 0 split over its 2 replicas
+    np.testing.assert_allclose(wl.gpu_tokens[0, 0], [3, 3])
+    np.testing.assert_allclose(wl.send_tokens[0, 0], [[2.5, 3.5], [2.5, 3.5]])
+    dd = workload_from_counts(counts, np.array([6]), mapping, SimConfig(dedup=True))
+    assert np.all(dd.send_tokens <= wl.send_tokens + 1e-12)
+    np.testing.assert_allclose(dd.slot_tokens.sum(), 12)
+    tp = workload_from_counts(counts, np.array([6]), mapping, SimConfig(layout="tp"))
+    np.testing.assert_allclose(tp.slot_tokens[0, 0], [3, 1, 2, 3, 1, 2])
+    with pytest.raises(MappingError):
+        workload_from_counts(np.ones((1, 2, 3)), np.array([1]), mapping)
+    with pytest.raises(MoesimError):
+        workload_from_counts(-counts, np.array([6]), mapping)
+
+
+def test_bad_inputs() -> None:
+    mapping = ExpertMapping.linear(1, 4, 2)
+    with pytest.raises(MoesimError, match="add up"):
+        workload_from_ids(np.zeros((1, 3, 1), dtype=np.int64), np.array([2]), mapping)
+    with pytest.raises(MoesimError, match="out of range"):
+        workload_from_ids(np.full((1, 2, 1), 7), np.array([2]), mapping)
+    with pytest.raises(MoesimError, match="origin"):
+        workload_from_ids(np.zeros((1, 2, 1), dtype=np.int64), np.array([2]), mapping, origin=np.array([0, 5]))
+    with pytest.raises(MoesimError, match="layout"):
+        SimConfig(layout="zigzag")
