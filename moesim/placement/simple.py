@@ -7,6 +7,9 @@ largest load per replica), then longest-processing-time-first packing of the rep
 
 from __future__ import annotations
 
+from itertools import combinations
+from math import comb
+
 import numpy as np
 
 from moesim.mapping import ExpertMapping
@@ -35,9 +38,12 @@ def replica_items(load: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.
     """(expert [L, N], weight [L, N]) of every replica, heaviest first (ties: lower expert id first)."""
     L, E = load.shape
     N = int(counts[0].sum())
+    cs = np.cumsum(counts, axis=1)  # expert of replica p: the number of experts whose cumulative count ≤ p
     expert = np.empty((L, N), dtype=np.int64)
-    for layer in range(L):
-        expert[layer] = np.repeat(np.arange(E), counts[layer])
+    step = max(1, 4_000_000 // max(N * E, 1))
+    pos = np.arange(N)
+    for a in range(0, L, step):
+        expert[a:a + step] = (cs[a:a + step, None, :] <= pos[None, :, None]).sum(axis=2)
     weight = np.take_along_axis(load / counts, expert, axis=1)
     order = np.argsort(-weight, axis=1, kind="stable")
     return np.take_along_axis(expert, order, axis=1), np.take_along_axis(weight, order, axis=1)
@@ -111,11 +117,8 @@ def refine_swaps(weight: np.ndarray, bins: np.ndarray, num_bins: int, max_iter: 
 
 def layout(expert: np.ndarray, bins: np.ndarray) -> np.ndarray:
     """phy2log rows from each item's expert and bin: bins in order, slots within a bin by expert id."""
-    out = np.empty_like(expert)
-    for row in range(expert.shape[0]):
-        order = np.lexsort((expert[row], bins[row]))
-        out[row] = expert[row, order]
-    return out
+    key = bins * (int(expert.max(initial=0)) + 1) + expert
+    return np.take_along_axis(expert, np.argsort(key, axis=1, kind="stable"), axis=1)
 
 
 def fill_counts(load: np.ndarray, counts: np.ndarray, num_slots: int) -> np.ndarray:
@@ -150,14 +153,16 @@ COUNT_SLACK = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08)
 
 def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
            slack: tuple[float, ...] = COUNT_SLACK, move_limit: int = 20000, max_rounds: int = 20,
-           done: float = 2e-3) -> ExpertMapping:
+           done: float = 2e-3, enum_limit: int = 250_000) -> ExpertMapping:
     """LPT + swaps on several replica-count vectors per layer; keeps the best.
 
     Water-filling counts minimise the heaviest replica but not the busiest GPU (8 Mixtral experts on 16 slots:
     all get 2, and 16 halves pair badly). So for a few targets T = bound · (1 + slack) we also try
     r_e = max(1, ceil(load_e / T)), the free slots water-filled, and keep the best packing per layer. On small
     layers (E·(E−1)·L ≤ ``move_limit``) a local search then moves single replicas between experts while that
-    lowers the busiest GPU (up to ``max_rounds`` moves per layer). Layers whose water-filling packing is already
+    lowers the busiest GPU (up to ``max_rounds`` moves per layer); on tiny ones (all C(N−1, E−1) count vectors
+    times the layers ≤ ``enum_limit``, e.g. Mixtral's 8 experts on 16 slots) every count vector is packed
+    instead. Layers whose water-filling packing is already
     within ``done`` (relative) of the lower bound skip both searches.
     """
     from moesim.placement.base import lower_bound
@@ -192,11 +197,34 @@ def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
         best_phy = np.where(better[:, None], phy.reshape(J, n, -1)[pick, rows], best_phy)
         counts = np.where(better[:, None], allc.reshape(J, n, E)[pick, rows], counts)
         best = np.minimum(best, busy[pick, rows])
-    if move_limit >= E * (E - 1) * len(todo):
+    n_comp = comb(num_slots - 1, E - 1)
+    if n_comp * len(todo) <= enum_limit:
+        best_phy = _all_counts(sub, best_phy, best, num_gpus, num_slots, refine)
+    elif move_limit >= E * (E - 1) * len(todo):
         best_phy = _move_replicas(sub, counts, best_phy, best, num_gpus, refine, max_rounds)
     phy2log = phy2log.copy()
     phy2log[todo] = best_phy
     return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
+
+
+def _all_counts(load: np.ndarray, phy2log: np.ndarray, busiest: np.ndarray, num_gpus: int, num_slots: int,
+                refine: bool, chunk: int = 60_000) -> np.ndarray:
+    """Pack every replica-count vector (r_e ≥ 1, Σ r_e = N) of each layer; keep each layer's best."""
+    L, E = load.shape
+    cuts = np.array(list(combinations(range(1, num_slots), E - 1)), dtype=np.int64).reshape(-1, E - 1)
+    bounds = np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts,
+                             np.full((len(cuts), 1), num_slots, np.int64)], axis=1)
+    comps = np.diff(bounds, axis=1)  # [C, E]
+    phy2log, busiest = phy2log.copy(), busiest.copy()
+    C = len(comps)
+    for layer in range(L):
+        for a in range(0, C, chunk):
+            cc = comps[a:a + chunk]
+            phy, busy = pack_counts(np.broadcast_to(load[layer], cc.shape), cc, num_gpus, refine)
+            k = int(np.argmin(busy))
+            if busy[k] < busiest[layer] * (1 - 1e-12):
+                busiest[layer], phy2log[layer] = busy[k], phy[k]
+    return phy2log
 
 
 def _move_replicas(load: np.ndarray, counts: np.ndarray, phy2log: np.ndarray, busiest: np.ndarray,
