@@ -63,6 +63,7 @@ class Topology:
         self._rmat: sp.csr_matrix | None = None
         self._plat: np.ndarray | None = None
         self._table: np.ndarray | None = None
+        self._dense: np.ndarray | None = None
 
     # -- validation -----------------------------------------------------------------------------------
     def _fail(self, msg: str) -> MoesimError:
@@ -354,11 +355,20 @@ class Topology:
         return self._plat
 
     def link_load(self, bytes_matrix: np.ndarray) -> np.ndarray:
-        """bytes [..., G, G] (src, dst) -> [..., E] bytes on each link."""
+        """bytes [..., G, G] (src, dst) -> [..., E] bytes on each link (a dense matrix product on small clusters,
+        sparse on large ones)."""
         b = np.asarray(bytes_matrix, dtype=float)
-        G = self.num_gpus
+        G, E = self.num_gpus, self.num_links
+        if b.shape[-2:] != (G, G):
+            raise MoesimError(f"topology {self.name} has {G} GPUs; traffic matrix has shape {b.shape}")
         flat = b.reshape(-1, G * G)
-        return np.asarray((self.routing_matrix().T @ flat.T).T).reshape(b.shape[:-2] + (self.num_links,))
+        if G * G * E <= 1 << 14:  # one node: BLAS beats the sparse product
+            if self._dense is None:
+                self._dense = self.routing_matrix().toarray()
+            out = flat @ self._dense
+        else:
+            out = np.asarray((self.routing_matrix().T @ flat.T).T)
+        return out.reshape(b.shape[:-2] + (E,))
 
     # -- constructors, serialisation, summary ----------------------------------------------------------
     @classmethod
