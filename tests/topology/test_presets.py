@@ -163,3 +163,13 @@ def test_json_round_trip(spec: str, routing: str | None) -> None:
 def test_route_bounds() -> None:
     with pytest.raises(MoesimError, match=r"GPUs 0\.\.7"):
         load_topology("dgx-h100").route(0, 8)
+
+
+def test_link_load_dense_and_sparse_paths_agree() -> None:
+    for spec in ("dgx-h100", "dgx-h100:2"):  # single node: dense product; cluster: sparse
+        t = load_topology(spec)
+        b = np.random.default_rng(1).random((2, 3, t.num_gpus, t.num_gpus))
+        manual = np.einsum("...p,pe->...e", b.reshape(2, 3, -1), t.routing_matrix().toarray())
+        np.testing.assert_allclose(t.link_load(b), manual)
+    with pytest.raises(MoesimError, match="traffic matrix"):
+        load_topology("dgx-h100").link_load(np.ones((4, 4)))
