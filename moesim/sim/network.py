@@ -24,7 +24,7 @@ Model (the fluid model of SimGrid's network models and of ASTRA-sim's analytical
 Limits (by design): no packets, no queues or buffers, no head-of-line blocking, no congestion control or
 slow start, no incast collapse, no protocol overheads beyond what the link bandwidth already discounts;
 max-min fairness is the ideal that fair-queuing switches approach, real NVLink/IB fabrics deviate from it
-under heavy incast. Per-link utilisation is tracked (bytes per link, integrated over time).
+under heavy incast. Bytes per link are counted (when a flow finishes) for utilisation.
 
 Cost: each recomputation is vectorised numpy over a padded route table [flows, hops] (an implicit
 flow-link incidence matrix, link loads by ``bincount``); one iteration per distinct fair-share level.
@@ -66,28 +66,30 @@ def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     n_links = capacity.shape[0]
     pad = n_links - 1
     cur = np.ascontiguousarray(routes.T)  # [H, F]: reductions over the short hop axis run fast on axis 0
+    H = cur.shape[0]
     count = np.bincount(cur.ravel(), minlength=n_links).astype(np.float64)
     remcap = capacity.astype(np.float64, copy=True)
+    remcap[pad] = np.inf
     idx = np.arange(F)
+    share = np.empty(n_links)
     with np.errstate(divide="ignore", invalid="ignore"):
-        while cur.shape[1]:
-            share = remcap / count  # inf on the pad link and on links without unfrozen flows
-            share[count <= 0] = np.inf
-            share[pad] = np.inf
-            fs = share[cur]  # [H, F']
+        while idx.size:
+            share.fill(np.inf)
+            np.divide(remcap, count, out=share, where=count > 0)  # inf on the pad link and on idle links
+            fs = share.take(cur)  # [H, F']
             fmin = fs.min(axis=0)
-            if not np.isfinite(fmin).any():
+            if fmin.min() == np.inf:
                 break  # what is left crosses only unconstrained links
             # a link is not a local minimum if some flow crossing it has a smaller share elsewhere
             above = fs > fmin * (1.0 + _LEVEL_RTOL)
-            blocked = np.bincount(np.where(above, cur, pad).ravel(), minlength=n_links) > 0
-            blocked[pad] = True
-            hit = (~blocked)[cur].any(axis=0) & np.isfinite(fmin)
+            local = np.bincount(np.where(above, cur, pad).ravel(), minlength=n_links) == 0
+            local[pad] = False
+            hit = local.take(cur).any(axis=0)
             r = np.maximum(fmin[hit], 0.0)
             rate[idx[hit]] = r
-            fr = np.compress(hit, cur, axis=1)
-            count -= np.bincount(fr.ravel(), minlength=n_links)
-            remcap -= np.bincount(fr.ravel(), weights=np.broadcast_to(r, fr.shape).ravel(), minlength=n_links)
+            fr = np.compress(hit, cur, axis=1).ravel()
+            count -= np.bincount(fr, minlength=n_links)
+            remcap -= np.bincount(fr, weights=np.repeat(r[None, :], H, axis=0).ravel(), minlength=n_links)
             keep = ~hit
             idx = idx[keep]
             cur = np.compress(keep, cur, axis=1)
@@ -170,7 +172,7 @@ class FlowNetwork:
             if ign.size != bw.size:
                 raise MoesimError(f"ignore_links has {ign.size} entries for {bw.size} links")
             self._cmap[:bw.size][ign] = self._pad
-        self.link_bytes = np.zeros(bw.size)  # bytes that crossed each link so far
+        self.link_bytes = np.zeros(bw.size)  # bytes of the flows that have finished crossing each link
         # active flows (compact arrays)
         self._routes = np.empty((0, 1), dtype=np.int64)
         self._croutes = np.empty((0, 1), dtype=np.int64)  # constraining links only (for the rates)
@@ -324,17 +326,13 @@ class FlowNetwork:
                 raise MoesimError(f"group {g} received more flows than it expected")
 
     def _advance(self) -> None:
-        """Move every active flow forward to now at its current rate; account link bytes."""
+        """Move every active flow forward to now at its current rate."""
         now = self.env.now
         dt = now - self._last
         self._last = now
         if dt <= 0 or self._remaining.size == 0:
             return
-        moved = np.minimum(self._rate * dt, self._remaining)
-        self._remaining -= moved
-        H = self._routes.shape[1]
-        lb = np.bincount(self._routes.ravel(), weights=np.repeat(moved, H), minlength=self._pad + 1)
-        self.link_bytes += lb[:self._pad]
+        self._remaining -= np.minimum(self._rate * dt, self._remaining)
 
     def _request_update(self) -> None:
         if not self._update_pending:
@@ -349,13 +347,11 @@ class FlowNetwork:
             due = self._remaining <= self._rate * _TIME_EPS + 1e-9
         if not due.any():
             return
-        # snap the float residue so that delivered bytes equal requested bytes exactly
-        rest = self._remaining[due]
-        if np.any(rest > 0):
-            H = self._routes.shape[1]
-            lb = np.bincount(self._routes[due].ravel(), weights=np.repeat(rest, H), minlength=self._pad + 1)
-            self.link_bytes += lb[:self._pad]
+        # a finished flow has moved all its bytes (the float residue of rate × time is snapped away)
         fid = self._fid[due]
+        H = self._routes.shape[1]
+        lb = np.bincount(self._routes[due].ravel(), weights=np.repeat(self._req[fid], H), minlength=self._pad + 1)
+        self.link_bytes += lb[:self._pad]
         now = self.env.now
         self._deliv[fid] = self._req[fid]
         arrival = np.minimum(self._finish[due], now) + self._lat[due]
