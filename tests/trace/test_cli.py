@@ -161,9 +161,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "mixtral-8x7b" in text and "busiest/mean" in text
+    assert "deepseek-v3" in text and "busiest/mean" in text and "step latency p50" in text
+    assert "held-out steps" in text and "eplb" in text
     with Trace.open(out / "trace.mtrace") as trace:
-        assert trace.validate() == [] and trace.num_steps == 16
+        assert trace.validate() == [] and trace.num_steps == 12 and trace.num_ranks == 32
+    report = json.loads((out / "replay" / "report.json").read_text())
+    assert report["summary"]["step_latency_p50_s"] > 0
+    for name in ("replay/steps.csv", "replay/timeline.json", "compare/compare.json", "compare/compare.png"):
+        assert (out / name).is_file(), name
     from moesim.cli.cmd_demo import demo_trace
 
     again = demo_trace(tmp_path / "again")
