@@ -60,11 +60,11 @@ from moesim.errors import MoesimError
 from moesim.sim.network import FlowNetwork, dominated_links
 
 PHASES = ("dense", "gate", "dispatch", "expert", "combine")
-# Default bandwidth hand-over quantum (see FlowNetwork): 1 µs, about one NVLink hop's latency (ASTRA-sim's
+# Default bandwidth hand-over quantum (see FlowNetwork): 2 µs, about two NVLink hop latencies (ASTRA-sim's
 # validated HGX-H100 setting: ~0.94 µs per hop), below which a fluid model says little anyway. Measured on
-# DeepSeek-V3 (4 MoE layers, synthetic decode, 64 tokens/GPU) on dgx-h100:8: step time +0.065 % vs the exact
-# network (quantum 0), 12x fewer rate recomputations, 19x less wall time (benchmarks/bench_des.py --quantum).
-DEFAULT_QUANTUM = 1e-6
+# DeepSeek-V3 (4 MoE layers, synthetic decode, 64 tokens/GPU) on dgx-h100:8: step time +0.18 % vs the exact
+# network (quantum 0), 24x fewer rate recomputations (1 µs: +0.07 %, 14x; see benchmarks/bench_des.py --quantum).
+DEFAULT_QUANTUM = 2e-6
 DEFAULT_MAX_EVENTS = 200_000
 DENSE_LAYER = -1  # layer index of the stages of the model's dense layers
 

@@ -14,7 +14,9 @@ Model (the fluid model of SimGrid's network models and of ASTRA-sim's analytical
   completion are retired together at the last one's end. Each one's arrival time stays exact (its rate
   was constant until its own end); only the hand-over of its freed bandwidth to the others waits up to one
   quantum, so the others end slightly late (bounded by the quantum per batch). This trades a small,
-  one-sided error for far fewer rate recomputations when thousands of flows end at distinct times.
+  one-sided error for far fewer rate recomputations when thousands of flows end at distinct times. Likewise,
+  flows started within one quantum of the next batch of completions begin transmitting at that batch (their
+  arrival is then up to one quantum late).
 - Propagation latency: a flow's bytes have all *arrived* ``sum(edge_latency[route])`` after its last byte left
   (``t_done = t_start + transmission + latency``, the ``latency + size / bandwidth`` of an isolated flow).
   Latency does not occupy links.
@@ -184,6 +186,7 @@ class FlowNetwork:
         self._finish = np.empty(0)  # projected end of transmission at the current rates
         self._last = 0.0
         self._gen = 0
+        self._timer_at = np.inf  # when the armed completion timer fires
         self._update_pending = False
         self._pending_adds: list[tuple[np.ndarray, ...]] = []
         # every flow ever started, by id
@@ -256,7 +259,10 @@ class FlowNetwork:
             keep_cols = (crt < self._pad).any(axis=0)
             crt = crt[:, :max(int(keep_cols.sum()), 1)]
             self._pending_adds.append((rt[live], nb[live], lat[live], grp[live], fids[live], crt))
-            self._request_update()
+            if not (self.quantum > 0 and self._timer_at <= self.env.now + self.quantum):
+                # (with a quantum, flows starting within one quantum of the next batch of completions join
+                # at that batch, up to one quantum late: one rate recomputation for both)
+                self._request_update()
         return fids
 
     def group_last(self, gid: int) -> tuple[int, float]:
@@ -384,6 +390,7 @@ class FlowNetwork:
             self._group = np.concatenate([self._group] + [a[3] for a in adds])
             self._fid = np.concatenate([self._fid] + [a[4] for a in adds])
         self._gen += 1
+        self._timer_at = np.inf
         if self._remaining.size == 0:
             self._rate = np.empty(0)
             self._finish = np.empty(0)
@@ -404,9 +411,11 @@ class FlowNetwork:
         else:
             delay = first
         gen = self._gen
+        self._timer_at = self.env.now + delay
         self.env.timeout(delay).callbacks.append(lambda _e: self._on_timer(gen))
 
     def _on_timer(self, gen: int) -> None:
         if gen != self._gen:
             return  # superseded by a later start or end
+        self._timer_at = np.inf
         self._request_update()
