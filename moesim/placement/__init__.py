@@ -38,14 +38,15 @@ def _round_robin(load: np.ndarray, G: int, N: int, **kw: Any) -> tuple[ExpertMap
     return round_robin(load, G, N), {}
 
 
-def _greedy(load: np.ndarray, G: int, N: int, **kw: Any) -> tuple[ExpertMapping, dict]:
-    from moesim.placement.simple import greedy
-    return greedy(load, G, N), {}
+def _greedy(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.simple import greedy, spread_nodes
+    return spread_nodes(load, greedy(load, G, N), gpus_per_node), {}
 
 
-def _lpt(load: np.ndarray, G: int, N: int, **kw: Any) -> tuple[ExpertMapping, dict]:
-    from moesim.placement.simple import greedy
-    m = greedy(load, G, N, slack=(0.0,), move_limit=0)
+def _lpt(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.simple import greedy, spread_nodes
+    m = greedy(load, G, N, slack=(0.0,), move_limit=0, enum_limit=0)
+    m = spread_nodes(load, m, gpus_per_node)
     return ExpertMapping(m.phy2log, G, m.num_experts, {"algo": "lpt"}), {}
 
 
@@ -69,7 +70,9 @@ def _milp(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, time_limi
 def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coactivation: Any = None,
               cross_weight: float = 0.5, num_groups: int = 1, **kw: Any) -> tuple[ExpertMapping, dict]:
     from moesim.placement.affinity import affinity
+    from moesim.placement.simple import balance_rails
     m = affinity(load, G, N, gpus_per_node, coactivation, cross_weight=cross_weight, num_groups=num_groups)
+    m = balance_rails(load, m, gpus_per_node)
     return m, {"coactivation": coactivation is not None, "nodes": m.meta.get("nodes")}
 
 

@@ -18,7 +18,9 @@ Algorithm, per layer in order (M nodes of G/M GPUs, S slots per GPU; E divisible
 3. within each node: replicas by water-filling over the node's slots, then LPT packing onto its GPUs plus
    improving swaps (``simple.refine_swaps``).
 Deterministic. Without co-activation data the affinity term is zero: a node-balanced greedy placement.
-Nodes with unequal expert counts (E not divisible by M) or a single node fall back to ``greedy``.
+Nodes with unequal expert counts (E not divisible by M) or a single node fall back to ``greedy``, and so does
+any layer whose busiest GPU ends more than ε above greedy's (an expert hotter than a node's share of the load
+needs replicas on several nodes, which this partition does not make); info counts those layers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from moesim.mapping import ExpertMapping
-from moesim.placement.base import replica_counts
+from moesim.placement.base import gpu_loads, replica_counts
 from moesim.placement.simple import greedy, layout, lpt_pack, refine_swaps, replica_items
 
 
@@ -130,8 +132,17 @@ def affinity(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int
     bins = refine_swaps(weight, bins, gpus_per_node, item_key=expert_local)
     local = layout(expert_local, bins)  # [L*M, cap] local expert index within the node
     phy2log = np.take_along_axis(rows_e.reshape(L * M, per_node), local, axis=1).reshape(L, num_slots)
+    # guard: a layer whose node partition cannot balance (an expert hotter than a node's share needs replicas on
+    # several nodes) takes the balance-first placement instead
+    mine = ExpertMapping(phy2log, G, E)
+    plain = greedy(load, G, num_slots)
+    worse = gpu_loads(load, mine).max(axis=1) > gpu_loads(load, plain).max(axis=1) * (1 + epsilon) + 1e-12
+    if worse.any():
+        from moesim.placement.simple import spread_nodes
+
+        phy2log[worse] = spread_nodes(load, plain, gpus_per_node).phy2log[worse]
     return ExpertMapping(phy2log, G, E, {"algo": "affinity", "nodes": M, "cross_weight": cross_weight,
-                                         "epsilon": epsilon})
+                                         "epsilon": epsilon, "fallback_layers": int(worse.sum())})
 
 
 def _grow_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, M: int, per_node: int,

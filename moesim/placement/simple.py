@@ -152,7 +152,7 @@ COUNT_SLACK = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08)
 
 
 def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
-           slack: tuple[float, ...] = COUNT_SLACK, move_limit: int = 20000, max_rounds: int = 20,
+           slack: tuple[float, ...] = COUNT_SLACK, move_limit: int = 3000, max_rounds: int = 20,
            done: float = 2e-3, enum_limit: int = 250_000) -> ExpertMapping:
     """LPT + swaps on several replica-count vectors per layer; keeps the best.
 
@@ -253,3 +253,56 @@ def _move_replicas(load: np.ndarray, counts: np.ndarray, phy2log: np.ndarray, bu
         busiest[r] = busy.ravel()[sel]
         active = r
     return phy2log
+
+
+def balance_rails(load: np.ndarray, mapping: ExpertMapping, gpus_per_node: int) -> ExpertMapping:
+    """Permute whole GPUs within each node so that every rail (local GPU index) carries a similar load.
+
+    In a rail-optimised cluster (DGX/HGX: NIC i of every node on the same leaf) traffic to GPU j of another node
+    leaves through the NIC of rail j (PXN), so heavy GPUs at the same local index in several nodes share their
+    rail's NICs. A GPU's contents, its load and its node stay the same; only which local index holds them
+    changes: nodes in order, each node's heaviest GPU to the least-loaded rail so far.
+    """
+    G, S = mapping.num_gpus, mapping.slots_per_gpu
+    if G % gpus_per_node or gpus_per_node >= G:
+        return mapping
+    M = G // gpus_per_node
+    per = np.take_along_axis(load / np.maximum(mapping.logcnt, 1), mapping.phy2log, axis=1)
+    gl = per.reshape(len(load), G, S).sum(axis=2)  # [L, G]
+    blocks = mapping.phy2log.reshape(len(load), G, S)
+    out = blocks.copy()
+    for layer in range(len(load)):
+        rail = np.zeros(gpus_per_node)
+        for m in range(M):
+            local = gl[layer, m * gpus_per_node:(m + 1) * gpus_per_node]
+            heavy = np.argsort(-local, kind="stable")
+            light = np.argsort(rail, kind="stable")
+            out[layer, m * gpus_per_node + light] = blocks[layer, m * gpus_per_node + heavy]
+            rail[light] += local[heavy]
+    return ExpertMapping(out.reshape(len(load), -1), G, mapping.num_experts, dict(mapping.meta))
+
+
+def spread_nodes(load: np.ndarray, mapping: ExpertMapping, gpus_per_node: int) -> ExpertMapping:
+    """Deal whole GPUs to nodes, heaviest first to the least-loaded node with a free GPU, then balance rails.
+
+    For placements that ignore nodes (lpt, greedy): LPT leaves the heaviest GPUs at the lowest indices, i.e. on
+    node 0, whose NICs then carry most of the combine traffic. Per-GPU loads are unchanged.
+    """
+    G, S = mapping.num_gpus, mapping.slots_per_gpu
+    if G % gpus_per_node or gpus_per_node >= G:
+        return mapping
+    M = G // gpus_per_node
+    per = np.take_along_axis(load / np.maximum(mapping.logcnt, 1), mapping.phy2log, axis=1)
+    gl = per.reshape(len(load), G, S).sum(axis=2)
+    blocks = mapping.phy2log.reshape(len(load), G, S)
+    out = np.empty_like(blocks)
+    for layer in range(len(load)):
+        fill = np.zeros(M)
+        used = np.zeros(M, dtype=np.int64)
+        for g in np.argsort(-gl[layer], kind="stable"):
+            m = int(np.argmin(np.where(used < gpus_per_node, fill, np.inf)))
+            out[layer, m * gpus_per_node + used[m]] = blocks[layer, g]
+            fill[m] += gl[layer, g]
+            used[m] += 1
+    spread = ExpertMapping(out.reshape(len(load), -1), G, mapping.num_experts, dict(mapping.meta))
+    return balance_rails(load, spread, gpus_per_node)
