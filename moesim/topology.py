@@ -217,11 +217,16 @@ class Topology:
         G = self.num_gpus
         if self.routing == "shortest" or self.num_nodes == 1:
             per_pair = self._routes_shortest()
+            lengths = np.fromiter((len(r) for r in per_pair), dtype=np.int64, count=G * G)
+            self._indices = np.fromiter((e for r in per_pair for e in r), dtype=np.int64, count=int(lengths.sum()))
         else:
-            per_pair = self._routes_rail()
-        lengths = np.fromiter((len(r) for r in per_pair), dtype=np.int64, count=G * G)
+            from moesim.topo.routing import rail_route_table
+
+            table = rail_route_table(self)
+            keep = table >= 0
+            lengths = keep.sum(axis=1)
+            self._indices = table[keep]
         self._indptr = np.concatenate([[0], np.cumsum(lengths)])
-        self._indices = np.fromiter((e for r in per_pair for e in r), dtype=np.int64, count=int(lengths.sum()))
 
     def _routes_shortest(self) -> list[list[int]]:
         """Least latency, then fewest hops (a tiny per-hop weight breaks ties deterministically)."""
@@ -231,71 +236,6 @@ class Topology:
         for s in self.gpu_names:
             paths = nx.single_source_dijkstra_path(self.graph, s, weight=lambda u, v, _d: weight[(u, v)])
             out.extend(self._path_edges(paths[d]) if d != s else [] for d in self.gpu_names)
-        return out
-
-    def _intra(self, n: int) -> nx.DiGraph:
-        keep = [v for v, a in self.graph.nodes(data=True) if a.get("node") == n and a.get("kind") != "leaf"]
-        return self.graph.subgraph(keep)
-
-    def _routes_rail(self) -> list[list[int]]:
-        """Rail-optimised fabric: intra-node legs by shortest path inside each node, IB legs by the rail rule."""
-        G, R = self.num_gpus, self.gpus_per_node
-        rail = np.array([int(self.graph.nodes[v].get("rail", i % R)) for i, v in enumerate(self.gpu_names)])
-        node = self._gpu_node
-        intra: dict[int, dict[str, dict[str, list[str]]]] = {}
-        for n in range(self.num_nodes):
-            sub = self._intra(n)
-            w = {(u, v): float(d["latency"]) + 1e-12 for u, v, d in sub.edges(data=True)}
-            srcs = [v for v in sub if sub.nodes[v].get("kind") in ("gpu", "nic")]
-            intra[n] = {s: nx.single_source_dijkstra_path(sub, s, weight=lambda u, v, _d, w=w: w[(u, v)])
-                        for s in srcs}
-
-        def leg(n: int, a: str, b: str) -> list[int]:
-            try:
-                return self._path_edges(intra[n][a][b])
-            except KeyError:
-                raise self._fail(f"routing {self.routing}: no path inside node {n} from {a} to {b}") from None
-
-        def fabric(src_leaf: str, dst_leaf: str, s: int, d: int) -> list[int]:
-            if src_leaf == dst_leaf:
-                return []
-            if not self._spines:
-                raise self._fail(f"routing {self.routing}: traffic {src_leaf}->{dst_leaf} needs a spine; none exist")
-            spine = self._spines[(s + d) % len(self._spines)]
-            try:
-                return [self._edge_index[(src_leaf, spine)], self._edge_index[(spine, dst_leaf)]]
-            except KeyError:
-                raise self._fail(f"routing {self.routing}: no link {src_leaf}->{spine}->{dst_leaf}") from None
-
-        def ib(nic: str, leaf: str) -> int:
-            try:
-                return self._edge_index[(nic, leaf)]
-            except KeyError:
-                raise self._fail(f"routing {self.routing}: no link {nic}->{leaf}") from None
-
-        up = {}  # (src gpu, rail) -> edges from the GPU out of its node's NIC on that rail, to the leaf
-        down = {}  # (rail, dst gpu) -> edges from the leaf into the destination GPU
-        for i, name in enumerate(self.gpu_names):
-            n, pod = int(node[i]), self._node_pod.get(int(node[i]), 0)
-            for r in range(R):
-                nic, leaf = self._nic[(n, r)], self._leaf[(pod, r)]
-                up[(i, r)] = leg(n, name, nic) + [ib(nic, leaf)]
-                down[(r, i)] = [ib(leaf, nic)] + leg(n, nic, name)
-        out: list[list[int]] = []
-        pxn = self.routing == "rail-pxn"
-        for s in range(G):
-            ns, ps = int(node[s]), self._node_pod.get(int(node[s]), 0)
-            for d in range(G):
-                nd = int(node[d])
-                if s == d:
-                    out.append([])
-                elif ns == nd:
-                    out.append(leg(ns, self.gpu_names[s], self.gpu_names[d]))
-                else:
-                    r_out = int(rail[d]) if pxn else int(rail[s])
-                    pd = self._node_pod.get(nd, 0)
-                    out.append(up[(s, r_out)] + fabric(self._leaf[(ps, r_out)], self._leaf[(pd, int(rail[d]))], s, d)
-                               + down[(int(rail[d]), d)])
         return out
 
     def route(self, src: int, dst: int) -> list[int]:

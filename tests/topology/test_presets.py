@@ -173,3 +173,53 @@ def test_link_load_dense_and_sparse_paths_agree() -> None:
         np.testing.assert_allclose(t.link_load(b), manual)
     with pytest.raises(MoesimError, match="traffic matrix"):
         load_topology("dgx-h100").link_load(np.ones((4, 4)))
+
+
+def _check_routes_vectorised(t: Topology) -> None:
+    """Every row of the route table is a connected path from its source GPU to its destination GPU, crossing IB
+    exactly when the GPUs sit in different nodes, visiting no node twice."""
+    G = t.num_gpus
+    names = np.array([u for u, _ in t.edges()] + [""]), np.array([v for _, v in t.edges()] + [""])
+    tab = t.route_table()
+    kind = np.append(t.edge_kind, "")[tab]
+    head, tail = names[0][tab], names[1][tab]
+    valid = tab >= 0
+    lengths = valid.sum(1)
+    assert (valid[:, :-1] | ~valid[:, 1:]).all()  # no gaps: padding only at the end
+    src = np.repeat(np.arange(G), G)
+    dst = np.tile(np.arange(G), G)
+    gpu = np.array(t.gpu_names)
+    off = src != dst
+    assert (lengths[~off] == 0).all() and (lengths[off] > 0).all()
+    assert (head[off, 0] == gpu[src[off]]).all()
+    assert (tail[off, lengths[off] - 1] == gpu[dst[off]]).all()
+    both = valid[:, :-1] & valid[:, 1:]
+    assert (tail[:, :-1][both] == head[:, 1:][both]).all()
+    inter = t.is_inter_node().ravel()
+    assert ((kind == "ib").any(1) == inter).all()
+    for row in np.nonzero(off)[0][:: max(1, G * G // 2000)]:  # a sample: no node visited twice
+        path = tail[row, :lengths[row]]
+        assert len(set(path.tolist())) == len(path)
+
+
+@pytest.mark.parametrize("spec,routing", [("dgx-h100:33", None), ("dgx-h100:33", "rail-spine"),
+                                          ("pcie-8gpu:5", "rail-spine"), ("hgx-h800:8", None)])
+def test_large_clusters_route_correctly(spec: str, routing: str | None) -> None:
+    t = load_topology(spec)
+    if routing:
+        data = t.to_json()
+        data["routing"] = routing
+        t = Topology.from_json(data)
+    _check_routes_vectorised(t)
+    # PXN inside a pod never uses a spine; rail-spine must, between different rails of different nodes
+    on_spine = np.isin(np.arange(t.num_links), [e for e, (u, v) in enumerate(t.edges()) if "spine" in u + v])
+    crosses = (t.routing_matrix()[:, on_spine].sum(axis=1).A1 > 0).reshape(t.num_gpus, t.num_gpus)
+    node = t.gpu_node()
+    pod = node // 32
+    rail = np.arange(t.num_gpus) % 8
+    inter = node[:, None] != node[None, :]
+    if t.routing == "rail-pxn":
+        np.testing.assert_array_equal(crosses, inter & (pod[:, None] != pod[None, :]))
+    else:
+        expect = inter & ((rail[:, None] != rail[None, :]) | (pod[:, None] != pod[None, :]))
+        np.testing.assert_array_equal(crosses, expect)
