@@ -178,6 +178,7 @@ def test_fit_rejects_empty_timings() -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_fit_a_real_runtime_trace(tmp_path: Path) -> None:
     """Record 6 steps of the tiny model on 2 gloo ranks, fit the cost model to its timings."""
     pytest.importorskip("torch")
