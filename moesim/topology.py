@@ -35,6 +35,7 @@ ROUTINGS = ("shortest", "rail-pxn", "rail-spine")
 TOPOLOGY_FORMAT = "moesim.topology"
 TOPOLOGY_VERSION = 1
 _GPU_ID = re.compile(r"gpu(\d+)\Z")
+MAX_NODES = 256
 
 
 def _num(v: Any) -> bool:
@@ -373,8 +374,8 @@ def load_topology(spec: str | Topology) -> Topology:
         count = m.group(2)
         if not count.isdigit() or int(count) < 1:
             raise MoesimError(f"topology {spec!r}: the node count after ':' must be a positive integer")
-        if int(count) > 4096:
-            raise MoesimError(f"topology {spec!r}: at most 4096 nodes are supported")
+        if int(count) > MAX_NODES:  # routes are per GPU pair: memory grows with GPUs squared
+            raise MoesimError(f"topology {spec!r}: at most {MAX_NODES} nodes are supported")
         graph, node = build_preset(m.group(1), int(count))
         return Topology(graph, key, node.device, gpus_per_node=node.gpus)
     path = Path(spec)
