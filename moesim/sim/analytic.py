@@ -24,9 +24,11 @@ deployment runs the dense MLPs; tensor-parallel in the TP layouts).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from moesim.cost import CostModel
 from moesim.errors import MoesimError
@@ -96,19 +98,68 @@ def layout_cost(cost: CostModel, layout: str, num_gpus: int) -> CostModel:
 
 
 # -- communication ---------------------------------------------------------------------------------------------
-def _comm(topology: Any, bytes_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(seconds [...], link bytes summed over [...] as [E_links]) for bytes [..., G, G]."""
+class _CommTables:
+    """The routing matrix extended so that one sparse product gives, per exchange, the bytes on every link,
+    the bytes of the pairs at each path latency (to find the largest latency in use) and the bytes between GPUs
+    of the same / different nodes; the diagonal (a GPU to itself) is left out everywhere."""
+
+    def __init__(self, topology: Any) -> None:
+        G = int(topology.num_gpus)
+        R = topology.routing_matrix().tocsr()
+        self.num_links = R.shape[1]
+        plat = np.asarray(topology.path_latency(), dtype=float).ravel()
+        off = ~np.eye(G, dtype=bool).ravel()
+        self.levels, level_of = np.unique(np.round(plat, 15), return_inverse=True)
+        inter = np.asarray(topology.is_inter_node(), dtype=bool).ravel()
+        pairs = np.flatnonzero(off)
+        nl = len(self.levels)
+        rows = np.concatenate([pairs, pairs])
+        cols = np.concatenate([self.num_links + level_of[pairs], self.num_links + nl + inter[pairs].astype(int)])
+        extra = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(G * G, self.num_links + nl + 2))
+        R = R.copy()
+        R.resize((G * G, self.num_links + nl + 2))
+        self.fwd = (R + extra).tocsr()
+        perm = (np.arange(G * G) % G) * G + np.arange(G * G) // G  # row s*G+d of the transpose = pair (d, s)
+        self.back = self.fwd[perm].tocsr()
+        self.bw = np.asarray(topology.edge_bw, dtype=float)
+
+    def run(self, flat: np.ndarray, transpose: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """flat [N, G*G] bytes -> (seconds [N], link bytes summed [E], intra-node [N], inter-node [N])."""
+        m = self.back if transpose else self.fwd
+        out = np.asarray(m.T @ flat.T).T  # [N, E + levels + 2]
+        E, nl = self.num_links, len(self.levels)
+        link = out[:, :E]
+        busy = (link / self.bw).max(axis=1) if E else np.zeros(len(flat))
+        lat = np.where(out[:, E:E + nl] > 0, self.levels, 0.0).max(axis=1) if nl else np.zeros(len(flat))
+        return busy + lat, link.sum(axis=0), out[:, E + nl], out[:, E + nl + 1]
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tables(topology: Any) -> _CommTables:
+    try:
+        t = _TABLES.get(topology)
+    except TypeError:  # not weak-referenceable: no cache
+        return _CommTables(topology)
+    if t is None:
+        t = _CommTables(topology)
+        _TABLES[topology] = t
+    return t
+
+
+def _comm(topology: Any, bytes_matrix: np.ndarray, transpose: bool = False
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """bytes [..., G, G] -> (seconds [...], link bytes [E] summed, intra-node bytes [...], inter-node bytes [...]).
+
+    ``transpose``: price the reverse exchange (dst -> src), as the combine does, without copying the matrix.
+    """
     G = int(topology.num_gpus)
     b = np.asarray(bytes_matrix, dtype=float)
     lead = b.shape[:-2]
-    flat = b.reshape(-1, G * G).copy()
-    flat[:, np.arange(G) * (G + 1)] = 0.0  # the diagonal stays on its GPU
-    link = np.asarray(topology.routing_matrix().T @ flat.T).T  # [N, E_links]
-    bw = np.asarray(topology.edge_bw, dtype=float)
-    busy = (link / bw).max(axis=1) if link.shape[1] else np.zeros(len(flat))
-    plat = np.asarray(topology.path_latency(), dtype=float).ravel()
-    lat = np.where(flat > 0, plat, 0.0).max(axis=1) if G > 1 else np.zeros(len(flat))
-    return (busy + lat).reshape(lead), link.sum(axis=0)
+    flat = b.reshape(-1, G * G)
+    t, link, intra, inter = _tables(topology).run(flat, transpose)
+    return t.reshape(lead), link, intra.reshape(lead), inter.reshape(lead)
 
 
 def comm_time(topology: Any, bytes_matrix: np.ndarray) -> np.ndarray:
@@ -127,12 +178,9 @@ def pairwise_half(nbytes: np.ndarray, num_gpus: int) -> np.ndarray:
 
 def _split_bytes(topology: Any, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """bytes [S, ..., G, G] -> (intra-node [S], inter-node [S]) off-diagonal totals."""
-    inter = np.asarray(topology.is_inter_node(), dtype=bool)
-    G = inter.shape[0]
-    off = ~np.eye(G, dtype=bool)
     S = b.shape[0]
-    flat = b.reshape(S, -1, G, G)
-    return (flat * (off & ~inter)).sum(axis=(1, 2, 3)), (flat * inter).sum(axis=(1, 2, 3))
+    _, _, intra, inter = _comm(topology, b)
+    return intra.reshape(S, -1).sum(axis=1), inter.reshape(S, -1).sum(axis=1)
 
 
 # -- dense layers ----------------------------------------------------------------------------------------------
@@ -196,16 +244,15 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     send_b = np.asarray(workload.send_tokens, dtype=float) * tb  # [S, L, G, G]
     b_intra, b_inter = np.zeros(S), np.zeros(S)
     if config.layout in ("ep", "ep-tp-attn") and G > 1:
-        t_disp, lb = _comm(topology, send_b)
+        t_disp, lb, bi, bo = _comm(topology, send_b)
         phase_time[..., 2] = t_disp
         link_bytes += lb
-        bi, bo = _split_bytes(topology, send_b)
+        bi, bo = bi.sum(axis=1), bo.sum(axis=1)
         b_intra += bi
         b_inter += bo
     comm_overlappable = phase_time[..., 2].copy()
     if config.layout == "ep" and G > 1:
-        back = np.swapaxes(send_b, 2, 3)
-        t_comb, lb = _comm(topology, back)
+        t_comb, lb, _, _ = _comm(topology, send_b, transpose=True)
         phase_time[..., 4] = t_comb
         link_bytes += lb
         b_intra += bi
@@ -213,8 +260,7 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         comm_overlappable += t_comb
     elif config.layout in ("ep-tp-attn", "tp") and G > 1:
         half = pairwise_half(np.asarray(workload.step_tokens, dtype=float) * tb, G)  # [S, G, G]
-        t_half, lb_half = _comm(topology, half)  # [S]
-        hi, ho = _split_bytes(topology, half)
+        t_half, lb_half, hi, ho = _comm(topology, half)  # [S]
         n_halves = 4 if config.include_dense else 2
         phase_time[..., 4] = 2 * t_half[:, None]
         if config.include_dense:

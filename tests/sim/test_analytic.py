@@ -210,3 +210,25 @@ def test_mismatches() -> None:
         run_analytic(wl, golden_topology(), golden_cost(), GOLD, SimConfig(layout="tp"))
     with pytest.raises(MoesimError, match="engine"):
         simulate(wl, golden_topology(), mapping, golden_cost(), GOLD, engine="warp")
+
+
+def test_transposed_exchange_and_link_bytes() -> None:
+    """The combine's reverse pricing equals pricing the transposed matrix; link bytes follow the routes."""
+    from moesim.sim.analytic import _comm
+
+    topo = load_topology("dgx-h100:2")
+    G = topo.num_gpus
+    b = np.random.default_rng(0).random((3, G, G)) * 1e6
+    b[0, :, 5] = 0.0  # an asymmetric pattern
+    t, link, intra, inter = _comm(topo, b, transpose=True)
+    t2, link2, intra2, inter2 = _comm(topo, np.swapaxes(b, 1, 2).copy())
+    np.testing.assert_allclose(t, t2)
+    np.testing.assert_allclose(link, link2)
+    np.testing.assert_allclose(intra + inter, intra2 + inter2)
+    np.testing.assert_allclose(link2, topo.link_load(b.swapaxes(1, 2)).sum(axis=0))
+    off = b * (1 - np.eye(G))
+    np.testing.assert_allclose(intra2 + inter2, off.sum(axis=(1, 2)))
+    plat = topo.path_latency()
+    bw = topo.edge_bw
+    want = [(topo.link_load(m.T) / bw).max() + plat[m.T > 0].max() for m in off]
+    np.testing.assert_allclose(t, want)
