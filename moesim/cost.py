@@ -228,6 +228,15 @@ class CostModel:
         return _fit_timings(cls, timings, model, device, dense_tokens, piecewise)
 
     @classmethod
+    def fit_trace(cls, trace: Any, device: DeviceSpec | None = None, *, model: ModelSpec | None = None,
+                  piecewise: bool = True) -> tuple[CostModel, dict[str, Any]]:
+        """:meth:`fit` on an open :class:`~moesim.trace.Trace`: the tokens each rank computed attention for come
+        from the trace's origin ranks when it has them (exact), else the even split."""
+        timings = trace.timings()
+        dense = dense_tokens_from_trace(trace, timings)
+        return cls.fit(timings, model or trace.model, device, dense_tokens=dense, piecewise=piecewise)
+
+    @classmethod
     def from_calibration(cls, path: Any, model: ModelSpec, device: DeviceSpec, **roofline_kw: Any) -> CostModel:
         """Expert kernel from a ``moesim.kernel-calibration`` JSON (kernels/calibrate.py); the rest roofline."""
         table, info = _read_calibration_table(path, model)
@@ -345,6 +354,25 @@ def _dense_tokens_from_timings(timings: Any, model: ModelSpec) -> np.ndarray:
     total = np.bincount(inv, weights=choices)
     ranks = np.bincount(inv)
     return total[inv] / model.top_k / ranks[inv]
+
+
+def dense_tokens_from_trace(trace: Any, timings: Any) -> np.ndarray | None:
+    """[N] tokens whose dense part rank ``r`` computed in step ``s`` for each timing record (s, layer, r), from the
+    trace's origin ranks; None when the trace has no origins (or no token ids)."""
+    if len(timings) == 0 or not getattr(trace, "has_origin", False) or trace.kind != "tokens":
+        return None
+    idx = np.asarray(timings.index, dtype=np.int64)
+    ranks = int(idx[:, 2].max()) + 1
+    per_step = np.zeros((trace.num_steps, ranks))
+    for step in trace.steps():
+        if step.origin is not None and step.origin.size:
+            o = np.asarray(step.origin, dtype=np.int64)
+            o = o[(o >= 0) & (o < ranks)]
+            per_step[step.index] = np.bincount(o, minlength=ranks)[:ranks]
+    ok = idx[:, 0] < trace.num_steps
+    out = np.zeros(len(idx))
+    out[ok] = per_step[idx[ok, 0], idx[ok, 2]]
+    return out
 
 
 def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | None,

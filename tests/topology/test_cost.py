@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moesim.cost import CostModel
+from moesim.cost import CostModel, _dense_tokens_from_timings, dense_tokens_from_trace
 from moesim.errors import MoesimError
 from moesim.models import PRESETS, get_model
 from moesim.topology import DEVICES
@@ -193,6 +193,11 @@ def test_fit_a_real_runtime_trace(tmp_path: Path) -> None:
     with Trace.open(out / "trace.mtrace") as trace:
         tm = trace.timings()
         model = trace.model
+        exact = dense_tokens_from_trace(trace, tm)
+        _, rep_trace = CostModel.fit_trace(trace, DEVICES["cpu"])
+    # the runtime gives every rank the same batch: origins agree with the even split the plain fit assumes
+    np.testing.assert_array_equal(exact, _dense_tokens_from_timings(tm, model))
+    assert rep_trace["phases"]["attention"]["n"] == len(tm)
     assert len(tm) == 6 * model.num_layers * 2
     cost, report = CostModel.fit(tm, model, DEVICES["cpu"])
     for ph in ("expert", "attention", "gate"):
