@@ -68,12 +68,15 @@ def _milp(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, time_limi
 
 
 def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coactivation: Any = None,
-              cross_weight: float = 0.5, num_groups: int = 1, **kw: Any) -> tuple[ExpertMapping, dict]:
+              cross_weight: float = 0.5, num_groups: int = 1, epsilon: float = 0.005,
+              **kw: Any) -> tuple[ExpertMapping, dict]:
     from moesim.placement.affinity import affinity
     from moesim.placement.simple import balance_rails
-    m = affinity(load, G, N, gpus_per_node, coactivation, cross_weight=cross_weight, num_groups=num_groups)
+    m = affinity(load, G, N, gpus_per_node, coactivation, cross_weight=cross_weight, num_groups=num_groups,
+                 epsilon=epsilon)
     m = balance_rails(load, m, gpus_per_node)
-    return m, {"coactivation": coactivation is not None, "nodes": m.meta.get("nodes")}
+    return m, {"coactivation": coactivation is not None, "nodes": m.meta.get("nodes"),
+               "fallback_layers": m.meta.get("fallback_layers", 0)}
 
 
 ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {

@@ -87,7 +87,7 @@ def coactivation_from_trace(trace: Any, start: int = 0, stop: int | None = None)
 
 
 def affinity(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int = 8,
-             coactivation: Coactivation | None = None, cross_weight: float = 0.5, epsilon: float = 0.02,
+             coactivation: Coactivation | None = None, cross_weight: float = 0.5, epsilon: float = 0.005,
              max_swaps: int = 32, num_groups: int = 1) -> ExpertMapping:
     """Experts partitioned onto nodes by co-activation (equal expert counts, node loads within 1 + ε of the
     mean), replicated within their node, packed onto the node's GPUs; see the module docstring."""
@@ -209,28 +209,37 @@ def _repair_balance(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.
 
 
 def _swap_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.ndarray, M: int, epsilon: float,
-                max_swaps: int) -> np.ndarray:
+                max_swaps: int, candidates: int = 32) -> np.ndarray:
     """Kernighan–Lin style: swap two experts of different nodes while the intra-node weight (plus the
-    previous-layer bonus) rises and neither node ends above max((1 + ε) · mean, the busiest node now)."""
+    previous-layer bonus) rises and neither node ends above max((1 + ε) · mean, the busiest node now).
+
+    Each round looks at the ``candidates`` experts with the most to gain from leaving their node (against
+    every other expert), which keeps a round O(candidates · E)."""
     part = part.copy()
     E = len(w)
     target = w.sum() / M * (1 + epsilon)
     idx = np.arange(E)
+    tol = 1e-9 * max(float(aff.max(initial=0)), 1.0)
+    val = aff @ np.eye(M)[part] + bonus  # [E, M]: weight of e to each node's experts (kept up to date)
+    fill = np.bincount(part, weights=w, minlength=M)
     for _ in range(max_swaps):
-        onehot = np.eye(M)[part]  # [E, M]
-        val = aff @ onehot + bonus  # [E, M]: weight of e to each node's experts
         here = val[idx, part]
-        fill = np.bincount(part, weights=w, minlength=M)
         cap = max(target, float(fill.max()))
-        gain = val[:, part] + val[:, part].T - here[:, None] - here[None, :] - 2 * aff
-        d = w[:, None] - w[None, :]
-        fa = fill[part][:, None] - d
+        ii = np.argsort(here - val.max(axis=1), kind="stable")[:candidates]  # most to gain by moving
+        gain = val[ii][:, part] + val[:, part[ii]].T - here[ii][:, None] - here[None, :] - 2 * aff[ii]
+        d = w[ii][:, None] - w[None, :]
+        fa = fill[part[ii]][:, None] - d
         fb = fill[part][None, :] + d
-        bad = (part[:, None] == part[None, :]) | (fa > cap) | (fb > cap)
+        bad = (part[ii][:, None] == part[None, :]) | (fa > cap) | (fb > cap)
         gain = np.where(bad, -np.inf, gain)
-        flat = int(np.argmax(gain))
-        i, j = divmod(flat, E)
-        if not gain[i, j] > 1e-9 * max(float(aff.max(initial=0)), 1.0):
+        k, j = divmod(int(np.argmax(gain)), E)
+        if not gain[k, j] > tol:
             break
-        part[i], part[j] = part[j], part[i]
+        i = ii[k]
+        a, b = part[i], part[j]
+        val[:, a] += aff[:, j] - aff[:, i]
+        val[:, b] += aff[:, i] - aff[:, j]
+        fill[a] += w[j] - w[i]
+        fill[b] += w[i] - w[j]
+        part[i], part[j] = b, a
     return part
