@@ -35,9 +35,10 @@ each step, per GPU, with the analytic engine's costs (:func:`moesim.sim.analytic
 in the TP layouts by the all-reduces of their attention and FFN outputs. Their critical-path time is reported in
 ``extra["dense_layer_time"]`` (not in ``phase_time``, as in the analytic engine).
 
-``overlap_comm``: each GPU runs its step as two micro-batches of half the tokens (DeepSeek's two-micro-batch
-overlap): two processes per GPU sharing one compute stream (a simpy resource), so one micro-batch's transfers
-overlap the other's compute. Costs are those of half the tokens (not half the cost: the weights are read twice).
+``overlap_comm``: each GPU runs its step as two micro-batches (DeepSeek's two-micro-batch overlap): two processes
+per GPU sharing one compute stream (a simpy resource), so one micro-batch's transfers overlap the other's
+compute. Each micro-batch does half of every stage's work and bytes — like the analytic engine, this assumes the
+split costs no extra time (in memory-bound decode a real half batch reads every expert's weights again).
 
 Reported (``phase_time[s, l, :]``: dense, gate, dispatch, expert, combine): the step's *critical path*, traced
 back from the GPU that finished last through the flows it waited on (a wait is charged from the moment the
@@ -50,7 +51,7 @@ compute stream), so the parts plus the dense layers sum to the step time exactly
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -154,8 +155,6 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
 
 def _window(workload: Any, s: int, scale: float) -> Any:
     """Step ``s`` of the workload alone, token counts scaled (for the analytic dense-layer costs)."""
-    from dataclasses import replace
-
     sl = slice(s, s + 1)
     return replace(workload, step_tokens=np.asarray(workload.step_tokens[sl], dtype=np.float64) * scale,
                    phase=workload.phase[sl], slot_tokens=workload.slot_tokens[sl],
@@ -306,7 +305,10 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     bytes_intra, bytes_inter = np.zeros(S), np.zeros(S)
     link_bytes = np.zeros(bw.size)
     for s in range(S):
-        lanes = [step_stages(workload, s, topology, cost, model, config, scale=1.0 / M) for _ in range(M)]
+        stages = step_stages(workload, s, topology, cost, model, config)
+        # micro-batches: each does 1/M of the work and of the bytes (as the analytic engine assumes, the split
+        # costs nothing extra; a re-costed half batch would read every expert's weights twice)
+        lanes = [stages] if M == 1 else [[replace(st, data=st.data / M) for st in stages]] * M
         net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum, ignore_links=ignore)
         run = _StepRun(env, lanes, routes, G, net, events, max_events)
         t_begin = env.now
