@@ -220,6 +220,8 @@ def replay_with_rebalance(trace: Any, topology: Any, cost: Any, model: Any, init
     if not 0 <= start < stop:
         raise MoesimError(f"replay steps {start}:{stop} are outside the trace's {trace.num_steps} steps")
     kw = dict(place_kw or {})
+    if algo.startswith("eplb"):
+        kw.setdefault("num_groups", model.num_groups)
     gpn = getattr(topology, "gpus_per_node", 8)
     step_load = trace.load(start, stop)
 
@@ -273,7 +275,5 @@ def replay_from_args(args: Any, trace: Any, topology: Any, cost: Any, model: Any
     if algo not in ALGORITHMS:
         raise PlacementError(f"unknown placement algorithm {algo!r} for --rebalance-algo; known: "
                              f"{', '.join(ALGORITHMS)}")
-    kw = {"num_groups": model.num_groups} if algo.startswith("eplb") else {}
     return replay_with_rebalance(trace, topology, cost, model, mapping, policy, algo, config, engine,
-                                 blocking=not getattr(args, "rebalance_overlap", False), start=start, stop=stop,
-                                 place_kw=kw)
+                                 blocking=not getattr(args, "rebalance_overlap", False), start=start, stop=stop)

@@ -71,3 +71,21 @@ def test_replay_hook_from_args(setup):
     with pytest.raises(MoesimError, match="rebalance-algo"):
         replay_from_args(p.parse_args(["--rebalance", "static", "--rebalance-algo", "x"]), trace, topo, cost, model,
                          init)
+
+
+def test_moesim_replay_rebalance_cli(tmp_path, setup, capsys):
+    import json
+
+    from moesim.cli import main
+
+    trace = setup[0]
+    out = tmp_path / "rp"
+    rc = main(["replay", "--trace", str(trace.path), "--topology", "dgx-h100:2", "--rebalance",
+               "periodic:interval=4,window=4", "--rebalance-algo", "greedy", "--out", str(out), "--no-plots",
+               "--quiet"])
+    assert rc == 0
+    inputs = json.loads((out / "report.json").read_text())["inputs"]
+    assert inputs["rebalance_schedule"] and all(e["step"] % 4 == 0 for e in inputs["rebalance_schedule"])
+    rc = main(["replay", "--trace", str(trace.path), "--topology", "dgx-h100:2", "--rebalance", "sometimes",
+               "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "unknown rebalance policy" in capsys.readouterr().err
