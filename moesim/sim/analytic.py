@@ -118,22 +118,40 @@ class _CommTables:
         extra = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(G * G, self.num_links + nl + 2))
         R = R.copy()
         R.resize((G * G, self.num_links + nl + 2))
-        self.fwd = (R + extra).tocsr()
+        fwd = (R + extra).tocsr()
         perm = (np.arange(G * G) % G) * G + np.arange(G * G) // G  # row s*G+d of the transpose = pair (d, s)
-        self.back = self.fwd[perm].tocsr()
+        # stored transposed ([X, G*G] CSR): the product runs as sparse @ (small contiguous blocks of exchanges)
+        self.fwd_t = fwd.T.tocsr()
+        self.back_t = fwd[perm].T.tocsr()
+        # small clusters: a dense product (BLAS) beats the sparse one and its Python loop over blocks
+        self.dense = fwd.shape[0] * fwd.shape[1] <= _DENSE_ELEMS
+        if self.dense:
+            self.fwd_d, self.back_d = fwd.toarray(), fwd[perm].toarray()
         self.bw = np.asarray(topology.edge_bw, dtype=float)
 
     def run(self, flat: np.ndarray, transpose: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """flat [N, G*G] bytes -> (seconds [N], link bytes summed [E], intra-node [N], inter-node [N])."""
-        m = self.back if transpose else self.fwd
-        out = np.asarray(m.T @ flat.T).T  # [N, E + levels + 2]
+        if self.dense:
+            out = flat @ (self.back_d if transpose else self.fwd_d)  # [N, E + levels + 2]
+        else:
+            out = self._sparse(flat, self.back_t if transpose else self.fwd_t)
         E, nl = self.num_links, len(self.levels)
         link = out[:, :E]
         busy = (link / self.bw).max(axis=1) if E else np.zeros(len(flat))
         lat = np.where(out[:, E:E + nl] > 0, self.levels, 0.0).max(axis=1) if nl else np.zeros(len(flat))
         return busy + lat, link.sum(axis=0), out[:, E + nl], out[:, E + nl + 1]
 
+    @staticmethod
+    def _sparse(flat: np.ndarray, m: Any) -> np.ndarray:
+        out = np.empty((len(flat), m.shape[0]))
+        block = max(16, _BLOCK_ELEMS // max(flat.shape[1], 1))  # blocks keep the transposed copy in cache
+        for i in range(0, len(flat), block):
+            out[i:i + block] = (m @ np.ascontiguousarray(flat[i:i + block].T)).T
+        return out
 
+
+_DENSE_ELEMS = 2**18  # routing matrices up to 2 MiB dense (8 GPUs: 64 pairs × links)
+_BLOCK_ELEMS = 65536  # bytes of one block of exchanges / 8: 512 KiB (64 GPUs: 16 exchanges)
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
