@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.cost import CostModel
@@ -18,7 +18,7 @@ from moesim.sim.analytic import run_analytic
 from moesim.sim.config import SimConfig
 from moesim.sim.des import PHASES, run_des
 from moesim.sim.workload import Workload, workload_from_counts
-from moesim.topology import Topology
+from moesim.topology import Topology, load_topology
 
 # 4096 hidden, bf16: 8192 bytes per token on the wire
 MODEL = get_model("tiny").with_(hidden_size=4096)
@@ -215,3 +215,21 @@ def test_overlap_runs_two_micro_batches():
         spans = sorted((a, b) for gg, n, a, b in ovl.extra["events"]
                        if gg == g and n.split("/")[0] in ("attention", "gate", "expert"))
         assert all(b1 <= a2 + 1e-15 for (_, b1), (a2, _) in itertools.pairwise(spans))
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**31 - 1), layout=st.sampled_from(["ep", "tp"]), overlap=st.booleans())
+def test_step_time_bounds_on_a_two_node_cluster(seed, layout, overlap):
+    # never faster than the busiest GPU's compute, nor than the busiest link's bytes at full bandwidth
+    topo = load_topology("dgx-h100:2")
+    G = topo.num_gpus
+    rng = np.random.default_rng(seed)
+    counts = rng.gamma(0.5, 40.0, size=(1, MODEL.num_layers, MODEL.num_experts))
+    mapping = ExpertMapping.linear(MODEL.num_layers, MODEL.num_experts, G, slots_per_gpu=1)
+    config = SimConfig(layout=layout, overlap_comm=overlap)
+    wl = workload_from_counts(counts, np.array([counts[0, 0].sum() / MODEL.top_k]), mapping, config)
+    res = run_des(wl, topo, CostModel.roofline(MODEL, topo.device), MODEL, config)
+    assert res.step_time[0] >= res.gpu_busy[0].max() * (1 - 1e-9)
+    assert res.step_time[0] >= (res.link_bytes / topo.edge_bw).max() * (1 - 1e-6)
+    np.testing.assert_allclose(res.phase_time.sum() + res.extra["dense_layer_time"].sum(), res.step_time.sum(),
+                               rtol=1e-9)
