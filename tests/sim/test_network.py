@@ -178,7 +178,7 @@ def test_deterministic():
 
 
 @given(flow_sets(), st.sampled_from([1e-3, 0.1, 1.0]))
-def test_quantum_keeps_bytes_and_only_delays(case, quantum):
+def test_quantum_keeps_every_byte(case, quantum):
     bw, lat, flows, starts = case
     exact, _ = _run(bw, lat, flows, starts)
     env = simpy.Environment()
