@@ -153,6 +153,8 @@ class Trace:
         """Tokens over all steps (token traces), or token-choices / top_k (load-only traces)."""
         total = 0
         for c in self._chunks:
+            if not c["num_steps"]:  # a chunk of timing records only
+                continue
             if self.kind == "tokens":
                 total += int(self._array(c, "step_tokens").sum())
             else:

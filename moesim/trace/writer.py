@@ -85,8 +85,15 @@ class TraceWriter:
 
         existing = Trace.open(self.path, require_steps=False)
         if existing.model != self.model or existing.kind != self.kind:
+            existing.close()
             raise TraceError(f"cannot append to {self.path}: it records {existing.kind} of model "
                              f"{existing.model.name!r}, not {self.kind} of {self.model.name!r}")
+        # chunks must carry the arrays the header announces, in the header's dtypes
+        for key in ("ids_dtype", "weights_dtype", "has_origin", "num_ranks", "timing_phases"):
+            if existing.header.get(key) != self.header[key]:
+                existing.close()
+                raise TraceError(f"cannot append to {self.path}: its {key} is {existing.header.get(key)!r}, "
+                                 f"this writer's is {self.header[key]!r}")
         self.header = existing.header
         self.next_step = existing.num_steps
         end = existing.end_offset
