@@ -59,6 +59,8 @@ def format_table(summary: dict[str, Any]) -> str:
         ("MoE share of step time", f"{100 * s['moe_share']:.1f} %"),
         ("  phases", " ".join(f"{n} {100 * shares.get(n, 0.0):.1f}%" for n in PHASES)),
         ("busiest GPU / mean load", f"{s['busiest_gpu_over_mean_load']:.3f}"),
+        ("GPU busy (mean / max)", f"{100 * s.get('gpu_busy_share_mean', 0.0):.1f} % / "
+                                  f"{100 * s.get('gpu_busy_share_max', 0.0):.1f} % of the time"),
         ("bytes intra-node / step", f"{_si(s['bytes_intra_node_per_step'], 'B')} "
                                     f"({_si(s['bytes_intra_node_per_token'], 'B')}/token)"),
         ("bytes inter-node / step", f"{_si(s['bytes_inter_node_per_step'], 'B')} "

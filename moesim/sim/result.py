@@ -8,6 +8,8 @@ Definitions used by :meth:`SimResult.summary` (one place, so every report means 
 - *MoE share*: (dispatch + expert + combine critical-path time) / total time.
 - *busiest-GPU / mean load*: token-choices, summed over steps; per layer the busiest GPU's load over the mean
   GPU load, aggregated as sum_l max_g / sum_l mean_g (layers with more traffic weigh more; 1.0 = balanced).
+- *GPU busy share*: compute seconds of a GPU / total time (mean and max over GPUs); the rest is waiting
+  (for the network or for the slowest GPU).
 - *bytes intra / inter node*: bytes that leave a GPU for another GPU of the same / another node (all exchanges:
   dispatch, combine and collectives).
 - *busiest link*: the link busiest in time (largest bytes / bandwidth); utilisation = its bytes / (bandwidth ×
@@ -83,7 +85,10 @@ class SimResult:
                             for i, name in enumerate(PHASES)},
             "busiest_gpu_over_mean_load": imbalance,
             "gpu_load_total": load.sum(axis=0).tolist(),
+            "gpu_busy_s": np.sum(self.gpu_busy, axis=0).tolist(),
+            "gpu_moe_s": np.sum(self.moe_time, axis=0).tolist(),
             "gpu_busy_share_mean": float(np.mean(np.sum(self.gpu_busy, axis=0)) / total) if total > 0 else 0.0,
+            "gpu_busy_share_max": float(np.max(np.sum(self.gpu_busy, axis=0)) / total) if total > 0 else 0.0,
             "bytes_intra_node": b_in,
             "bytes_inter_node": b_out,
             "bytes_intra_node_per_step": b_in / S if S else 0.0,

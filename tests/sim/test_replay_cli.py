@@ -196,3 +196,15 @@ def test_windows_give_the_same_result(trace_path, monkeypatch) -> None:
     for name in ("step_time", "phase_time", "gpu_busy", "moe_time", "bytes_intra", "bytes_inter", "link_bytes",
                  "gpu_load", "step_tokens", "phase"):
         np.testing.assert_allclose(getattr(many, name), getattr(one, name), rtol=1e-12, err_msg=name)
+
+
+def test_progress_bar(capsys) -> None:
+    from moesim.cli.cmd_replay import ProgressBar, parse_steps
+
+    bar = ProgressBar(True)
+    bar(3, 3)
+    err = capsys.readouterr().err
+    assert "3/3 steps" in err and err.endswith("\n")
+    ProgressBar(False)(1, 2)
+    assert capsys.readouterr().err == ""
+    assert parse_steps("2:", 10) == (2, 10) and parse_steps(":-3", 10) == (0, 7) and parse_steps(None, 4) == (0, 4)
