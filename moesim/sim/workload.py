@@ -221,11 +221,22 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
         src = (step_of * G * G).astype(it)[None, :]
     sentinel = S * G * G
     origin_i = origin.astype(it)
+    step_e = (step_of * E).astype(it)[None, :]
+    replicas = mapping.logcnt.max(axis=1)  # [L]
     for layer in range(L):
-        chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
-        slot = chooser(ids[layer].T, origin_i, key)  # [k, T]
-        slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
-        dst = np.take(slot_gpu, slot)
+        ids_t = ids[layer].T  # [k, T]
+        if replicas[layer] <= 1:
+            # one slot per expert: whatever the policy, expert e is computed by its only slot (table[:, e, 0])
+            only = tables[layer, 0, :, 0]  # [E] slot of each expert
+            per_e = np.bincount((step_e + ids_t).ravel(), minlength=S * E).reshape(S, E)
+            slot_tokens[:, layer] = 0.0
+            slot_tokens[:, layer, only] = per_e
+            dst = np.take(slot_gpu[only], ids_t)
+        else:
+            chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
+            slot = chooser(ids_t, origin_i, key)  # [k, T]
+            slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
+            dst = np.take(slot_gpu, slot)
         flat = src + dst if layout == "ep" else src + dst * (G + 1)  # ep-tp-attn: every GPU keeps its own
         if config.dedup and k > 1:
             np.putmask(flat, _dedup_rows(dst), sentinel)

@@ -181,3 +181,39 @@ def test_bad_inputs() -> None:
         workload_from_ids(np.zeros((1, 2, 1), dtype=np.int64), np.array([2]), mapping, origin=np.array([0, 5]))
     with pytest.raises(MoesimError, match="layout"):
         SimConfig(layout="zigzag")
+
+
+def naive_workload(ids, step_tokens, mapping, policy, origin, dedup):
+    """Reference: token by token with choose_slots (the runtime's call), for the ep layout."""
+    L = ids.shape[0]
+    G = mapping.num_gpus
+    S = len(step_tokens)
+    slots = mapping.phy2log.shape[1]
+    slot_gpu = mapping.slot_gpu()
+    slot_tokens = np.zeros((S, L, slots))
+    send = np.zeros((S, L, G, G))
+    offsets = np.concatenate([[0], np.cumsum(step_tokens)])
+    for layer in range(L):
+        table, count = policy.tables(mapping, layer)
+        for s in range(S):
+            a, b = offsets[s], offsets[s + 1]
+            n = b - a
+            o = origin[a:b] if origin is not None else np.arange(n) * G // max(n, 1)
+            chosen = choose_slots(table, count, ids[layer, a:b], o, np.arange(n))
+            for t in range(n):
+                dsts = [slot_gpu[x] for x in chosen[t]]
+                for x in chosen[t]:
+                    slot_tokens[s, layer, x] += 1
+                for d in (set(dsts) if dedup else dsts):
+                    send[s, layer, o[t], d] += 1
+    return slot_tokens, send
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.booleans())
+def test_matches_token_by_token_reference(case, dedup) -> None:
+    mapping, ids, st_, origin, policy = case
+    wl = workload_from_ids(ids, st_, mapping, SimConfig(policy=policy, dedup=dedup), origin)
+    slot_tokens, send = naive_workload(ids, st_, mapping, policy, origin, dedup)
+    np.testing.assert_array_equal(wl.slot_tokens, slot_tokens)
+    np.testing.assert_array_equal(wl.send_tokens, send)
