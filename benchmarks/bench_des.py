@@ -2,7 +2,8 @@
 
     python benchmarks/bench_des.py                 # Mixtral-8x7B on dgx-h100, DeepSeek-V3 on dgx-h100:8
     python benchmarks/bench_des.py --quick         # fewer layers/steps (a smoke run)
-    python benchmarks/bench_des.py --quantum 0     # exact flow network (slower)
+    python benchmarks/bench_des.py --quantum 0 --rel-quantum 0     # exact flow network (much slower)
+    python benchmarks/bench_des.py --tokens 512    # longer transfers
 
 Workloads are synthetic routing traces (moesim.trace.synth, the model's default skew) with linear placement and
 the ``ep`` layout. The DES wall time is per step (and its process CPU time: shared machines are noisy); the analytic
@@ -23,7 +24,7 @@ from moesim.mapping import ExpertMapping
 from moesim.models import get_model
 from moesim.sim.analytic import run_analytic
 from moesim.sim.config import SimConfig
-from moesim.sim.des import DEFAULT_QUANTUM, run_des
+from moesim.sim.des import DEFAULT_QUANTUM, DEFAULT_REL_QUANTUM, run_des
 from moesim.sim.workload import build_workload
 from moesim.topology import load_topology
 from moesim.trace import Trace
@@ -37,7 +38,7 @@ CASES = (
 
 
 def bench_case(model_name: str, topo_name: str, tokens_per_gpu: int, steps: int, quantum: float,
-               layers: int | None, tmp: Path) -> dict:
+               layers: int | None, tmp: Path, rel_quantum: float = DEFAULT_REL_QUANTUM) -> dict:
     model = get_model(model_name)
     if layers:
         model = model.with_(num_layers=min(layers, model.num_layers))
@@ -58,7 +59,7 @@ def bench_case(model_name: str, topo_name: str, tokens_per_gpu: int, steps: int,
     ra = run_analytic(wl, topo, cost, model, config)
     t_an = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    rd = run_des(wl, topo, cost, model, config, quantum=quantum)
+    rd = run_des(wl, topo, cost, model, config, quantum=quantum, rel_quantum=rel_quantum)
     t_des, c_des = time.perf_counter() - t0, time.process_time() - c0
     S = len(ra.step_time)
     return {
@@ -76,11 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4 layers per model, one step")
     ap.add_argument("--quantum", type=float, default=DEFAULT_QUANTUM, help="flow network hand-over quantum, s")
+    ap.add_argument("--rel-quantum", type=float, default=DEFAULT_REL_QUANTUM,
+                    help="hand-over quantum as a fraction of the median remaining transfer time")
+    ap.add_argument("--tokens", type=int, default=None, help="decode tokens per GPU (default: 64)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for model_name, topo_name, tok, steps in CASES:
-            r = bench_case(model_name, topo_name, tok, 1 if args.quick else steps, args.quantum,
-                           4 if args.quick else None, Path(tmp))
+            r = bench_case(model_name, topo_name, args.tokens or tok, 1 if args.quick else steps, args.quantum,
+                           4 if args.quick else None, Path(tmp), args.rel_quantum)
             print(r["case"])
             print(f"  step time   analytic {r['analytic_ms']:9.3f} ms   des {r['des_ms']:9.3f} ms   "
                   f"des/analytic {r['ratio']:.3f}")

@@ -61,11 +61,14 @@ from moesim.errors import MoesimError
 from moesim.sim.network import FlowNetwork, dominated_links
 
 PHASES = ("dense", "gate", "dispatch", "expert", "combine")
-# Default bandwidth hand-over quantum (see FlowNetwork): 2 µs, about two NVLink hop latencies (ASTRA-sim's
-# validated HGX-H100 setting: ~0.94 µs per hop), below which a fluid model says little anyway. Measured on
-# DeepSeek-V3 (4 MoE layers, synthetic decode, 64 tokens/GPU) on dgx-h100:8: step time +0.18 % vs the exact
-# network (quantum 0), 24x fewer rate recomputations (1 µs: +0.07 %, 14x; see benchmarks/bench_des.py --quantum).
+# Default bandwidth hand-over quantum (see FlowNetwork): the larger of 2 µs (about two NVLink hop latencies;
+# ASTRA-sim's validated HGX-H100 setting is ~0.94 µs per hop, below which a fluid model says little anyway) and
+# 5 % of the median time the flows in flight still need (so long prefill transfers do not multiply the work).
+# Measured vs the exact network (quantum 0) on DeepSeek-V3, 4 MoE layers, synthetic decode, dgx-h100:8:
+# 64 tokens/GPU +0.16 % step time with 25x fewer rate recomputations; 512 tokens/GPU +0.08 %, 16x fewer
+# (benchmarks/bench_des.py --quantum/--rel-quantum to redo it).
 DEFAULT_QUANTUM = 2e-6
+DEFAULT_REL_QUANTUM = 0.05
 DEFAULT_MAX_EVENTS = 200_000
 DENSE_LAYER = -1  # layer index of the stages of the model's dense layers
 
@@ -262,13 +265,13 @@ class _StepRun:
 
 def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = None,
             progress: Callable[[int, int], None] | bool | None = None, *,
-            quantum: float = DEFAULT_QUANTUM, rel_quantum: float = 0.0,
+            quantum: float = DEFAULT_QUANTUM, rel_quantum: float = DEFAULT_REL_QUANTUM,
             max_events: int = DEFAULT_MAX_EVENTS) -> Any:
     """Replay ``workload`` on ``topology`` event by event; returns a SimResult with the analytic engine's fields.
 
     ``progress``: a callable ``(steps_done, steps_total)`` (anything else: no reports).
     ``quantum`` / ``rel_quantum``: the flow network's bandwidth hand-over quantum (seconds / fraction of the
-    oldest flow's age; 0 and 0 = exact, slower), see :class:`moesim.sim.network.FlowNetwork`.
+    median remaining transmission time; 0 and 0 = exact, slower), see :class:`moesim.sim.network.FlowNetwork`.
     """
     from moesim.sim.analytic import layout_cost
     from moesim.sim.config import SimConfig

@@ -17,7 +17,7 @@ Model (the fluid model of SimGrid's network models and of ASTRA-sim's analytical
   gain). This trades a small error for far fewer rate recomputations when thousands of flows end at distinct
   times. Likewise, flows started within one quantum of the next batch of completions begin transmitting at
   that batch (their arrival is then up to one quantum late). ``rel_quantum`` widens the quantum to a fraction
-  of the age of the oldest flow in flight.
+  of the median time the flows in flight still need (a scale-free error: long transfers, long quantum).
 - Propagation latency: a flow's bytes have all *arrived* ``sum(edge_latency[route])`` after its last byte left
   (``t_done = t_start + transmission + latency``, the ``latency + size / bandwidth`` of an isolated flow).
   Latency does not occupy links.
@@ -407,8 +407,8 @@ class FlowNetwork:
         self._finish = self.env.now + ttf
         q = self.quantum
         if self.rel_quantum > 0:
-            # relative part: a fraction of the age of the oldest flow in flight
-            q = max(q, self.rel_quantum * (self.env.now - float(self._start[self._fid].min())))
+            # relative part: a fraction of the median time the flows in flight still need
+            q = max(q, self.rel_quantum * float(np.median(ttf)))
         if q > 0:
             # retire every flow ending within one quantum of the first in one batch, at the last one's end
             delay = float(ttf[ttf <= first + q].max())
