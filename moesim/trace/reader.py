@@ -195,10 +195,19 @@ class Trace:
 
     def chunks(self) -> Iterator[Chunk]:
         """Every chunk holding steps, in order, as zero-copy views."""
-        for c in self._chunks:
-            if c["num_steps"] == 0:
+        return self._chunks_in(0, self.num_steps)
+
+    def _chunks_in(self, start: int, stop: int) -> Iterator[Chunk]:
+        """The chunks holding any of steps ``start .. stop-1``; each one's ids are range-checked on first use."""
+        for i, c in enumerate(self._chunks):
+            if c["num_steps"] == 0 or c["first_step"] + c["num_steps"] <= start:
                 continue
+            if c["first_step"] >= stop:
+                break
             arrays = {name: self._array(c, name) for name in c["arrays"]}
+            if not c.get("checked"):
+                self._check_values(i, c, arrays)
+                c["checked"] = True
             counts = arrays.get("counts")
             step_tokens = arrays.get("step_tokens")
             if step_tokens is None:
@@ -207,15 +216,33 @@ class Trace:
             yield Chunk(c["first_step"], step_tokens, arrays["phase"], arrays.get("ids"), arrays.get("weights"),
                         arrays.get("origin"), counts, arrays)
 
+    def _check_values(self, i: int, c: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Refuse ids, origins or counts no consumer could index with (a corrupt or foreign file), in one line.
+
+        Shapes were checked when the file was opened; values are checked here, once per chunk, because it
+        needs a pass over the data (a max over uint16 ids is far cheaper than any use of them).
+        """
+        where = f"trace {self.path}: chunk {i} (steps {c['first_step']}..{c['first_step'] + c['num_steps'] - 1})"
+        hint = "; the file is corrupt (`moesim trace validate` lists every problem)"
+        ids = arrays.get("ids")
+        if ids is not None and ids.size:
+            lo, hi = int(ids.min()) if ids.dtype.kind == "i" else 0, int(ids.max())
+            if lo < 0 or hi >= self.model.num_experts:
+                bad = hi if hi >= self.model.num_experts else lo
+                raise TraceError(f"{where} holds expert id {bad}, out of range [0, {self.model.num_experts}){hint}")
+        origin = arrays.get("origin")
+        if origin is not None and origin.size and self.num_ranks is not None and \
+                (int(origin.max()) >= self.num_ranks or (origin.dtype.kind == "i" and int(origin.min()) < 0)):
+            raise TraceError(f"{where} holds an origin rank out of range [0, {self.num_ranks}){hint}")
+        counts = arrays.get("counts")
+        if counts is not None and counts.size and int(counts.min()) < 0:
+            raise TraceError(f"{where} holds a negative load count{hint}")
+
     def steps(self, start: int = 0, stop: int | None = None) -> Iterator[Step]:
         """Steps ``start .. stop-1`` one at a time, without loading the whole trace."""
         stop = self.num_steps if stop is None else min(stop, self.num_steps)
-        for chunk in self.chunks():
+        for chunk in self._chunks_in(start, stop):
             first, n = chunk.first_step, chunk.num_steps
-            if first + n <= start:
-                continue
-            if first >= stop:
-                break
             offsets = chunk.step_offsets
             for j in range(max(0, start - first), min(n, stop - first)):
                 phase = fmt.PHASE_NAMES.get(int(chunk.phase[j]))
@@ -238,7 +265,7 @@ class Trace:
         stop = self.num_steps if stop is None else min(stop, self.num_steps)
         L, E = self.model.num_layers, self.model.num_experts
         out = np.zeros((max(stop - start, 0), L, E), dtype=np.int64)
-        for chunk in self.chunks():
+        for chunk in self._chunks_in(start, stop):
             first, n = chunk.first_step, chunk.num_steps
             lo, hi = max(start, first), min(stop, first + n)
             if lo >= hi:
@@ -292,8 +319,9 @@ class Trace:
                 T = int(arrays["step_tokens"].sum())
                 if ids.shape != (m.num_layers, T, m.top_k):
                     problems.append(f"chunk {i}: ids shape {list(ids.shape)} != [{m.num_layers}, {T}, {m.top_k}]")
-                elif ids.size and int(ids.max()) >= m.num_experts:
-                    problems.append(f"chunk {i}: expert id {int(ids.max())} out of range [0, {m.num_experts})")
+                elif ids.size and (int(ids.max()) >= m.num_experts or int(ids.min()) < 0):
+                    bad = int(ids.max()) if int(ids.max()) >= m.num_experts else int(ids.min())
+                    problems.append(f"chunk {i}: expert id {bad} out of range [0, {m.num_experts})")
                 for name in ("weights",):
                     if name in arrays and arrays[name].shape != ids.shape:
                         problems.append(f"chunk {i}: {name} shape differs from ids")
@@ -357,6 +385,7 @@ def _scan(mm: mmap.mmap, offset: int, size: int,
         try:
             directory = json.loads(bytes(mm[dir_start:payload]))
             chunk = _check_directory(directory, plen, header)
+            _check_shapes(chunk["arrays"], chunk["num_steps"], header, mm, payload)
         except (ValueError, MoesimError) as exc:
             return chunks, offset, f"{where} has a malformed directory ({exc}){done}"
         if chunk["first_step"] != next_step:
@@ -398,3 +427,45 @@ def _check_directory(d: Any, payload_len: int, header: dict[str, Any]) -> dict[s
         if "step_tokens" in arrays and arrays["step_tokens"][1] != [n]:
             raise MoesimError("step_tokens length differs from num_steps")
     return {"first_step": first, "num_steps": n, "arrays": arrays}
+
+
+def _check_shapes(arrays: dict[str, Any], n: int, header: dict[str, Any], mm: mmap.mmap, payload: int) -> None:
+    """Check a chunk's arrays against the header's model and records (metadata only, plus the small step_tokens).
+
+    Why here: a chunk whose ids have another top-k or layer count would otherwise be sliced silently wrong.
+    """
+    model = ModelSpec.from_dict(header["model"])
+    L, E, k = model.num_layers, model.num_experts, model.top_k
+
+    def shape(name: str) -> list[int] | None:
+        return arrays[name][1] if name in arrays else None
+
+    if "ids" in arrays:
+        if arrays["ids"][0] != header.get("ids_dtype", arrays["ids"][0]):
+            raise MoesimError(f"ids dtype {arrays['ids'][0]} differs from the header's {header.get('ids_dtype')}")
+        if "step_tokens" not in arrays:
+            raise MoesimError("ids without step_tokens")
+        dtype, st_shape, off = arrays["step_tokens"]
+        step_tokens = np.frombuffer(mm, dtype=np.dtype(dtype), count=st_shape[0], offset=payload + off)
+        if step_tokens.size and int(step_tokens.min()) < 0:
+            raise MoesimError("negative token count")
+        T = int(step_tokens.sum())
+        if shape("ids") != [L, T, k]:
+            raise MoesimError(f"ids shape {shape('ids')} is not [layers {L}, tokens {T}, top-k {k}]")
+        for name in ("weights",):
+            if name in arrays and shape(name) != [L, T, k]:
+                raise MoesimError(f"{name} shape {shape(name)} differs from ids shape {[L, T, k]}")
+        if "origin" in arrays and shape("origin") != [T]:
+            raise MoesimError(f"origin shape {shape('origin')} is not [tokens {T}]")
+    elif n and header["kind"] == "tokens":
+        raise MoesimError("no ids in a token trace's chunk")
+    if "counts" in arrays and shape("counts") != [n, L, E]:
+        raise MoesimError(f"counts shape {shape('counts')} is not [steps {n}, layers {L}, experts {E}]")
+    if "timing_index" in arrays:
+        names = ("timing_index", "timing_phases", "timing_experts", "timing_tokens")
+        shapes = [shape(a) for a in names]
+        if any(sh is None or len(sh) != 2 for sh in shapes):
+            raise MoesimError("incomplete timing records")
+        N, P = shapes[0][0], len(header.get("timing_phases") or ())
+        if shapes[0] != [N, 3] or shapes[1] != [N, P] or shapes[2] != shapes[3] or shapes[2][0] != N:
+            raise MoesimError(f"timing arrays of shapes {shapes} do not fit {N} records of {P} phases")
