@@ -101,31 +101,28 @@ def _half(nbytes: float, G: int) -> np.ndarray:
     return out
 
 
-def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, config: Any,
-                scale: float = 1.0) -> list[_Stage]:
+def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, config: Any) -> list[_Stage]:
     """The stages every GPU runs in step ``s``, in order, with per-GPU seconds or bytes.
 
-    ``cost`` must already be adjusted to the layout (:func:`moesim.sim.analytic.layout_cost`); ``scale``
-    multiplies every token count (0.5 for each of two micro-batches).
+    ``cost`` must already be adjusted to the layout (:func:`moesim.sim.analytic.layout_cost`).
     """
     from moesim.sim.analytic import dense_layers_time
 
     layout = getattr(config, "layout", "ep")
     G = int(topology.num_gpus)
     tb = float(model.token_bytes)
-    gpu_tokens = np.asarray(workload.gpu_tokens[s], dtype=np.float64) * scale  # [L, G]
-    slot_tokens = np.asarray(workload.slot_tokens[s], dtype=np.float64) * scale  # [L, slots]
+    gpu_tokens = np.asarray(workload.gpu_tokens[s], dtype=np.float64)  # [L, G]
+    slot_tokens = np.asarray(workload.slot_tokens[s], dtype=np.float64)  # [L, slots]
     L = slot_tokens.shape[0]
     W = slot_tokens.shape[1] // G
-    send = np.asarray(workload.send_tokens[s], dtype=np.float64) * (tb * scale)  # [L, G, G]
+    send = np.asarray(workload.send_tokens[s], dtype=np.float64) * tb  # [L, G, G]
     tp = layout in ("ep-tp-attn", "tp") and G > 1
-    half = _half(float(workload.step_tokens[s]) * tb * scale, G) if tp else None
+    half = _half(float(workload.step_tokens[s]) * tb, G) if tp else None
     stages: list[_Stage] = []
     # the model's dense layers (DeepSeek-V3's first three), as the analytic engine prices them
     n_dense = int(getattr(model, "num_dense_layers", 0) or 0) if getattr(config, "dense_layers", True) else 0
     if n_dense:
-        one = _window(workload, s, scale)
-        _, busy, _ = dense_layers_time(one, topology, cost, model, config)
+        _, busy, _ = dense_layers_time(workload.window(s, s + 1), topology, cost, model, config)
         per = np.asarray(busy[0], dtype=np.float64) / n_dense  # [G]
         for _ in range(n_dense):
             stages.append(_Stage("compute", 0, DENSE_LAYER, "dense-layer", per))
@@ -154,15 +151,6 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
             stages += [_Stage("exchange", 4, layer, "reduce-scatter", half),
                        _Stage("exchange", 4, layer, "all-gather", half)]
     return stages
-
-
-def _window(workload: Any, s: int, scale: float) -> Any:
-    """Step ``s`` of the workload alone, token counts scaled (for the analytic dense-layer costs)."""
-    sl = slice(s, s + 1)
-    return replace(workload, step_tokens=np.asarray(workload.step_tokens[sl], dtype=np.float64) * scale,
-                   phase=workload.phase[sl], slot_tokens=workload.slot_tokens[sl],
-                   send_tokens=workload.send_tokens[sl],
-                   gpu_tokens=np.asarray(workload.gpu_tokens[sl], dtype=np.float64) * scale)
 
 
 class _StepRun:
