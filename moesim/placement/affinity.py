@@ -178,19 +178,18 @@ def _intra(aff: np.ndarray, bonus: np.ndarray, part: np.ndarray, M: int) -> floa
 
 
 def _repair_balance(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.ndarray, M: int,
-                    epsilon: float, max_iter: int = 2000) -> np.ndarray:
+                    epsilon: float, max_iter: int = 100) -> np.ndarray:
     """While the busiest node is above (1 + ε) · mean: swap one of its experts with one of another node so
     that both end below its load, choosing the swap that loses the least affinity."""
     part = part.copy()
     E = len(w)
     target = w.sum() / M * (1 + epsilon)
+    fill = np.bincount(part, weights=w, minlength=M)
+    val = aff @ np.eye(M)[part] + bonus  # kept up to date below
     for _ in range(max_iter):
-        fill = np.bincount(part, weights=w, minlength=M)
         a = int(np.argmax(fill))
         if fill[a] <= target * (1 + 1e-12):
             break
-        onehot = np.eye(M)[part]
-        val = aff @ onehot + bonus
         here = val[np.arange(E), part]
         ii = np.nonzero(part == a)[0]
         d = w[ii][:, None] - w[None, :]  # load leaving a
@@ -204,7 +203,12 @@ def _repair_balance(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.
         score = np.where(ok, gain - 1e6 * np.maximum(np.maximum(fa, fb) - target, 0) / max(target, 1e-12), -np.inf)
         k, j = divmod(int(np.argmax(score)), E)
         i = ii[k]
-        part[i], part[j] = part[j], part[i]
+        b = part[j]
+        val[:, a] += aff[:, j] - aff[:, i]
+        val[:, b] += aff[:, i] - aff[:, j]
+        fill[a] += w[j] - w[i]
+        fill[b] += w[i] - w[j]
+        part[i], part[j] = b, a
     return part
 
 
