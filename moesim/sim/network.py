@@ -353,25 +353,24 @@ class FlowNetwork:
     def _complete_due(self) -> None:
         if self._remaining.size == 0:
             return
-        with np.errstate(divide="ignore", invalid="ignore"):
-            due = self._remaining <= self._rate * _TIME_EPS + 1e-9
-        if not due.any():
+        due = self._remaining <= self._rate * _TIME_EPS + 1e-9
+        done = np.flatnonzero(due)
+        if done.size == 0:
             return
         # a finished flow has moved all its bytes (the float residue of rate × time is snapped away)
-        fid = self._fid[due]
-        H = self._routes.shape[1]
-        lb = np.bincount(self._routes[due].ravel(), weights=np.repeat(self._req[fid], H), minlength=self._pad + 1)
+        fid = self._fid[done]
+        req = self._req[fid]
+        rts = self._routes[done]
+        lb = np.bincount(rts.ravel(), weights=np.repeat(req, rts.shape[1]), minlength=self._pad + 1)
         self.link_bytes += lb[:self._pad]
-        now = self.env.now
-        self._deliv[fid] = self._req[fid]
-        arrival = np.minimum(self._finish[due], now) + self._lat[due]
+        self._deliv[fid] = req
+        arrival = np.minimum(self._finish[done], self.env.now) + self._lat[done]
         self._end[fid] = arrival
-        groups = self._group[due]
-        keep = ~due
-        self._routes, self._remaining, self._rate = self._routes[keep], self._remaining[keep], self._rate[keep]
-        self._croutes = self._croutes[keep]
+        groups = self._group[done]
+        keep = np.flatnonzero(~due)
+        self._routes, self._croutes = self._routes[keep], self._croutes[keep]
+        self._remaining, self._rate, self._finish = self._remaining[keep], self._rate[keep], self._finish[keep]
         self._lat, self._group, self._fid = self._lat[keep], self._group[keep], self._fid[keep]
-        self._finish = self._finish[keep]
         self._arrive(groups, arrival, fid)
 
     def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
@@ -408,7 +407,8 @@ class FlowNetwork:
         q = self.quantum
         if self.rel_quantum > 0:
             # relative part: a fraction of the median time the flows in flight still need
-            q = max(q, self.rel_quantum * float(np.median(ttf)))
+            mid = ttf.size // 2
+            q = max(q, self.rel_quantum * float(np.partition(ttf, mid)[mid]))
         if q > 0:
             # retire every flow ending within one quantum of the first in one batch, at the last one's end
             delay = float(ttf[ttf <= first + q].max())
