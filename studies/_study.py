@@ -118,10 +118,14 @@ def save_fig(fig: Any, path: Path) -> None:
 
 
 class Clock:
-    """Wall time since construction, for the 'finished in' line each study prints."""
+    """Wall and CPU time since construction, for the 'finished in' line each study prints.
+
+    CPU time (this process, all threads) is printed too: on a shared machine the wall time says little.
+    """
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
 
     def __str__(self) -> str:
-        return f"{time.perf_counter() - self.t0:.1f} s"
+        return f"wall {time.perf_counter() - self.t0:.1f} s, CPU {time.process_time() - self.c0:.1f} s"
