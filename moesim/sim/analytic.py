@@ -104,9 +104,17 @@ class _CommTables:
     of the same / different nodes; the diagonal (a GPU to itself) is left out everywhere."""
 
     def __init__(self, topology: Any) -> None:
+        from moesim.sim.network import dominated_links
+
         G = int(topology.num_gpus)
         R = topology.routing_matrix().tocsr()
         self.num_links = R.shape[1]
+        self.bw = np.asarray(topology.edge_bw, dtype=float)
+        # only links that can be the busiest take part in the per-exchange product: a link whose routes all
+        # cross another link that is no wider never carries more bytes per bandwidth (sim.network.dominated_links)
+        routes = [R.indices[R.indptr[p]:R.indptr[p + 1]] for p in range(G * G)]
+        self.keep = np.flatnonzero(~dominated_links(routes, self.bw)) if self.num_links else np.zeros(0, int)
+        K = len(self.keep)
         plat = np.asarray(topology.path_latency(), dtype=float).ravel()
         off = ~np.eye(G, dtype=bool).ravel()
         self.levels, level_of = np.unique(np.round(plat, 15), return_inverse=True)
@@ -114,27 +122,27 @@ class _CommTables:
         pairs = np.flatnonzero(off)
         nl = len(self.levels)
         rows = np.concatenate([pairs, pairs])
-        cols = np.concatenate([self.num_links + level_of[pairs], self.num_links + nl + inter[pairs].astype(int)])
-        extra = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(G * G, self.num_links + nl + 2))
-        R = R.copy()
-        R.resize((G * G, self.num_links + nl + 2))
-        fwd = (R + extra).tocsr()
+        cols = np.concatenate([K + level_of[pairs], K + nl + inter[pairs].astype(int)])
+        extra = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(G * G, K + nl + 2))
+        Rk = R[:, self.keep].tocsr()
+        Rk.resize((G * G, K + nl + 2))
+        fwd = (Rk + extra).tocsr()
         perm = (np.arange(G * G) % G) * G + np.arange(G * G) // G  # row s*G+d of the transpose = pair (d, s)
         # stored transposed ([X, G*G] CSR): the product runs as sparse @ (small contiguous blocks of exchanges)
         self.fwd_t = fwd.T.tocsr()
         self.back_t = fwd[perm].T.tocsr()
-        self.bw = np.asarray(topology.edge_bw, dtype=float)
+        self.links_t, self.links_back_t = R.T.tocsr(), R[perm].T.tocsr()  # [E, G*G] for the link totals
 
     def run(self, flat: np.ndarray, transpose: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """flat [N, G*G] bytes -> (seconds [N], link bytes summed [E], intra-node [N], inter-node [N])."""
         # sparse products, not BLAS: a multi-threaded GEMM of these thin shapes stalls on a busy machine (measured
         # 20 ms instead of 0.07 ms for [640, 64] x [64, 20] under load), and the routing matrix is mostly zeros
-        out = self._sparse(flat, self.back_t if transpose else self.fwd_t)  # [N, E + levels + 2]
-        E, nl = self.num_links, len(self.levels)
-        link = out[:, :E]
-        busy = (link / self.bw).max(axis=1) if E else np.zeros(len(flat))
-        lat = np.where(out[:, E:E + nl] > 0, self.levels, 0.0).max(axis=1) if nl else np.zeros(len(flat))
-        return busy + lat, link.sum(axis=0), out[:, E + nl], out[:, E + nl + 1]
+        out = self._sparse(flat, self.back_t if transpose else self.fwd_t)  # [N, K + levels + 2]
+        K, nl = len(self.keep), len(self.levels)
+        busy = (out[:, :K] / self.bw[self.keep]).max(axis=1) if K else np.zeros(len(flat))
+        lat = np.where(out[:, K:K + nl] > 0, self.levels, 0.0).max(axis=1) if nl else np.zeros(len(flat))
+        total = (self.links_back_t if transpose else self.links_t) @ flat.sum(axis=0)
+        return busy + lat, np.asarray(total).ravel(), out[:, K + nl], out[:, K + nl + 1]
 
     @staticmethod
     def _sparse(flat: np.ndarray, m: Any) -> np.ndarray:
