@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapping", metavar="M.json",
                    help="expert mapping (moesim or SGLang JSON); default: linear placement over the topology's GPUs")
     p.add_argument("--slots-per-gpu", type=int, default=None,
-                   help="slots per GPU of the default linear placement (needed when experts do not divide over GPUs)")
+                   help="slots per GPU of the default linear placement (default: experts / GPUs rounded up; "
+                        "extra slots replicate experts 0, 1, ...)")
     p.add_argument("--layout", choices=("ep", "ep-tp-attn", "tp"), default="ep",
                    help="ep: all-to-all dispatch/combine, DP attention; ep-tp-attn: EP experts beside TP "
                         "attention (reduce-scatter/all-gather); tp: every expert sharded, all-reduce")
