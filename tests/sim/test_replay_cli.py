@@ -99,9 +99,19 @@ def bad_cases(trace_path, tmp_path):
     four = ExpertMapping.linear(model.num_layers, model.num_experts, 4)
     four.save(tmp_path / "four.json")
     (tmp_path / "junk.json").write_text("{not json")
+    from moesim.topology import Topology
+
+    topo = Topology.flat(8, 1e9, 1e-6, "h100").to_json()
+    topo["graph"]["links"][0]["bandwidth"] = -1.0
+    (tmp_path / "negbw.json").write_text(json.dumps(topo))
+    topo = Topology.flat(8, 1e9, 1e-6, "h100").to_json()
+    topo["graph"]["links"] = [e for e in topo["graph"]["links"] if "gpu3" not in (e["source"], e["target"])]
+    (tmp_path / "island.json").write_text(json.dumps(topo))
     base = ["replay", "--trace", str(trace_path), "--out", str(tmp_path / "o")]
     return [
         (base + ["--topology", "dgx-h999"], "unknown topology"),
+        (base + ["--topology", str(tmp_path / "negbw.json")], "bandwidth"),
+        (base + ["--topology", str(tmp_path / "island.json")], "gpu3"),
         (base + ["--topology", "dgx-h100", "--mapping", str(tmp_path / "other.json")], "layers"),
         (base + ["--topology", "dgx-h100", "--mapping", str(tmp_path / "four.json")], "GPUs"),
         (base + ["--topology", "dgx-h100", "--mapping", str(tmp_path / "junk.json")], "JSON"),
