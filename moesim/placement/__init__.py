@@ -50,6 +50,16 @@ def _lpt(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, **kw: Any)
     return ExpertMapping(m.phy2log, G, m.num_experts, {"algo": "lpt"}), {}
 
 
+def _incremental(load: np.ndarray, G: int, N: int, *, previous: ExpertMapping | None = None,
+                 max_swaps: int = 64, gpus_per_node: int = 8, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.simple import incremental
+    if previous is None:  # nothing to start from: the fast balanced placement
+        return _lpt(load, G, N, gpus_per_node=gpus_per_node)
+    if previous.num_slots != N or previous.num_gpus != G or previous.num_experts != load.shape[1]:
+        raise PlacementError("incremental: the previous mapping does not match the requested shape")
+    return incremental(load, previous, max_swaps), {}
+
+
 def _eplb_with(policy: str) -> Callable[..., tuple[ExpertMapping, dict]]:
     def run(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, num_groups: int = 1,
             **kw: Any) -> tuple[ExpertMapping, dict]:
@@ -88,6 +98,7 @@ ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {
     "eplb-global": _eplb_with("global"),
     "eplb-hierarchical": _eplb_with("hierarchical"),
     "milp": _milp,
+    "incremental": _incremental,
     "affinity": _affinity,
 }
 

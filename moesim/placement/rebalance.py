@@ -8,8 +8,9 @@ Policies (``parse_policy``):
   vLLM's Σ mean / Σ max) of the current mapping on the last W steps' load is below X, re-place from those W
   steps; at most once per C steps (default W).
 
-A rebalance at step t takes effect from step t. Cost: the new mapping is first aligned to the old one —
-on every GPU, slots keep the experts they already hold (``align``) — then every (GPU, expert) replica the GPU
+A rebalance at step t takes effect from step t. Cost: the new mapping is first matched to the old one —
+nodes, then GPUs within nodes, relabelled to overlap the old mapping most (``match_gpus``), and on every GPU
+slots keep the experts they already hold (``align``) — then every (GPU, expert) replica the GPU
 did not hold before is fetched whole (``expert_bytes``) from a GPU that held that expert: one on the same node
 if there is one, else the lowest-numbered holder (``migration_matrix``; a GPU adding a replica of an expert
 it already holds copies it locally: the diagonal, counted in the moved bytes but not sent). The [G, G] byte
@@ -122,6 +123,45 @@ def align(old: ExpertMapping, new: ExpertMapping) -> ExpertMapping:
     return ExpertMapping(out, new.num_gpus, new.num_experts, dict(new.meta))
 
 
+def match_gpus(old: ExpertMapping, new: ExpertMapping, gpus_per_node: int = 8) -> ExpertMapping:
+    """``new`` with whole nodes, then whole GPUs within each node, relabelled to keep the most of ``old`` in place.
+
+    A placement algorithm treats GPUs (and nodes) as interchangeable, so its output is only defined up to such
+    a relabelling; picking the one that overlaps ``old`` most (two assignment problems, scipy's
+    linear_sum_assignment, per layer) leaves every GPU's load, node membership of co-located experts and the
+    balance unchanged while moving far fewer experts.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    _check_pair(old, new)
+    G, E, S = new.num_gpus, new.num_experts, new.slots_per_gpu
+    gpn = gpus_per_node if G % gpus_per_node == 0 else G
+    M = G // gpn
+    gpu = np.repeat(np.arange(G), S)
+    out = new.phy2log.reshape(new.num_layers, G, S).copy()
+    for layer in range(new.num_layers):
+        h_old = np.zeros((G, E))
+        h_new = np.zeros((G, E))
+        np.add.at(h_old, (gpu, old.phy2log[layer]), 1)
+        np.add.at(h_new, (gpu, new.phy2log[layer]), 1)
+        # node level: overlap of the (GPU-summed) expert counts
+        n_old = h_old.reshape(M, gpn, E).sum(axis=1)
+        n_new = h_new.reshape(M, gpn, E).sum(axis=1)
+        over = np.minimum(n_new[:, None, :], n_old[None, :, :]).sum(axis=2)  # [M new, M old]
+        rows, cols = linear_sum_assignment(-over)
+        node_to = np.empty(M, dtype=np.int64)
+        node_to[rows] = cols
+        blocks = new.phy2log[layer].reshape(G, S)
+        for mn in range(M):
+            mo = node_to[mn]
+            gn = np.arange(mn * gpn, (mn + 1) * gpn)
+            go = np.arange(mo * gpn, (mo + 1) * gpn)
+            ov = np.minimum(h_new[gn][:, None, :], h_old[go][None, :, :]).sum(axis=2)
+            r, c = linear_sum_assignment(-ov)
+            out[layer, go[c]] = blocks[gn[r]]
+    return ExpertMapping(out.reshape(new.num_layers, -1), G, E, dict(new.meta))
+
+
 def changed_pairs(old: ExpertMapping, new: ExpertMapping) -> int:
     """(layer, GPU, replica) entries of ``new`` that the GPU did not hold in ``old`` (multiset difference)."""
     _check_pair(old, new)
@@ -170,10 +210,11 @@ def _check_pair(old: ExpertMapping, new: ExpertMapping) -> None:
 
 # -- when to rebalance --------------------------------------------------------------------------------
 def plan(step_load: np.ndarray, initial: ExpertMapping, policy: RebalancePolicy,
-         replace: Callable[[np.ndarray], ExpertMapping]) -> list[tuple[int, ExpertMapping]]:
+         replace: Callable[[np.ndarray, ExpertMapping], ExpertMapping],
+         gpus_per_node: int = 8) -> list[tuple[int, ExpertMapping]]:
     """Walk the steps; return [(step, aligned new mapping)] where ``policy`` rebalances.
 
-    step_load [S, L, E] token-choices per step; ``replace(window_load [L, E])`` computes a new mapping.
+    step_load [S, L, E] token-choices per step; ``replace(window_load [L, E], current)`` computes a new mapping.
     """
     S = len(step_load)
     out: list[tuple[int, ExpertMapping]] = []
@@ -193,7 +234,7 @@ def plan(step_load: np.ndarray, initial: ExpertMapping, policy: RebalancePolicy,
             due = window.sum() > 0 and balancedness(window, current) < policy.balancedness
         if not due:
             continue
-        new = align(current, replace(csum[t] - csum[lo]))
+        new = align(current, match_gpus(current, replace(csum[t] - csum[lo], current), gpus_per_node))
         if new != current:
             out.append((t, new))
             current = new
@@ -225,11 +266,12 @@ def replay_with_rebalance(trace: Any, topology: Any, cost: Any, model: Any, init
     gpn = getattr(topology, "gpus_per_node", 8)
     step_load = trace.load(start, stop)
 
-    def replace(window_load: np.ndarray) -> ExpertMapping:
+    def replace(window_load: np.ndarray, current: ExpertMapping) -> ExpertMapping:
+        extra = {"previous": current} if algo == "incremental" else {}
         return place(window_load, algo, num_gpus=initial.num_gpus, num_slots=initial.num_slots,
-                     gpus_per_node=gpn, **kw).mapping
+                     gpus_per_node=gpn, **kw, **extra).mapping
 
-    changes = plan(step_load, initial, policy, replace)
+    changes = plan(step_load, initial, policy, replace, gpn)
     kwargs = {} if config is None else {"config": config}
     results, schedule = [], []
     bounds = [0] + [t for t, _ in changes] + [stop - start]

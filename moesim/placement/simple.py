@@ -306,3 +306,19 @@ def spread_nodes(load: np.ndarray, mapping: ExpertMapping, gpus_per_node: int) -
             used[m] += 1
     spread = ExpertMapping(out.reshape(len(load), -1), G, mapping.num_experts, dict(mapping.meta))
     return balance_rails(load, spread, gpus_per_node)
+
+
+def incremental(load: np.ndarray, previous: ExpertMapping, max_swaps: int = 64) -> ExpertMapping:
+    """Rebalance ``previous`` for a new ``load`` by few moves: same replica counts, the replicas' new weights,
+    then at most ``max_swaps`` improving swaps per layer from the busiest GPU (``refine_swaps``).
+
+    Every swap moves two experts, so a rebalance moves at most 2·max_swaps replicas per layer, where a
+    placement from scratch moves nearly all of them.
+    """
+    L = load.shape[0]
+    G, S = previous.num_gpus, previous.slots_per_gpu
+    expert = previous.phy2log
+    weight = np.take_along_axis(load / previous.logcnt, expert, axis=1)
+    bins = np.broadcast_to(np.arange(previous.num_slots) // S, expert.shape)
+    bins = refine_swaps(weight, np.ascontiguousarray(bins), G, max_iter=max_swaps, item_key=expert)
+    return ExpertMapping(layout(expert, bins).reshape(L, -1), G, previous.num_experts, {"algo": "incremental"})

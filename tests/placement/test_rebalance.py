@@ -87,7 +87,7 @@ def _drifting_load(S=40, L=2, E=8, seed=0):
 
 
 def _replace(G, N):
-    return lambda w: place(w, "greedy", num_gpus=G, num_slots=N).mapping
+    return lambda w, current: place(w, "greedy", num_gpus=G, num_slots=N).mapping
 
 
 def test_static_moves_nothing_and_periodic_follows_interval():
@@ -108,3 +108,43 @@ def test_threshold_fires_after_the_shift_only():
     for _, m in ch:
         assert align(prev, m) == m
         prev = m
+
+
+@settings(max_examples=40, deadline=None)
+@given(mapping_pairs(), st.sampled_from([1, 2]))
+def test_match_gpus_is_a_relabelling_that_never_moves_more(pair, gpn):
+    from moesim.placement.base import gpu_loads
+    from moesim.placement.rebalance import match_gpus
+
+    old, new = pair
+    if old.num_gpus % gpn:
+        gpn = 1
+    m = match_gpus(old, new, gpn)
+    load = np.arange(1, old.num_experts + 1, dtype=float)[None].repeat(old.num_layers, 0)
+    assert sorted(gpu_loads(load, m).ravel()) == pytest.approx(sorted(gpu_loads(load, new).ravel()))
+    assert np.array_equal(m.logcnt, new.logcnt)
+    assert changed_pairs(old, m) <= changed_pairs(old, new)
+    assert changed_pairs(new, match_gpus(new, new, gpn)) == 0
+
+
+def test_match_gpus_undoes_a_gpu_permutation():
+    from moesim.placement.rebalance import match_gpus
+
+    old = place(np.random.default_rng(0).random((2, 16)), "greedy", num_gpus=4, num_slots=20).mapping
+    perm = np.array([3, 2, 0, 1])  # nodes swapped, and GPUs within node 1
+    shuffled = ExpertMapping(old.phy2log.reshape(2, 4, 5)[:, perm].reshape(2, 20), 4, 16)
+    assert changed_pairs(old, match_gpus(old, shuffled, 2)) == 0
+
+
+def test_incremental_moves_few_experts():
+    load = _drifting_load(S=40, L=2, E=16)
+    init = place(load[:20].sum(0), "greedy", num_gpus=4, num_slots=24).mapping
+    fresh = plan(load, init, parse_policy("periodic:interval=25,window=5"), _replace(4, 24))
+    inc = plan(load, init, parse_policy("periodic:interval=25,window=5"),
+               lambda w, cur: place(w, "incremental", num_gpus=4, num_slots=24, previous=cur, max_swaps=4).mapping)
+    assert len(fresh) == len(inc) == 1
+    assert changed_pairs(init, inc[0][1]) <= 2 * 4 * 2  # ≤ 2 experts per swap, 4 swaps, 2 layers
+    assert changed_pairs(init, inc[0][1]) <= changed_pairs(init, fresh[0][1])
+    w = load[20:25].sum(0)
+    from moesim.placement import gpu_loads
+    assert gpu_loads(w, inc[0][1]).max() <= gpu_loads(w, init).max() + 1e-9
