@@ -203,7 +203,7 @@ class _StepRun:
                 dst = np.flatnonzero(row > 0)
                 dst = dst[dst != g]
                 if dst.size:
-                    self.net.transfer_many(self.routes[g * G + dst], row[dst], self.gid[m, k, dst])
+                    self.net.transfer_routes(g * G + dst, row[dst], self.gid[m, k, dst])
                     self.src.extend([(g, m)] * dst.size)
                 yield self.gev[m, k][g]
             t1 = env.now
@@ -301,6 +301,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
         # costs nothing extra; a re-costed half batch would read every expert's weights twice)
         lanes = [stages] if M == 1 else [[replace(st, data=st.data / M) for st in stages]] * M
         net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum, ignore_links=ignore)
+        net.set_routes(routes)
         run = _StepRun(env, lanes, routes, G, net, events, max_events)
         t_begin = env.now
         procs = [env.process(run.lane(g, m)) for m in range(M) for g in range(G)]

@@ -46,8 +46,8 @@ import simpy
 
 from moesim.errors import MoesimError
 
-# Flows whose remaining transmission time is below this are complete (float round-off of rate × dt).
-_TIME_EPS = 1e-13
+# Relative float tolerance on the simulated clock when deciding that a flow's projected end has come.
+_TIME_EPS = 1e-15
 # Relative tolerance when deciding which links are saturated at the current fair-share level.
 _LEVEL_RTOL = 1e-9
 
@@ -171,6 +171,9 @@ class FlowNetwork:
         self.edge_latency = lat
         self._pad = bw.size  # index of the pad link (infinite capacity)
         self._cap = np.append(bw, np.inf)
+        self._lat_pad = np.append(lat, 0.0)  # per link, and 0 for the pad
+        self._tab_rt: np.ndarray | None = None
+        self._tab_crt = self._tab_lat = np.empty(0)
         # links whose capacity never binds (see dominated_links) are left out of the rate computation
         self._cmap = np.arange(bw.size + 1)
         if ignore_links is not None:
@@ -241,28 +244,55 @@ class FlowNetwork:
     def transfer_many(self, routes: Sequence[Sequence[int]] | np.ndarray, nbytes: Any, groups: Any) -> np.ndarray:
         """Start flows now: routes (list of edge-index lists, or a [F, H] array padded with -1), bytes [F],
         group id [F] (from :meth:`group`). Returns the new flow ids [F]."""
+        nb, grp = self._check_flows(nbytes, groups)
+        rt = self._route_table(routes, nb.size)
+        lat = self._lat_pad[rt].sum(axis=1)
+        crt = np.sort(self._cmap[rt], axis=1)  # pads (largest index) last
+        crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
+        return self._start_flows(rt, crt, lat, nb, grp)
+
+    def set_routes(self, table: np.ndarray) -> None:
+        """Declare a fixed route table [P, H] (edge indices padded with -1), e.g. one row per GPU pair, so that
+        :meth:`transfer_routes` can start flows by row number without re-deriving routes and latencies."""
+        rt = self._route_table(np.asarray(table), np.shape(table)[0])
+        crt = np.sort(self._cmap[rt], axis=1)
+        self._tab_rt = rt
+        self._tab_crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
+        self._tab_lat = self._lat_pad[rt].sum(axis=1)
+
+    def transfer_routes(self, rows: Any, nbytes: Any, groups: Any) -> np.ndarray:
+        """Start flows along rows of the table given to :meth:`set_routes`; otherwise as :meth:`transfer_many`."""
+        if self._tab_rt is None:
+            raise MoesimError("transfer_routes needs a route table (set_routes) first")
+        nb, grp = self._check_flows(nbytes, groups)
+        r = np.asarray(rows, dtype=np.int64).ravel()
+        if r.size != nb.size:
+            raise MoesimError(f"{r.size} routes for {nb.size} flow sizes")
+        return self._start_flows(self._tab_rt[r], self._tab_crt[r], self._tab_lat[r], nb, grp)
+
+    def _check_flows(self, nbytes: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
         nb = np.asarray(nbytes, dtype=np.float64).ravel()
         grp = np.broadcast_to(np.asarray(groups, dtype=np.int64), nb.shape).copy()
-        F = nb.size
-        if np.any(~(nb >= 0)) or np.any(~np.isfinite(nb)):
+        if not np.all(np.isfinite(nb) & (nb >= 0)):
             raise MoesimError("flow sizes must be finite and non-negative")
-        if F and (grp.min() < 0 or grp.max() >= len(self._g_event)):
+        if nb.size and (grp.min() < 0 or grp.max() >= len(self._g_event)):
             raise MoesimError("flow names an unknown group")
-        rt = self._route_table(routes, F)
+        return nb, grp
+
+    def _start_flows(self, rt: np.ndarray, crt: np.ndarray, lat: np.ndarray, nb: np.ndarray,
+                     grp: np.ndarray) -> np.ndarray:
         fids = self._new_ids(nb)
-        lat = np.where(rt < self._pad, np.append(self.edge_latency, 0.0)[np.minimum(rt, self._pad)], 0.0).sum(axis=1)
-        uses_link = (rt < self._pad).any(axis=1)
-        instant = (nb <= 0) | ~uses_link
+        instant = (nb <= 0) | (rt >= self._pad).all(axis=1)  # nothing to move, or no link to cross
         if instant.any():
             self._deliv[fids[instant]] = nb[instant]
             self._end[fids[instant]] = self.env.now + lat[instant]
             self._arrive(grp[instant], self.env.now + lat[instant], fids[instant])
-        live = ~instant
-        if live.any():
-            crt = np.sort(self._cmap[rt[live]], axis=1)  # pads (largest index) last
-            keep_cols = (crt < self._pad).any(axis=0)
-            crt = crt[:, :max(int(keep_cols.sum()), 1)]
-            self._pending_adds.append((rt[live], nb[live], lat[live], grp[live], fids[live], crt))
+            live = ~instant
+            rt, crt, lat, nb, grp, fids_live = rt[live], crt[live], lat[live], nb[live], grp[live], fids[live]
+        else:
+            fids_live = fids
+        if nb.size:
+            self._pending_adds.append((rt, nb, lat, grp, fids_live, crt))
             if not (self.quantum > 0 and self._timer_at <= self.env.now + self.quantum):
                 # (with a quantum, flows starting within one quantum of the next batch of completions join
                 # at that batch, up to one quantum late: one rate recomputation for both)
@@ -353,7 +383,9 @@ class FlowNetwork:
     def _complete_due(self) -> None:
         if self._remaining.size == 0:
             return
-        due = self._remaining <= self._rate * _TIME_EPS + 1e-9
+        # due: projected end reached (exact for the flows the timer was armed for), or nothing left to send
+        now = self.env.now
+        due = (self._finish <= now + _TIME_EPS * abs(now)) | (self._remaining <= 0)
         done = np.flatnonzero(due)
         if done.size == 0:
             return

@@ -228,3 +228,29 @@ def test_dominated_links_on_a_chain():
     assert dom.tolist() == [True, False, True]
     dom = dominated_links([[0, 1, 2], [1]], [10.0, 5.0, 1.0])
     assert dom.tolist() == [True, False, False]
+
+
+def test_route_table_fast_path_matches_transfer_many():
+    table = np.array([[0, 1], [1, -1], [-1, -1], [2, 0]])
+    sizes = [300.0, 100.0, 50.0, 200.0]
+
+    def run(fast: bool):
+        env = simpy.Environment()
+        net = FlowNetwork(env, [100.0, 50.0, 80.0], [0.1, 0.2, 0.3])
+        gids, evs = net.group_many([1, 1, 1, 1])
+        if fast:
+            net.set_routes(table)
+            net.transfer_routes([0, 1, 2, 3], sizes, gids)
+        else:
+            net.transfer_many([[0, 1], [1], [], [2, 0]], sizes, gids)
+        times = []
+        for ev in evs:
+            env.run(until=ev)
+            times.append(env.now)
+        env.run()
+        return times, net.link_bytes
+
+    (ta, la), (tb, lb) = run(False), run(True)
+    assert ta == pytest.approx(tb, rel=1e-12)
+    np.testing.assert_allclose(la, lb)
+    assert ta[2] == 0.0  # empty route: arrives at once
