@@ -25,6 +25,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise MoesimError(f"cannot write {path}: directory {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files others may read
     try:
         yield Path(tmp)
         os.replace(tmp, path)

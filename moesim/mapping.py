@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,16 @@ class ExpertMapping:
         return self.num_slots - self.num_experts
 
     # -- derived tables -----------------------------------------------------------------------
-    @property
+    @cached_property
     def logcnt(self) -> np.ndarray:
-        """[layers, experts]: how many slots hold each logical expert."""
+        """[layers, experts]: how many slots hold each logical expert (read-only, computed once)."""
         cnt = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
         rows = np.repeat(np.arange(self.num_layers), self.num_slots)
         np.add.at(cnt, (rows, self.phy2log.ravel()), 1)
+        cnt.setflags(write=False)
         return cnt
 
-    @property
+    @cached_property
     def log2phy(self) -> np.ndarray:
         """[layers, experts, max_replicas]: the slots of each logical expert in slot order, padded with -1."""
         cnt = self.logcnt
@@ -101,6 +103,7 @@ class ExpertMapping:
             starts = np.searchsorted(experts, np.arange(self.num_experts))
             rank = np.arange(self.num_slots) - starts[experts]
             out[layer, experts, rank] = order
+        out.setflags(write=False)
         return out
 
     def slot_gpu(self) -> np.ndarray:
