@@ -72,9 +72,13 @@ def _eplb_with(policy: str) -> Callable[..., tuple[ExpertMapping, dict]]:
 def _milp(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, time_limit: float = 30.0,
           coactivation: Any = None, internode_weight: float = 0.0, **kw: Any) -> tuple[ExpertMapping, dict]:
     from moesim.placement.milp import milp_place
+    from moesim.placement.simple import spread_nodes
     co = getattr(coactivation, "same", coactivation)
-    return milp_place(load, G, N, time_limit=time_limit, gpus_per_node=gpus_per_node, coactivation=co,
-                      internode_weight=internode_weight)
+    m, info = milp_place(load, G, N, time_limit=time_limit, gpus_per_node=gpus_per_node, coactivation=co,
+                         internode_weight=internode_weight)
+    if internode_weight <= 0:  # node-blind solution: deal its GPUs over nodes and rails like greedy
+        m = spread_nodes(load, m, gpus_per_node)
+    return m, info
 
 
 def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coactivation: Any = None,
