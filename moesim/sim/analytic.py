@@ -222,7 +222,9 @@ def dense_layers_time(workload: Workload, topology: Any, cost: CostModel, model:
     tok = np.asarray(workload.gpu_tokens[:, 0, :], dtype=float)  # [S, G]
     ph = np.asarray(workload.phase)[:, None]
     per = c.attention_time(tok, ph) + c.gate_time(tok)
-    ffn_cost = c if config.layout == "ep" else layout_cost(cost, "tp", G)
+    # the dense FFN is TP-sharded in both TP layouts; ``c`` already shards experts in ``tp`` but not in ep-tp-attn
+    ffn_cost = c if config.layout in ("ep", "tp") else CostModel(_shard_expert(c.expert, G), c.attention, c.gate,
+                                                                 {**c.info, "layout": f"tp/{G}"})
     per = per + ffn_cost.expert_time(tok[..., None]) * ratio
     t = per.max(axis=1)
     nbytes = np.zeros((S, G, G))
