@@ -274,12 +274,8 @@ class Trace:
                 out[lo - start:hi - start] = chunk.counts[lo - first:hi - first]
                 continue
             assert chunk.ids is not None
-            offsets = chunk.step_offsets
-            t0, t1 = int(offsets[lo - first]), int(offsets[hi - first])
-            ids = chunk.ids[:, t0:t1]
-            step_of = np.repeat(np.arange(hi - lo), chunk.step_tokens[lo - first:hi - first])
-            key = ((step_of[None, :, None] * L + np.arange(L)[:, None, None]) * E + ids).ravel()
-            out[lo - start:hi - start] += np.bincount(key, minlength=(hi - lo) * L * E).reshape(hi - lo, L, E)
+            _bincount_steps(chunk.ids, chunk.step_tokens, chunk.step_offsets, lo - first, hi - first, E,
+                            out[lo - start:hi - start])
         return out
 
     def timings(self) -> Timings:
@@ -351,6 +347,35 @@ class Trace:
                 elif not np.all(np.isfinite(arrays["timing_phases"])) or arrays["timing_phases"].min() < 0:
                     problems.append(f"chunk {i}: timing phases include negative, NaN or inf seconds")
         return problems
+
+
+LOAD_BINS = 1 << 16  # bins of one bincount in load(): the counts stay in the CPU cache (measured 3-6x faster)
+
+
+def _bincount_steps(ids: np.ndarray, step_tokens: np.ndarray, offsets: np.ndarray, a: int, b: int, E: int,
+                    out: np.ndarray) -> None:
+    """Add token-choices per (step, layer, expert) of steps a..b-1 of one chunk into ``out`` [b-a, L, E].
+
+    Why this shape: one bincount per layer over a group of steps whose [steps, E] counts fit in cache; a big
+    step is counted straight from its uint16 ids, small (decode) steps share a bincount keyed by step.
+    """
+    L = ids.shape[0]
+    group = max(1, LOAD_BINS // E)
+    j = a
+    while j < b:
+        # a group: one step, or consecutive steps of at most `group` steps
+        g = 1 if int(step_tokens[j]) * ids.shape[2] >= max(2048, E) else min(group, b - j)
+        t0, t1 = int(offsets[j]), int(offsets[j + g])
+        if t1 > t0:
+            if g == 1:
+                for layer in range(L):
+                    out[j - a, layer] += np.bincount(ids[layer, t0:t1].ravel(), minlength=E)
+            else:
+                base = np.repeat(np.arange(g, dtype=np.int64) * E, np.asarray(step_tokens[j:j + g]) * ids.shape[2])
+                for layer in range(L):
+                    counts = np.bincount(base + ids[layer, t0:t1].ravel(), minlength=g * E)
+                    out[j - a:j - a + g, layer] += counts.reshape(g, E)
+        j += g
 
 
 def _check_header(header: Any) -> None:

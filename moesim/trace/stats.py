@@ -73,7 +73,7 @@ def _token_ids(trace: Trace, start: int, stop: int, max_tokens: int) -> np.ndarr
     for step in trace.steps(start, stop):
         assert step.ids is not None
         take = min(step.num_tokens, max_tokens - n)
-        parts.append(np.asarray(step.ids[:, :take], dtype=np.int64))
+        parts.append(np.array(step.ids[:, :take]))  # stored dtype (uint16): 4x less memory than int64
         n += take
         if n >= max_tokens:
             break
@@ -95,7 +95,7 @@ def coactivation(trace: Trace, start: int = 0, stop: int | None = None,
     if ids is None:
         return out
     for layer in range(L):
-        x = ids[layer]
+        x = ids[layer].astype(np.int64)
         key = (x[:, :, None] * E + x[:, None, :]).reshape(-1)
         out[layer] = np.bincount(key, minlength=E * E).reshape(E, E)
     return out
@@ -111,7 +111,7 @@ def cross_layer(trace: Trace, start: int = 0, stop: int | None = None,
     if ids is None:
         return out
     for layer in range(L - 1):
-        a, b = ids[layer], ids[layer + 1]
+        a, b = ids[layer].astype(np.int64), ids[layer + 1]
         key = (a[:, :, None] * E + b[:, None, :]).reshape(-1)
         out[layer] = np.bincount(key, minlength=E * E).reshape(E, E)
     return out
@@ -173,23 +173,44 @@ def trace_stats(trace: Trace, start: int = 0, stop: int | None = None, *, window
         "entropy": entropy(load), "idle": (load == 0).sum(axis=1), "hot_experts": order, "hot_share": share,
         "drift": window_drift(per_step, windows, hot) if len(per_step) else {},
     }
+    ids = _token_ids(trace, start, stop, max_tokens or 1 << 62) if trace.kind == "tokens" else None
     if trace.kind == "tokens" and m.num_layers > 1:
-        ids = _token_ids(trace, start, stop, max_tokens or 1 << 62)
         E = m.num_experts
         nmi = []
         for layer in range(m.num_layers - 1):
-            first = np.zeros(0, np.int64) if ids is None else ids[layer, :, 0] * E + ids[layer + 1, :, 0]
+            first = np.zeros(0, np.int64) if ids is None else \
+                ids[layer, :, 0].astype(np.int64) * E + ids[layer + 1, :, 0]
             nmi.append(_nmi(np.bincount(first, minlength=E * E).reshape(E, E)))
         out["cross_layer_nmi"] = np.array(nmi)
     if trace.kind == "tokens" and m.top_k > 1:
-        co = coactivation(trace, start, stop, max_tokens)
-        E = m.num_experts
-        off = co * (1 - np.eye(E, dtype=np.int64))
-        flat = off.reshape(m.num_layers, -1)
-        top = max(1, flat.shape[1] // 100)
-        best = np.sort(flat, axis=1)[:, -top:].sum(axis=1)
-        tot = flat.sum(axis=1)
-        out["pair_share"] = np.divide(best, tot, out=np.zeros(m.num_layers), where=tot > 0)
+        out["pair_share"] = _pair_share(ids, m.num_layers, m.num_experts)
+    return out
+
+
+def _pair_share(ids: np.ndarray | None, L: int, E: int) -> np.ndarray:
+    """[L]: share of a token's expert pairs (two different experts) that fall on the layer's 1% most frequent pairs.
+
+    Pairs as in the symmetric co-activation matrix with its diagonal removed; counting position pairs p < q
+    once and adding the transpose gives that matrix with k(k-1)/2 instead of k^2 keys per token.
+    """
+    out = np.zeros(L)
+    if ids is None or ids.shape[1] == 0:
+        return out
+    T, k = ids.shape[1], ids.shape[2]
+    top = max(1, E * E // 100)
+    key = np.empty((k * (k - 1) // 2, T), dtype=np.intp)
+    for layer in range(L):
+        x = np.ascontiguousarray(ids[layer].T).astype(np.intp)  # [k, T]: rows are contiguous (4x faster)
+        xs = x * E
+        for n, (p, q) in enumerate(zip(*np.triu_indices(k, 1))):
+            np.add(xs[p], x[q], out=key[n])
+        half = np.bincount(key.ravel(), minlength=E * E).reshape(E, E)
+        off = half + half.T
+        np.fill_diagonal(off, 0)
+        flat = off.ravel()
+        tot = int(flat.sum())
+        if tot:
+            out[layer] = int(np.partition(flat, flat.size - top)[-top:].sum()) / tot
     return out
 
 
