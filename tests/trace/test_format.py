@@ -335,3 +335,23 @@ def test_layout_is_aligned_and_compact(tmp_path):
                 assert c["arrays"]["ids"][0] == "<u2"
         for chunk in trace.chunks():
             assert chunk.ids.base is not None  # a view of the map, not a copy
+
+
+@given(experts=st.sampled_from([8, 3000, 70_000]), sizes=st.lists(st.sampled_from([0, 1, 3, 700, 1100]), max_size=8),
+       chunk_bytes=st.sampled_from([1, 20_000, 1 << 22]), start=st.integers(0, 8), seed=st.integers(0, 99))
+def test_load_of_big_and_small_steps(tmp_path_factory, experts, sizes, chunk_bytes, start, seed):
+    """load() counts big steps one by one and groups of small steps together: both equal numpy's count."""
+    model = _model(2, experts, 4)
+    rng = np.random.default_rng(seed)
+    steps = [rng.integers(0, experts, (2, T, 4)) for T in sizes]
+    path = tmp_path_factory.mktemp("load") / "t.mtrace"
+    with TraceWriter(path, model, chunk_bytes=chunk_bytes) as w:
+        for ids in steps:
+            w.add_step(ids)
+    want = np.zeros((len(steps), 2, experts), dtype=np.int64)
+    for i, ids in enumerate(steps):
+        for layer in range(2):
+            np.add.at(want[i, layer], ids[layer].ravel(), 1)
+    with Trace.open(path, require_steps=False) as trace:
+        assert np.array_equal(trace.load(), want)
+        assert np.array_equal(trace.load(start, start + 3), want[start:start + 3])
