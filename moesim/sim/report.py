@@ -148,11 +148,19 @@ def chrome_trace(result: SimResult, label: str = "moesim replay") -> dict[str, A
     ev = list(events)[:MAX_EVENTS] if events else _analytic_events(result)
     G = result.num_gpus
     out: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": label}}]
+    # overlapped runs (DES --overlap) name the second micro-batch's slices ".../mb1": they get a track of their own
+    second = any(str(name).endswith("/mb1") for _, name, _, _ in ev)
     for g in range(G):
         out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": g, "args": {"name": f"GPU {g}"}})
-        out.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": g, "args": {"sort_index": g}})
+        out.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": g, "args": {"sort_index": 2 * g}})
+        if second:
+            out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": G + g,
+                        "args": {"name": f"GPU {g} micro-batch 2"}})
+            out.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": G + g,
+                        "args": {"sort_index": 2 * g + 1}})
     for g, name, a, b in ev:
-        out.append({"name": str(name), "cat": "phase", "ph": "X", "pid": 0, "tid": int(g),
+        tid = int(g) + (G if str(name).endswith("/mb1") else 0)
+        out.append({"name": str(name), "cat": "phase", "ph": "X", "pid": 0, "tid": tid,
                     "ts": round(float(a) * 1e6, 4), "dur": round(max(float(b) - float(a), 0.0) * 1e6, 4)})
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"source": source, "first_step": int(result.first_step), "slices": len(ev)}}
