@@ -8,7 +8,7 @@ Shapes are DeepSeek-V3's (58 MoE layers, 256 experts, top-8: 928 bytes of ids pe
 generation does not dominate the write time. Figures, all with the file in the page cache (it was just written):
 
 - write: TraceWriter throughput (32 MiB chunks, no fsync).
-- read: iterate every step with ``Trace.steps()`` and touch its ids (a sum), against the same bytes read raw
+- read: iterate every step with ``Trace.steps()`` and touch its ids and weights (a sum), against the same bytes read raw
   with numpy (the faster of ``np.memmap(...).sum()`` and ``np.fromfile(...).sum()``); the ratio raw/reader
   time is the reader's read speed relative to numpy (goal >= 0.5).
 - load: ``Trace.load()`` (token-choices per step, layer and expert: a bincount over every id).
@@ -50,12 +50,14 @@ def write_trace(path: Path, size: float, tokens: int, weights: bool, seed: int) 
 
 
 def read_steps(path: Path) -> tuple[int, float]:
-    """Iterate every step through the reader and sum its ids; return (checksum, seconds)."""
+    """Iterate every step through the reader and sum its ids (and weights); return (checksum, seconds)."""
     t0 = time.perf_counter()
     total = 0
     with Trace.open(path) as trace:
         for step in trace.steps():
             total += int(step.ids.sum(dtype=np.uint64))
+            if step.weights is not None:  # the same bytes as the raw side reads: sum the f16 bits
+                total += int(step.weights.view(np.uint16).sum(dtype=np.uint64))
             del step
     return total, time.perf_counter() - t0
 
@@ -119,7 +121,8 @@ def main() -> None:
         t_read = min(r[1] for r in reads)
         print(f"raw numpy  {t_raw:.2f} s  ({gb / t_raw:.2f} GB/s; memmap+sum {min(r[0] for r in raws):.2f} s, "
               f"fromfile+sum {min(r[1] for r in raws):.2f} s)")
-        print(f"reader     {t_read:.2f} s  ({gb / t_read:.2f} GB/s) iterating {steps} steps and summing their ids")
+        print(f"reader     {t_read:.2f} s  ({gb / t_read:.2f} GB/s) iterating {steps} steps and summing their ids"
+              f"{' and weights' if args.weights else ''}")
         print(f"ratio      {t_raw / t_read:.2f} of numpy's raw read speed (goal >= 0.5)")
         load, t_load = min((load_all(path) for _ in range(args.repeat)), key=lambda r: r[1])
         assert load.shape[0] == steps and int(load.sum()) == steps * args.tokens * 58 * 8
