@@ -129,3 +129,29 @@ class Clock:
 
     def __str__(self) -> str:
         return f"wall {time.perf_counter() - self.t0:.1f} s, CPU {time.process_time() - self.c0:.1f} s"
+
+
+BEGIN = "<!-- results:begin (written by run.py: the output of the last full run) -->"
+END = "<!-- results:end -->"
+
+
+def publish(args: argparse.Namespace, name: str, text: str, clock: Clock) -> None:
+    """Print the study's output, save it as results/table.md and, for a full run into the default folder,
+    put it into the README between the BEGIN/END markers (so the README always shows what the command printed).
+    """
+    where = args.out.resolve()
+    try:
+        shown = where.relative_to(ROOT)
+    except ValueError:
+        shown = where
+    out = f"{text.rstrip()}\n\nresults in {shown} ({clock})\n"
+    atomic_write_text(args.out / "table.md", out)
+    print(out, end="")
+    readme = STUDIES / name / "README.md"
+    if args.quick or where != (STUDIES / name / "results").resolve() or not readme.is_file():
+        return
+    doc = readme.read_text()
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        atomic_write_text(readme, f"{head}{BEGIN}\n\n{out}\n{END}{tail}")

@@ -153,9 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "\nFastest layout per batch (NVLink 450 GB/s; and the same GPUs on PCIe 5.0 x16, 64 GB/s):\n\n"
             + S.table(best)
             + "\nDES check (first steps of a few points):\n\n" + S.table(checks))
-    S.atomic_write_text(args.out / "table.md", text)
-    print(text)
-    print(f"results in {args.out} ({clock})")
+    S.publish(args, NAME, text, clock)
     return 0
 
 

@@ -216,9 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cols.insert(6, "bound/mean")
     S.write_csv(args.out / "imbalance_cost.csv", rows, cols)
     text = S.table(pivot(rows))
-    S.atomic_write_text(args.out / "table.md", text)
-    print(text)
-    print(f"results in {args.out} ({clock})")
+    S.publish(args, NAME, text, clock)
     return 0
 
 

@@ -231,10 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_sorted(sources, args.out / "sorted_load.png")
     text = S.table(rows, cols)
     concl = conclusion(sources)
-    S.atomic_write_text(args.out / "table.md", text + "\n" + concl)
-    print(text)
-    print(concl)
-    print(f"results in {args.out} ({clock})")
+    S.publish(args, NAME, text + "\nConclusion (busiest/mean, real vs synthetic):\n\n" + concl, clock)
     return 0
 
 
