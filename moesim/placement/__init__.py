@@ -90,7 +90,7 @@ def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coact
                  epsilon=epsilon)
     m = balance_rails(load, m, gpus_per_node)
     return m, {"coactivation": coactivation is not None, "nodes": m.meta.get("nodes"),
-               "fallback_layers": m.meta.get("fallback_layers", 0)}
+               "fallback_layers": m.meta.get("fallback_layers", 0), "spilled_layers": m.meta.get("spilled_layers", 0)}
 
 
 ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {

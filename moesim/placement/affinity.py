@@ -18,9 +18,11 @@ Algorithm, per layer in order (M nodes of G/M GPUs, S slots per GPU; E divisible
 3. within each node: replicas by water-filling over the node's slots, then LPT packing onto its GPUs plus
    improving swaps (``simple.refine_swaps``).
 Deterministic. Without co-activation data the affinity term is zero: a node-balanced greedy placement.
-Nodes with unequal expert counts (E not divisible by M) or a single node fall back to ``greedy``, and so does
-any layer whose busiest GPU ends more than ε above greedy's (an expert hotter than a node's share of the load
-needs replicas on several nodes, which this partition does not make); info counts those layers.
+Nodes with unequal expert counts (E not divisible by M) or a single node fall back to ``greedy``. A layer whose
+busiest GPU ends more than ε above greedy's (an expert hotter than a node's share of the load needs replicas on
+several nodes) is redone with global replica counts, first replicas at home and further ones spilling to the
+lightest node when the home node is full (``_spill_layer``); if that too is more than ε above greedy, the layer
+takes greedy's placement. info counts spilled and fallback layers.
 """
 
 from __future__ import annotations
@@ -137,12 +139,62 @@ def affinity(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int
     mine = ExpertMapping(phy2log, G, E)
     plain = greedy(load, G, num_slots)
     worse = gpu_loads(load, mine).max(axis=1) > gpu_loads(load, plain).max(axis=1) * (1 + epsilon) + 1e-12
+    spilled = 0
     if worse.any():
         from moesim.placement.simple import spread_nodes
 
-        phy2log[worse] = spread_nodes(load, plain, gpus_per_node).phy2log[worse]
+        plain_busy = gpu_loads(load, plain).max(axis=1)
+        spread = spread_nodes(load, plain, gpus_per_node).phy2log
+        home = np.empty((L, E), dtype=np.int64)
+        for m in range(M):
+            np.put_along_axis(home, rows_e[:, m], m, axis=1)
+        for layer in np.nonzero(worse)[0]:
+            row = _spill_layer(load[layer], home[layer], G, num_slots, gpus_per_node, epsilon)
+            busy = gpu_loads(load[layer:layer + 1], ExpertMapping(row[None], G, E)).max()
+            if busy <= plain_busy[layer] * (1 + epsilon) + 1e-12:
+                phy2log[layer] = row
+                worse[layer] = False
+                spilled += 1
+            else:
+                phy2log[layer] = spread[layer]
     return ExpertMapping(phy2log, G, E, {"algo": "affinity", "nodes": M, "cross_weight": cross_weight,
-                                         "epsilon": epsilon, "fallback_layers": int(worse.sum())})
+                                         "epsilon": epsilon, "fallback_layers": int(worse.sum()),
+                                         "spilled_layers": spilled})
+
+
+def _spill_layer(w: np.ndarray, home: np.ndarray, G: int, num_slots: int, gpus_per_node: int,
+                 epsilon: float) -> np.ndarray:
+    """One layer with global replica counts: each expert's first replica on its home node, further replicas
+    (heaviest first) on the home node while it has a free slot and load room, else on the lightest node with
+    a free slot; then LPT + swaps onto each node's GPUs. Trades a little locality for balance."""
+    E = len(w)
+    M = G // gpus_per_node
+    cap = num_slots // M
+    S = num_slots // G
+    counts = replica_counts(w[None], num_slots)[0]
+    per = w / counts
+    node_items: list[list[int]] = [[] for _ in range(M)]
+    fill = np.zeros(M)
+    for e in range(E):
+        node_items[home[e]].append(e)
+        fill[home[e]] += per[e]
+    extras = np.repeat(np.arange(E), counts - 1)
+    extras = extras[np.argsort(-per[extras], kind="stable")]
+    target = w.sum() / M * (1 + epsilon)
+    used = np.array([len(x) for x in node_items])
+    for e in extras:
+        m = home[e]
+        if used[m] >= cap or fill[m] + per[e] > target:
+            m = int(np.argmin(np.where(used < cap, fill, np.inf)))
+        node_items[m].append(int(e))
+        fill[m] += per[e]
+        used[m] += 1
+    ee = np.array(node_items, dtype=np.int64)  # [M, cap]
+    ww = per[ee]
+    order = np.argsort(-ww, axis=1, kind="stable")
+    ee, ww = np.take_along_axis(ee, order, axis=1), np.take_along_axis(ww, order, axis=1)
+    bins = refine_swaps(ww, lpt_pack(ww, gpus_per_node, S), gpus_per_node, item_key=ee)
+    return layout(ee, bins).reshape(-1)
 
 
 def _grow_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, M: int, per_node: int,
