@@ -85,8 +85,8 @@ def refine_swaps(weight: np.ndarray, bins: np.ndarray, num_bins: int, max_iter: 
         w, b = weight[active], bins[active]
         n = len(active)
         rows = np.arange(n)
-        fill = np.zeros((n, num_bins))
-        np.add.at(fill, (np.repeat(rows, N), b.ravel()), w.ravel())
+        fill = np.bincount((rows[:, None] * num_bins + b).ravel(), weights=w.ravel(),
+                           minlength=n * num_bins).reshape(n, num_bins)
         a = fill.argmax(axis=1)
         top = fill[rows, a]
         idx_a = np.nonzero(b == a[:, None])[1].reshape(n, per_bin)  # items on the busiest bin
@@ -142,8 +142,9 @@ def pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, refine: boo
     bins = lpt_pack(weight, num_gpus, N // num_gpus)
     if refine:
         bins = refine_swaps(weight, bins, num_gpus, item_key=expert)
-    fill = np.zeros((len(load), num_gpus))
-    np.add.at(fill, (np.repeat(np.arange(len(load)), N), bins.ravel()), weight.ravel())
+    R = len(load)
+    fill = np.bincount((np.arange(R)[:, None] * num_gpus + bins).ravel(), weights=weight.ravel(),
+                       minlength=R * num_gpus).reshape(R, num_gpus)
     return layout(expert, bins), fill.max(axis=1)
 
 
