@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-place experts while replaying: static | periodic:interval=N,window=W | "
                         "threshold:balancedness=X,window=W (moesim.placement.rebalance)")
     p.add_argument("--rebalance-algo", default="greedy", metavar="ALGO", help="placement algorithm for --rebalance")
+    p.add_argument("--rebalance-overlap", action="store_true",
+                   help="expert moves overlap compute (no stall); default: blocking, each move charged as a stall")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for report.json, steps.csv, "
                                                                  "timeline.json and the PNG plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -210,8 +212,9 @@ def _run(args: argparse.Namespace) -> int:
 
             result, schedule = replay_with_rebalance(r.trace, r.topology, r.cost, r.model, r.mapping, args.rebalance,
                                                      args.rebalance_algo, r.config, args.engine, start=r.start,
-                                                     stop=r.stop)
+                                                     stop=r.stop, blocking=not args.rebalance_overlap)
             r.inputs["rebalance_algo"] = args.rebalance_algo
+            r.inputs["rebalance_blocking"] = not args.rebalance_overlap
             r.inputs["rebalance_schedule"] = [{"step": int(e.step), "moved_bytes": float(e.moved_bytes),
                                                "seconds": float(e.seconds)} for e in schedule]
         else:

@@ -88,8 +88,17 @@ def test_replay_with_mapping_and_rebalance(trace_path, tmp_path, capsys) -> None
     assert rc == 0, err
     doc = json.loads((tmp_path / "o" / "report.json").read_text())
     assert doc["inputs"]["mapping"] == str(tmp_path / "m.json")
-    assert doc["inputs"]["rebalance"] == "periodic:interval=2,window=2"
+    assert doc["inputs"]["rebalance"] == "periodic:interval=2,window=2" and doc["inputs"]["rebalance_blocking"]
     assert not (tmp_path / "o" / "load_heatmap.png").exists()
+    # overlapped moves: the same schedule, no stall charged
+    rc, _, err = run(["replay", "--trace", str(trace_path), "--topology", str(flat), "--mapping",
+                      str(tmp_path / "m.json"), "--out", str(tmp_path / "o2"), "--no-plots",
+                      "--rebalance", "periodic:interval=2,window=2", "--rebalance-overlap"], capsys)
+    assert rc == 0, err
+    over = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert over["inputs"]["rebalance_blocking"] is False
+    assert over["inputs"]["rebalance_schedule"] == doc["inputs"]["rebalance_schedule"]
+    assert over["summary"]["step_latency_mean_s"] <= doc["summary"]["step_latency_mean_s"]
 
 
 def bad_cases(trace_path, tmp_path):
