@@ -120,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     S.write_csv(args.out / "placement_scaling.csv", rows, cols)
     plot(rows, args.out / "placement_scaling.png")
     text = S.table(rows, cols)
-    S.atomic_write_text(args.out / "table.md", text)
-    print(text)
-    print(f"results in {args.out} ({clock})")
+    S.publish(args, NAME, text, clock)
     return 0
 
 
