@@ -68,12 +68,16 @@ def attention_shape(model: ModelSpec) -> dict[str, float]:
 def _expert_roofline(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
     bm = int(p.get("block_m", 1))
     if p.get("grouped", True):  # one kernel: totals over the GPU's slots decide (reduce first: fast on big arrays)
-        n = t.sum(axis=-1)
-        u = np.count_nonzero(t, axis=-1)
+        if t.ndim < 2:  # one GPU's slots: as a batch of one (in-place arithmetic needs arrays)
+            return _expert_roofline(p, t.reshape(1, -1)).reshape(t.shape[:-1])
+        n, u = _sum_and_used(t)
         padded = (np.ceil(t / bm) * bm).sum(axis=-1) if bm > 1 else n
-        busy = np.maximum(padded * (p["flops_per_choice"] / p["flops_rate"]),
-                          u * (p["bytes_per_expert"] / p["byte_rate"]) + n * (p["bytes_per_choice"] / p["byte_rate"]))
-        busy = np.asarray(busy, dtype=float)
+        # max(padded·flops/rate, used·weights/rate + n·activations/rate) + launch, built in place (big arrays)
+        busy = np.multiply(u, p["bytes_per_expert"] / p["byte_rate"], dtype=float)
+        tmp = np.multiply(n, p["bytes_per_choice"] / p["byte_rate"], dtype=float)
+        busy += tmp
+        np.multiply(padded, p["flops_per_choice"] / p["flops_rate"], out=tmp)
+        np.maximum(busy, tmp, out=busy)
         busy += p["launch"]
         busy[n <= 0] = 0.0
         return busy
@@ -82,6 +86,23 @@ def _expert_roofline(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
     flops_t = padded * (p["flops_per_choice"] / p["flops_rate"])
     bytes_t = (used * p["bytes_per_expert"] + t * p["bytes_per_choice"]) / p["byte_rate"]
     return np.where(used, np.maximum(flops_t, bytes_t) + p["launch"], 0.0).sum(axis=-1)
+
+
+def _sum_and_used(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """t [..., W] (>= 0) -> (sum over the last axis, count of its nonzero entries), both float [...].
+
+    Few slots per GPU (the common case): one pass per slot over contiguous-stride views beats numpy's
+    reductions over a short inner axis (per-row overhead).
+    """
+    W = t.shape[-1]
+    if W > 16 or W == 0:
+        return t.sum(axis=-1), np.count_nonzero(t, axis=-1).astype(float)
+    n = t[..., 0].astype(float, copy=True)
+    u = (t[..., 0] != 0).astype(float)
+    for w in range(1, W):
+        n += t[..., w]
+        u += t[..., w] != 0
+    return n, u
 
 
 def _expert_affine(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
@@ -153,7 +174,9 @@ class CostModel:
         t = np.asarray(tokens, dtype=float)
         if t.ndim == 0:
             t = t[None]
-        return _EXPERT[self.expert["kind"]](self.expert, np.maximum(t, 0.0))
+        if t.size and not t.min() >= 0:  # a read-only pass: no copy in the usual case of no negatives
+            t = np.maximum(t, 0.0)
+        return _EXPERT[self.expert["kind"]](self.expert, t)
 
     def attention_time(self, tokens: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
         """tokens [...] -> seconds of the attention block (norms, projections, attention) without the router.

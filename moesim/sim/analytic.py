@@ -132,24 +132,50 @@ class _CommTables:
         self.fwd_t = fwd.T.tocsr()
         self.back_t = fwd[perm].T.tocsr()
         self.links_t, self.links_back_t = R.T.tocsr(), R[perm].T.tocsr()  # [E, G*G] for the link totals
+        # exchanges whose bytes do not depend on the source (load-only workloads: send[o, d] = r[d] for all o):
+        # the same products with the pairs of each destination summed up front, G columns instead of G²
+        pair = np.arange(G * G)
+        agg = sp.csr_matrix((np.ones(G * G), (pair % G, pair)), shape=(G, G * G))  # pair (o, d) -> d
+        self.fwd_dst_t = (agg @ fwd).T.tocsr()
+        self.back_dst_t = (agg @ fwd[perm]).T.tocsr()
+        self.links_dst_t, self.links_back_dst_t = (agg @ R).T.tocsr(), (agg @ R[perm]).T.tocsr()
+        # link rows carry 1/bandwidth: the product gives each kept link's busy seconds directly
+        inv = sp.diags(np.concatenate([1.0 / self.bw[self.keep], np.ones(nl + 2)]))
+        for name in ("fwd_t", "back_t", "fwd_dst_t", "back_dst_t"):
+            setattr(self, name, (inv @ getattr(self, name)).tocsr())
 
-    def run(self, flat: np.ndarray, transpose: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """flat [N, G*G] bytes -> (seconds [N], link bytes summed [E], intra-node [N], inter-node [N])."""
+    def run(self, flat: np.ndarray, transpose: bool, per_dst: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """flat [N, G*G] bytes -> (seconds [N], link bytes summed [E], intra-node [N], inter-node [N]).
+
+        ``per_dst``: flat is [N, G], the bytes every source sends to each destination (the same for all sources).
+        """
         # sparse products, not BLAS: a multi-threaded GEMM of these thin shapes stalls on a busy machine (measured
         # 20 ms instead of 0.07 ms for [640, 64] x [64, 20] under load), and the routing matrix is mostly zeros
-        out = self._sparse(flat, self.back_t if transpose else self.fwd_t)  # [N, K + levels + 2]
+        if per_dst:
+            m, links = (self.back_dst_t, self.links_back_dst_t) if transpose else (self.fwd_dst_t, self.links_dst_t)
+        else:
+            m, links = (self.back_t, self.links_back_t) if transpose else (self.fwd_t, self.links_t)
+        out = self._sparse(flat, m)  # [K + levels + 2, N]: rows are contiguous, reductions over them elementwise
         K, nl = len(self.keep), len(self.levels)
-        busy = (out[:, :K] / self.bw[self.keep]).max(axis=1) if K else np.zeros(len(flat))
-        lat = np.where(out[:, K:K + nl] > 0, self.levels, 0.0).max(axis=1) if nl else np.zeros(len(flat))
-        total = (self.links_back_t if transpose else self.links_t) @ flat.sum(axis=0)
-        return busy + lat, np.asarray(total).ravel(), out[:, K + nl], out[:, K + nl + 1]
+        busy = out[:K].max(axis=0) if K else np.zeros(len(flat))  # seconds: rows are scaled by 1/bandwidth
+        lat = np.zeros(len(flat))
+        for i, level in enumerate(self.levels):  # ascending: the largest latency among the pairs in use stays
+            if level > 0:
+                np.putmask(lat, out[K + i] > 0, level)
+        total = links @ flat.sum(axis=0)
+        busy += lat
+        return busy, np.asarray(total).ravel(), out[K + nl], out[K + nl + 1]
 
     @staticmethod
     def _sparse(flat: np.ndarray, m: Any) -> np.ndarray:
-        out = np.empty((len(flat), m.shape[0]))
-        block = max(16, _BLOCK_ELEMS // max(flat.shape[1], 1))  # blocks keep the transposed copy in cache
+        """m [X, C] sparse, flat [N, C] -> m @ flat.T [X, N], in blocks that keep the transposed copy in cache."""
+        if flat.shape[1] < 64:  # narrow (per-destination rows): one transposed copy is cheap, one product
+            return m @ np.ascontiguousarray(flat.T)
+        out = np.empty((m.shape[0], len(flat)))
+        block = max(16, _BLOCK_ELEMS // max(flat.shape[1], 1))
         for i in range(0, len(flat), block):
-            out[i:i + block] = (m @ np.ascontiguousarray(flat[i:i + block].T)).T
+            out[:, i:i + block] = m @ np.ascontiguousarray(flat[i:i + block].T)
         return out
 
 
@@ -168,17 +194,25 @@ def _tables(topology: Any) -> _CommTables:
     return t
 
 
-def _comm(topology: Any, bytes_matrix: np.ndarray, transpose: bool = False
+def _comm(topology: Any, bytes_matrix: np.ndarray, transpose: bool = False, scale: float = 1.0
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """bytes [..., G, G] -> (seconds [...], link bytes [E] summed, intra-node bytes [...], inter-node bytes [...]).
 
     ``transpose``: price the reverse exchange (dst -> src), as the combine does, without copying the matrix.
+    ``scale``: multiplies the bytes (tokens -> bytes). A matrix broadcast along its source axis (stride 0, as
+    :func:`~moesim.sim.workload.workload_from_counts` makes them) is priced from its [..., G] destination row.
     """
     G = int(topology.num_gpus)
-    b = np.asarray(bytes_matrix, dtype=float)
+    b = np.asarray(bytes_matrix)
     lead = b.shape[:-2]
-    flat = b.reshape(-1, G * G)
-    t, link, intra, inter = _tables(topology).run(flat, transpose)
+    per_dst = b.ndim >= 2 and b.shape[-2] > 1 and b.strides[-2] == 0
+    if per_dst:
+        flat = np.asarray(b[..., 0, :], dtype=float).reshape(-1, G) * scale
+    else:
+        flat = np.asarray(b, dtype=float).reshape(-1, G * G)
+        if scale != 1.0:
+            flat = flat * scale
+    t, link, intra, inter = _tables(topology).run(flat, transpose, per_dst)
     return t.reshape(lead), link, intra.reshape(lead), inter.reshape(lead)
 
 
@@ -236,6 +270,22 @@ def dense_layers_time(workload: Workload, topology: Any, cost: CostModel, model:
 
 
 # -- the engine -------------------------------------------------------------------------------------------------
+def _max_last(a: np.ndarray) -> np.ndarray:
+    """a.max(axis=-1): for a short last axis one elementwise pass per entry (numpy's per-row reduction is slower)."""
+    n = a.shape[-1]
+    if n > 16 or n == 0:
+        return a.max(axis=-1)
+    out = a[..., 0].copy()
+    for i in range(1, n):
+        np.maximum(out, a[..., i], out=out)
+    return out
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """View of ``a`` with its broadcast axes (stride 0) cut to length 1: elementwise costs computed once."""
+    return a[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(a.strides, a.shape))]
+
+
 def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
                  config: SimConfig | None = None, *, timeline_steps: int = TIMELINE_STEPS) -> SimResult:
     """Step times and their breakdown for every step of ``workload`` (see the module docstring)."""
@@ -250,23 +300,27 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     W = slots // G
     tb = float(model.token_bytes)
     phase_time = np.zeros((S, L, len(PHASES)))
-    gpu_tok = np.asarray(workload.gpu_tokens, dtype=float)
+    gpu_tok = _compact(np.asarray(workload.gpu_tokens, dtype=float))  # broadcast axes priced once
     if config.include_dense:
         att = np.asarray(cost.attention_time(gpu_tok, np.asarray(workload.phase)[:, None, None]), dtype=float)
         gate = np.asarray(cost.gate_time(gpu_tok), dtype=float)
     else:
-        att = gate = np.zeros((S, L, G))
+        att = gate = np.zeros((S, 1, 1))
     dense = att + gate
-    g_star = dense.argmax(axis=2)[..., None]
+    g_star = dense.argmax(axis=2)[..., None]  # a broadcast GPU axis: GPU 0, as argmax picks among equals
     phase_time[..., 0] = np.take_along_axis(att, g_star, axis=2)[..., 0]
     phase_time[..., 1] = np.take_along_axis(gate, g_star, axis=2)[..., 0]
+    # busy seconds of the dense part per GPU, summed over layers (on the compact array: a broadcast layer axis
+    # is one multiplication)
+    dense_busy = dense[:, 0, :] * L if dense.shape[1] == 1 else dense.sum(axis=1)
+    att, gate, dense = (np.broadcast_to(a, (S, L, G)) for a in (att, gate, dense))
     expert = np.asarray(cost.expert_time(workload.slot_tokens.reshape(S, L, G, W)), dtype=float)  # [S, L, G]
-    phase_time[..., 3] = expert.max(axis=2)
+    phase_time[..., 3] = _max_last(expert)
     link_bytes = np.zeros(int(topology.num_links))
-    send_b = np.asarray(workload.send_tokens, dtype=float) * tb  # [S, L, G, G]
+    send = workload.send_tokens  # [S, L, G, G] tokens; priced in bytes (× tb)
     b_intra, b_inter = np.zeros(S), np.zeros(S)
     if config.layout in ("ep", "ep-tp-attn") and G > 1:
-        t_disp, lb, bi, bo = _comm(topology, send_b)
+        t_disp, lb, bi, bo = _comm(topology, send, scale=tb)
         phase_time[..., 2] = t_disp
         link_bytes += lb
         bi, bo = bi.sum(axis=1), bo.sum(axis=1)
@@ -274,7 +328,7 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         b_inter += bo
     comm_overlappable = phase_time[..., 2].copy()
     if config.layout == "ep" and G > 1:
-        t_comb, lb, _, _ = _comm(topology, send_b, transpose=True)
+        t_comb, lb, _, _ = _comm(topology, send, transpose=True, scale=tb)
         phase_time[..., 4] = t_comb
         link_bytes += lb
         b_intra += bi
@@ -293,7 +347,7 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         comm_overlappable += n_halves * t_half[:, None]
     if config.overlap_comm:
         layer = phase_time.sum(axis=2)
-        compute = dense.max(axis=2) + phase_time[..., 3]
+        compute = _max_last(dense) + phase_time[..., 3]
         span = np.maximum(compute, comm_overlappable)
         with np.errstate(invalid="ignore", divide="ignore"):
             phase_time *= np.where(layer > 0, span / np.where(layer > 0, layer, 1.0), 0.0)[..., None]
@@ -304,8 +358,8 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         b_intra += bi
         b_inter += bo
     step_time = phase_time.sum(axis=(1, 2)) + d_time
-    gpu_busy = (dense + expert).sum(axis=1) + d_busy
     moe_time = expert.sum(axis=1)
+    gpu_busy = dense_busy + moe_time + d_busy
     gpu_load = workload.slot_tokens.reshape(S, L, G, W).sum(axis=(0, 3))
     n_tl = min(S, max(int(timeline_steps), 0))
     extra: dict[str, Any] = {

@@ -9,6 +9,10 @@ One :class:`Workload` holds, for consecutive steps ``S``, MoE layers ``L`` and G
 - ``gpu_tokens [S, L, G]`` tokens whose attention/norm/gate each GPU computes (summed over GPUs: the step's
   tokens, in every layout; in the TP layouts each GPU does 1/G of every token: T/G token-equivalents).
 
+Arrays whose values repeat along an axis are read-only broadcast views (stride 0 on that axis): ``gpu_tokens``
+over layers, and ``send_tokens`` over sources in load-only ``ep`` workloads. The analytic engine prices such an
+axis once; copy (``np.array``) before writing into them.
+
 Which replica computes a token's choice: ``config.policy`` compiled by :meth:`ReplicaPolicy.tables` and applied
 with :func:`choose_slots`, the same object the live runtime uses, with ``key`` = the token's position in its step
 (ranks' tokens concatenated in rank order, as the runtime records them).
@@ -250,7 +254,7 @@ def _gpu_tokens(step_tokens: np.ndarray, origin: np.ndarray, step_of: np.ndarray
         per = np.bincount(step_of * G + origin, minlength=S * G).reshape(S, G).astype(float)
     else:
         per = np.repeat(step_tokens[:, None] / G, G, axis=1)
-    return np.repeat(per[:, None, :], L, axis=1)
+    return np.broadcast_to(per[:, None, :], (S, L, G))
 
 
 def _tp_workload(counts: np.ndarray, step_tokens: np.ndarray, phase: np.ndarray, G: int, k: int, dedup: bool,
@@ -262,7 +266,7 @@ def _tp_workload(counts: np.ndarray, step_tokens: np.ndarray, phase: np.ndarray,
     send = np.zeros((S, L, G, G))
     idx = np.arange(G)
     send[:, :, idx, idx] = per_gpu[:, None, None]
-    gpu_tokens = np.repeat((step_tokens[:, None] / G)[:, None, :], L, axis=1) * np.ones((1, 1, G))
+    gpu_tokens = np.broadcast_to((step_tokens / G)[:, None, None], (S, L, G))
     return Workload(np.asarray(step_tokens, dtype=np.int64), phase, slot_tokens, send, gpu_tokens, first_step, "tp")
 
 
@@ -297,24 +301,38 @@ def workload_from_counts(counts: np.ndarray, step_tokens: np.ndarray, mapping: E
     if config.layout == "tp":
         return _tp_workload(counts, step_tokens, phase, G, top_k, config.dedup, first_step)
     p2l = mapping.phy2log  # [L, slots]
-    share = 1.0 / np.take_along_axis(mapping.logcnt, p2l, axis=1)  # [L, slots]
-    slot_tokens = np.take_along_axis(counts, np.broadcast_to(p2l, (S,) + p2l.shape), axis=2) * share[None]
     slots = p2l.shape[1]
-    choices = slot_tokens.reshape(S, L, G, slots // G).sum(axis=3)  # [S, L, G]
-    T = step_tokens.astype(float)[:, None, None]
+    cnt = np.take_along_axis(mapping.logcnt, p2l, axis=1)  # [L, slots] replicas of each slot's expert
+    if slots == E and np.array_equal(p2l, np.broadcast_to(np.arange(E), p2l.shape)):
+        slot_tokens = counts.reshape(S, L, E).copy()  # slot e computes expert e: a plain copy (the common case)
+    else:
+        flat_idx = (np.arange(L)[:, None] * E + p2l).ravel()  # one gather over [S, L·E] (faster than along axis)
+        slot_tokens = np.take(counts.reshape(S, L * E), flat_idx, axis=1).reshape(S, L, slots)
+    if cnt.max(initial=1) > 1:
+        slot_tokens *= (1.0 / cnt)[None]
+    W = slots // G
+    choices = slot_tokens.copy() if W == 1 else slot_tokens.reshape(S, L, G, W).sum(axis=3)  # [S, L, G]
     if config.dedup and top_k > 1:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p = np.clip(np.where(T > 0, choices / np.maximum(T * top_k, 1e-300), 0.0), 0.0, 1.0)
-        received = np.minimum(T * (1.0 - (1.0 - p) ** top_k), choices)
+        T = step_tokens.astype(float)[:, None, None]
+        # p = the GPU's share of the step's choices, clipped to [0, 1] (0 for empty steps)
+        q = choices / np.maximum(T * top_k, 1e-300)
+        if not np.all(T > 0):
+            q[np.broadcast_to(~(T > 0), q.shape)] = 0.0
+        np.clip(q, 0.0, 1.0, out=q)
+        np.subtract(1.0, q, out=q)  # 1 - p
+        np.power(q, top_k, out=q)
+        np.subtract(1.0, q, out=q)
+        q *= T
+        received = np.minimum(q, choices, out=q)
     else:
         received = choices
-    send = np.zeros((S, L, G, G))
     if config.layout == "ep":
-        send[:] = received[:, :, None, :] / G
+        send = np.broadcast_to((received / G)[:, :, None, :], (S, L, G, G))
     else:
+        send = np.zeros((S, L, G, G))
         idx = np.arange(G)
         send[:, :, idx, idx] = received
-    gpu_tokens = np.repeat((step_tokens[:, None] / G)[:, None, :], L, axis=1) * np.ones((1, 1, G))
+    gpu_tokens = np.broadcast_to((step_tokens / G)[:, None, None], (S, L, G))
     return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, config.layout)
 
 
