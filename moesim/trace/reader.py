@@ -118,6 +118,8 @@ class Trace:
         try:
             header = json.loads(bytes(mm[start:start + hlen]))
             _check_header(header)
+            if header.get("version") != version:
+                raise MoesimError(f"its version {header.get('version')!r} differs from the file's {version}")
         except (ValueError, MoesimError) as exc:
             mm.close()
             raise TraceError(f"{path} has a malformed header: {exc}") from None
@@ -386,6 +388,20 @@ def _check_header(header: Any) -> None:
     if header.get("kind") not in fmt.KINDS:
         raise MoesimError(f"unknown trace kind {header.get('kind')!r}")
     ModelSpec.from_dict(header.get("model"))
+    phases = header.get("timing_phases")
+    if phases is not None and not (isinstance(phases, list) and all(isinstance(p, str) for p in phases)):
+        raise MoesimError("timing_phases must be a list of names")
+    ranks = header.get("num_ranks")
+    if ranks is not None and (not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1):
+        raise MoesimError(f"num_ranks must be a positive integer, got {ranks!r}")
+    if header.get("ids_dtype", "<u2") not in fmt.ARRAY_DTYPES["ids"]:
+        raise MoesimError(f"ids_dtype {header.get('ids_dtype')!r} is not one of {fmt.ARRAY_DTYPES['ids']}")
+    if header.get("weights_dtype") not in (None, *fmt.ARRAY_DTYPES["weights"]):
+        raise MoesimError(f"weights_dtype {header.get('weights_dtype')!r} is not one of {fmt.ARRAY_DTYPES['weights']}")
+    if not isinstance(header.get("has_origin", False), bool):
+        raise MoesimError("has_origin must be true or false")
+    if not isinstance(header.get("meta") or {}, dict):
+        raise MoesimError("meta must be a JSON object")
 
 
 def _scan(mm: mmap.mmap, offset: int, size: int,

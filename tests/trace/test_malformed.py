@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moesim.cli import main
 from moesim.errors import MappingError, TraceError
@@ -336,3 +338,70 @@ def test_mapping_file_problems(tmp_path, replay, capsys):
 def test_a_good_mapping_replays(replay, capsys):
     """The fixture itself works: the errors above come from the mapping, not from the command line."""
     assert replay(ExpertMapping.round_robin(2, 8, 8).to_dict()) == 0
+
+
+# -- anything else: no corruption may escape as a traceback --------------------------------------------------
+def _rich_trace(path: Path) -> Path:
+    rng = np.random.default_rng(5)
+    with TraceWriter(path, MODEL, weights=True, origin=True, num_ranks=3, chunk_bytes=200) as w:
+        for i, ids in enumerate(_steps(4)):
+            w.add_step(ids, weights=rng.random(ids.shape), origin=rng.integers(0, 3, ids.shape[1]),
+                       phase="decode" if i else "prefill")
+            w.add_timing(i, 1, 2, [1, 2, 3, 4, 5], [0, 1, 2], [3, 4, 5])
+    return path
+
+
+def _survives(path: Path, capsys) -> None:
+    """Reading through every API either works or raises TraceError; the CLI answers 0/1/2 without a traceback."""
+    try:
+        with Trace.open(path, require_steps=False) as t:
+            for step in t.steps():
+                assert step.ids is None or step.ids.shape[0] == MODEL.num_layers
+            t.load()
+            t.timings()
+            t.validate()
+            _ = t.num_tokens
+    except TraceError as exc:
+        assert "\n" not in str(exc)
+    assert main(["trace", "show", str(path)]) in (0, 2)
+    assert main(["trace", "validate", str(path)]) in (0, 1, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+
+
+def _with_header(good: Path, out: Path, **changes) -> Path:
+    data = good.read_bytes()
+    _, _, hlen = fmt.FILE_HEAD.unpack_from(data, 0)
+    header = json.loads(data[fmt.FILE_HEAD.size:fmt.FILE_HEAD.size + hlen])
+    rest = data[fmt.FILE_HEAD.size + hlen + fmt.pad(fmt.FILE_HEAD.size + hlen):]
+    header.update(changes)
+    body = json.dumps(header).encode()
+    head = fmt.FILE_HEAD.pack(fmt.MAGIC, fmt.VERSION, len(body)) + body
+    out.write_bytes(head + b"\0" * fmt.pad(len(head)) + rest)
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    {"timing_phases": 5}, {"timing_phases": ["a"]}, {"timing_phases": [1, 2, 3, 4, 5]}, {"num_ranks": "x"},
+    {"num_ranks": -1}, {"num_ranks": 1}, {"ids_dtype": "<f8"}, {"ids_dtype": None}, {"weights_dtype": "<f8"},
+    {"weights_dtype": None}, {"has_origin": "yes"}, {"meta": 3}, {"meta": []}, {"kind": "counts"},
+    {"version": 9}, {"model": {"name": "x", "num_layers": 2, "num_experts": 8, "top_k": 3, "hidden_size": 1,
+                               "ffn_size": 1}},
+])
+def test_header_fields_of_the_wrong_kind(tmp_path, capsys, changes):
+    path = _with_header(_rich_trace(tmp_path / "rich.mtrace"), tmp_path / "h.mtrace", **changes)
+    _survives(path, capsys)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
+@given(edits=st.lists(st.tuples(st.one_of(st.integers(0, 700), st.integers(0, 1 << 14)), st.integers(0, 255)),
+                      min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 1 << 14)))
+def test_random_corruption_never_escapes(tmp_path_factory, capsys, edits, cut):
+    d = tmp_path_factory.mktemp("fuzz")
+    data = bytearray(_rich_trace(d / "rich.mtrace").read_bytes())
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    path = d / "bad.mtrace"
+    path.write_bytes(bytes(data[:cut]))
+    _survives(path, capsys)
