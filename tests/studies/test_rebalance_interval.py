@@ -21,14 +21,18 @@ def test_rebalance_interval_quick(study, tmp_path):
     rows = list(csv.DictReader((tmp_path / "rebalance.csv").open()))
     static = next(r for r in rows if r["mode"] == "static")
     assert float(static["vs static"]) == 1.0 and float(static["stall s"]) == 0.0
-    by = {(r["mode"], r["interval"]): r for r in rows}
+    by = {(r["rebalancer"], r["mode"], r["interval"]): r for r in rows}
+    for label in ("eplb", "incremental-4"):
+        for interval in ("10", "20"):
+            blk, ovl = by[(label, "blocking", interval)], by[(label, "overlapped", interval)]
+            assert int(blk["rebalances"]) >= 1 and float(blk["moved GB"]) > 0
+            # the same schedule; blocking adds exactly its stalls
+            assert abs(float(blk["total s"]) - float(ovl["total s"]) - float(blk["stall s"])) < 1e-3
+            assert float(blk["stall s"]) > 0 and float(ovl["stall s"]) == 0
+    # a move budget of 4 swaps per layer moves far less than re-placing from scratch
     for interval in ("10", "20"):
-        blk, ovl = by[("blocking", interval)], by[("overlapped", interval)]
-        assert int(blk["rebalances"]) >= 1 and float(blk["moved GB"]) > 0
-        # the same schedule; blocking adds exactly its stalls
-        assert abs(float(blk["total s"]) - float(ovl["total s"]) - float(blk["stall s"])) < 1e-3
-        assert float(blk["stall s"]) > 0 and float(ovl["stall s"]) == 0
-
+        assert (float(by[("incremental-4", "blocking", interval)]["GB/rebalance"])
+                < 0.5 * float(by[("eplb", "blocking", interval)]["GB/rebalance"]))
 
 def test_overlapped_equals_replay_without_stalls(study, tmp_path):
     """The study derives 'overlapped' from the blocking replay; the library's blocking=False must agree."""
