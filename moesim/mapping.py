@@ -178,8 +178,14 @@ class ExpertMapping:
         for key in ("num_gpus", "num_experts", "phy2log"):
             if key not in data:
                 raise MappingError(f"{source}: missing field {key!r}")
+        for key in ("num_gpus", "num_experts"):
+            if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1:
+                raise MappingError(f"{source}: {key} must be a positive integer, got {data[key]!r}")
+        meta = data.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise MappingError(f"{source}: meta must be a JSON object, got {type(meta).__name__}")
         p2l = _table(data["phy2log"], source)
-        mapping = cls(p2l, int(data["num_gpus"]), int(data["num_experts"]), dict(data.get("meta") or {}))
+        mapping = cls(p2l, data["num_gpus"], data["num_experts"], dict(meta))
         for key, value in (("num_layers", mapping.num_layers), ("slots_per_gpu", mapping.slots_per_gpu)):
             if key in data and data[key] != value:
                 raise MappingError(f"{source}: {key} says {data[key]} but phy2log gives {value}")
@@ -241,6 +247,7 @@ def _table(value: Any, source: str) -> np.ndarray:
     if arr.dtype == object or arr.ndim != 2:
         raise MappingError(f"{source}: phy2log must be a rectangular [layers][slots] list of integers")
     if arr.size and not (np.issubdtype(arr.dtype, np.integer) or
-                         (np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0))):
+                         (np.issubdtype(arr.dtype, np.floating) and np.all(np.abs(arr) < 2**53) and
+                          np.all(np.mod(arr, 1) == 0))):
         raise MappingError(f"{source}: phy2log must hold integer expert ids")
     return arr.astype(np.int64)

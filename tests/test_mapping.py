@@ -142,6 +142,15 @@ def test_invalid_mappings_name_layer_and_slot(p2l, gpus, experts, match):
     ({"num_layers": 3}, "num_layers says 3"),
     ({"slots_per_gpu": 4}, "slots_per_gpu says 4"),
     ({"phy2log": None}, "rectangular"),
+    ({"phy2log": [[1e30, 0, 1, 2], [0, 1, 2, 3]]}, "integer"),
+    ({"num_gpus": "2"}, "num_gpus must be a positive integer, got '2'"),
+    ({"num_gpus": None}, "num_gpus must be a positive integer"),
+    ({"num_gpus": 2.5}, "num_gpus must be a positive integer"),
+    ({"num_gpus": True}, "num_gpus must be a positive integer"),
+    ({"num_experts": [4]}, "num_experts must be a positive integer"),
+    ({"num_experts": 0}, "num_experts must be a positive integer"),
+    ({"meta": 5}, "meta must be a JSON object"),
+    ({"meta": [1]}, "meta must be a JSON object"),
 ])
 def test_bad_json_is_refused_with_one_line(tmp_path, change, match):
     data = ExpertMapping.linear(2, 4, 2).to_dict()
