@@ -166,14 +166,12 @@ def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
     instead. Layers whose water-filling packing is already
     within ``done`` (relative) of the lower bound skip both searches.
     """
-    from moesim.placement.base import lower_bound
-
     E = load.shape[1]
     water = replica_counts(load, num_slots)
     phy2log, busiest = pack_counts(load, water, num_gpus, refine)
     if num_slots <= E or (len(slack) <= 1 and move_limit < E * (E - 1)):
         return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
-    lb = lower_bound(load, num_gpus, num_slots)
+    lb = fast_lower_bound(load, num_gpus, num_slots)
     # layers already within `done` of the bound keep the water-filling packing (most of a large model's layers)
     todo = np.nonzero(busiest > lb * (1 + done) + 1e-12)[0]
     if len(todo) == 0:
@@ -189,15 +187,26 @@ def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
     best_phy = phy2log[todo]
     if cands:
         J, n = len(cands), len(todo)
-        allc = np.concatenate(cands)  # [J*n, E]
-        phy, busy = pack_counts(np.tile(sub, (J, 1)), allc, num_gpus, refine)
-        busy = busy.reshape(J, n)
-        pick = busy.argmin(axis=0)
-        rows = np.arange(n)
-        better = busy[pick, rows] < best
-        best_phy = np.where(better[:, None], phy.reshape(J, n, -1)[pick, rows], best_phy)
-        counts = np.where(better[:, None], allc.reshape(J, n, E)[pick, rows], counts)
-        best = np.minimum(best, busy[pick, rows])
+        allc = np.stack(cands)  # [J, n, E]
+        # pack each distinct new count vector once: a candidate equal to the water-filling counts (or to an
+        # earlier candidate of its layer) would pack the same way, and only a strictly lower busiest GPU wins
+        fresh = ~(allc == counts[None]).all(axis=2)  # [J, n]
+        for j in range(1, J):
+            fresh[j] &= ~(allc[:j] == allc[j][None]).all(axis=2).any(axis=0)
+        jj, ii = np.nonzero(fresh)
+        if len(jj):
+            phy, busy = pack_counts(sub[ii], allc[jj, ii], num_gpus, refine)
+            all_busy = np.full((J, n), np.inf)
+            all_busy[jj, ii] = busy
+            where = np.full((J, n), -1)
+            where[jj, ii] = np.arange(len(jj))
+            rows = np.arange(n)
+            pick = all_busy.argmin(axis=0)
+            better = all_busy[pick, rows] < best
+            src = where[pick, rows]
+            best_phy = np.where(better[:, None], phy[np.maximum(src, 0)], best_phy)
+            counts = np.where(better[:, None], allc[pick, rows], counts)
+            best = np.minimum(best, all_busy[pick, rows])
     n_comp = comb(num_slots - 1, E - 1)
     if n_comp * len(todo) <= enum_limit:
         best_phy = _all_counts(sub, best_phy, best, num_gpus, num_slots, refine)
@@ -206,6 +215,47 @@ def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
     phy2log = phy2log.copy()
     phy2log[todo] = best_phy
     return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
+
+
+def fast_lower_bound(load: np.ndarray, num_gpus: int, num_slots: int) -> np.ndarray:
+    """``base.lower_bound`` (same values, no input checks), all layers at once, ~10× faster on 58 layers.
+
+    Bisect on T until lo (infeasible) and hi (feasible) are adjacent floats; the bound is then the smallest
+    candidate load_e / k (k ≤ G) above lo, found with the same divisions as ``base.lower_bound``. Layers where
+    that check fails (bisection cut short) take the per-layer search.
+    """
+    from moesim.placement.base import lower_bound
+
+    mean = load.sum(axis=1) / num_gpus
+    out = mean.copy()
+    todo = mean > 0
+    todo[todo] = _need_rows(load[todo], mean[todo]) > num_slots
+    if not todo.any():
+        return out
+    rows = load[todo]
+    lo, hi = mean[todo].copy(), rows.max(axis=1)
+    for _ in range(200):
+        mid = lo + (hi - lo) / 2
+        open_ = (mid > lo) & (mid < hi)
+        if not open_.any():
+            break
+        ok = _need_rows(rows, mid) <= num_slots
+        hi = np.where(open_ & ok, mid, hi)
+        lo = np.where(open_ & ~ok, mid, lo)
+    ks = np.arange(1, num_gpus + 1, dtype=np.float64)
+    cand = rows[:, :, None] / ks[None, None, :]  # [n, E, G]
+    best = np.where(cand > lo[:, None, None], cand, np.inf).min(axis=(1, 2))
+    bad = ~np.isfinite(best)
+    bad[~bad] = _need_rows(rows[~bad], best[~bad]) > num_slots
+    if bad.any():
+        best[bad] = lower_bound(rows[bad], num_gpus, num_slots)
+    out[todo] = best
+    return out
+
+
+def _need_rows(rows: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """[n] ``base._need`` of each row at its own t."""
+    return np.maximum(1, np.ceil(rows / t[:, None] - 1e-12)).sum(axis=1).astype(np.int64)
 
 
 def _all_counts(load: np.ndarray, phy2log: np.ndarray, busiest: np.ndarray, num_gpus: int, num_slots: int,
@@ -268,18 +318,19 @@ def balance_rails(load: np.ndarray, mapping: ExpertMapping, gpus_per_node: int) 
     if G % gpus_per_node or gpus_per_node >= G:
         return mapping
     M = G // gpus_per_node
+    L = len(load)
     per = np.take_along_axis(load / np.maximum(mapping.logcnt, 1), mapping.phy2log, axis=1)
-    gl = per.reshape(len(load), G, S).sum(axis=2)  # [L, G]
-    blocks = mapping.phy2log.reshape(len(load), G, S)
+    gl = per.reshape(L, G, S).sum(axis=2)  # [L, G]
+    blocks = mapping.phy2log.reshape(L, G, S)
     out = blocks.copy()
-    for layer in range(len(load)):
-        rail = np.zeros(gpus_per_node)
-        for m in range(M):
-            local = gl[layer, m * gpus_per_node:(m + 1) * gpus_per_node]
-            heavy = np.argsort(-local, kind="stable")
-            light = np.argsort(rail, kind="stable")
-            out[layer, m * gpus_per_node + light] = blocks[layer, m * gpus_per_node + heavy]
-            rail[light] += local[heavy]
+    rows = np.arange(L)[:, None]
+    rail = np.zeros((L, gpus_per_node))
+    for m in range(M):  # all layers at once
+        local = gl[:, m * gpus_per_node:(m + 1) * gpus_per_node]
+        heavy = np.argsort(-local, axis=1, kind="stable")
+        light = np.argsort(rail, axis=1, kind="stable")
+        out[rows, m * gpus_per_node + light] = blocks[rows, m * gpus_per_node + heavy]
+        rail[rows, light] += np.take_along_axis(local, heavy, axis=1)
     return ExpertMapping(out.reshape(len(load), -1), G, mapping.num_experts, dict(mapping.meta))
 
 
@@ -293,18 +344,21 @@ def spread_nodes(load: np.ndarray, mapping: ExpertMapping, gpus_per_node: int) -
     if G % gpus_per_node or gpus_per_node >= G:
         return mapping
     M = G // gpus_per_node
+    L = len(load)
     per = np.take_along_axis(load / np.maximum(mapping.logcnt, 1), mapping.phy2log, axis=1)
-    gl = per.reshape(len(load), G, S).sum(axis=2)
-    blocks = mapping.phy2log.reshape(len(load), G, S)
+    gl = per.reshape(L, G, S).sum(axis=2)
+    blocks = mapping.phy2log.reshape(L, G, S)
     out = np.empty_like(blocks)
-    for layer in range(len(load)):
-        fill = np.zeros(M)
-        used = np.zeros(M, dtype=np.int64)
-        for g in np.argsort(-gl[layer], kind="stable"):
-            m = int(np.argmin(np.where(used < gpus_per_node, fill, np.inf)))
-            out[layer, m * gpus_per_node + used[m]] = blocks[layer, g]
-            fill[m] += gl[layer, g]
-            used[m] += 1
+    rows = np.arange(L)
+    fill = np.zeros((L, M))
+    used = np.zeros((L, M), dtype=np.int64)
+    order = np.argsort(-gl, axis=1, kind="stable")
+    for t in range(G):  # GPUs heaviest first, all layers at once
+        g = order[:, t]
+        m = np.where(used < gpus_per_node, fill, np.inf).argmin(axis=1)
+        out[rows, m * gpus_per_node + used[rows, m]] = blocks[rows, g]
+        fill[rows, m] += gl[rows, g]
+        used[rows, m] += 1
     spread = ExpertMapping(out.reshape(len(load), -1), G, mapping.num_experts, dict(mapping.meta))
     return balance_rails(load, spread, gpus_per_node)
 

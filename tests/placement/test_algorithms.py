@@ -216,3 +216,21 @@ def test_eplb_matches_torch_reference_if_available():
         b = rebalance_experts(w, 48, 4, 2, 8)
         for x, y in zip(a, b):
             assert np.array_equal(x.numpy(), y)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 20), st.integers(1, 8), st.integers(0, 4), st.integers(0, 2**31 - 1),
+       st.sampled_from(["int", "pareto", "sparse"]))
+def test_fast_lower_bound_equals_lower_bound(L: int, E: int, G: int, extra: int, seed: int, kind: str) -> None:
+    """greedy's vectorised bound is base.lower_bound exactly (ties and zero layers included)."""
+    from moesim.placement.simple import fast_lower_bound
+
+    rng = np.random.default_rng(seed)
+    N = (-(-E // G) + extra) * G
+    if kind == "int":
+        load = rng.integers(0, 5, (L, E)).astype(float)
+    elif kind == "pareto":
+        load = rng.pareto(1.0, (L, E))
+    else:
+        load = rng.random((L, E)) * (rng.random((L, E)) < 0.3) * (rng.random((L, 1)) < 0.8)
+    assert np.array_equal(fast_lower_bound(load, G, N), lower_bound(load, G, N))
