@@ -227,6 +227,30 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
     origin_i = origin.astype(it)
     step_e = (step_of * E).astype(it)[None, :]
     replicas = mapping.logcnt.max(axis=1)  # [L]
+    W = slots // G
+    if layout == "ep" and S * G * slots <= max(4 * T * k, 1 << 16):
+        # one bincount per layer over (step, origin GPU, slot): summed over origins it is slot_tokens, over each
+        # GPU's slots the (origin, destination) choices; dedup subtracts the repeated choices (exact integers)
+        base = ((step_of * G + origin) * slots).astype(np.intp)[None, :]
+        sog = (step_of * G + origin) * G
+        for layer in range(L):
+            ids_t = ids[layer].T  # [k, T]
+            if replicas[layer] <= 1:
+                slot = np.take(tables[layer, 0, :, 0], ids_t)  # [k, T]: expert e's only slot, whatever the policy
+            else:
+                chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
+                slot = chooser(ids_t, origin_i, key)
+            c = np.bincount((base + slot).ravel(), minlength=S * G * slots).reshape(S, G, slots)
+            slot_tokens[:, layer] = c.sum(axis=1)
+            pairs = _sum_last(c.reshape(S, G, G, W))  # [S, G, G]
+            if config.dedup and k > 1:
+                dst = np.take(slot_gpu, slot)
+                dup = _dedup_rows(dst)
+                keys = [sog[t] + dst[j, t] for j in range(1, k) for t in (np.flatnonzero(dup[j]),) if t.size]
+                if keys:
+                    pairs -= np.bincount(np.concatenate(keys), minlength=S * G * G).reshape(S, G, G)
+            send[:, layer] = pairs
+        return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout)
     for layer in range(L):
         ids_t = ids[layer].T  # [k, T]
         if replicas[layer] <= 1:
@@ -246,6 +270,17 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             np.putmask(flat, _dedup_rows(dst), sentinel)
         send[:, layer] = np.bincount(flat.ravel(), minlength=sentinel + 1)[:sentinel].reshape(S, G, G)
     return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout)
+
+
+def _sum_last(a: np.ndarray) -> np.ndarray:
+    """a.sum(axis=-1) for a short last axis: one elementwise pass per entry (no per-row reduction overhead)."""
+    n = a.shape[-1]
+    if n > 16 or n == 0:
+        return a.sum(axis=-1)
+    out = a[..., 0].copy()
+    for i in range(1, n):
+        out += a[..., i]
+    return out
 
 
 def _gpu_tokens(step_tokens: np.ndarray, origin: np.ndarray, step_of: np.ndarray, S: int, L: int, G: int,
