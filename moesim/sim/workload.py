@@ -51,6 +51,10 @@ from moesim.replica import choose_slots
 from moesim.sim.config import SimConfig
 
 UNKNOWN_PHASE = 255
+# ep per-token workloads use one bincount over (step, origin GPU, slot) bins per layer while the bins stay within
+# this many per token-choice (or this minimum); beyond, two bincounts over (step, slot) and (step, origin, dest)
+_COMBINED_BINS_PER_CHOICE = 4
+_COMBINED_MIN_BINS = 1 << 16
 
 
 @dataclass
@@ -228,7 +232,7 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
     step_e = (step_of * E).astype(it)[None, :]
     replicas = mapping.logcnt.max(axis=1)  # [L]
     W = slots // G
-    if layout == "ep" and S * G * slots <= max(4 * T * k, 1 << 16):
+    if layout == "ep" and S * G * slots <= max(_COMBINED_BINS_PER_CHOICE * T * k, _COMBINED_MIN_BINS):
         # one bincount per layer over (step, origin GPU, slot): summed over origins it is slot_tokens, over each
         # GPU's slots the (origin, destination) choices; dedup subtracts the repeated choices (exact integers)
         base = ((step_of * G + origin) * slots).astype(np.intp)[None, :]
