@@ -8,7 +8,7 @@ import csv
 def test_imbalance_cost_quick(study, tmp_path):
     mod = study("imbalance_cost")
     assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
-    for name in ("imbalance_cost.csv", "table.md", "vs_skew.png", "vs_busiest.png"):
+    for name in ("imbalance_cost.csv", "des_check.csv", "table.md", "vs_skew.png", "vs_busiest.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = list(csv.DictReader((tmp_path / "imbalance_cost.csv").open()))
     assert {r["placement"] for r in rows} == {"ideal", "linear", "lpt", "eplb+1"}
@@ -26,3 +26,7 @@ def test_imbalance_cost_quick(study, tmp_path):
     hi = groups[("qwen3-30b-a3b", "prefill", "1")]
     lo = groups[("qwen3-30b-a3b", "prefill", "0")]
     assert float(hi["linear"]["vs ideal"]) > float(lo["linear"]["vs ideal"])  # more skew costs linear more
+    checks = list(csv.DictReader((tmp_path / "des_check.csv").open()))
+    assert {c["placement"] for c in checks} == {"ideal", "linear", "lpt", "eplb+1"}
+    for c in checks:  # one node, little contention: the engines agree closely
+        assert 0.95 < float(c["DES / analytic"]) < 1.05
