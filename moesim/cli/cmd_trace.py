@@ -57,8 +57,8 @@ def register(sub: Any) -> None:
         sh.set_defaults(func=_show)
 
     v = tsub.add_parser("validate", help="check a trace's checksums and contents",
-                        description="Read every chunk, verify checksums, shapes and id ranges. Exit 0 when sound, "
-                                    "1 when problems were found (listed), 2 when the file is not a readable trace.")
+                        description="Read every chunk, verify checksums, shapes and id ranges. Exit 0 when sound; "
+                                    "otherwise one line naming every problem found, exit 2.")
     v.add_argument("trace", help="trace file")
     v.set_defaults(func=_validate)
 
@@ -219,16 +219,16 @@ def _median(x: Any) -> float:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from moesim.errors import TraceError
     from moesim.trace import Trace
 
     with Trace.open(args.trace, require_steps=False) as trace:
         problems = trace.validate()
         if trace.num_steps == 0 and not problems:
             problems = ["the trace holds no complete step"]
-        if problems:
-            for p in problems:
-                print(f"{args.trace}: {p}", file=sys.stderr)
-            return 1
+        if problems:  # one line, exit 2, as for every bad input; all problems are named on it
+            more = f" ({len(problems)} problems)" if len(problems) > 1 else ""
+            raise TraceError(f"{args.trace} is not a valid trace{more}: " + "; ".join(problems))
         print(f"{args.trace}: valid ({trace.kind}, {trace.model.name}, {trace.num_steps} steps, "
               f"{trace.num_tokens:,} tokens, {trace.num_chunks} chunks)")
     return 0

@@ -78,7 +78,7 @@ def test_validate_reports_a_truncated_trace_with_exit_1(tmp_path, capsys):
     data = out.read_bytes()
     cut = tmp_path / "cut.mtrace"
     cut.write_bytes(data[:-10])
-    assert main(["trace", "validate", str(cut)]) == 1
+    assert main(["trace", "validate", str(cut)]) == 2
     err = capsys.readouterr().err
     assert "cut short" in err and "2 complete chunks" in err
     assert main(["trace", "show", str(cut)]) == 0  # the complete steps still read
@@ -87,7 +87,7 @@ def test_validate_reports_a_truncated_trace_with_exit_1(tmp_path, capsys):
     flipped[-3] ^= 0xFF
     bad = tmp_path / "crc.mtrace"
     bad.write_bytes(bytes(flipped))
-    assert main(["trace", "validate", str(bad)]) == 1
+    assert main(["trace", "validate", str(bad)]) == 2
     assert "checksum" in capsys.readouterr().err
 
 

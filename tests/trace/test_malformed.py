@@ -93,7 +93,7 @@ def test_truncated_inside_a_chunk_keeps_the_complete_chunks(tmp_path, good, caps
             assert np.array_equal(step.ids, ids)
     assert main(["trace", "show", str(cut)]) == 0  # the complete steps still read, the cut is reported
     assert "cut short" in capsys.readouterr().out
-    assert main(["trace", "validate", str(cut)]) == 1
+    assert main(["trace", "validate", str(cut)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cut short" in err[0]
 
@@ -151,7 +151,7 @@ def test_empty_trace(tmp_path, capsys):
     _error(capsys, main(["trace", "show", str(empty)]), "holds no complete step")
     _error(capsys, main(["replay", "--trace", str(empty), "--topology", "dgx-h100", "--out", str(tmp_path / "r")]),
            "holds no complete step")
-    assert main(["trace", "validate", str(empty)]) == 1  # readable, but a problem: validate's exit 1
+    assert main(["trace", "validate", str(empty)]) == 2
     assert "no complete step" in capsys.readouterr().err
 
 
@@ -175,7 +175,7 @@ def test_corrupted_checksum(tmp_path, good, capsys):
     with Trace.open(bad) as t:
         problems = t.validate()
     assert len(problems) == 1 and "chunk 0" in problems[0] and "checksum" in problems[0]
-    assert main(["trace", "validate", str(bad)]) == 1
+    assert main(["trace", "validate", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checksum" in err[0] and str(bad) in err[0]
 
@@ -201,7 +201,7 @@ def test_ids_out_of_range(tmp_path, capsys):
     _error(capsys, main(["trace", "load", str(bad), "--out", str(tmp_path / "l.npy")]), "expert id 8")
     _error(capsys, main(["replay", "--trace", str(bad), "--topology", "dgx-h100", "--out", str(tmp_path / "r"),
                          "--no-plots", "--quiet"]), "expert id 8")
-    assert main(["trace", "validate", str(bad)]) == 1
+    assert main(["trace", "validate", str(bad)]) == 2
     assert "expert id 8 out of range" in capsys.readouterr().err
 
 
@@ -230,7 +230,7 @@ def test_wrong_top_k(tmp_path, capsys, shape, words):
     with pytest.raises(TraceError, match=r"ids shape \[2, 3, 3\] is not \[layers 2, tokens 3, top-k 2\]"):
         Trace.open(bad)
     _error(capsys, main(["trace", "show", str(bad)]), "ids shape [2, 3, 3]", "top-k 2")
-    assert main(["trace", "validate", str(bad)]) == 1  # readable, with a problem: validate's exit 1
+    assert main(["trace", "validate", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ids shape [2, 3, 3]" in err[0]
 
@@ -364,7 +364,7 @@ def _survives(path: Path, capsys) -> None:
     except TraceError as exc:
         assert "\n" not in str(exc)
     assert main(["trace", "show", str(path)]) in (0, 2)
-    assert main(["trace", "validate", str(path)]) in (0, 1, 2)
+    assert main(["trace", "validate", str(path)]) in (0, 2)
     err = capsys.readouterr().err
     assert "Traceback" not in err
 
