@@ -76,28 +76,29 @@ def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     count = np.bincount(cur.ravel(), minlength=n_links).astype(np.float64)
     remcap = capacity.astype(np.float64, copy=True)
     remcap[pad] = np.inf
-    idx = np.arange(F)
-    share = np.empty(n_links)
+    idx = None  # flows still unfrozen (None: all, in the first round)
+    c = 1.0 + _LEVEL_RTOL
     with np.errstate(divide="ignore", invalid="ignore"):
-        while idx.size:
-            share.fill(np.inf)
-            np.divide(remcap, count, out=share, where=count > 0)  # inf on the pad link and on idle links
+        while True:
+            # count[e] = entries of e in cur, so every link read below has count > 0 (others' shares unused)
+            share = remcap / count
             fs = share.take(cur)  # [H, F']
             fmin = fs.min(axis=0)
             if fmin.min() == np.inf:
                 break  # what is left crosses only unconstrained links
             # a link is not a local minimum if some flow crossing it has a smaller share elsewhere
-            above = fs > fmin * (1.0 + _LEVEL_RTOL)
-            local = np.bincount(np.where(above, cur, pad).ravel(), minlength=n_links) == 0
+            local = np.bincount(np.where(fs > fmin * c, cur, pad).ravel(), minlength=n_links) == 0
             local[pad] = False
             hit = local.take(cur).any(axis=0)
             r = np.maximum(fmin[hit], 0.0)
-            rate[idx[hit]] = r
+            rate[hit if idx is None else idx[hit]] = r
             fr = np.compress(hit, cur, axis=1).ravel()
             count -= np.bincount(fr, minlength=n_links)
             remcap -= np.bincount(fr, weights=np.repeat(r[None, :], H, axis=0).ravel(), minlength=n_links)
+            if r.size == cur.shape[1]:
+                break
             keep = ~hit
-            idx = idx[keep]
+            idx = np.flatnonzero(keep) if idx is None else idx[keep]
             cur = np.compress(keep, cur, axis=1)
     return rate
 
