@@ -93,6 +93,13 @@ def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coact
                "fallback_layers": m.meta.get("fallback_layers", 0), "spilled_layers": m.meta.get("spilled_layers", 0)}
 
 
+def _colocate(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coactivation: Any = None,
+              epsilon: float = 0.004, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.affinity import colocate
+    m = colocate(load, G, N, gpus_per_node, coactivation, epsilon=epsilon)
+    return m, {"coactivation": coactivation is not None, "swaps": m.meta.get("swaps", 0)}
+
+
 ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {
     "linear": _linear,
     "round_robin": _round_robin,
@@ -104,6 +111,7 @@ ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {
     "milp": _milp,
     "incremental": _incremental,
     "affinity": _affinity,
+    "colocate": _colocate,
 }
 
 

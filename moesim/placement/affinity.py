@@ -299,3 +299,91 @@ def _swap_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.ndar
         fill[b] += w[i] - w[j]
         part[i], part[j] = b, a
     return part
+
+
+# -- colocate: greedy's balance, then co-activated replicas onto the same GPU ---------------------------------
+def colocate(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int = 8,
+             coactivation: Coactivation | None = None, epsilon: float = 0.004, max_swaps: int = 600,
+             candidates: int = 48) -> ExpertMapping:
+    """Balance first, then co-location: the ``greedy`` packing, then swaps of two replicas between GPUs that
+    raise the co-activation inside GPUs while no GPU ends above (1 + ε) × greedy's busiest GPU of the layer.
+
+    Why GPUs and not nodes: DeepEP-style dispatch (and the simulator, sim.workload ``dedup``) sends a token once
+    per destination *GPU*; with tokens originating evenly over the nodes, its expected inter-node copies are
+    (1 − 1/M) × the number of distinct GPUs holding its experts, whatever GPUs form a node. So inter-node bytes
+    fall only when a token's experts share GPUs — which is how EPLB's hierarchical policy (whole expert groups
+    per node, so a GPU's replicas share a group) saves bytes, at the price of balance. Here a replica pair's
+    affinity is the tokens choosing both experts ÷ (r_e · r_f) (a token's choice goes to one replica of r).
+    Then GPUs are dealt over nodes and rails as for greedy (``spread_nodes``). Deterministic; without
+    co-activation data it is greedy.
+    """
+    from moesim.placement.simple import layout, spread_nodes
+
+    L, E = load.shape
+    G, S = num_gpus, num_slots // num_gpus
+    base = greedy(load, G, num_slots)
+    if coactivation is None or G < 2 or coactivation.same.shape != (L, E, E):
+        return spread_nodes(load, base, gpus_per_node)
+    phy = base.phy2log.copy()
+    cnt = base.logcnt
+    bins = np.repeat(np.arange(G), S)
+    swaps = 0
+    for layer in range(L):
+        expert = phy[layer]
+        r = cnt[layer][expert].astype(np.float64)
+        w = load[layer][expert] / r
+        co = coactivation.same[layer].astype(np.float64)
+        A = co[expert][:, expert] / (r[:, None] * r[None, :])
+        A[expert[:, None] == expert[None, :]] = 0.0
+        fill = np.bincount(bins, weights=w, minlength=G)
+        cap = fill.max() * (1 + epsilon)
+        new_bins, n = _colocate_swaps(w, expert, A, bins, G, E, cap, max_swaps, candidates)
+        swaps += n
+        phy[layer] = layout(expert[None], new_bins[None])[0]
+    m = ExpertMapping(phy, G, E, {"algo": "colocate", "swaps": swaps, "epsilon": epsilon})
+    return spread_nodes(load, m, gpus_per_node)
+
+
+def _colocate_swaps(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndarray, G: int, E: int, cap: float,
+                    max_swaps: int, candidates: int) -> tuple[np.ndarray, int]:
+    """Best-gain swaps of two items on different bins while the intra-bin affinity rises, no bin ends above
+    ``cap`` and no bin gets a second replica of an expert. Each round looks at the ``candidates`` items with the
+    most to gain by leaving their bin, against every other item."""
+    bins = bins.copy()
+    N = len(w)
+    idx = np.arange(N)
+    onehot = np.zeros((N, G))
+    onehot[idx, bins] = 1.0
+    val = A @ onehot  # [N, G]: affinity of each item to each bin's items
+    fill = np.bincount(bins, weights=w, minlength=G)
+    has = np.zeros((E, G), dtype=np.int64)  # replicas of expert e on bin g
+    np.add.at(has, (key, bins), 1)
+    tol = 1e-9 * max(float(A.max(initial=0)), 1e-12)
+    k = min(candidates, N)
+    done = 0
+    for _ in range(max_swaps):
+        here = val[idx, bins]
+        ii = np.argsort(here - val.max(axis=1), kind="stable")[:k]
+        a = bins[ii]
+        gain = val[ii][:, bins] + val[:, a].T - here[ii][:, None] - here[None, :] - 2 * A[ii]
+        d = w[ii][:, None] - w[None, :]
+        bad = ((a[:, None] == bins[None, :]) | (fill[a][:, None] - d > cap) | (fill[bins][None, :] + d > cap)
+               | (has[key[ii]][:, bins] > 0) | (has[key][:, a].T > 0))
+        gain = np.where(bad, -np.inf, gain)
+        flat = int(np.argmax(gain))
+        ki, j = divmod(flat, N)
+        if not gain[ki, j] > tol:
+            break
+        i = ii[ki]
+        ba, bb = bins[i], bins[j]
+        val[:, ba] += A[:, j] - A[:, i]
+        val[:, bb] += A[:, i] - A[:, j]
+        fill[ba] += w[j] - w[i]
+        fill[bb] += w[i] - w[j]
+        has[key[i], ba] -= 1
+        has[key[i], bb] += 1
+        has[key[j], bb] -= 1
+        has[key[j], ba] += 1
+        bins[i], bins[j] = bb, ba
+        done += 1
+    return bins, done

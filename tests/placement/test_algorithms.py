@@ -234,3 +234,49 @@ def test_fast_lower_bound_equals_lower_bound(L: int, E: int, G: int, extra: int,
     else:
         load = rng.random((L, E)) * (rng.random((L, E)) < 0.3) * (rng.random((L, 1)) < 0.8)
     assert np.array_equal(fast_lower_bound(load, G, N), lower_bound(load, G, N))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([(4, 2), (8, 4), (8, 8)]), st.integers(4, 24), st.integers(0, 2), st.integers(1, 3),
+       st.integers(0, 2**31 - 1))
+def test_colocate_invariants_balance_and_affinity(shape, E, extra, L, seed):
+    """colocate with co-activation: every expert placed, equal slots, deterministic; each layer's busiest GPU
+    within (1 + ε) of greedy's, and at least greedy's intra-GPU co-activation (it only takes improving swaps)."""
+    from moesim.placement.affinity import coactivation_from_ids
+
+    G, gpn = shape
+    S = -(-E // G) + extra
+    N = G * S
+    rng = np.random.default_rng(seed)
+    T, k = 64, min(3, E)
+    hot = rng.dirichlet(np.full(E, 0.3), size=L)
+    ids = np.stack([np.stack([rng.choice(E, k, replace=False, p=hot[layer]) for _ in range(T)]) for layer in range(L)])
+    co = coactivation_from_ids(ids, E)
+    load = np.stack([np.bincount(ids[layer].ravel(), minlength=E) for layer in range(L)]).astype(float)
+    res = place(load, "colocate", num_gpus=G, num_slots=N, gpus_per_node=gpn, coactivation=co)
+    m = res.mapping
+    assert m.phy2log.shape == (L, N) and np.all(m.logcnt >= 1) and np.all(m.logcnt.sum(axis=1) == N)
+    again = place(load, "colocate", num_gpus=G, num_slots=N, gpus_per_node=gpn, coactivation=co).mapping
+    assert again == m
+    g = place(load, "greedy", num_gpus=G, num_slots=N, gpus_per_node=gpn).mapping
+    assert np.all(gpu_loads(load, m).max(axis=1) <= gpu_loads(load, g).max(axis=1) * (1 + 0.004) + 1e-9)
+    assert np.array_equal(m.logcnt, g.logcnt)  # greedy's replica counts
+
+    def intra(mp):
+        tot = 0.0
+        for layer in range(L):
+            e = mp.phy2log[layer]
+            r = mp.logcnt[layer][e].astype(float)
+            a = co.same[layer][e][:, e] / (r[:, None] * r[None, :])
+            gpu = np.arange(N) // S
+            tot += a[(gpu[:, None] == gpu[None, :]) & (e[:, None] != e[None, :])].sum()
+        return tot
+    assert intra(m) >= intra(g) * (1 - 1e-9) - 1e-9
+
+
+def test_colocate_without_coactivation_is_greedy():
+    rng = np.random.default_rng(3)
+    load = np.round(rng.lognormal(0, 1, (3, 16)) * 100)
+    a = place(load, "colocate", num_gpus=8, num_slots=24, gpus_per_node=4).mapping
+    b = place(load, "greedy", num_gpus=8, num_slots=24, gpus_per_node=4).mapping
+    assert np.array_equal(a.phy2log, b.phy2log)
