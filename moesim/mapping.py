@@ -145,16 +145,25 @@ class ExpertMapping:
     @classmethod
     def round_robin(cls, num_layers: int, num_experts: int, num_gpus: int,
                     slots_per_gpu: int | None = None) -> ExpertMapping:
-        """vLLM's ``round_robin`` strategy: expert e goes to GPU e % num_gpus."""
+        """vLLM's ``round_robin`` strategy: expert e goes to GPU e % num_gpus.
+
+        vLLM defines it without redundancy; extra slots continue the deal with experts 0, 1, ..., each copy going
+        to the next GPU (cyclically) that has a free slot and does not already hold that expert — a replica on
+        its original's GPU would share nothing.
+        """
         slots = _slots(num_experts, num_gpus, slots_per_gpu)
         s = slots // num_gpus
-        logical = np.arange(slots) % num_experts  # extra slots replicate experts 0, 1, ...
-        slot_of = np.empty(slots, dtype=np.int64)
-        # the i-th item dealt (expert order) lands on GPU i % G, in that GPU's next free slot
-        i = np.arange(slots)
-        slot_of[i] = (i % num_gpus) * s + i // num_gpus
-        row = np.empty(slots, dtype=np.int64)
-        row[slot_of] = logical
+        held: list[list[int]] = [[] for _ in range(num_gpus)]
+        for e in range(num_experts):
+            held[e % num_gpus].append(e)
+        g = num_experts % num_gpus
+        for j in range(slots - num_experts):
+            e = j % num_experts
+            free = [(g + t) % num_gpus for t in range(num_gpus) if len(held[(g + t) % num_gpus]) < s]
+            c = next((c for c in free if e not in held[c]), free[0])
+            held[c].append(e)
+            g = (c + 1) % num_gpus
+        row = np.array([e for h in held for e in h], dtype=np.int64)
         return cls(np.tile(row, (num_layers, 1)), num_gpus, num_experts, {"algo": "round_robin"})
 
     # -- serialisation ------------------------------------------------------------------------
