@@ -159,6 +159,11 @@ def match_gpus(old: ExpertMapping, new: ExpertMapping, gpus_per_node: int = 8) -
             ov = np.minimum(h_new[gn][:, None, :], h_old[go][None, :, :]).sum(axis=2)
             r, c = linear_sum_assignment(-ov)
             out[layer, go[c]] = blocks[gn[r]]
+        # nodes first, then GPUs, is not a joint optimum: never return more moves than no relabelling at all
+        h_rel = np.zeros((G, E))
+        np.add.at(h_rel, (gpu, out[layer].ravel()), 1)
+        if np.maximum(h_rel - h_old, 0).sum() > np.maximum(h_new - h_old, 0).sum():
+            out[layer] = blocks
     return ExpertMapping(out.reshape(new.num_layers, -1), G, E, dict(new.meta))
 
 
