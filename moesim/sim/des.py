@@ -203,7 +203,7 @@ class _StepRun:
                 dst = np.flatnonzero(row > 0)
                 dst = dst[dst != g]
                 if dst.size:
-                    self.net.transfer_routes(g * G + dst, row[dst], self.gid[m, k, dst])
+                    self.net.transfer_routes(g * G + dst, row[dst], self.gid[m, k, dst], checked=True)
                     self.src.extend([(g, m)] * dst.size)
                 yield self.gev[m, k][g]
             t1 = env.now
@@ -278,6 +278,10 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
         raise MoesimError(f"workload was built for layout {wl_layout!r}, config says {config.layout!r}")
     if max_events < 0:
         raise MoesimError("max_events must be >= 0")
+    sends = np.asarray(workload.send_tokens)
+    if sends.size and not (np.all(np.isfinite(sends)) and sends.min() >= 0):
+        # checked once here: the lanes start their flows without per-call checks
+        raise MoesimError("flow sizes must be finite and non-negative (the workload's send_tokens)")
     cost = layout_cost(cost, config.layout, G)
     routes = _route_table(topology, G)
     # the DES only ever sends along these routes, so links that can never bind may be left out of the rates

@@ -84,13 +84,13 @@ def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
             share = remcap / count
             fs = share.take(cur)  # [H, F']
             fmin = fs.min(axis=0)
-            if fmin.min() == np.inf:
-                break  # what is left crosses only unconstrained links
             # a link is not a local minimum if some flow crossing it has a smaller share elsewhere
             local = np.bincount(np.where(fs > fmin * c, cur, pad).ravel(), minlength=n_links) == 0
             local[pad] = False
             hit = local.take(cur).any(axis=0)
             r = np.maximum(fmin[hit], 0.0)
+            if r.size == 0:
+                break  # what is left crosses only unconstrained links (the busiest finite link is always local)
             rate[hit if idx is None else idx[hit]] = r
             fr = np.compress(hit, cur, axis=1).ravel()
             count -= np.bincount(fr, minlength=n_links)
@@ -261,10 +261,16 @@ class FlowNetwork:
         self._tab_crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
         self._tab_lat = self._lat_pad[rt].sum(axis=1)
 
-    def transfer_routes(self, rows: Any, nbytes: Any, groups: Any) -> np.ndarray:
-        """Start flows along rows of the table given to :meth:`set_routes`; otherwise as :meth:`transfer_many`."""
+    def transfer_routes(self, rows: Any, nbytes: Any, groups: Any, *, checked: bool = False) -> np.ndarray:
+        """Start flows along rows of the table given to :meth:`set_routes`; otherwise as :meth:`transfer_many`.
+
+        ``checked=True``: the caller guarantees int64 rows and groups of the size of ``nbytes`` (float64, finite,
+        >= 0) naming existing groups and rows (the DES, which validated its workload): no checks, no copies.
+        """
         if self._tab_rt is None:
             raise MoesimError("transfer_routes needs a route table (set_routes) first")
+        if checked:
+            return self._start_flows(self._tab_rt[rows], self._tab_crt[rows], self._tab_lat[rows], nbytes, groups)
         nb, grp = self._check_flows(nbytes, groups)
         r = np.asarray(rows, dtype=np.int64).ravel()
         if r.size != nb.size:
