@@ -53,7 +53,7 @@ from moesim.trace.writer import TraceWriter
 #   mixtral-8x7b 1.12/1.43/1.84, mixtral-8x22b 1.19/1.44/1.98   (real Mixtral counts: 1.1-1.95x,
 #                                                                 ../shared/data/routing/mixtral-8x7b-expert-counts)
 #   deepseek-v3 4.2/7.0/10.7, qwen3-30b-a3b 3.6/6.2/9.9, qwen3-235b-a22b 3.4/6.4/11.0  (3-13x reported in serving)
-#   olmoe-1b-7b 3.7/4.6/5.7                                     (real OLMoE counts: 2.1-3x over a whole domain)
+#   olmoe-1b-7b 3.7/4.6/5.7                                     (real OLMoE: 2.5-7.8x per domain, 2.1-3x pooled)
 # Few experts need weaker domains: with 8 experts a batch of a few sequences of one domain would otherwise
 # unbalance a layer more than real Mixtral routing does.
 ROUTING_DEFAULTS: dict[str, tuple[float, float]] = {
