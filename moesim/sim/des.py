@@ -200,7 +200,7 @@ class _StepRun:
                         yield env.timeout(dt)
             else:
                 row = st.data[g]
-                dst = np.flatnonzero(row > 0)
+                dst = (row > 0).nonzero()[0]
                 dst = dst[dst != g]
                 if dst.size:
                     self.net.transfer_routes(g * G + dst, row[dst], self.gid[m, k, dst], checked=True)

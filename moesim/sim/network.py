@@ -92,14 +92,14 @@ def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
             if r.size == 0:
                 break  # what is left crosses only unconstrained links (the busiest finite link is always local)
             rate[hit if idx is None else idx[hit]] = r
-            fr = np.compress(hit, cur, axis=1).ravel()
+            fr = cur.compress(hit, axis=1).ravel()  # (array methods: no numpy wrapper overhead)
             count -= np.bincount(fr, minlength=n_links)
-            remcap -= np.bincount(fr, weights=np.repeat(r[None, :], H, axis=0).ravel(), minlength=n_links)
+            remcap -= np.bincount(fr, weights=r[None, :].repeat(H, axis=0).ravel(), minlength=n_links)
             if r.size == cur.shape[1]:
                 break
             keep = ~hit
-            idx = np.flatnonzero(keep) if idx is None else idx[keep]
-            cur = np.compress(keep, cur, axis=1)
+            idx = keep.nonzero()[0] if idx is None else idx[keep]
+            cur = cur.compress(keep, axis=1)
     return rate
 
 
@@ -393,20 +393,20 @@ class FlowNetwork:
         # due: projected end reached (exact for the flows the timer was armed for), or nothing left to send
         now = self.env.now
         due = (self._finish <= now + _TIME_EPS * abs(now)) | (self._remaining <= 0)
-        done = np.flatnonzero(due)
+        done = due.nonzero()[0]
         if done.size == 0:
             return
         # a finished flow has moved all its bytes (the float residue of rate × time is snapped away)
         fid = self._fid[done]
         req = self._req[fid]
         rts = self._routes[done]
-        lb = np.bincount(rts.ravel(), weights=np.repeat(req, rts.shape[1]), minlength=self._pad + 1)
+        lb = np.bincount(rts.ravel(), weights=req.repeat(rts.shape[1]), minlength=self._pad + 1)
         self.link_bytes += lb[:self._pad]
         self._deliv[fid] = req
         arrival = np.minimum(self._finish[done], self.env.now) + self._lat[done]
         self._end[fid] = arrival
         groups = self._group[done]
-        keep = np.flatnonzero(~due)
+        keep = (~due).nonzero()[0]
         self._routes, self._croutes = self._routes[keep], self._croutes[keep]
         self._remaining, self._rate, self._finish = self._remaining[keep], self._rate[keep], self._finish[keep]
         self._lat, self._group, self._fid = self._lat[keep], self._group[keep], self._fid[keep]

@@ -94,3 +94,40 @@ def test_expert_roofline_matches_reference(seed, shape, block_m) -> None:
     want = _expert_reference(cost.expert, t)
     assert np.shape(got) == np.shape(want)
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+
+
+def test_transfer_routes_checked_equals_checked_path() -> None:
+    """The DES's unchecked flow start gives the same flows and arrivals as the checked public call."""
+    import simpy
+
+    from moesim.sim.network import FlowNetwork
+
+    table = np.array([[0, 1], [0, 2], [3, -1]])
+    out = []
+    for checked in (False, True):
+        env = simpy.Environment()
+        net = FlowNetwork(env, [1e9, 2e9, 1e9, 5e8], [1e-6, 1e-6, 2e-6, 0.0])
+        net.set_routes(table)
+        gid, ev = net.group(3)
+        rows, nb, grp = np.array([0, 1, 2]), np.array([1e3, 4e3, 2e3]), np.full(3, gid, dtype=np.int64)
+        net.transfer_routes(rows, nb, grp, checked=checked) if checked else net.transfer_routes([0, 1, 2], nb, gid)
+        env.run(until=ev)
+        out.append((env.now, net.flow_record()))
+    assert out[0][0] == out[1][0]
+    for key in ("requested", "delivered", "start", "end"):
+        np.testing.assert_array_equal(out[0][1][key], out[1][1][key])
+
+
+def test_des_rejects_negative_send_once() -> None:
+    import pytest
+
+    from moesim.errors import MoesimError
+    from moesim.sim.des import run_des
+
+    model = get_model("mixtral-8x7b").with_(num_layers=1)
+    topology = load_topology("dgx-h100")
+    mapping = ExpertMapping.linear(1, model.num_experts, 8)
+    wl = _materialised(workload_from_counts(np.full((1, 1, 8), 10.0), np.array([10]), mapping, SimConfig()))
+    wl.send_tokens[0, 0, 0, 1] = -1.0
+    with pytest.raises(MoesimError, match="non-negative"):
+        run_des(wl, topology, CostModel.roofline(model, topology.device), model, SimConfig())
