@@ -94,10 +94,12 @@ def _affinity(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coact
 
 
 def _colocate(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, coactivation: Any = None,
-              epsilon: float = 0.004, **kw: Any) -> tuple[ExpertMapping, dict]:
+              epsilon: float = 0.004, num_groups: int = 1, **kw: Any) -> tuple[ExpertMapping, dict]:
     from moesim.placement.affinity import colocate
-    m = colocate(load, G, N, gpus_per_node, coactivation, epsilon=epsilon)
-    return m, {"coactivation": coactivation is not None, "swaps": m.meta.get("swaps", 0)}
+    m = colocate(load, G, N, gpus_per_node, coactivation, epsilon=epsilon,
+                 num_groups=num_groups)
+    return m, {"coactivation": coactivation is not None, "swaps": m.meta.get("swaps", 0),
+               "group_start_layers": m.meta.get("grown_layers", 0)}
 
 
 ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {

@@ -304,7 +304,7 @@ def _swap_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.ndar
 # -- colocate: greedy's balance, then co-activated replicas onto the same GPU ---------------------------------
 def colocate(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int = 8,
              coactivation: Coactivation | None = None, epsilon: float = 0.004, max_swaps: int = 600,
-             candidates: int = 48) -> ExpertMapping:
+             candidates: int = 48, num_groups: int = 1) -> ExpertMapping:
     """Balance first, then co-location: the ``greedy`` packing, then swaps of two replicas between GPUs that
     raise the co-activation inside GPUs while no GPU ends above (1 + ε) × greedy's busiest GPU of the layer.
 
@@ -327,7 +327,7 @@ def colocate(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int
     phy = base.phy2log.copy()
     cnt = base.logcnt
     bins = np.repeat(np.arange(G), S)
-    swaps = 0
+    swaps = grown_layers = 0
     for layer in range(L):
         expert = phy[layer]
         r = cnt[layer][expert].astype(np.float64)
@@ -337,10 +337,20 @@ def colocate(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int
         A[expert[:, None] == expert[None, :]] = 0.0
         fill = np.bincount(bins, weights=w, minlength=G)
         cap = fill.max() * (1 + epsilon)
-        new_bins, n = _colocate_swaps(w, expert, A, bins, G, E, cap, max_swaps, candidates)
+        best_bins, n = _colocate_swaps(w, expert, A, bins, G, E, cap, max_swaps, candidates)
+        best_val = _intra_bins(A, best_bins)
+        if num_groups > 1 and E % num_groups == 0:
+            grown = _group_bins(w, expert // (E // num_groups), G, S)
+            grown = _repair_cap(w, expert, A, grown, G, E, cap)
+            if np.bincount(grown, weights=w, minlength=G).max() <= cap:
+                grown, n2 = _colocate_swaps(w, expert, A, grown, G, E, cap, max_swaps, candidates)
+                if _intra_bins(A, grown) > best_val * (1 + 1e-12):
+                    best_bins, n = grown, n2
+                    grown_layers += 1
         swaps += n
-        phy[layer] = layout(expert[None], new_bins[None])[0]
-    m = ExpertMapping(phy, G, E, {"algo": "colocate", "swaps": swaps, "epsilon": epsilon})
+        phy[layer] = layout(expert[None], best_bins[None])[0]
+    m = ExpertMapping(phy, G, E, {"algo": "colocate", "swaps": swaps, "epsilon": epsilon,
+                                    "grown_layers": grown_layers})
     return spread_nodes(load, m, gpus_per_node)
 
 
@@ -387,3 +397,103 @@ def _colocate_swaps(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndar
         bins[i], bins[j] = bb, ba
         done += 1
     return bins, done
+
+
+def _intra_bins(A: np.ndarray, bins: np.ndarray) -> float:
+    """Affinity inside bins (each pair once)."""
+    return float(A[bins[:, None] == bins[None, :]].sum()) / 2
+
+
+def _grow_bins(w: np.ndarray, key: np.ndarray, A: np.ndarray, G: int, S: int, cap: float) -> np.ndarray:
+    """Items heaviest first, each to the bin with the most affinity to its items among those with a free slot,
+    room under ``cap`` and no replica of the same expert (ties: the lightest); else the lightest bin with a free
+    slot. A start for ``_colocate_swaps`` that gathers co-activated replicas before balance is repaired."""
+    N = len(w)
+    bins = np.full(N, -1, dtype=np.int64)
+    val = np.zeros((N, G))
+    fill = np.zeros(G)
+    used = np.zeros(G, dtype=np.int64)
+    holds = np.zeros((int(key.max()) + 1, G), dtype=bool)
+    scale = max(float(A.max(initial=0)), 1e-12)
+    for i in np.argsort(-w, kind="stable"):
+        room = used < S
+        fits = room & (fill + w[i] <= cap) & ~holds[key[i]]
+        if fits.any():
+            score = val[i] / scale - 1e-6 * fill / max(cap, 1e-12)
+            g = int(np.argmax(np.where(fits, score, -np.inf)))
+        else:
+            free = room & ~holds[key[i]]
+            g = int(np.argmin(np.where(free if free.any() else room, fill, np.inf)))
+        bins[i] = g
+        val[:, g] += A[:, i]
+        fill[g] += w[i]
+        used[g] += 1
+        holds[key[i], g] = True
+    return bins
+
+
+def _group_bins(w: np.ndarray, group: np.ndarray, G: int, S: int) -> np.ndarray:
+    """Group-major start: the groups' items laid out on the slot line group after group (each group on a run
+    of consecutive GPUs, sharing a GPU with its neighbour at the ends), heaviest first to the lightest GPU of
+    its run with a free slot. Balance is repaired afterwards (``_repair_cap``)."""
+    N = len(w)
+    bins = np.empty(N, dtype=np.int64)
+    fill = np.zeros(G)
+    order = np.lexsort((-w, group))  # by group, heaviest first within a group
+    start = 0
+    for g in np.unique(group):
+        items = order[group[order] == g]
+        slots = np.arange(start, start + len(items))
+        gpus, cap = np.unique(slots // S, return_counts=True)
+        used = np.zeros(len(gpus), dtype=np.int64)
+        for i in items:
+            k = int(np.argmin(np.where(used < cap, fill[gpus], np.inf)))
+            bins[i] = gpus[k]
+            fill[gpus[k]] += w[i]
+            used[k] += 1
+        start += len(items)
+    return bins
+
+
+def _repair_cap(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndarray, G: int, E: int, cap: float,
+                max_iter: int = 3000) -> np.ndarray:
+    """While the busiest bin is above ``cap``: swap one of its items with an item elsewhere so that both bins
+    end below its load, the swap that loses the least affinity (ties: the lower resulting maximum)."""
+    bins = bins.copy()
+    N = len(w)
+    onehot = np.zeros((N, G))
+    onehot[np.arange(N), bins] = 1.0
+    val = A @ onehot
+    fill = np.bincount(bins, weights=w, minlength=G)
+    has = np.zeros((E, G), dtype=np.int64)
+    np.add.at(has, (key, bins), 1)
+    idx = np.arange(N)
+    scale = max(float(A.max(initial=0)), 1e-12)
+    for _ in range(max_iter):
+        a = int(np.argmax(fill))
+        top = fill[a]
+        if top <= cap:
+            break
+        ii = np.nonzero(bins == a)[0]
+        here = val[idx, bins]
+        gain = val[ii][:, bins] + val[:, a][None, :] - here[ii][:, None] - here[None, :] - 2 * A[ii]
+        d = w[ii][:, None] - w[None, :]
+        worst = np.maximum(top - d, fill[bins][None, :] + d)
+        ok = ((bins[None, :] != a) & (d > 0) & (worst < top * (1 - 1e-12))
+              & ~(has[key[ii]][:, bins] > 0) & ~(has[key][:, a][None, :] > 0))
+        if not ok.any():
+            break
+        score = np.where(ok, gain / scale - 1e-3 * worst / top, -np.inf)
+        k, j = divmod(int(np.argmax(score)), N)
+        i = ii[k]
+        b = bins[j]
+        val[:, a] += A[:, j] - A[:, i]
+        val[:, b] += A[:, i] - A[:, j]
+        fill[a] += w[j] - w[i]
+        fill[b] += w[i] - w[j]
+        has[key[i], a] -= 1
+        has[key[i], b] += 1
+        has[key[j], b] -= 1
+        has[key[j], a] += 1
+        bins[i], bins[j] = b, a
+    return bins

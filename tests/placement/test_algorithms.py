@@ -238,8 +238,8 @@ def test_fast_lower_bound_equals_lower_bound(L: int, E: int, G: int, extra: int,
 
 @settings(max_examples=25, deadline=None)
 @given(st.sampled_from([(4, 2), (8, 4), (8, 8)]), st.integers(4, 24), st.integers(0, 2), st.integers(1, 3),
-       st.integers(0, 2**31 - 1))
-def test_colocate_invariants_balance_and_affinity(shape, E, extra, L, seed):
+       st.integers(0, 2**31 - 1), st.sampled_from([1, 2, 4]))
+def test_colocate_invariants_balance_and_affinity(shape, E, extra, L, seed, groups):
     """colocate with co-activation: every expert placed, equal slots, deterministic; each layer's busiest GPU
     within (1 + ε) of greedy's, and at least greedy's intra-GPU co-activation (it only takes improving swaps)."""
     from moesim.placement.affinity import coactivation_from_ids
@@ -253,10 +253,11 @@ def test_colocate_invariants_balance_and_affinity(shape, E, extra, L, seed):
     ids = np.stack([np.stack([rng.choice(E, k, replace=False, p=hot[layer]) for _ in range(T)]) for layer in range(L)])
     co = coactivation_from_ids(ids, E)
     load = np.stack([np.bincount(ids[layer].ravel(), minlength=E) for layer in range(L)]).astype(float)
-    res = place(load, "colocate", num_gpus=G, num_slots=N, gpus_per_node=gpn, coactivation=co)
+    res = place(load, "colocate", num_gpus=G, num_slots=N, gpus_per_node=gpn, coactivation=co, num_groups=groups)
     m = res.mapping
     assert m.phy2log.shape == (L, N) and np.all(m.logcnt >= 1) and np.all(m.logcnt.sum(axis=1) == N)
-    again = place(load, "colocate", num_gpus=G, num_slots=N, gpus_per_node=gpn, coactivation=co).mapping
+    again = place(load, "colocate", num_gpus=G, num_slots=N, gpus_per_node=gpn, coactivation=co,
+                  num_groups=groups).mapping
     assert again == m
     g = place(load, "greedy", num_gpus=G, num_slots=N, gpus_per_node=gpn).mapping
     assert np.all(gpu_loads(load, m).max(axis=1) <= gpu_loads(load, g).max(axis=1) * (1 + 0.004) + 1e-9)
