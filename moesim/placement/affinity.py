@@ -378,7 +378,7 @@ def _colocate_swaps(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndar
         gain = val[ii][:, bins] + val[:, a].T - here[ii][:, None] - here[None, :] - 2 * A[ii]
         d = w[ii][:, None] - w[None, :]
         bad = ((a[:, None] == bins[None, :]) | (fill[a][:, None] - d > cap) | (fill[bins][None, :] + d > cap)
-               | (has[key[ii]][:, bins] > 0) | (has[key][:, a].T > 0))
+               | (has[key[ii][:, None], bins[None, :]] > 0) | (has[key[None, :], a[:, None]] > 0))
         gain = np.where(bad, -np.inf, gain)
         flat = int(np.argmax(gain))
         ki, j = divmod(flat, N)
@@ -480,10 +480,10 @@ def _repair_cap(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndarray,
         d = w[ii][:, None] - w[None, :]
         worst = np.maximum(top - d, fill[bins][None, :] + d)
         ok = ((bins[None, :] != a) & (d > 0) & (worst < top * (1 - 1e-12))
-              & ~(has[key[ii]][:, bins] > 0) & ~(has[key][:, a][None, :] > 0))
+              & (has[key[ii][:, None], bins[None, :]] == 0) & (has[key, a] == 0)[None, :])
         if not ok.any():
             break
-        score = np.where(ok, gain / scale - 1e-3 * worst / top, -np.inf)
+        score = np.where(ok, gain / scale - 1e-2 * worst / top, -np.inf)
         k, j = divmod(int(np.argmax(score)), N)
         i = ii[k]
         b = bins[j]

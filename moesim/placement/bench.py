@@ -82,6 +82,7 @@ def run(out: Path | None, milp_time: float, quick: bool, data: Path = DATA, tmp:
             src = LoadSource(trace.load().sum(axis=0).astype(float), model, trace, (0, trace.num_steps // 2),
                              f"synthetic {model.name}")
             algos.insert(3, "eplb-hierarchical")
+            algos.append("colocate")  # needs the trace's co-activation (computed because affinity is listed)
         else:
             src = LoadSource(np.asarray(case["load"], dtype=float), model, None, None, case["name"])
             if not quick:
