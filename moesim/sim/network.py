@@ -182,9 +182,9 @@ class FlowNetwork:
             if ign.size != bw.size:
                 raise MoesimError(f"ignore_links has {ign.size} entries for {bw.size} links")
             self._cmap[:bw.size][ign] = self._pad
-        self.link_bytes = np.zeros(bw.size)  # bytes of the flows that have finished crossing each link
+        # routes of every flow that crosses links, by start batch (link_bytes sums them when asked)
+        self._started: list[tuple[np.ndarray, np.ndarray]] = []  # (flow ids, routes [F, H])
         # active flows (compact arrays)
-        self._routes = np.empty((0, 1), dtype=np.int64)
         self._croutes = np.empty((0, 1), dtype=np.int64)  # constraining links only (for the rates)
         self._remaining = np.empty(0)
         self._rate = np.empty(0)
@@ -299,12 +299,24 @@ class FlowNetwork:
         else:
             fids_live = fids
         if nb.size:
+            self._started.append((fids_live, rt))
             self._pending_adds.append((rt, nb, lat, grp, fids_live, crt))
             if not (self.quantum > 0 and self._timer_at <= self.env.now + self.quantum):
                 # (with a quantum, flows starting within one quantum of the next batch of completions join
                 # at that batch, up to one quantum late: one rate recomputation for both)
                 self._request_update()
         return fids
+
+    @property
+    def link_bytes(self) -> np.ndarray:
+        """[E] bytes of the flows that have finished crossing each link (in-flight flows count 0 until they
+        arrive: their delivered bytes are 0 until then)."""
+        out = np.zeros(self._pad + 1)
+        if self._started:
+            fids = np.concatenate([f for f, _ in self._started])
+            rts = self._stack([r for _, r in self._started])
+            out += np.bincount(rts.ravel(), weights=self._deliv[fids].repeat(rts.shape[1]), minlength=self._pad + 1)
+        return out[:self._pad]
 
     def group_last(self, gid: int) -> tuple[int, float]:
         """(id of the flow that arrived last in group ``gid`` or -1 if none, its arrival time)."""
@@ -398,16 +410,12 @@ class FlowNetwork:
             return
         # a finished flow has moved all its bytes (the float residue of rate × time is snapped away)
         fid = self._fid[done]
-        req = self._req[fid]
-        rts = self._routes[done]
-        lb = np.bincount(rts.ravel(), weights=req.repeat(rts.shape[1]), minlength=self._pad + 1)
-        self.link_bytes += lb[:self._pad]
-        self._deliv[fid] = req
+        self._deliv[fid] = self._req[fid]
         arrival = np.minimum(self._finish[done], self.env.now) + self._lat[done]
         self._end[fid] = arrival
         groups = self._group[done]
         keep = (~due).nonzero()[0]
-        self._routes, self._croutes = self._routes[keep], self._croutes[keep]
+        self._croutes = self._croutes[keep]
         self._remaining, self._rate, self._finish = self._remaining[keep], self._rate[keep], self._finish[keep]
         self._lat, self._group, self._fid = self._lat[keep], self._group[keep], self._fid[keep]
         self._arrive(groups, arrival, fid)
@@ -425,7 +433,6 @@ class FlowNetwork:
         if self._pending_adds:
             adds = self._pending_adds
             self._pending_adds = []
-            self._routes = self._stack([self._routes] + [a[0] for a in adds])
             self._croutes = self._stack([self._croutes] + [a[5] for a in adds])
             self._remaining = np.concatenate([self._remaining] + [a[1] for a in adds])
             self._lat = np.concatenate([self._lat] + [a[2] for a in adds])
