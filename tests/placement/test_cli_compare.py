@@ -71,3 +71,18 @@ def test_compare_bad_inputs(tmp_path, small_trace, capsys, args, needle):
     rc = main(["compare", "--trace", str(small_trace), "--topology", "dgx-h100", *args])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.count("\n") == 1
+
+
+def test_compare_colocate_end_to_end(tmp_path, small_trace):
+    """colocate through the CLI: co-activation from the trace (computed since affinity is listed), greedy's
+    balance within its (1 + ε) cap, a mapping written like every algorithm's."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--trace", str(small_trace), "--topology", "dgx-h100:2", "--slots-per-gpu", "2",
+               "--algos", "greedy,affinity,colocate", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "compare.json").read_text())
+    rows = {r["algo"]: r for r in data["rows"]}
+    assert rows["colocate"]["busiest_over_bound"] <= rows["greedy"]["busiest_over_bound"] * 1.004 + 1e-9
+    assert rows["colocate"]["inter_bytes_per_token"] > 0
+    m = ExpertMapping.load(out / "mapping-colocate.json")
+    assert m.num_slots == 32 and np.all(m.logcnt >= 1)
