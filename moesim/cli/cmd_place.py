@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     src = open_source(args)
     E = src.load.shape[1]
     slots = resolve_slots(args, E, topo.num_gpus)
-    co = src.coactivation() if args.algo in ("affinity", "milp") else None
+    co = src.coactivation() if args.algo in ("affinity", "colocate", "milp") else None
     res = place(src.load, args.algo, num_gpus=topo.num_gpus, num_slots=slots, gpus_per_node=topo.gpus_per_node,
                 coactivation=co, **algo_kwargs(args, src.model))
     meta = dict(res.mapping.meta)

@@ -86,7 +86,7 @@ def compare(src: Any, topology: Any, algos: list[str], num_slots: int, *, holdou
         if test_range is not None:
             test_load = trace.load(*test_range).sum(axis=0).astype(np.float64)
     co = None
-    if trace is not None and any(a in ("affinity", "milp") for a in algos):
+    if trace is not None and any(a in ("affinity", "colocate", "milp") for a in algos):
         from moesim.placement.affinity import coactivation_from_trace
 
         co = coactivation_from_trace(trace, *fit_range)
