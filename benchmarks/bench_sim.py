@@ -2,7 +2,7 @@
 
 Prints the figures of issue 3's acceptance side by side (single thread: OMP_NUM_THREADS=1 and the BLAS thread
 variables are set to 1 before numpy loads, so "per second" is per core; times are process CPU seconds, best of
-3, with the wall time beside them — shared machines are noisy, CPU time much less so):
+5 (DES: one run), with the wall time beside them — shared machines are noisy, CPU time much less so):
 
 1. Analytic engine on per-token traces: token-selections per second (tokens × top_k × MoE layers / seconds of
    workload build + engine), against a straightforward numpy pass over the same in-memory ids (map each id to
@@ -19,6 +19,13 @@ Goals (issue 3): analytic ≥ 100 M token-selections/s per core (per-token, 8 GP
 (load-only, 8 GPUs); DES ≤ 10 s for one DeepSeek-V3 step at 64 GPUs. Synthetic routing for the analytic cases:
 token t picks experts (a + j·b) mod E, j < k, a skewed and b odd (k distinct ids, cheap to make); the DES cases
 use moesim.trace.synth (the model's default skew), as benchmarks/bench_des.py does.
+
+Measured on the project's shared 2-core box (load ~1-3; per-token figures vary ±30% with the load):
+  per-token, 8 GPUs: Mixtral-8x7B 110-172 M token-selections/s (build + engine), DeepSeek-V3 108-115 M;
+      the naive one-bincount pass 120-275 M/s (the engine is 0.4-1.1x of it while doing slots, dedup, costs, links)
+  load-only, 8 GPUs: Mixtral-8x7B 2.4-2.7 M layer-steps/s; DeepSeek-V3 ~0.35-0.43 M
+  DeepSeek-V3 by GPUs (8 -> 256): per-token sel/s 1.0 -> 0.2x; load-only layer-steps/s 1.0 -> 0.04x (link
+      products grow with the G² GPU pairs); DES per step 0.2 s -> 65-80 s (est.), 5.7-7.1 s measured at 64 GPUs
 """
 
 from __future__ import annotations
@@ -103,14 +110,14 @@ def bench_tokens(tmp: Path, model_name: str, G: int, steps: int, tokens: int) ->
     config = SimConfig()
     with Trace.open(path) as trace:
         run_analytic(build_workload(trace, mapping, config, 0, 1), topology, cost, model, config)  # warm-up
-        c_build, w_build, wl = timed(lambda: build_workload(trace, mapping, config))
-        c_run, w_run, res = timed(lambda: run_analytic(wl, topology, cost, model, config))
+        c_build, w_build, wl = timed(lambda: build_workload(trace, mapping, config), repeat=5)
+        c_run, w_run, res = timed(lambda: run_analytic(wl, topology, cost, model, config), repeat=5)
         chunks = list(trace.chunks())
         ids = np.concatenate([np.asarray(c.ids) for c in chunks], axis=1)
         origin = np.concatenate([np.asarray(c.origin, dtype=np.int64) for c in chunks])
     gpu_of = mapping.slot_gpu()[mapping.log2phy[:, :, 0]]  # [L, E] GPU of each expert's first slot
     st = np.full(steps, tokens)
-    c_naive, _, _ = timed(lambda: naive_pass(ids, origin, st, gpu_of, G))
+    c_naive, _, _ = timed(lambda: naive_pass(ids, origin, st, gpu_of, G), repeat=5)
     sel = steps * tokens * model.top_k * model.num_layers
     ls = steps * model.num_layers
     c_all = c_build + c_run
@@ -134,7 +141,7 @@ def bench_counts(model_name: str, G: int, steps: int, tokens: int) -> dict:
     def both():
         return run_analytic(workload_from_counts(counts, st, mapping, config), topology, cost, model, config)
 
-    c, w, _ = timed(both)
+    c, w, _ = timed(both, repeat=5)
     ls = steps * model.num_layers
     return {"model": model_name, "G": G, "ls": ls, "ls_s": ls / c, "wall_ls_s": ls / w}
 
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = (8, 16, 32, 64) if args.quick else (8, 16, 32, 64, 128, 256)
     print(f"single thread: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}; rates from process CPU time "
-          f"(best of 3), wall-clock rate in brackets; load average {os.getloadavg()[0]:.1f}")
+          f"(best of 5), wall-clock rate in brackets; load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print("\n== analytic engine, per-token traces (workload build + engine; naive = ids -> GPU + bincount of "
