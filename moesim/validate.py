@@ -34,12 +34,12 @@ from moesim.trace import Trace
 @dataclass
 class ValidateConfig:
     nproc: int = 2
-    preset: str = "tiny"
+    preset: str = "small"
     algo: str = "eplb"
-    steps: int = 16
+    steps: int = 24
     remap_at: int | None = None  # default: half-way
-    batch: int = 4
-    prompt_len: int = 32
+    batch: int = 32
+    prompt_len: int = 16
     seed: int = 0
     backend: str = "all2all"
     slots_per_gpu: int | None = None  # > experts / nproc: redundant slots the algorithm may fill

@@ -17,12 +17,13 @@ def register(sub: Any) -> None:
                     "run with what it measured. Writes DIR/report.json, DIR/report.md and plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="ranks (processes) on this node")
-    p.add_argument("--preset", default="tiny", help="model preset the runtime supports (tiny, small, ...)")
+    p.add_argument("--preset", default="small", help="model preset the runtime supports (tiny, small, ...)")
     p.add_argument("--algo", default="eplb", help="placement algorithm for the new mapping")
-    p.add_argument("--steps", type=int, default=16, help="steps per run (one prefill, then decode)")
+    p.add_argument("--steps", type=int, default=24, help="steps per run (one prefill, then decode)")
     p.add_argument("--remap-at", type=int, help="step before which the new mapping goes live (default: half-way)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per rank")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence")
+    p.add_argument("--batch", type=int, default=32,
+                   help="sequences per rank (enough tokens that compute, not gloo latency jitter, dominates)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence")
     p.add_argument("--slots-per-gpu", type=int, help="expert slots per rank (more than experts/nproc: redundant)")
     p.add_argument("--backend", default="all2all", choices=("all2all", "allgather"))
     p.add_argument("--engine", default="analytic", choices=("analytic", "des"))
