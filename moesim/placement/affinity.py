@@ -384,19 +384,25 @@ def _colocate_swaps(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndar
         ki, j = divmod(flat, N)
         if not gain[ki, j] > tol:
             break
-        i = ii[ki]
-        ba, bb = bins[i], bins[j]
-        val[:, ba] += A[:, j] - A[:, i]
-        val[:, bb] += A[:, i] - A[:, j]
-        fill[ba] += w[j] - w[i]
-        fill[bb] += w[i] - w[j]
-        has[key[i], ba] -= 1
-        has[key[i], bb] += 1
-        has[key[j], bb] -= 1
-        has[key[j], ba] += 1
-        bins[i], bins[j] = bb, ba
+        _swap_replicas(ii[ki], j, bins, val, fill, has, A, w, key)
         done += 1
     return bins, done
+
+
+def _swap_replicas(i: int, j: int, bins: np.ndarray, val: np.ndarray, fill: np.ndarray, has: np.ndarray,
+                   A: np.ndarray, w: np.ndarray, key: np.ndarray) -> None:
+    """Exchange replicas i and j between their GPUs, updating the running tables in place: ``val`` [N, G]
+    (co-activation of each replica with each GPU's contents), ``fill`` [G] (load), ``has`` [E, G] (copies)."""
+    ba, bb = bins[i], bins[j]
+    val[:, ba] += A[:, j] - A[:, i]
+    val[:, bb] += A[:, i] - A[:, j]
+    fill[ba] += w[j] - w[i]
+    fill[bb] += w[i] - w[j]
+    has[key[i], ba] -= 1
+    has[key[i], bb] += 1
+    has[key[j], bb] -= 1
+    has[key[j], ba] += 1
+    bins[i], bins[j] = bb, ba
 
 
 def _intra_bins(A: np.ndarray, bins: np.ndarray) -> float:
@@ -485,15 +491,5 @@ def _repair_cap(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndarray,
             break
         score = np.where(ok, gain / scale - 1e-2 * worst / top, -np.inf)
         k, j = divmod(int(np.argmax(score)), N)
-        i = ii[k]
-        b = bins[j]
-        val[:, a] += A[:, j] - A[:, i]
-        val[:, b] += A[:, i] - A[:, j]
-        fill[a] += w[j] - w[i]
-        fill[b] += w[i] - w[j]
-        has[key[i], a] -= 1
-        has[key[i], b] += 1
-        has[key[j], b] -= 1
-        has[key[j], a] += 1
-        bins[i], bins[j] = b, a
+        _swap_replicas(ii[k], j, bins, val, fill, has, A, w, key)
     return bins

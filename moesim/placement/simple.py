@@ -13,7 +13,7 @@ from math import comb
 import numpy as np
 
 from moesim.mapping import ExpertMapping
-from moesim.placement.base import replica_counts
+from moesim.placement.base import gpu_loads, replica_counts
 
 
 def linear(load: np.ndarray, num_gpus: int, num_slots: int) -> ExpertMapping:
@@ -319,8 +319,7 @@ def balance_rails(load: np.ndarray, mapping: ExpertMapping, gpus_per_node: int) 
         return mapping
     M = G // gpus_per_node
     L = len(load)
-    per = np.take_along_axis(load / np.maximum(mapping.logcnt, 1), mapping.phy2log, axis=1)
-    gl = per.reshape(L, G, S).sum(axis=2)  # [L, G]
+    gl = gpu_loads(load, mapping)  # [L, G]
     blocks = mapping.phy2log.reshape(L, G, S)
     out = blocks.copy()
     rows = np.arange(L)[:, None]
@@ -345,8 +344,7 @@ def spread_nodes(load: np.ndarray, mapping: ExpertMapping, gpus_per_node: int) -
         return mapping
     M = G // gpus_per_node
     L = len(load)
-    per = np.take_along_axis(load / np.maximum(mapping.logcnt, 1), mapping.phy2log, axis=1)
-    gl = per.reshape(L, G, S).sum(axis=2)
+    gl = gpu_loads(load, mapping)
     blocks = mapping.phy2log.reshape(L, G, S)
     out = np.empty_like(blocks)
     rows = np.arange(L)
