@@ -58,6 +58,9 @@ class ValidateConfig:
 def check_config(cfg: ValidateConfig) -> None:
     """Everything that can be refused before a process starts."""
     from moesim.placement import ALGORITHMS
+    from runtime.launch import require_torch
+
+    require_torch()
 
     if cfg.algo not in ALGORITHMS:
         raise MoesimError(f"unknown placement algorithm {cfg.algo!r}; known: {', '.join(ALGORITHMS)}")

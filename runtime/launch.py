@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 import signal
 import socket
@@ -72,8 +73,16 @@ def _pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def require_torch() -> None:
+    """One line instead of torchrun's traceback when the simulator-only install meets a runtime command."""
+    if importlib.util.find_spec("torch") is None:
+        raise MoesimError("the live runtime needs torch, which is not installed: pip install torch (CPU: "
+                          "torch==2.13.0), then pip install -e '.[torch]'")
+
+
 def launch(cfg: RunConfig, *, threads: int = 0, check_only: bool = False, **popen: Any) -> int:
     """Validate ``cfg`` (raising a one-line MoesimError), then run torchrun and return its exit code."""
+    require_torch()
     model, mapping, remaps = validate(cfg)
     print(f"moesim run: {model.name} on {cfg.nproc} rank(s), {mapping.slots_per_gpu} expert slots per rank "
           f"({mapping.num_redundant} redundant), backend {cfg.backend}, {cfg.steps} steps"

@@ -24,3 +24,18 @@ def test_simulator_side_imports_without_torch() -> None:
             + "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_runtime_commands_without_torch_fail_in_one_line(monkeypatch, capsys, tmp_path) -> None:
+    """A simulator-only install meeting `moesim run` / `moesim validate`: one line, exit 2, nothing written."""
+    import importlib.util
+
+    from moesim.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    for argv in (["run", "--nproc", "2"], ["validate", "--out", str(tmp_path / "v")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "needs torch" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "v").exists()
