@@ -254,13 +254,7 @@ def _repair_balance(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.
         # prefer swaps that reach the target, then the least affinity lost
         score = np.where(ok, gain - 1e6 * np.maximum(np.maximum(fa, fb) - target, 0) / max(target, 1e-12), -np.inf)
         k, j = divmod(int(np.argmax(score)), E)
-        i = ii[k]
-        b = part[j]
-        val[:, a] += aff[:, j] - aff[:, i]
-        val[:, b] += aff[:, i] - aff[:, j]
-        fill[a] += w[j] - w[i]
-        fill[b] += w[i] - w[j]
-        part[i], part[j] = b, a
+        _swap_replicas(ii[k], j, part, val, fill, aff, w)
     return part
 
 
@@ -291,13 +285,7 @@ def _swap_parts(w: np.ndarray, aff: np.ndarray, bonus: np.ndarray, part: np.ndar
         k, j = divmod(int(np.argmax(gain)), E)
         if not gain[k, j] > tol:
             break
-        i = ii[k]
-        a, b = part[i], part[j]
-        val[:, a] += aff[:, j] - aff[:, i]
-        val[:, b] += aff[:, i] - aff[:, j]
-        fill[a] += w[j] - w[i]
-        fill[b] += w[i] - w[j]
-        part[i], part[j] = b, a
+        _swap_replicas(ii[k], j, part, val, fill, aff, w)
     return part
 
 
@@ -384,24 +372,26 @@ def _colocate_swaps(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndar
         ki, j = divmod(flat, N)
         if not gain[ki, j] > tol:
             break
-        _swap_replicas(ii[ki], j, bins, val, fill, has, A, w, key)
+        _swap_replicas(ii[ki], j, bins, val, fill, A, w, has, key)
         done += 1
     return bins, done
 
 
-def _swap_replicas(i: int, j: int, bins: np.ndarray, val: np.ndarray, fill: np.ndarray, has: np.ndarray,
-                   A: np.ndarray, w: np.ndarray, key: np.ndarray) -> None:
-    """Exchange replicas i and j between their GPUs, updating the running tables in place: ``val`` [N, G]
-    (co-activation of each replica with each GPU's contents), ``fill`` [G] (load), ``has`` [E, G] (copies)."""
+def _swap_replicas(i: int, j: int, bins: np.ndarray, val: np.ndarray, fill: np.ndarray, A: np.ndarray,
+                   w: np.ndarray, has: np.ndarray | None = None, key: np.ndarray | None = None) -> None:
+    """Exchange items i and j (experts or replicas) between their bins (nodes or GPUs), updating the running
+    tables in place: ``val`` [N, bins] (affinity of each item with each bin's contents), ``fill`` [bins] (load)
+    and, for replicas, ``has`` [E, bins] (copies of expert ``key[item]`` per bin)."""
     ba, bb = bins[i], bins[j]
     val[:, ba] += A[:, j] - A[:, i]
     val[:, bb] += A[:, i] - A[:, j]
     fill[ba] += w[j] - w[i]
     fill[bb] += w[i] - w[j]
-    has[key[i], ba] -= 1
-    has[key[i], bb] += 1
-    has[key[j], bb] -= 1
-    has[key[j], ba] += 1
+    if has is not None and key is not None:
+        has[key[i], ba] -= 1
+        has[key[i], bb] += 1
+        has[key[j], bb] -= 1
+        has[key[j], ba] += 1
     bins[i], bins[j] = bb, ba
 
 
@@ -491,5 +481,5 @@ def _repair_cap(w: np.ndarray, key: np.ndarray, A: np.ndarray, bins: np.ndarray,
             break
         score = np.where(ok, gain / scale - 1e-2 * worst / top, -np.inf)
         k, j = divmod(int(np.argmax(score)), N)
-        _swap_replicas(ii[k], j, bins, val, fill, has, A, w, key)
+        _swap_replicas(ii[k], j, bins, val, fill, A, w, has, key)
     return bins

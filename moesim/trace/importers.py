@@ -198,6 +198,18 @@ def _drop_dense(arr: np.ndarray, dense: int, axis: int, what: str, notes: list[s
     return np.take(arr, np.arange(dense, arr.shape[axis]), axis=axis)
 
 
+def _drop_empty_steps(counts: np.ndarray, notes: list[str], what: str, empty_error: str) -> np.ndarray:
+    """Steps [S, L, E] with no load at all are recorder buffers never filled: drop them (noted); none left is
+    an error."""
+    keep = counts.reshape(len(counts), -1).any(axis=1)
+    if not keep.all():
+        notes.append(f"dropped {int((~keep).sum())} all-zero {what}")
+        counts = counts[keep]
+    if not len(counts):
+        raise TraceError(empty_error)
+    return counts
+
+
 def _check_totals(counts: np.ndarray, model: ModelSpec, notes: list[str]) -> None:
     """Each step's layers should route the same token-choices, a multiple of top_k; note it where not."""
     totals = counts.sum(axis=2)  # [S, L]
@@ -226,16 +238,12 @@ def read_sglang(paths: Sequence[Path], model: ModelSpec | None = None) -> Import
             counts = counts[None]
         if counts.min() < 0:
             raise TraceError(f"{path.name}: logical_count holds negative counts")
-        S, L, E = counts.shape
+        _, L, E = counts.shape
         model, dense = _resolve_model(model, L, E, f"{path.name}")
         notes: list[str] = []
         counts = _drop_dense(counts, dense, 1, path.name, notes)
-        keep = counts.reshape(S, -1).any(axis=1)
-        if not keep.all():
-            notes.append(f"dropped {int((~keep).sum())} all-zero steps (unfilled recorder buffer)")
-            counts = counts[keep]
-        if not len(counts):
-            raise TraceError(f"{path.name}: logical_count holds no load (every step is zero)")
+        counts = _drop_empty_steps(counts, notes, "steps (unfilled recorder buffer)",
+                                   f"{path.name}: logical_count holds no load (every step is zero)")
         _check_totals(counts, model, notes)
         return Imported(model, counts=counts, meta={"source": "sglang:stat", "files": [str(path)]}, notes=notes)
     for path, d in dumps:
@@ -380,12 +388,8 @@ def read_vllm_eplb(path: Path, model: ModelSpec | None = None, mapping: str | Pa
         notes.append(f"window unrolled from expert_load_window_step={int(step)} (oldest step first)")
     counts = _fold(load, p2l, E)
     counts = _drop_dense(counts, dense, 1, path.name, notes)
-    keep = counts.reshape(len(counts), -1).any(axis=1)
-    if not keep.all():
-        notes.append(f"dropped {int((~keep).sum())} all-zero window entries (not yet recorded)")
-        counts = counts[keep]
-    if not len(counts):
-        raise TraceError(f"{path.name}: the expert load window holds no load")
+    counts = _drop_empty_steps(counts, notes, "window entries (not yet recorded)",
+                               f"{path.name}: the expert load window holds no load")
     _check_totals(counts, model, notes)
     return Imported(model, counts=counts, meta={"source": f"vllm-eplb:{key}", "files": [str(path)]}, notes=notes)
 
