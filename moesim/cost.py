@@ -121,20 +121,43 @@ def _expert_table(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
     return np.where(t > 0, per, 0.0).sum(axis=-1) + np.where((t > 0).any(axis=-1), p.get("launch", 0.0), 0.0)
 
 
-def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) -> np.ndarray:
+def _kv_or(kv: np.ndarray | None, default: float, window: float = 0.0) -> np.ndarray | None:
+    """Per-step KV positions with NaN (unknown) replaced by ``default``, capped by a sliding window."""
+    if kv is None:
+        return None
+    k = np.where(np.isnan(kv), default, kv)
+    return np.minimum(k, window) if window else k
+
+
+def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None,
+                    kv: np.ndarray | None = None) -> np.ndarray:
     per_tok: Any = p["bytes_per_token"]
+    flops_tok: Any = p["flops_per_token"]
+    kv_eff = _kv_or(kv, p.get("context_len", 0.0), p.get("window", 0.0)) if "kv_bytes_per_pos" in p else None
+    if kv_eff is not None:  # the KV positions actually attended, instead of the fixed context_len
+        delta = kv_eff - p["context_len"]
+        per_tok = per_tok + delta * p["kv_bytes_per_pos"]
+        flops_tok = flops_tok + delta * p["attn_flops_per_pos"]
     if phase is not None and "bytes_per_token_prefill" in p:
-        per_tok = np.where(np.asarray(phase) == PREFILL, p["bytes_per_token_prefill"], per_tok)
-    busy = np.maximum(n * (p["flops_per_token"] / p["flops_rate"]), (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
+        prefill = p["bytes_per_token_prefill"]
+        if kv_eff is not None:
+            prefill = prefill + (kv_eff - p["context_len"]) * p["kv_bytes_per_pos"] / PREFILL_QUERY_TILE
+        per_tok = np.where(np.asarray(phase) == PREFILL, prefill, per_tok)
+    busy = np.maximum(n * (flops_tok / p["flops_rate"]), (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
     busy = np.asarray(busy, dtype=float)
     busy += p["launch"]
     busy[np.broadcast_to(n <= 0, busy.shape)] = 0.0
     return busy
 
 
-def _dense_affine(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None) -> np.ndarray:
+def _dense_affine(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None,
+                  kv: np.ndarray | None = None) -> np.ndarray:
     hinge = p.get("e", 0.0) * np.maximum(n - p.get("knot", 0.0), 0.0) if p.get("e") else 0.0
-    return np.where(n > 0, p["a"] + p["b"] * n + hinge, 0.0)
+    per_pos = 0.0
+    if p.get("d"):  # d·tokens·kv_len: attention reading the KV cache (fitted where the run's kv_len varied)
+        k = _kv_or(kv, p.get("kv_ref", 0.0))
+        per_pos = p["d"] * n * (p.get("kv_ref", 0.0) if k is None else k)
+    return np.where(n > 0, p["a"] + p["b"] * n + hinge + per_pos, 0.0)
 
 
 _EXPERT = {"roofline": _expert_roofline, "affine": _expert_affine, "table": _expert_table}
@@ -178,23 +201,28 @@ class CostModel:
             t = np.maximum(t, 0.0)
         return _EXPERT[self.expert["kind"]](self.expert, t)
 
-    def attention_time(self, tokens: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
+    def attention_time(self, tokens: np.ndarray, phase: np.ndarray | None = None,
+                       kv_len: np.ndarray | None = None) -> np.ndarray:
         """tokens [...] -> seconds of the attention block (norms, projections, attention) without the router.
 
         ``phase`` (broadcastable trace phase codes, 0 decode / 1 prefill) decides how often the KV cache is read:
         once per token in decode, once per query tile in prefill. None counts every token as decode.
+        ``kv_len`` (broadcastable; NaN unknown): KV positions each token attends to, where the trace records it;
+        otherwise the model's fixed context length (roofline) or the fit's typical one.
         """
         n = np.maximum(np.asarray(tokens, dtype=float), 0.0)
-        return _DENSE[self.attention["kind"]](self.attention, n, phase)
+        kv = None if kv_len is None else np.asarray(kv_len, dtype=float)
+        return _DENSE[self.attention["kind"]](self.attention, n, phase, kv)
 
     def gate_time(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [...] -> seconds of the router (gate GEMM and top-k)."""
         n = np.maximum(np.asarray(tokens, dtype=float), 0.0)
         return _DENSE[self.gate["kind"]](self.gate, n, None)
 
-    def dense_time(self, tokens: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
+    def dense_time(self, tokens: np.ndarray, phase: np.ndarray | None = None,
+                   kv_len: np.ndarray | None = None) -> np.ndarray:
         """tokens [...] whose attention/norm/gate this GPU computes in one layer -> seconds (attention + gate)."""
-        return self.attention_time(tokens, phase) + self.gate_time(tokens)
+        return self.attention_time(tokens, phase, kv_len) + self.gate_time(tokens)
 
     # -- constructors --------------------------------------------------------------------------------
     @classmethod
@@ -224,7 +252,9 @@ class CostModel:
                      + ctx * a["attn_flops_per_pos"],
                      "bytes_fixed": (a["params"] + shared_params) * b, "bytes_per_token": act + kv_bytes,
                      "bytes_per_token_prefill": act + kv_bytes / PREFILL_QUERY_TILE,
-                     "flops_rate": fr, "byte_rate": br, "launch": ATTENTION_LAUNCHES * device.kernel_launch}
+                     "flops_rate": fr, "byte_rate": br, "launch": ATTENTION_LAUNCHES * device.kernel_launch,
+                     "context_len": float(ctx), "window": float(model.sliding_window or 0),
+                     "kv_bytes_per_pos": a["kv_elems_per_pos"] * b, "attn_flops_per_pos": a["attn_flops_per_pos"]}
         E = model.num_experts
         gate = {"kind": "roofline", "flops_per_token": 2.0 * H * E, "bytes_fixed": float(H * E * b),
                 "bytes_per_token": float(H * b + 8 * E), "flops_rate": fr, "byte_rate": br,
@@ -235,7 +265,8 @@ class CostModel:
 
     @classmethod
     def fit(cls, timings: Any, model: ModelSpec, device: DeviceSpec | None = None, *,
-            dense_tokens: np.ndarray | None = None, piecewise: bool = True) -> tuple[CostModel, dict[str, Any]]:
+            dense_tokens: np.ndarray | None = None, piecewise: bool = True,
+            kv_len: np.ndarray | None = None) -> tuple[CostModel, dict[str, Any]]:
         """Least-squares fit of expert, attention and gate costs to a runtime trace's recorded timings.
 
         ``timings``: :class:`moesim.trace.reader.Timings` with phases ``attention``, ``gate``, ``expert``.
@@ -246,9 +277,11 @@ class CostModel:
         records with no tokens are left out (the model charges them 0). ``device`` is only recorded.
         ``piecewise``: where a hinge ``e·max(0, tokens − knot)`` (slope rising past a knot: memory- to
         compute-bound) cuts the relative squared error by 20 %, keep it (the report's ``form`` says which).
+        ``kv_len`` [N]: KV positions per token of each record's step (NaN unknown); where it varies, attention
+        gets a term ``d·tokens·kv_len`` (decode attention reads the whole KV cache, which grows every step).
         Returns (model, report) with per-phase coefficients, relative errors (median, p90) and record counts.
         """
-        return _fit_timings(cls, timings, model, device, dense_tokens, piecewise)
+        return _fit_timings(cls, timings, model, device, dense_tokens, piecewise, kv_len)
 
     @classmethod
     def fit_trace(cls, trace: Any, device: DeviceSpec | None = None, *, model: ModelSpec | None = None,
@@ -257,7 +290,8 @@ class CostModel:
         from the trace's origin ranks when it has them (exact), else the even split."""
         timings = trace.timings()
         dense = dense_tokens_from_trace(trace, timings)
-        return cls.fit(timings, model or trace.model, device, dense_tokens=dense, piecewise=piecewise)
+        return cls.fit(timings, model or trace.model, device, dense_tokens=dense, piecewise=piecewise,
+                       kv_len=kv_len_of_records(trace, timings))
 
     @classmethod
     def from_calibration(cls, path: Any, model: ModelSpec, device: DeviceSpec, **roofline_kw: Any) -> CostModel:
@@ -398,8 +432,18 @@ def dense_tokens_from_trace(trace: Any, timings: Any) -> np.ndarray | None:
     return out
 
 
+def kv_len_of_records(trace: Any, timings: Any) -> np.ndarray | None:
+    """[N] the trace's kv_len of each timing record's step (NaN unknown); None when the trace records none."""
+    kv = trace.kv_len() if hasattr(trace, "kv_len") else None
+    if kv is None or len(timings) == 0:
+        return None
+    step = np.asarray(timings.index[:, 0], dtype=np.int64)
+    return np.where(step < len(kv), kv[np.minimum(step, len(kv) - 1)], np.nan)
+
+
 def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | None,
-                 dense_tokens: np.ndarray | None, piecewise: bool = True) -> tuple[CostModel, dict[str, Any]]:
+                 dense_tokens: np.ndarray | None, piecewise: bool = True,
+                 kv_len: np.ndarray | None = None) -> tuple[CostModel, dict[str, Any]]:
     n_rec = len(timings) if hasattr(timings, "__len__") else 0
     if n_rec == 0:
         raise MoesimError("the trace holds no timing records to fit a cost model (record it with moesim run --record)")
@@ -414,6 +458,8 @@ def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | 
         dense = np.asarray(dense_tokens, dtype=float).ravel()
         if dense.shape != (n_rec,):
             raise MoesimError(f"dense_tokens must hold one value per timing record ({n_rec}), got {dense.shape}")
+    if kv_len is not None and np.asarray(kv_len).shape != (n_rec,):
+        raise MoesimError(f"kv_len must hold one value per timing record ({n_rec}), got {np.asarray(kv_len).shape}")
     report: dict[str, Any] = {"records": n_rec, "phases": {}}
     comps: dict[str, dict[str, Any]] = {}
     # expert: a + b·choices + c·experts used
@@ -435,10 +481,18 @@ def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | 
         if ok.sum() < 1:
             raise MoesimError(f"no timing record has tokens and a positive {ph} time; cannot fit")
         cols = {"a": np.ones(ok.sum()), "b": dense[ok]}
+        kv = None if kv_len is None or ph != "attention" else np.asarray(kv_len, dtype=float).ravel()[ok]
+        if kv is not None and (np.isnan(kv).any() or np.ptp(kv) == 0):
+            kv = None  # unknown somewhere, or never varied: not identifiable
+        if kv is not None:
+            cols["d"] = dense[ok] * kv
         coef, form = _fit_piecewise(cols, dense[ok], t[ok]) if piecewise else (_lsq_relative(cols, t[ok]), "affine")
         comps[ph] = {"kind": "affine", **coef}
-        pred = _dense_affine(comps[ph], dense[ok], None)
-        desc = "a + b*tokens" + (" + e*max(0, tokens - knot)" if form != "affine" else "")
+        if kv is not None:
+            comps[ph]["kv_ref"] = float(np.median(kv))
+        pred = _dense_affine(comps[ph], dense[ok], None, kv)
+        desc = ("a + b*tokens" + (" + d*tokens*kv_len" if kv is not None else "")
+                + (" + e*max(0, tokens - knot)" if form != "affine" else ""))
         report["phases"][ph] = {"coef": coef, "form": form, "model": desc, **_errors(pred, t[ok])}
     info = {"source": "fit", "model": model.name, "records": n_rec,
             "device": device.to_dict() if device is not None else None,

@@ -1,14 +1,20 @@
-"""Close the loop: live run → fit → simulate → place → live remap → measure how right the simulator was.
+"""Close the loop in one live session: record → fit → simulate → place → remap live → measure the prediction.
 
-1. **Calibration run**: the live runtime (``moesim run``) with the initial mapping records trace + timings.
-2. **Fit**: the cost model from the recorded kernel timings (:meth:`moesim.cost.CostModel.fit`); the network
-   and the per-step overhead from the same run (:mod:`moesim.calibration`).
-3. **Place**: algorithm A computes a new mapping from the recorded expert load.
-4. **Validation run**: the same prompts and weights again, the new mapping applied *live* with
-   ``--remap-at K`` (weights move between ranks mid-run), recorded.
-5. **Predict** the validation run with the simulator — the initial mapping before step K, the new one after —
-   from the validation run's own routing, with nothing fitted on it, and compare with what was measured:
-   step time, per-rank MoE time, busiest/mean load, before and after the remap.
+One ``moesim run`` (torchrun, gloo on CPU / NCCL on GPUs) does all its steps; the runtime itself pauses before
+step K (``--await-mapping``) while this controller works on what it recorded so far:
+
+1. **Record**: steps 0..K-1 with the initial (linear) mapping; trace + per-phase timings, flushed per step.
+2. **Fit** on the calibration window, steps 0..C-1 only: the cost model from the recorded kernel timings
+   (:meth:`moesim.cost.CostModel.fit`), the network and the per-step overhead (:mod:`moesim.calibration`).
+3. **Place**: algorithm A computes a new mapping from the expert load of steps 0..K-1 and writes it; the
+   runtime applies it live (weights move between ranks, checksummed) and goes on with steps K..S-1.
+4. **Predict** every step with the simulator (initial mapping before K, the new one after), from the run's own
+   routing, and compare with what was measured: step time, per-rank MoE time, busiest/mean load, in the windows
+   ``before`` (C..K-1) and ``after`` (K..S-1) — neither fitted on — and ``calibration`` (0..C-1, in sample).
+
+One session rather than two runs: the fitted overhead and network describe the machine as it is *now*; a second
+process start on a shared machine lands on another spell of it (the run-to-run spread measured in
+studies/validate_loop is as large as the errors being judged).
 
 Runs launch ``torchrun`` through :mod:`runtime.launch` (torch is imported only by the workers).
 """
@@ -28,6 +34,7 @@ from moesim.errors import MoesimError
 from moesim.io import atomic_write_text, read_json, write_json
 from moesim.mapping import ExpertMapping
 from moesim.models import ModelSpec
+from moesim.replica import ReplicaPolicy
 from moesim.trace import Trace
 
 
@@ -36,9 +43,10 @@ class ValidateConfig:
     nproc: int = 2
     preset: str = "small"
     algo: str = "eplb"
-    steps: int = 24
+    steps: int = 96  # enough steps per window that a slow spell of a shared machine does not decide a median
     remap_at: int | None = None  # default: half-way
-    batch: int = 32
+    calibrate_steps: int | None = None  # the fit window 0..C-1; default: half of the steps before the remap
+    batch: int = 64
     prompt_len: int = 16
     seed: int = 0
     backend: str = "all2all"
@@ -46,6 +54,7 @@ class ValidateConfig:
     engine: str = "analytic"
     device: str = "cpu"
     threads: int = 1
+    await_timeout_s: float = 600.0  # how long the paused run waits for this controller's mapping
     out: str = "moesim-validate"
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +62,10 @@ class ValidateConfig:
     @property
     def remap_step(self) -> int:
         return self.remap_at if self.remap_at is not None else max(1, self.steps // 2)
+
+    @property
+    def calibration_steps(self) -> int:
+        return self.calibrate_steps if self.calibrate_steps is not None else max(2, self.remap_step // 2)
 
 
 def check_config(cfg: ValidateConfig) -> None:
@@ -64,12 +77,15 @@ def check_config(cfg: ValidateConfig) -> None:
 
     if cfg.algo not in ALGORITHMS:
         raise MoesimError(f"unknown placement algorithm {cfg.algo!r}; known: {', '.join(ALGORITHMS)}")
-    if cfg.steps < 4:
-        raise MoesimError(f"--steps must be at least 4 (a prefill, decode steps before and after the remap), "
+    if cfg.steps < 6:
+        raise MoesimError(f"--steps must be at least 6 (calibration, held-out steps before and after the remap), "
                           f"got {cfg.steps}")
-    if not 2 <= cfg.remap_step <= cfg.steps - 2:
-        raise MoesimError(f"--remap-at {cfg.remap_step} must leave at least 2 steps on each side of "
-                          f"the remap (steps 2..{cfg.steps - 2})")
+    if not 4 <= cfg.remap_step <= cfg.steps - 2:
+        raise MoesimError(f"--remap-at {cfg.remap_step} must leave at least 4 steps before the remap and 2 after "
+                          f"(steps 4..{cfg.steps - 2})")
+    if not 2 <= cfg.calibration_steps <= cfg.remap_step - 2:
+        raise MoesimError(f"--calibrate-steps {cfg.calibration_steps} must be at least 2 (the prefill and a decode "
+                          f"step) and leave 2 held-out steps before the remap at {cfg.remap_step}")
     if cfg.engine not in ("analytic", "des"):
         raise MoesimError(f"--engine must be analytic or des, got {cfg.engine!r}")
     out = Path(cfg.out)
@@ -77,28 +93,34 @@ def check_config(cfg: ValidateConfig) -> None:
         raise MoesimError(f"--out {out} exists and is not a directory")
 
 
-# -- the two live runs ------------------------------------------------------------------------------------
+# -- the live session -------------------------------------------------------------------------------------
 
-def _run_config(cfg: ValidateConfig, record: Path, mapping: Path, remap: Path | None) -> Any:
+def _run_config(cfg: ValidateConfig, record: Path, mapping: Path, awaited: Path) -> Any:
     from runtime.config import RunConfig
 
     return RunConfig(preset=cfg.preset, nproc=cfg.nproc, backend=cfg.backend, mapping=str(mapping),
                      steps=cfg.steps, batch=cfg.batch, prompt_len=cfg.prompt_len, seed=cfg.seed,
-                     record=str(record), remap_at=[] if remap is None else [(cfg.remap_step, str(remap))],
-                     device=cfg.device)
+                     record=str(record), device=cfg.device, await_mapping=(cfg.remap_step, str(awaited)),
+                     await_timeout_s=cfg.await_timeout_s)
 
 
-def _launch(run_cfg: Any, cfg: ValidateConfig, label: str) -> None:
-    import subprocess
+def _wait_until_paused(proc: Any, run_json: Path, step: int) -> None:
+    """Until the run says (in run.json) that it waits before ``step``; a run that ends first is an error."""
+    import time
 
-    from runtime.launch import launch
-
-    if not cfg.quiet:
-        print(f"moesim validate: {label} run", flush=True)
-    kwargs: dict[str, Any] = {"stdout": subprocess.DEVNULL} if cfg.quiet else {}
-    rc = launch(run_cfg, threads=cfg.threads, **kwargs)
-    if rc != 0:
-        raise MoesimError(f"the {label} run failed (torchrun exit code {rc}); see the rank errors above")
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            raise MoesimError(f"the live run ended (torchrun exit code {rc}) before it paused for the new mapping; "
+                              "see the rank errors above")
+        if run_json.is_file():
+            try:
+                awaiting = json.loads(run_json.read_text()).get("awaiting")
+            except ValueError:  # never half-written (atomic), but be safe
+                awaiting = None
+            if awaiting and awaiting.get("step") == step:
+                return
+        time.sleep(0.02)
 
 
 # -- measurements -----------------------------------------------------------------------------------------
@@ -115,10 +137,11 @@ class Measured:
     phase_time: np.ndarray  # [S, L, G, P] seconds per recorded phase
 
 
-def measure(run_dir: Path, trace: Trace) -> Measured:
+def measure(run_dir: Path, trace: Trace, stop: int | None = None) -> Measured:
+    """Steps 0..stop-1 (default: all recorded) of a recorded run."""
     doc = read_json(run_dir / "run.json", "run record")
     steps = doc.get("steps") or []
-    S = min(len(steps), trace.num_steps)
+    S = min(len(steps), trace.num_steps, stop if stop is not None else trace.num_steps)
     if S == 0:
         raise MoesimError(f"{run_dir} recorded no complete step")
     world = int(doc["world_size"])
@@ -139,11 +162,6 @@ def measure(run_dir: Path, trace: Trace) -> Measured:
 
 # -- the simulator's side ---------------------------------------------------------------------------------
 
-def sim_model(trace: Trace, dtype_bytes: int) -> ModelSpec:
-    """The traced model with the bytes per parameter the run really used (float32 on CPU)."""
-    return trace.model.with_(bytes_per_param=dtype_bytes)
-
-
 def busiest_link_bytes(workload: Any, model: ModelSpec, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
     """[S, L] bytes on the busiest rank link for dispatch and for combine, on a flat (one-switch) network."""
     send = workload.send_tokens * model.token_bytes  # [S, L, G, G]
@@ -155,17 +173,18 @@ def busiest_link_bytes(workload: Any, model: ModelSpec, num_gpus: int) -> tuple[
 
 def fit_all(trace: Trace, measured: Measured, mapping: ExpertMapping, model: ModelSpec, config: Any,
             engine: str) -> tuple[Any, Any, NetworkFit, OverheadFit, dict[str, Any]]:
-    """Fit cost model, network and overhead on the calibration run; return (cost, topology, ...)."""
-    from moesim.cost import CostModel
+    """Fit cost model, network and overhead on steps 0..S-1 (S: the steps ``measured`` holds)."""
+    from moesim.cost import CostModel, dense_tokens_from_trace, kv_len_of_records
     from moesim.sim import simulate
     from moesim.sim.workload import build_workload
     from moesim.topology import DEVICES, Topology
 
     S = len(measured.step_time)
-    cost, cost_info = CostModel.fit(trace.timings(), model)
+    tm = trace.timings().in_steps(0, S)
+    cost, cost_info = CostModel.fit(tm, model, dense_tokens=dense_tokens_from_trace(trace, tm),
+                                    kv_len=kv_len_of_records(trace, tm))
     workload = build_workload(trace, mapping, config, 0, S)
     disp_b, comb_b = busiest_link_bytes(workload, model, mapping.num_gpus)
-    tm = trace.timings()
     world = mapping.num_gpus
     disp_t = fastest_rank_phase(tm, "dispatch", S, model.num_layers, world)
     comb_t = fastest_rank_phase(tm, "combine", S, model.num_layers, world)
@@ -203,10 +222,15 @@ def _rel(pred: Any, meas: Any) -> Any:
     return np.abs(pred - meas) / np.maximum(np.abs(meas), 1e-12)
 
 
-def compare(measured: Measured, predicted: dict[str, np.ndarray], remap_step: int) -> dict[str, Any]:
-    """Measured vs predicted per window (before / after the remap) and per step."""
+WINDOWS = ("calibration", "before", "after", "held_out")
+
+
+def compare(measured: Measured, predicted: dict[str, np.ndarray], calibration: int,
+            remap_step: int) -> dict[str, Any]:
+    """Measured vs predicted per window (see :data:`WINDOWS`) and per step."""
     S = len(measured.step_time)
-    windows = {"before": slice(1, remap_step), "after": slice(remap_step, S), "all": slice(0, S)}
+    windows = {"calibration": slice(0, calibration), "before": slice(calibration, remap_step),
+               "after": slice(remap_step, S), "held_out": slice(calibration, S)}
     out: dict[str, Any] = {}
     for name, w in windows.items():
         m_step, p_step = measured.step_time[w], predicted["step_time"][w]
@@ -237,61 +261,83 @@ def compare(measured: Measured, predicted: dict[str, np.ndarray], remap_step: in
 
 def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     """Run the loop of the module docstring; write DIR/report.{json,md} and plots; return the report."""
+    import shutil
+    import subprocess
+
     from moesim.models import get_model
-    from moesim.placement import lower_bound, place
-    from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
+    from runtime.launch import start
 
     check_config(cfg)
     model = get_model(cfg.preset)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    spg = cfg.slots_per_gpu
-    initial = ExpertMapping.linear(model.num_layers, model.num_experts, cfg.nproc, spg)
+    initial = ExpertMapping.linear(model.num_layers, model.num_experts, cfg.nproc, cfg.slots_per_gpu)
     initial.save(out / "mapping_initial.json")
-
-    # 1. calibration run
-    run1 = out / "calibration"
-    _launch(_run_config(cfg, run1, out / "mapping_initial.json", None), cfg, "calibration")
-    dtype_bytes = 4 if cfg.device == "cpu" else 2
+    run_dir, new_path = out / "run", out / "mapping_new.json"
+    new_path.unlink(missing_ok=True)  # the paused run must not take a previous report's mapping for this one's
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    K, C = cfg.remap_step, cfg.calibration_steps
     config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin"), dedup=True)
-    with Trace.open(run1 / "trace.mtrace") as trace1:
-        m1 = measure(run1, trace1)
-        smodel = sim_model(trace1, dtype_bytes)
-        cost, topology, net, overhead, cost_info = fit_all(trace1, m1, initial, smodel, config, cfg.engine)
-        in_sample = predict(trace1, [(0, len(m1.step_time), initial)], topology, cost, smodel, config,
-                            cfg.engine, overhead, m1)
-        load = trace1.load().sum(axis=0).astype(float)  # [L, E] over the calibration run
+    smodel = model.with_(bytes_per_param=4 if cfg.device == "cpu" else 2)  # float32 on CPU, bfloat16 on GPUs
 
-    # 2. place from the recorded load
-    placed = place(load, cfg.algo, num_gpus=cfg.nproc, num_slots=initial.num_slots, gpus_per_node=cfg.nproc,
-                   seed=cfg.seed)
-    new = placed.mapping
-    new.save(out / "mapping_new.json")
+    if not cfg.quiet:
+        print(f"moesim validate: live run of {cfg.steps} steps; fit on steps 0..{C - 1}, remap before step {K}",
+              flush=True)
+    proc = start(_run_config(cfg, run_dir, out / "mapping_initial.json", new_path), threads=cfg.threads,
+                 **({"stdout": subprocess.DEVNULL} if cfg.quiet else {}))
+    try:
+        _wait_until_paused(proc, run_dir / "run.json", K)
+        with Trace.open(run_dir / "trace.mtrace") as trace:  # steps 0..K-1, flushed before the pause
+            fit = fit_all(trace, measure(run_dir, trace, stop=C), initial, smodel, config, cfg.engine)
+            load = trace.load(0, K).sum(axis=0).astype(float)  # [L, E] the expert load the rebalancer sees
+        placed = place_new(load, cfg, initial)
+        placed.mapping.save(new_path)  # atomic: the run sees the whole file or none
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if rc != 0:
+        raise MoesimError(f"the live run failed after the remap (torchrun exit code {rc}); see the rank errors above")
+    return _report(cfg, out, fit, placed, initial, smodel, config, load)
 
-    # 3. validation run: same prompts, the new mapping applied live at the remap step
-    run2 = out / "validation"
-    _launch(_run_config(cfg, run2, out / "mapping_initial.json", out / "mapping_new.json"), cfg, "validation")
-    doc2 = read_json(run2 / "run.json", "run record")
-    remaps = doc2.get("remaps") or []
-    if not remaps or not remaps[0].get("ok", True):
+
+def place_new(load: np.ndarray, cfg: ValidateConfig, initial: ExpertMapping) -> Any:
+    from moesim.placement import place
+
+    return place(load, cfg.algo, num_gpus=cfg.nproc, num_slots=initial.num_slots, gpus_per_node=cfg.nproc,
+                 seed=cfg.seed)
+
+
+def _report(cfg: ValidateConfig, out: Path, fit: tuple[Any, ...], placed: Any, initial: ExpertMapping,
+            smodel: ModelSpec, config: Any, load: np.ndarray) -> dict[str, Any]:
+    from moesim.placement import lower_bound
+
+    cost, topology, net, overhead, cost_info = fit
+    run_dir = out / "run"
+    doc = read_json(run_dir / "run.json", "run record")
+    remaps = doc.get("remaps") or []
+    if not remaps or not remaps[0].get("ok", False):
         raise MoesimError(f"the live remap did not take effect: {remaps[0].get('error') if remaps else 'no record'}")
-    with Trace.open(run2 / "trace.mtrace") as trace2:
-        m2 = measure(run2, trace2)
-        S, K = len(m2.step_time), cfg.remap_step
-        pred = predict(trace2, [(0, K, initial), (K, S, new)], topology, cost, smodel, config, cfg.engine,
-                       overhead, m2)
+    K, C = cfg.remap_step, cfg.calibration_steps
+    with Trace.open(run_dir / "trace.mtrace") as trace:
+        m = measure(run_dir, trace)
+        if len(m.step_time) < cfg.steps:
+            raise MoesimError(f"the live run recorded {len(m.step_time)} of {cfg.steps} steps")
+        pred = predict(trace, [(0, K, initial), (K, cfg.steps, placed.mapping)], topology, cost, smodel, config,
+                       cfg.engine, overhead, m)
     bound = lower_bound(load, cfg.nproc, initial.num_slots)
     report = {
-        "format": "moesim.validate", "version": 1, "config": asdict(cfg),
+        "format": "moesim.validate", "version": 2, "config": asdict(cfg),
         "model": smodel.to_dict(), "engine": cfg.engine,
-        "fit": {"cost_model": cost.to_dict(), "cost_fit": _jsonable(cost_info), "network": net.to_dict(),
-                "overhead_s": overhead.to_dict()},
+        "fit": {"steps": [0, C], "cost_model": cost.to_dict(), "cost_fit": _jsonable(cost_info),
+                "network": net.to_dict(), "overhead_s": overhead.to_dict()},
         "placement": {"algo": cfg.algo, "seconds": placed.seconds, "info": _jsonable(placed.info),
-                      "lower_bound_busiest_load": float(np.sum(bound))},
+                      "load_steps": [0, K], "lower_bound_busiest_load": float(np.sum(bound))},
         "remap": remaps[0],
-        "calibration_in_sample": compare(m1, in_sample, K),
-        "validation": compare(m2, pred, K),
+        "windows": compare(m, pred, C, K),
     }
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
@@ -304,21 +350,23 @@ def _jsonable(obj: Any) -> Any:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    cfg, v = report["config"], report["validation"]
-    net = report["fit"]["network"]
+    cfg, v = report["config"], report["windows"]
+    net, remap = report["fit"]["network"], report["remap"]
     bw = (f"{net['bandwidth'] / 1e9:.2f} GB/s per rank link" if net["bandwidth"] < 1e14
           else "no measurable bandwidth term (latency-bound)")
+    C, K = report["fit"]["steps"][1], report["placement"]["load_steps"][1]
     lines = [f"# moesim validate: {cfg['preset']} on {cfg['nproc']} ranks ({cfg['device']}), algorithm "
              f"`{cfg['algo']}`, engine `{report['engine']}`", "",
-             f"Calibration run fitted the cost model, a network of latency {net['latency'] * 1e6:.0f} µs and "
-             f"{bw} (median fit error "
-             f"{net['median_rel_error']:.0%}), and the per-step overhead. The validation run applied the "
-             f"new mapping live before step {cfg['remap_at'] or max(1, cfg['steps'] // 2)} "
-             f"({report['remap'].get('moved_experts', '?')} experts moved); every prediction below is out of "
-             "sample.", "",
-             "| window | steps | step time measured (median) | predicted (median) | error of the median | "
+             f"One live run of {cfg['steps']} steps × {cfg['batch']} sequences per rank. Fitted on steps 0..{C - 1}: "
+             f"the cost model, a network of latency {net['latency'] * 1e6:.0f} µs and {bw} (median fit error "
+             f"{net['median_rel_error']:.0%}), and the per-step overhead. `{cfg['algo']}` placed the load of steps "
+             f"0..{K - 1} in {report['placement']['seconds']:.2f} s while the run waited "
+             f"({remap.get('awaited_s', 0):.2f} s); the runtime applied it live before step {K} "
+             f"({remap.get('moved_experts', '?')} experts, {remap.get('moved_bytes', 0) / 2**20:.1f} MiB moved in "
+             f"{remap.get('seconds', 0) * 1e3:.0f} ms). Windows `before`, `after` and `held_out` were not fitted on.",
+             "", "| window | steps | step time measured (median) | predicted (median) | error of the median | "
              "median per-step error | busiest/mean load measured | predicted |", "|---|---|---|---|---|---|---|---|"]
-    for name in ("before", "after", "all"):
+    for name in WINDOWS:
         w = v[name]
         lines.append(f"| {name} | {w['steps'][0]}..{w['steps'][1] - 1} | "
                      f"{w['step_time_measured_median_s'] * 1e3:.2f} ms | "
@@ -342,35 +390,37 @@ def plot(report: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["validation"]["per_step"]
+    from moesim.io import atomic_path
+
+    rows = report["windows"]["per_step"]
     steps = [r["step"] for r in rows]
+    C, K = report["fit"]["steps"][1], report["placement"]["load_steps"][1]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(steps, [r["measured_s"] * 1e3 for r in rows], "o-", label="measured")
-    ax.plot(steps, [r["predicted_s"] * 1e3 for r in rows], "s--", label="predicted (simulator)")
-    k = report["config"]["remap_at"] or max(1, report["config"]["steps"] // 2)
-    ax.axvline(k - 0.5, color="grey", lw=1, ls=":", label="live remap")
+    ax.axvspan(-0.5, C - 0.5, color="0.9", label="fitted on")
+    ax.plot(steps, [r["measured_s"] * 1e3 for r in rows], "o-", ms=3, label="measured")
+    ax.plot(steps, [r["predicted_s"] * 1e3 for r in rows], "s--", ms=3, label="predicted (simulator)")
+    ax.axvline(K - 0.5, color="grey", lw=1, ls=":", label="live remap")
     ax.set_xlabel("step")
     ax.set_ylabel("step time (ms)")
     ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("validation run: measured vs predicted")
+    ax.legend(fontsize=8)
+    ax.set_title("one live run: measured vs predicted")
     fig.tight_layout()
-    from moesim.io import atomic_path
-
     with atomic_path(out / "step_time.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
 def print_summary(report: dict[str, Any], file: Any = sys.stdout) -> None:
-    v = report["validation"]
+    v = report["windows"]
     print("step time (median over the window's steps), measured vs predicted by the simulator:", file=file)
-    print(f"{'window':8s} {'measured':>12s} {'predicted':>12s} {'error':>8s} {'per-step':>9s} "
+    print(f"{'window':12s} {'steps':>7s} {'measured':>10s} {'predicted':>10s} {'error':>7s} {'per-step':>9s} "
           f"{'load max/mean meas/pred':>24s}", file=file)
-    for name in ("before", "after", "all"):
+    for name in WINDOWS:
         w = v[name]
-        print(f"{name:8s} {w['step_time_measured_median_s'] * 1e3:10.2f}ms "
-              f"{w['step_time_predicted_median_s'] * 1e3:10.2f}ms"
-              f" {w['median_step_time_rel_error']:8.1%} {w['step_time_median_rel_error']:9.1%}"
+        span = f"{w['steps'][0]}..{w['steps'][1] - 1}"
+        print(f"{name:12s} {span:>7s} {w['step_time_measured_median_s'] * 1e3:8.2f}ms "
+              f"{w['step_time_predicted_median_s'] * 1e3:8.2f}ms"
+              f" {w['median_step_time_rel_error']:7.1%} {w['step_time_median_rel_error']:9.1%}"
               f" {w['busiest_over_mean_load_measured']:17.3f}"
               f"/{w['busiest_over_mean_load_predicted']:.3f}", file=file)

@@ -44,16 +44,23 @@ class RunConfig:
     gpus_per_node: int = 8
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch reference on CPU) | "torch" | "triton"
     remap_transport: str = "p2p"  # how a live remap moves weights: "p2p" (batch_isend_irecv) | "all2all"
+    # (step, path): pause before step until a controller (moesim validate) writes the mapping, then apply it live
+    await_mapping: tuple[int, str] | None = None
+    await_timeout_s: float = 300.0  # no mapping by then: record a failed remap, go on with the old mapping
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["remap_at"] = [[s, p] for s, p in self.remap_at]
+        d["await_mapping"] = None if self.await_mapping is None else list(self.await_mapping)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = dict(d)
         d["remap_at"] = [(int(s), str(p)) for s, p in d.get("remap_at", [])]
+        if d.get("await_mapping") is not None:
+            step, path = d["await_mapping"]
+            d["await_mapping"] = (int(step), str(path))
         return cls(**d)
 
     @property
@@ -61,11 +68,11 @@ class RunConfig:
         return get_model(self.preset)
 
 
-def parse_remap(spec: str) -> tuple[int, str]:
+def parse_remap(spec: str, flag: str = "--remap-at") -> tuple[int, str]:
     """``STEP:PATH`` → (step, path)."""
     step, sep, path = spec.partition(":")
     if not sep or not path or not step.strip().isdigit():
-        raise MoesimError(f"--remap-at wants STEP:MAPPING.json, got {spec!r}")
+        raise MoesimError(f"{flag} wants STEP:MAPPING.json, got {spec!r}")
     return int(step), path
 
 
@@ -129,9 +136,26 @@ def validate(cfg: RunConfig) -> tuple[ModelSpec, ExpertMapping, list[tuple[int, 
             raise MappingError(f"{path}: {new.slots_per_gpu} slots per GPU, but the run started with "
                                f"{mapping.slots_per_gpu} (slots per GPU are fixed for a run)")
         remaps.append((step, new))
+    check_await(cfg)
     if cfg.checkpoint is not None:
         check_checkpoint(cfg.checkpoint, model)
     return model, mapping, remaps
+
+
+def check_await(cfg: RunConfig) -> None:
+    """``--await-mapping``: a step inside the run, not also a ``--remap-at`` step, a folder that exists."""
+    if cfg.await_mapping is None:
+        return
+    step, path = cfg.await_mapping
+    if not 1 <= step < cfg.steps:
+        raise MoesimError(f"--await-mapping step {step} is outside the run's steps 1..{cfg.steps - 1}")
+    if step in dict(cfg.remap_at):
+        raise MoesimError(f"--await-mapping step {step} is also a --remap-at step; one remap per step")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise MoesimError(f"--await-mapping {path}: folder {folder} does not exist")
+    if not 0 < cfg.await_timeout_s <= 1200:
+        raise MoesimError(f"--await-timeout must be in (0, 1200] seconds, got {cfg.await_timeout_s}")
 
 
 # -- safetensors checkpoints (header-only checks: no torch) -----------------------------------------------
@@ -239,6 +263,11 @@ def add_arguments(p: Any) -> None:
                    help="MoE kernels: auto = Triton on CUDA, torch on CPU; triton on CPU runs the interpreter")
     p.add_argument("--remap-transport", default="p2p", choices=("p2p", "all2all"),
                    help="how --remap-at moves expert weights: batched point-to-point or all_to_all_single")
+    p.add_argument("--await-mapping", metavar="STEP:MAPPING.json",
+                   help="pause before STEP until a controller writes MAPPING.json (atomically: write, then rename), "
+                        "then apply it live; moesim validate drives this")
+    p.add_argument("--await-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="no mapping by then: record a failed remap and go on with the old mapping")
 
 
 def config_from_args(args: Any, nproc: int) -> RunConfig:
@@ -247,4 +276,7 @@ def config_from_args(args: Any, nproc: int) -> RunConfig:
                      remap_at=[parse_remap(s) for s in args.remap_at], profile=args.profile,
                      checkpoint=args.checkpoint, dtype=args.dtype, device=args.device, policy=args.policy,
                      gpus_per_node=args.gpus_per_node, kernels=args.kernels,
-                     remap_transport=args.remap_transport)
+                     remap_transport=args.remap_transport,
+                     await_mapping=(None if args.await_mapping is None
+                                    else parse_remap(args.await_mapping, "--await-mapping")),
+                     await_timeout_s=args.await_timeout)

@@ -54,6 +54,9 @@ def worker_args(cfg: RunConfig) -> list[str]:
             args += [flag, str(value)]
     for step, path in cfg.remap_at:
         args += ["--remap-at", f"{step}:{path}"]
+    if cfg.await_mapping is not None:
+        args += ["--await-mapping", f"{cfg.await_mapping[0]}:{cfg.await_mapping[1]}",
+                 "--await-timeout", str(cfg.await_timeout_s)]
     if cfg.profile:
         args.append("--profile")
     return args
@@ -82,24 +85,34 @@ def require_torch() -> None:
 
 def launch(cfg: RunConfig, *, threads: int = 0, check_only: bool = False, **popen: Any) -> int:
     """Validate ``cfg`` (raising a one-line MoesimError), then run torchrun and return its exit code."""
-    require_torch()
-    model, mapping, remaps = validate(cfg)
-    print(f"moesim run: {model.name} on {cfg.nproc} rank(s), {mapping.slots_per_gpu} expert slots per rank "
-          f"({mapping.num_redundant} redundant), backend {cfg.backend}, {cfg.steps} steps"
-          + (f", {len(remaps)} live remap(s)" if remaps else "")
-          + f"; ~{_size(weight_bytes_per_rank(cfg, mapping.slots_per_gpu))} of weights per rank", flush=True)
-    if check_only:
+    proc = start(cfg, threads=threads, check_only=check_only, **popen)
+    if proc is None:
         return 0
-    cmd = torchrun_command(cfg, threads=threads)
-    env = dict(popen.pop("env", None) or os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads or 1))  # torchrun's default, without its warning banner
-    try:
-        proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig, env=env, **popen)
-    except OSError as exc:
-        raise MoesimError(f"cannot start torchrun: {exc}") from None
     try:
         return proc.wait()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         proc.wait()
         raise
+
+
+def start(cfg: RunConfig, *, threads: int = 0, check_only: bool = False,
+          **popen: Any) -> subprocess.Popen[Any] | None:
+    """Validate ``cfg``, then start torchrun without waiting (a controller talks to the run meanwhile: see
+    ``--await-mapping``). None with ``check_only``. The caller waits for (or stops) the process."""
+    require_torch()
+    model, mapping, remaps = validate(cfg)
+    print(f"moesim run: {model.name} on {cfg.nproc} rank(s), {mapping.slots_per_gpu} expert slots per rank "
+          f"({mapping.num_redundant} redundant), backend {cfg.backend}, {cfg.steps} steps"
+          + (f", {len(remaps)} live remap(s)" if remaps else "")
+          + (f", awaiting a mapping before step {cfg.await_mapping[0]}" if cfg.await_mapping else "")
+          + f"; ~{_size(weight_bytes_per_rank(cfg, mapping.slots_per_gpu))} of weights per rank", flush=True)
+    if check_only:
+        return None
+    cmd = torchrun_command(cfg, threads=threads)
+    env = dict(popen.pop("env", None) or os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads or 1))  # torchrun's default, without its warning banner
+    try:
+        return subprocess.Popen(cmd, preexec_fn=_pdeathsig, env=env, **popen)
+    except OSError as exc:
+        raise MoesimError(f"cannot start torchrun: {exc}") from None

@@ -152,14 +152,22 @@ class Decoder:
         cache.k[i, :, :, start:start + T] = k
         cache.v[i, :, :, start:start + T] = v
         keys, values = cache.k[i, :, :, :start + T], cache.v[i, :, :, :start + T]
-        rep = s.num_attention_heads // s.num_kv_heads
-        if rep > 1:
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        kpos = torch.arange(start + T, device=x.device)
-        allowed = kpos[None, :] <= pos[:, None]  # [T, start+T] causal
-        if s.sliding_window is not None:
-            allowed &= pos[:, None] - kpos[None, :] < s.sliding_window
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        # No mask tensor where none is needed: a decode token sees the whole cache, a first prefill is plainly
+        # causal. An explicit boolean mask sends CPU SDPA down a path up to 5x slower and erratic in the KV length,
+        # which the cost model (linear in tokens x KV length) could not follow. GQA without copying K/V per head.
+        window = s.sliding_window
+        mask, causal = None, False
+        if T == 1 and (window is None or start < window):
+            pass
+        elif start == 0 and (window is None or T <= window):
+            causal = True
+        else:
+            kpos = torch.arange(start + T, device=x.device)
+            mask = kpos[None, :] <= pos[:, None]  # [T, start+T] causal
+            if window is not None:
+                mask &= pos[:, None] - kpos[None, :] < window
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=s.num_attention_heads != s.num_kv_heads)
         return out.transpose(1, 2).reshape(B, T, -1) @ lay.o.t()
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, ctx: StepContext | None = None) -> torch.Tensor:

@@ -107,9 +107,16 @@ class Recorder:
         if self.rank == 0:
             self._write_doc()
 
+    def note_awaiting(self, step: int | None, path: str | None = None) -> None:
+        """Say in run.json that the run waits before ``step`` for a controller's mapping (None: not any more)."""
+        self.doc["awaiting"] = None if step is None else {"step": step, "mapping": path}
+        if self.rank == 0:
+            self._write_doc()
+
     def record_step(self, step: int, phase: str, ids: torch.Tensor, weights: torch.Tensor, timer: StepTimer,
-                    experts: list[list[int]], wall: float, tokens: int) -> None:
-        """ids/weights [L, T_local, k] of this rank; ``experts`` [L][S] logical expert per local slot."""
+                    experts: list[list[int]], wall: float, tokens: int, kv_len: float | None = None) -> None:
+        """ids/weights [L, T_local, k] of this rank; ``experts`` [L][S] logical expert per local slot;
+        ``kv_len``: KV positions each token attended to (mean over the step's tokens)."""
         if self.out is None:  # nothing to write: rank 0 keeps the step for the summary, no gather
             if self.rank == 0:
                 self._note_step(step, phase, tokens, wall)
@@ -129,7 +136,7 @@ class Recorder:
             all_ids = np.concatenate([g[0] for g in gathered], axis=1)
             all_w = np.concatenate([g[1] for g in gathered], axis=1)
             origin = np.concatenate([np.full(g[0].shape[1], r, dtype=np.int64) for r, g in enumerate(gathered)])
-            index = self.writer.add_step(all_ids, all_w, origin, phase)
+            index = self.writer.add_step(all_ids, all_w, origin, phase, kv_len=kv_len)
             for r, g in enumerate(gathered):
                 for layer in range(self.spec.num_layers):
                     self.writer.add_timing(index, layer, r, g[2][layer].tolist(), g[4][layer].tolist(),

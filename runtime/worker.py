@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -22,10 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from moesim.errors import MoesimError
+from moesim.mapping import ExpertMapping
 from moesim.replica import ReplicaPolicy
 from runtime.config import RunConfig, add_arguments, config_from_args, validate
 from runtime.dispatch import make_backend
@@ -86,16 +89,27 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
         profiler.__enter__()
     parent = os.getppid()
     status = "done"
+    # A collection pause inside a step stalls every other rank at the next collective: freeze what start-up
+    # allocated, collect between steps (outside the timed region) instead of whenever the allocator decides.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     try:
         with torch.inference_mode():
             for step in range(cfg.steps):
                 if os.getppid() != parent:  # the launcher died
                     status = "launcher died"
                     break
+                note: dict[str, Any] = {}
+                if cfg.await_mapping is not None and step == cfg.await_mapping[0]:
+                    awaited, note["awaited_s"] = _await_mapping(cfg, spec, world, moes[0].mapping.slots_per_gpu,
+                                                                recorder, rank, device, log, parent)
+                    if awaited is not None:
+                        remap_at[step] = awaited
                 if step in remap_at:
                     if dump:
                         dumps.setdefault("rows_before", {})[step] = [list(m.store.row_expert) for m in moes]
-                    _remap(moes, remap_at[step], step, recorder, rank, log, cfg.remap_transport)
+                    _remap(moes, remap_at[step], step, recorder, rank, log, cfg.remap_transport, note)
                     if dump:
                         dumps["checksums"][step] = expert_checksums(moes)
                 phase = "prefill" if step == 0 else "decode"
@@ -103,6 +117,9 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
                 tokens = make_tokens(cfg.seed, rank, step, shape, spec.vocab_size).to(device)
                 timer = StepTimer(spec.num_layers, mapping.slots_per_gpu, device)
                 ctx = StepContext(timer=timer, key_offset=rank * tokens.numel())
+                # every rank starts the timed step together: rank 0's recording of the previous step is not
+                # charged to the others' first collective
+                dist.barrier()
                 t0 = time.perf_counter()
                 logits = model.forward(tokens, cache, ctx)
                 timer.finish()
@@ -110,9 +127,11 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
                 dist.all_reduce(wall, op=dist.ReduceOp.MAX)
                 n_tokens = tokens.numel() * world
                 recorder.record_step(step, phase, torch.stack(ctx.routing), torch.stack(ctx.router_weights), timer,
-                                     [m.local_experts for m in moes], float(wall.item()), n_tokens)
+                                     [m.local_experts for m in moes], float(wall.item()), n_tokens,
+                                     kv_positions(step, cfg.prompt_len, spec.sliding_window))
                 if dump:
                     dumps["logits"][step] = logits.cpu()
+                gc.collect()
                 if log and rank == 0:
                     sec = float(wall.item())
                     print(f"step {step + 1}/{cfg.steps} {phase:7s} {n_tokens:6d} tokens  {sec * 1e3:8.1f} ms"
@@ -121,6 +140,8 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
         status = "failed"
         raise
     finally:
+        gc.enable()
+        gc.unfreeze()
         if profiler is not None:
             profiler.__exit__(None, None, None)
             if cfg.record:
@@ -139,12 +160,59 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
     return doc
 
 
+def kv_positions(step: int, prompt_len: int, window: int | None) -> float:
+    """KV positions each token of ``step`` attends to, mean over its tokens: the prefill's causal mask gives
+    query i (0-based) i+1 positions; a decode token sees the prompt and every token decoded so far."""
+    if step == 0:
+        pos = np.arange(1, prompt_len + 1, dtype=float)
+        return float(np.minimum(pos, window).mean() if window else pos.mean())
+    n = prompt_len + step
+    return float(min(n, window) if window else n)
+
+
+def _await_mapping(cfg: RunConfig, spec: Any, world: int, slots: int, recorder: Recorder, rank: int,
+                   device: torch.device, log: bool, parent: int) -> tuple[ExpertMapping | None, float]:
+    """Wait (every rank polls: one node) until ``cfg.await_mapping``'s file exists, then load and check it.
+
+    The ranks agree before anything moves: if any rank timed out or cannot read the mapping, all keep the old
+    one and the failure is recorded as a remap that did not take effect."""
+    step, path = cfg.await_mapping  # type: ignore[misc]
+    recorder.note_awaiting(step, path)
+    if log and rank == 0:
+        print(f"waiting before step {step} for a mapping in {path}", flush=True)
+    t0 = time.monotonic()
+    while not Path(path).exists() and time.monotonic() - t0 < cfg.await_timeout_s and os.getppid() == parent:
+        time.sleep(0.01)
+    waited = time.monotonic() - t0
+    new, error = None, ""
+    if not Path(path).exists():
+        error = f"no mapping appeared in {path} within {cfg.await_timeout_s:g} s"
+    else:
+        try:
+            new = ExpertMapping.load(path, model=spec, num_gpus=world)
+            if new.slots_per_gpu != slots:
+                raise MoesimError(f"{path}: {new.slots_per_gpu} slots per GPU, but the run has {slots} "
+                                  "(fixed for a run)")
+        except MoesimError as exc:
+            new, error = None, str(exc)
+    ok = torch.tensor([0 if new is None else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    recorder.note_awaiting(None)
+    if int(ok.item()) == 1:
+        return new, waited
+    error = error or "another rank could not read the mapping"
+    recorder.note_remap(step, None, {"ok": False, "awaited_s": waited, "error": error})
+    if log and rank == 0:
+        print(f"no remap before step {step}: {error}", file=sys.stderr, flush=True)
+    return None, waited
+
+
 def _remap(moes: list[EPMoE], new: Any, step: int, recorder: Recorder, rank: int, log: bool,
-           transport: str) -> None:
+           transport: str, note: dict[str, Any] | None = None) -> None:
     try:
-        info = apply_mapping(moes, new, transport=transport)
+        info = {**apply_mapping(moes, new, transport=transport), **(note or {})}
     except RemapError as exc:
-        recorder.note_remap(step, None, {"ok": False, "error": str(exc)})
+        recorder.note_remap(step, None, {"ok": False, "error": str(exc), **(note or {})})
         if log and rank == 0:
             print(f"remap before step {step} FAILED: {exc}", file=sys.stderr, flush=True)
         return

@@ -11,17 +11,20 @@ ORDER = 70
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "validate", help="check the simulator against the live runtime, before and after a live remap",
-        description="Run the live runtime with linear placement and record it; fit the cost model, network and "
-                    "per-step overhead from that run; compute a new mapping with --algo from the recorded load; "
-                    "run again applying the new mapping live; compare the simulator's predictions of the second "
-                    "run with what it measured. Writes DIR/report.json, DIR/report.md and plots.",
+        description="One live run with linear placement, recorded; it pauses before the remap step while moesim "
+                    "fits the cost model, network and per-step overhead on the first (calibration) steps and "
+                    "computes a new mapping with --algo from the recorded load; the run applies it live and goes on. "
+                    "Then the simulator predicts every step and the held-out ones are compared with what was "
+                    "measured. Writes DIR/report.json, DIR/report.md, DIR/step_time.png and the run in DIR/run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="ranks (processes) on this node")
     p.add_argument("--preset", default="small", help="model preset the runtime supports (tiny, small, ...)")
     p.add_argument("--algo", default="eplb", help="placement algorithm for the new mapping")
-    p.add_argument("--steps", type=int, default=24, help="steps per run (one prefill, then decode)")
+    p.add_argument("--steps", type=int, default=96, help="steps of the live run (one prefill, then decode)")
     p.add_argument("--remap-at", type=int, help="step before which the new mapping goes live (default: half-way)")
-    p.add_argument("--batch", type=int, default=32,
+    p.add_argument("--calibrate-steps", type=int,
+                   help="fit on steps 0..N-1 only (default: half of the steps before the remap)")
+    p.add_argument("--batch", type=int, default=64,
                    help="sequences per rank (enough tokens that compute, not gloo latency jitter, dominates)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence")
     p.add_argument("--slots-per-gpu", type=int, help="expert slots per rank (more than experts/nproc: redundant)")
@@ -42,7 +45,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise MoesimError(f"--nproc must be positive, got {args.nproc}")
     cfg = ValidateConfig(nproc=args.nproc, preset=args.preset, algo=args.algo, steps=args.steps,
-                         remap_at=args.remap_at, batch=args.batch, prompt_len=args.prompt_len, seed=args.seed,
+                         remap_at=args.remap_at, calibrate_steps=args.calibrate_steps, batch=args.batch,
+                         prompt_len=args.prompt_len, seed=args.seed,
                          backend=args.backend, slots_per_gpu=args.slots_per_gpu, engine=args.engine,
                          device=args.device, threads=args.threads, out=args.out, quiet=args.quiet)
     report = run_validation(cfg)

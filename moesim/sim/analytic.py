@@ -255,7 +255,7 @@ def dense_layers_time(workload: Workload, topology: Any, cost: CostModel, model:
     c = layout_cost(cost, config.layout, G)
     tok = np.asarray(workload.gpu_tokens[:, 0, :], dtype=float)  # [S, G]
     ph = np.asarray(workload.phase)[:, None]
-    per = c.attention_time(tok, ph) + c.gate_time(tok)
+    per = c.attention_time(tok, ph, workload.kv_broadcast(2)) + c.gate_time(tok)
     # the dense FFN is TP-sharded in both TP layouts; ``c`` already shards experts in ``tp`` but not in ep-tp-attn
     ffn_cost = c if config.layout in ("ep", "tp") else CostModel(_shard_expert(c.expert, G), c.attention, c.gate,
                                                                  {**c.info, "layout": f"tp/{G}"})
@@ -302,7 +302,8 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     phase_time = np.zeros((S, L, len(PHASES)))
     gpu_tok = _compact(np.asarray(workload.gpu_tokens, dtype=float))  # broadcast axes priced once
     if config.include_dense:
-        att = np.asarray(cost.attention_time(gpu_tok, np.asarray(workload.phase)[:, None, None]), dtype=float)
+        att = np.asarray(cost.attention_time(gpu_tok, np.asarray(workload.phase)[:, None, None],
+                                             workload.kv_broadcast(3)), dtype=float)
         gate = np.asarray(cost.gate_time(gpu_tok), dtype=float)
     else:
         att = gate = np.zeros((S, 1, 1))

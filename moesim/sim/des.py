@@ -132,7 +132,8 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
     include_dense = getattr(config, "include_dense", True)
     if include_dense:
         ph = np.asarray(workload.phase[s])
-        att = np.asarray(cost.attention_time(gpu_tokens, ph), dtype=np.float64)  # [L, G]
+        kv = None if workload.kv_len is None else np.asarray(workload.kv_len[s])
+        att = np.asarray(cost.attention_time(gpu_tokens, ph, kv), dtype=np.float64)  # [L, G]
         gate = np.asarray(cost.gate_time(gpu_tokens), dtype=np.float64)
     expert = np.asarray(cost.expert_time(slot_tokens.reshape(L, G, W)), dtype=np.float64)  # [L, G]
     for layer in range(L):

@@ -68,6 +68,7 @@ class Workload:
     gpu_tokens: np.ndarray  # [S, L, G] float
     first_step: int = 0
     layout: str = "ep"
+    kv_len: np.ndarray | None = None  # [S] KV positions per token (NaN unknown); None: the cost model's default
 
     @property
     def num_steps(self) -> int:
@@ -95,16 +96,24 @@ class Workload:
         sl = slice(start, stop)
         return replace(self, step_tokens=self.step_tokens[sl], phase=self.phase[sl], slot_tokens=self.slot_tokens[sl],
                        send_tokens=self.send_tokens[sl], gpu_tokens=self.gpu_tokens[sl],
-                       first_step=self.first_step + start)
+                       first_step=self.first_step + start,
+                       kv_len=None if self.kv_len is None else self.kv_len[sl])
 
     @staticmethod
     def concat(parts: list[Workload]) -> Workload:
         if not parts:
             raise MoesimError("no workload parts to concatenate")
         cat = np.concatenate
+        kv = None
+        if any(p.kv_len is not None for p in parts):
+            kv = cat([np.full(p.num_steps, np.nan) if p.kv_len is None else p.kv_len for p in parts])
         return Workload(cat([p.step_tokens for p in parts]), cat([p.phase for p in parts]),
                         cat([p.slot_tokens for p in parts]), cat([p.send_tokens for p in parts]),
-                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout)
+                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout, kv)
+
+    def kv_broadcast(self, ndim: int) -> np.ndarray | None:
+        """kv_len shaped [S, 1, ...] (``ndim`` axes) to broadcast against per-(step, ...) token arrays."""
+        return None if self.kv_len is None else np.asarray(self.kv_len, dtype=float).reshape((-1,) + (1,) * (ndim - 1))
 
 
 def check_mapping(mapping: ExpertMapping, model: Any) -> None:
@@ -410,4 +419,5 @@ def build_workload(trace: Any, mapping: ExpertMapping, config: SimConfig | None 
         t0, t1 = int(offsets[a]), int(offsets[b])
         origin = chunk.origin[t0:t1] if use_origin and chunk.origin is not None else None
         parts.append(workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo, tables))
-    return parts[0] if len(parts) == 1 else Workload.concat(parts)
+    wl = parts[0] if len(parts) == 1 else Workload.concat(parts)
+    return replace(wl, kv_len=trace.kv_len(start, stop)) if hasattr(trace, "kv_len") else wl

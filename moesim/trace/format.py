@@ -14,6 +14,8 @@ Arrays of a chunk holding steps ``s .. s+S-1`` with ``T`` tokens in all:
 
     step_tokens  int64  [S]         tokens of each step
     phase        uint8  [S]         0 decode, 1 prefill, 255 unknown
+    kv_len       f32    [S]         KV-cache positions each token of the step attends to, mean over its tokens
+                                    (optional; NaN where unknown): what decode attention's cost grows with
     ids          uint16 [L, T, k]   top-k logical expert ids per layer (int32 when experts > 65535)
     weights      f16/32 [L, T, k]   router weights (optional)
     origin       uint16 [T]         origin rank of each token (optional)
@@ -47,6 +49,7 @@ KINDS = ("tokens", "counts")
 ARRAY_DTYPES: dict[str, tuple[str, ...]] = {
     "step_tokens": ("<i8",),
     "phase": ("|u1",),
+    "kv_len": ("<f4",),
     "ids": ("<u2", "<i4"),
     "weights": ("<f2", "<f4"),
     "origin": ("<u2", "<i4"),

@@ -45,6 +45,11 @@ class Chunk:
     arrays: dict[str, np.ndarray]
 
     @property
+    def kv_len(self) -> np.ndarray | None:
+        """[S] KV positions each token attends to (NaN where unknown); None when the chunk has none."""
+        return self.arrays.get("kv_len")
+
+    @property
     def num_steps(self) -> int:
         return len(self.phase)
 
@@ -66,6 +71,11 @@ class Timings:
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
+
+    def in_steps(self, start: int, stop: int) -> Timings:
+        """The records of steps ``start <= step < stop`` (fit on one window of a run, predict another)."""
+        keep = (self.index[:, 0] >= start) & (self.index[:, 0] < stop)
+        return Timings(self.phase_names, self.index[keep], self.phases[keep], self.experts[keep], self.tokens[keep])
 
     def phase(self, name: str) -> np.ndarray:
         try:
@@ -239,6 +249,9 @@ class Trace:
         counts = arrays.get("counts")
         if counts is not None and counts.size and int(counts.min()) < 0:
             raise TraceError(f"{where} holds a negative load count{hint}")
+        kv = arrays.get("kv_len")
+        if kv is not None and kv.size and (np.isinf(kv).any() or np.nanmin(kv, initial=0.0) < 0):
+            raise TraceError(f"{where} holds a negative or infinite kv_len{hint}")
 
     def steps(self, start: int = 0, stop: int | None = None) -> Iterator[Step]:
         """Steps ``start .. stop-1`` one at a time, without loading the whole trace."""
@@ -279,6 +292,20 @@ class Trace:
             _bincount_steps(chunk.ids, chunk.step_tokens, chunk.step_offsets, lo - first, hi - first, E,
                             out[lo - start:hi - start])
         return out
+
+    def kv_len(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """[S] KV-cache positions each token of steps ``start .. stop-1`` attends to (NaN where unknown), or None
+        when the trace records none (the cost model then assumes its fixed context length)."""
+        stop = self.num_steps if stop is None else min(stop, self.num_steps)
+        out = np.full(max(stop - start, 0), np.nan)
+        found = False
+        for chunk in self._chunks_in(start, stop):
+            if chunk.kv_len is None:
+                continue
+            lo, hi = max(start, chunk.first_step), min(stop, chunk.first_step + chunk.num_steps)
+            out[lo - start:hi - start] = chunk.kv_len[lo - chunk.first_step:hi - chunk.first_step]
+            found = True
+        return out if found else None
 
     def timings(self) -> Timings:
         """Every timing record in the trace (empty arrays when none were recorded)."""
@@ -467,6 +494,8 @@ def _check_directory(d: Any, payload_len: int, header: dict[str, Any]) -> dict[s
             raise MoesimError("phase length differs from num_steps")
         if "step_tokens" in arrays and arrays["step_tokens"][1] != [n]:
             raise MoesimError("step_tokens length differs from num_steps")
+        if "kv_len" in arrays and arrays["kv_len"][1] != [n]:
+            raise MoesimError("kv_len length differs from num_steps")
     return {"first_step": first, "num_steps": n, "arrays": arrays}
 
 

@@ -104,8 +104,10 @@ class TraceWriter:
 
     # -- adding data --------------------------------------------------------------------------------
     def add_step(self, ids: np.ndarray, weights: np.ndarray | None = None, origin: np.ndarray | None = None,
-                 phase: str | None = None) -> int:
-        """Buffer one step: ids [layers, tokens, top_k]; returns the step's index in the trace."""
+                 phase: str | None = None, kv_len: float | None = None) -> int:
+        """Buffer one step: ids [layers, tokens, top_k]; returns the step's index in the trace.
+
+        ``kv_len``: KV-cache positions each of the step's tokens attends to (mean), when known."""
         if self.kind != "tokens":
             raise TraceError("this trace holds load counts; use add_counts")
         m = self.model
@@ -132,11 +134,11 @@ class TraceWriter:
             if T and (o.min() < 0 or (self.num_ranks is not None and o.max() >= self.num_ranks)):
                 raise TraceError(f"origin rank out of range [0, {self.num_ranks}) in step {self.next_step}")
             o = o.astype(self.origin_dtype)
-        self._steps.append((ids.astype(self.ids_dtype), w, o, fmt.PHASES.get(phase, 255)))
+        self._steps.append((ids.astype(self.ids_dtype), w, o, fmt.PHASES.get(phase, 255), _kv_len(kv_len)))
         self._buffered += ids.size * self.ids_dtype.itemsize * (2 if w is not None else 1)
         return self._advance()
 
-    def add_counts(self, counts: np.ndarray, phase: str | None = None) -> int:
+    def add_counts(self, counts: np.ndarray, phase: str | None = None, kv_len: float | None = None) -> int:
         """Buffer one step of a load-only trace: counts [layers, experts] of token-choices per expert."""
         if self.kind != "counts":
             raise TraceError("this trace holds per-token ids; use add_step")
@@ -146,7 +148,7 @@ class TraceWriter:
             raise TraceError(f"counts must have shape [{m.num_layers}, {m.num_experts}], got {list(c.shape)}")
         if c.size and c.min() < 0:
             raise TraceError(f"negative count in step {self.next_step}")
-        self._steps.append((c.astype("<i8"), None, None, fmt.PHASES.get(phase, 255)))
+        self._steps.append((c.astype("<i8"), None, None, fmt.PHASES.get(phase, 255), _kv_len(kv_len)))
         self._buffered += c.nbytes
         return self._advance()
 
@@ -177,6 +179,9 @@ class TraceWriter:
         n_steps = len(self._steps)
         if n_steps:
             arrays["phase"] = np.array([s[3] for s in self._steps], dtype="|u1")
+            kv = np.array([s[4] for s in self._steps], dtype="<f4")
+            if not np.isnan(kv).all():
+                arrays["kv_len"] = kv
             if self.kind == "counts":
                 arrays["counts"] = np.stack([s[0] for s in self._steps])
             else:
@@ -257,3 +262,12 @@ class TraceWriter:
             self.close()
         else:
             self.abort()
+
+
+def _kv_len(value: float | None) -> float:
+    if value is None:
+        return float("nan")
+    v = float(value)
+    if not (np.isfinite(v) and v >= 0):
+        raise TraceError(f"kv_len must be a finite number >= 0, got {value!r}")
+    return v

@@ -1,4 +1,4 @@
-"""``moesim validate`` end to end on CPU (gloo, 2 ranks): two live runs, a live remap, a report."""
+"""``moesim validate`` end to end on CPU (gloo, 2 ranks): one live run paused for the new mapping, a report."""
 
 from __future__ import annotations
 
@@ -24,23 +24,28 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 @pytest.mark.dist
 def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> None:
     out = tmp_path / "val"
-    cmd = [sys.executable, "-m", "moesim", "validate", "--nproc", "2", "--preset", "tiny", "--steps", "8",
-           "--slots-per-gpu", "5", "--algo", "eplb", "--quiet", "--out", str(out)]
+    cmd = [sys.executable, "-m", "moesim", "validate", "--nproc", "2", "--preset", "tiny", "--steps", "10",
+           "--batch", "8", "--slots-per-gpu", "5", "--algo", "eplb", "--quiet", "--out", str(out)]
     proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "before" in proc.stdout and "after" in proc.stdout
+    assert all(w in proc.stdout for w in ("calibration", "before", "after", "held_out"))
     for name in ("report.json", "report.md", "step_time.png", "mapping_initial.json", "mapping_new.json",
-                 "calibration/trace.mtrace", "validation/trace.mtrace", "validation/run.json"):
+                 "run/trace.mtrace", "run/run.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     spec = get_model("tiny")
     new = ExpertMapping.load(out / "mapping_new.json", model=spec, num_gpus=2)
     assert new.slots_per_gpu == 5 and new.num_redundant == 2
-    assert report["remap"]["ok"] is True and report["remap"]["moved_experts"] >= 0
-    run = json.loads((out / "validation" / "run.json").read_text())
-    assert [m["from_step"] for m in run["mappings"]] == [0, 4]
-    v = report["validation"]
-    assert v["before"]["steps"] == [1, 4] and v["after"]["steps"] == [4, 8]
+    remap = report["remap"]
+    assert remap["ok"] is True and remap["moved_experts"] >= 0 and remap["awaited_s"] >= 0
+    run = json.loads((out / "run" / "run.json").read_text())
+    assert [m["from_step"] for m in run["mappings"]] == [0, 5] and run["awaiting"] is None
+    assert run["mappings"][1]["phy2log"] == new.phy2log.tolist()  # the run applied the controller's mapping
+    assert len(run["steps"]) == 10 and run["status"] == "done"
+    v = report["windows"]
+    assert report["fit"]["steps"] == [0, 2] and report["placement"]["load_steps"] == [0, 5]
+    assert [v[w]["steps"] for w in ("calibration", "before", "after", "held_out")] == [[0, 2], [2, 5], [5, 10],
+                                                                                       [2, 10]]
     for window in ("before", "after"):
         w = v[window]
         # the simulator's replica policy and the runtime's send every token-choice to the same rank
@@ -50,19 +55,22 @@ def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> No
         # timing noise on a shared CPU is large; a unit or wiring mistake is larger still
         assert 0 <= w["median_step_time_rel_error"] < 0.75
         assert 0 <= w["step_time_median_rel_error"] < 0.75
-    assert len(v["per_step"]) == 8 and all(s["predicted_s"] > 0 for s in v["per_step"])
+    assert len(v["per_step"]) == 10 and all(s["predicted_s"] > 0 for s in v["per_step"])
     assert report["fit"]["network"]["samples"] > 0 and report["fit"]["cost_fit"]["records"] > 0
+    # the runtime records the KV length of every step; the fit uses it for attention
+    assert "kv_len" in report["fit"]["cost_fit"]["phases"]["attention"]["model"]
     assert "error of the median" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--algo", "nope"], "unknown placement algorithm"),
-    (["--steps", "3"], "--steps must be at least 4"),
+    (["--steps", "5"], "--steps must be at least 6"),
     (["--steps", "8", "--remap-at", "7"], "--remap-at 7"),
+    (["--steps", "8", "--remap-at", "4", "--calibrate-steps", "3"], "--calibrate-steps 3"),
     (["--nproc", "0"], "--nproc must be positive"),
 ])
 def test_bad_requests_fail_in_one_line_before_any_process(tmp_path, capsys, argv, message) -> None:
     rc = main(["validate", "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "o" / "calibration").exists()
+    assert not (tmp_path / "o" / "run").exists()

@@ -47,6 +47,14 @@ def test_bad_inputs_fail_before_any_process_starts(tmp_path, capsys) -> None:
     _one_line_error(capsys, ["run", "--nproc", "2", "--remap-at", "x.json"], "STEP:MAPPING")
     _one_line_error(capsys, ["run", "--nproc", "2", "--profile"], "--record")
     _one_line_error(capsys, ["run", "--nproc", "2", "--preset", "gpt-5"], "unknown model preset")
+    ExpertMapping.linear(2, 8, 2).save(tmp_path / "ok.json")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "8:m.json"], "outside the run's steps")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", f"2:{tmp_path}/no/m.json"], "does not exist")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "2:m.json", "--remap-at",
+                             f"2:{tmp_path}/ok.json"], "also a --remap-at step")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "2:m.json", "--await-timeout", "0"],
+                    "--await-timeout")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "m.json"], "STEP:MAPPING")
 
 
 def test_run_help_and_validation_do_not_import_torch(tmp_path) -> None:
@@ -160,6 +168,28 @@ def test_killed_run_leaves_a_readable_trace(tmp_path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.dist
+def test_await_mapping_that_never_comes_or_does_not_fit_keeps_the_old_mapping(tmp_path) -> None:
+    """The paused run gives up after --await-timeout, or refuses a mapping for another shape; either way it
+    records a failed remap, finishes on the initial mapping and exits 0."""
+    ExpertMapping.linear(2, 8, 4).save(tmp_path / "four.json")  # tiny's shape, but for 4 ranks
+    for label, target, error in (("late", tmp_path / "never.json", "no mapping appeared"),
+                                 ("wrong", tmp_path / "four.json", "4 GPUs")):
+        rec = tmp_path / label
+        cmd = [sys.executable, "-m", "moesim", "run", "--nproc", "2", "--preset", "tiny", "--steps", "4",
+               "--record", str(rec), "--await-mapping", f"2:{target}", "--await-timeout", "1"]
+        proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        doc = json.loads((rec / "run.json").read_text())
+        assert doc["status"] == "done" and len(doc["steps"]) == 4 and doc["awaiting"] is None
+        assert [m["from_step"] for m in doc["mappings"]] == [0]
+        (remap,) = doc["remaps"]
+        assert remap["step"] == 2 and remap["ok"] is False and error in remap["error"], remap
+        assert "no remap before step 2" in proc.stderr
+        with Trace.open(rec / "trace.mtrace") as trace:  # the KV length of every step is recorded
+            assert trace.kv_len().tolist() == [8.5, 17.0, 18.0, 19.0]
+
+
 def test_worker_args_round_trip() -> None:
     """The launcher passes every option to the worker, which parses them back into the same config."""
     import argparse
@@ -170,7 +200,7 @@ def test_worker_args_round_trip() -> None:
     cfg = RunConfig(preset="small", nproc=4, backend="allgather", mapping="m.json", steps=5, batch=3, prompt_len=7,
                     seed=9, record="out", remap_at=[(2, "a.json"), (4, "b.json")], profile=True, checkpoint="ck",
                     dtype="float32", device="cpu", policy="local", gpus_per_node=2, kernels="triton",
-                    remap_transport="all2all")
+                    remap_transport="all2all", await_mapping=(3, "c.json"), await_timeout_s=7.5)
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert config_from_args(p.parse_args(worker_args(cfg)), 4) == cfg

@@ -52,6 +52,40 @@ def test_sliding_window_changes_attention_and_keeps_cache_consistent() -> None:
     torch.testing.assert_close(inc, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 3, 6])
+@pytest.mark.parametrize("chunks", [[9], [6, 1, 1, 1], [4, 3, 2], [1] * 9])
+def test_attention_equals_explicit_masked_attention(window, chunks) -> None:
+    """Every mask shortcut (decode without a mask, first prefill as is_causal, GQA without copies) gives what a
+    plain softmax over the explicitly masked scores gives, chunked prefill and sliding windows included."""
+    spec, model = _model("tiny", sliding_window=window) if window else _model("tiny")
+    assert spec.num_attention_heads != spec.num_kv_heads  # the GQA path is exercised
+    torch.manual_seed(0)
+    B, H = 2, spec.hidden_size
+    x = torch.randn(B, sum(chunks), H)
+    cache = model.new_cache(B, sum(chunks))
+    got, start = [], 0
+    for n in chunks:
+        got.append(model.attention(0, x[:, start:start + n], cache))
+        cache.length += n
+        start += n
+    lay, nh, kvh, hd = model.layers[0], spec.num_attention_heads, spec.num_kv_heads, spec.head_dim
+    from runtime.model import rotary
+
+    T = x.shape[1]
+    pos = torch.arange(T)
+    q = rotary((x @ lay.q.t()).view(B, T, nh, hd).transpose(1, 2), pos, spec.rope_theta)
+    k = rotary((x @ lay.k.t()).view(B, T, kvh, hd).transpose(1, 2), pos, spec.rope_theta)
+    v = (x @ lay.v.t()).view(B, T, kvh, hd).transpose(1, 2)
+    k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)
+    allowed = pos[None, :] <= pos[:, None]
+    if window:
+        allowed &= pos[:, None] - pos[None, :] < window
+    scores = (q @ k.transpose(-1, -2)) / hd ** 0.5
+    ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    ref = ref.transpose(1, 2).reshape(B, T, -1) @ lay.o.t()
+    torch.testing.assert_close(torch.cat(got, dim=1), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_routers_follow_their_conventions() -> None:
     from runtime.model import StepContext
 

@@ -18,7 +18,7 @@ from moesim.sim.analytic import run_analytic
 from moesim.sim.config import SimConfig
 from moesim.sim.des import PHASES, run_des
 from moesim.sim.workload import Workload, workload_from_counts
-from moesim.topology import Topology, load_topology
+from moesim.topology import DEVICES, Topology, load_topology
 
 # 4096 hidden, bf16: 8192 bytes per token on the wire
 MODEL = get_model("tiny").with_(hidden_size=4096)
@@ -230,3 +230,21 @@ def test_step_time_bounds_on_a_two_node_cluster(seed, layout, overlap):
     assert res.step_time[0] >= (res.link_bytes / topo.edge_bw).max() * (1 - 1e-6)
     np.testing.assert_allclose(res.phase_time.sum() + res.extra["dense_layer_time"].sum(), res.step_time.sum(),
                                rtol=1e-9)
+
+
+def test_both_engines_charge_decode_attention_by_the_kv_length_each_step_reads():
+    """A trace's kv_len reaches the cost model in both engines: longer KV, slower step, by the same amount."""
+    base = two_gpu_case(100.0)
+    wl = Workload.concat([base, base, base])
+    wl = Workload(wl.step_tokens, wl.phase, wl.slot_tokens, wl.send_tokens, wl.gpu_tokens, 0, "ep",
+                  np.array([100.0, 10_000.0, np.nan]))
+    cost = CostModel.roofline(MODEL, DEVICES["h100"], context_len=100)
+    topo = flat(2)
+    a = run_analytic(wl, topo, cost, MODEL, SimConfig())
+    d = run_des(wl, topo, cost, MODEL, SimConfig(), quantum=0.0)
+    assert a.step_time[1] > a.step_time[0] == pytest.approx(a.step_time[2])  # NaN: the model's context_len
+    np.testing.assert_allclose(d.step_time, a.step_time, rtol=1e-9)
+    extra = cost.attention_time(np.array(100.0), np.array(0), np.array(10_000.0)) - cost.attention_time(
+        np.array(100.0), np.array(0), np.array(100.0))
+    assert a.step_time[1] - a.step_time[0] == pytest.approx(wl.num_layers * float(extra), rel=1e-6)
+    assert wl.window(1, 3).kv_len.tolist()[0] == 10_000.0

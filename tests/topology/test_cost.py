@@ -118,6 +118,44 @@ def test_from_dict_rejects(bad) -> None:
         CostModel.from_dict(bad)
 
 
+@given(kv=st.lists(st.floats(0, 50_000), min_size=2, max_size=6), tokens=st.integers(1, 4096),
+       model=st.sampled_from(["mixtral-8x7b", "deepseek-v3", "small"]))
+def test_decode_attention_grows_with_the_kv_it_reads(kv, tokens, model) -> None:
+    spec = get_model(model)
+    c = CostModel.roofline(spec, H100, context_len=1024)
+    kv_sorted = np.sort(np.array(kv))
+    t = c.attention_time(np.full(len(kv), tokens), np.zeros(len(kv)), kv_sorted)
+    assert np.all(np.diff(t) >= -1e-15)  # monotone in the KV length
+    # the fixed context_len is what an unknown (NaN) kv_len means; a sliding window caps it
+    same = c.attention_time(np.array([tokens, tokens]), np.array([0, 0]), np.array([np.nan, 1024.0]))
+    assert same[0] == pytest.approx(same[1]) == pytest.approx(float(c.attention_time(np.array(tokens),
+                                                                                      np.array(0))))
+    if spec.sliding_window:
+        at_window = c.attention_time(np.array(tokens), np.array(0), np.array(float(spec.sliding_window)))
+        assert float(c.attention_time(np.array(tokens), np.array(0), np.array(1e9))) == pytest.approx(
+            float(at_window))
+
+
+def test_fit_learns_the_kv_term_where_kv_varies() -> None:
+    rng = np.random.default_rng(3)
+    n_rec = 80
+    tm = _timings(n_rec, 3, 1e-4, 2e-6, 1e-5, 2e-4, 1e-7)
+    kv = rng.integers(16, 400, n_rec).astype(float)
+    attn = 2e-4 + 1e-7 * tm.dense_tok + 3e-9 * tm.dense_tok * kv
+    tm.phases[:, 0] = attn
+    model, report = CostModel.fit(tm, get_model("tiny"), dense_tokens=tm.dense_tok, kv_len=kv, piecewise=False)
+    assert model.attention["d"] == pytest.approx(3e-9, rel=1e-3)
+    assert "kv_len" in report["phases"]["attention"]["model"]
+    np.testing.assert_allclose(model.attention_time(tm.dense_tok, None, kv), attn, rtol=1e-3)
+    # prediction at an unknown kv uses the fit's typical kv; a constant kv is not identifiable: no d term
+    assert model.attention_time(np.array(100.0), None, np.array(np.nan)) == pytest.approx(
+        float(model.attention_time(np.array(100.0), None, np.array(model.attention["kv_ref"]))))
+    flat, _ = CostModel.fit(tm, get_model("tiny"), dense_tokens=tm.dense_tok, kv_len=np.full(n_rec, 64.0))
+    assert not flat.attention.get("d")
+    with pytest.raises(MoesimError, match="one value per timing record"):
+        CostModel.fit(tm, get_model("tiny"), dense_tokens=tm.dense_tok, kv_len=kv[:3])
+
+
 def _timings(n_rec: int, seed: int, a: float, b: float, c: float, da: float, db: float, noise: float = 0.0
              ) -> Timings:
     rng = np.random.default_rng(seed)

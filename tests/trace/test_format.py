@@ -70,6 +70,7 @@ def plans(draw, kind: str | None = None, big_experts: bool = False) -> Plan:
                 step["origin"] = rng.integers(0, num_ranks or 65_536, T)
         else:
             step = {"counts": rng.integers(0, 50, (L, E)) * int(rng.integers(0, 2)), "phase": phase}
+        step["kv_len"] = float(rng.choice([0, 1.5, 17, 4096])) if rng.random() < 0.5 else None
         plan.order.append(("step", len(plan.steps)))
         plan.steps.append(step)
         for _ in range(int(rng.choice([0, 0, 1, 3]))):
@@ -88,9 +89,10 @@ def _feed(writer: TraceWriter, plan: Plan, items: list[tuple[str, int]]) -> None
             continue
         s = plan.steps[i]
         if plan.kind == "counts":
-            assert writer.add_counts(s["counts"], phase=s["phase"]) == i
+            assert writer.add_counts(s["counts"], phase=s["phase"], kv_len=s["kv_len"]) == i
         else:
-            assert writer.add_step(s["ids"], weights=s.get("weights"), origin=s.get("origin"), phase=s["phase"]) == i
+            assert writer.add_step(s["ids"], weights=s.get("weights"), origin=s.get("origin"), phase=s["phase"],
+                                   kv_len=s["kv_len"]) == i
 
 
 def _write(path: Path, plan: Plan, **kw) -> Path:
@@ -194,6 +196,17 @@ def _check_trace(path: Path, plan: Plan, start: int, stop: int) -> None:
             assert np.array_equal(t.phase("expert"), t.phases[:, 3])
         with pytest.raises(MoesimError, match="no phase"):
             t.phase("nope")
+        w = t.in_steps(start, stop)
+        assert sorted(map(tuple, w.index.tolist())) == sorted(r[:3] for r in plan.timings if start <= r[0] < stop)
+        # kv_len(): the recorded values, NaN where a step had none, None when no step had one
+        kv = [np.nan if s["kv_len"] is None else s["kv_len"] for s in plan.steps]
+        if all(s["kv_len"] is None for s in plan.steps):
+            assert trace.kv_len() is None
+        else:
+            np.testing.assert_array_equal(trace.kv_len(), np.array(kv, dtype=np.float32))
+            got_kv = trace.kv_len(start, stop)
+            want_kv = np.array(kv[start:stop], dtype=np.float32)
+            assert (got_kv is None and np.isnan(want_kv).all()) or np.array_equal(got_kv, want_kv, equal_nan=True)
 
 
 @given(plan=plans(), start=st.integers(0, 10), length=st.integers(0, 10))
@@ -355,3 +368,10 @@ def test_load_of_big_and_small_steps(tmp_path_factory, experts, sizes, chunk_byt
     with Trace.open(path, require_steps=False) as trace:
         assert np.array_equal(trace.load(), want)
         assert np.array_equal(trace.load(start, start + 3), want[start:start + 3])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_writer_refuses_a_kv_len_no_cost_model_could_use(tmp_path, bad):
+    model = _model(1, 4, 2)
+    with TraceWriter(tmp_path / "t.mtrace", model) as w, pytest.raises(MoesimError, match="kv_len"):
+        w.add_step(np.zeros((1, 2, 2), np.int64), kv_len=bad)
