@@ -156,12 +156,10 @@ class Decoder:
         # causal. An explicit boolean mask sends CPU SDPA down a path up to 5x slower and erratic in the KV length,
         # which the cost model (linear in tokens x KV length) could not follow. GQA without copying K/V per head.
         window = s.sliding_window
-        mask, causal = None, False
-        if T == 1 and (window is None or start < window):
-            pass
-        elif start == 0 and (window is None or T <= window):
-            causal = True
-        else:
+        sees_all = T == 1 and (window is None or window > start)  # one query, every cached key in its window
+        causal = not sees_all and start == 0 and (window is None or window >= T)
+        mask = None
+        if not sees_all and not causal:
             kpos = torch.arange(start + T, device=x.device)
             mask = kpos[None, :] <= pos[:, None]  # [T, start+T] causal
             if window is not None:

@@ -74,3 +74,21 @@ def test_bad_requests_fail_in_one_line_before_any_process(tmp_path, capsys, argv
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o" / "run").exists()
+
+
+@pytest.mark.gpu
+def test_validate_on_a_gpu_with_nccl(tmp_path) -> None:
+    """The same loop on one GPU (NCCL world of one): bfloat16 weights, CUDA-event timings, Triton kernels."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = tmp_path / "val"
+    cmd = [sys.executable, "-m", "moesim", "validate", "--device", "cuda", "--nproc", "1", "--preset", "small",
+           "--steps", "32", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["remap"]["ok"] is True and report["model"]["bytes_per_param"] == 2
+    held = report["windows"]["held_out"]
+    assert held["step_time_measured_median_s"] > 0 and held["step_time_predicted_median_s"] > 0
