@@ -65,7 +65,7 @@ class ValidateConfig:
 
     @property
     def calibration_steps(self) -> int:
-        return self.calibrate_steps if self.calibrate_steps is not None else max(2, self.remap_step // 2)
+        return self.calibrate_steps if self.calibrate_steps is not None else max(4, self.remap_step // 2)
 
 
 def check_config(cfg: ValidateConfig) -> None:
@@ -77,15 +77,16 @@ def check_config(cfg: ValidateConfig) -> None:
 
     if cfg.algo not in ALGORITHMS:
         raise MoesimError(f"unknown placement algorithm {cfg.algo!r}; known: {', '.join(ALGORITHMS)}")
-    if cfg.steps < 6:
-        raise MoesimError(f"--steps must be at least 6 (calibration, held-out steps before and after the remap), "
+    if cfg.steps < 8:
+        raise MoesimError(f"--steps must be at least 8 (calibration, held-out steps before and after the remap), "
                           f"got {cfg.steps}")
-    if not 4 <= cfg.remap_step <= cfg.steps - 2:
-        raise MoesimError(f"--remap-at {cfg.remap_step} must leave at least 4 steps before the remap and 2 after "
-                          f"(steps 4..{cfg.steps - 2})")
-    if not 2 <= cfg.calibration_steps <= cfg.remap_step - 2:
-        raise MoesimError(f"--calibrate-steps {cfg.calibration_steps} must be at least 2 (the prefill and a decode "
-                          f"step) and leave 2 held-out steps before the remap at {cfg.remap_step}")
+    if not 6 <= cfg.remap_step <= cfg.steps - 2:
+        raise MoesimError(f"--remap-at {cfg.remap_step} must leave at least 6 steps before the remap and 2 after "
+                          f"(steps 6..{cfg.steps - 2})")
+    if not 4 <= cfg.calibration_steps <= cfg.remap_step - 2:
+        raise MoesimError(f"--calibrate-steps {cfg.calibration_steps} must be at least 4 (the prefill and three "
+                          f"decode steps: one alone is no median) and leave 2 held-out steps before the remap at "
+                          f"{cfg.remap_step}")
     if cfg.engine not in ("analytic", "des"):
         raise MoesimError(f"--engine must be analytic or des, got {cfg.engine!r}")
     out = Path(cfg.out)

@@ -94,7 +94,7 @@ def attention_vs_kv(batch: int, kv_lens: Sequence[int]) -> list[dict[str, float]
 def main(argv: Sequence[str] | None = None) -> int:
     args = S.parse_args(NAME, __doc__, argv, extra=_extra)
     clock = S.Clock()
-    steps, batch, seeds = (12, 8, 1) if args.quick else (96, 64, args.seeds)
+    steps, batch, seeds = (24, 8, 1) if args.quick else (96, 64, args.seeds)
     runs = [(seed, "analytic", steps) for seed in range(seeds)]
     if not args.quick:
         runs += [(0, "des", steps), (0, "analytic", steps // 2)]
@@ -122,9 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor = spread(2 if args.quick else 4, steps, batch, work)
     S.write_csv(args.out / "validate_loop.csv", rows)
     errs = [r["error of median"] for r in rows if r["steps"] == steps]
+    shape = ValidateConfig(steps=steps)
+    C, K = shape.calibration_steps, shape.remap_step
     text = [f"moesim validate: small on 2 gloo ranks, {steps} steps x {batch} sequences per rank (prompt 16), "
-            f"fitted on steps 0..{steps // 4 - 1}, eplb remap before step {steps // 2}; errors over the held-out "
-            f"steps {steps // 4}..{steps - 1}", "", S.table(rows), "",
+            f"fitted on steps 0..{C - 1}, eplb remap before step {K}; errors over the held-out "
+            f"steps {C}..{steps - 1}", "", S.table(rows), "",
             f"error of the median step time ({steps} steps): median {np.median(errs):.1%} over {len(errs)} runs "
             f"(min {min(errs):.1%}, max {max(errs):.1%}); goal <= 15%",
             "identical live runs back to back, median decode step: "

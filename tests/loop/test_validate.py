@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 @pytest.mark.dist
 def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> None:
     out = tmp_path / "val"
-    cmd = [sys.executable, "-m", "moesim", "validate", "--nproc", "2", "--preset", "tiny", "--steps", "10",
+    cmd = [sys.executable, "-m", "moesim", "validate", "--nproc", "2", "--preset", "tiny", "--steps", "32",
            "--batch", "8", "--slots-per-gpu", "5", "--algo", "eplb", "--quiet", "--out", str(out)]
     proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,13 +39,13 @@ def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> No
     remap = report["remap"]
     assert remap["ok"] is True and remap["moved_experts"] >= 0 and remap["awaited_s"] >= 0
     run = json.loads((out / "run" / "run.json").read_text())
-    assert [m["from_step"] for m in run["mappings"]] == [0, 5] and run["awaiting"] is None
+    assert [m["from_step"] for m in run["mappings"]] == [0, 16] and run["awaiting"] is None
     assert run["mappings"][1]["phy2log"] == new.phy2log.tolist()  # the run applied the controller's mapping
-    assert len(run["steps"]) == 10 and run["status"] == "done"
+    assert len(run["steps"]) == 32 and run["status"] == "done"
     v = report["windows"]
-    assert report["fit"]["steps"] == [0, 2] and report["placement"]["load_steps"] == [0, 5]
-    assert [v[w]["steps"] for w in ("calibration", "before", "after", "held_out")] == [[0, 2], [2, 5], [5, 10],
-                                                                                       [2, 10]]
+    assert report["fit"]["steps"] == [0, 8] and report["placement"]["load_steps"] == [0, 16]
+    assert [v[w]["steps"] for w in ("calibration", "before", "after", "held_out")] == [[0, 8], [8, 16], [16, 32],
+                                                                                       [8, 32]]
     for window in ("before", "after"):
         w = v[window]
         # the simulator's replica policy and the runtime's send every token-choice to the same rank
@@ -55,7 +55,7 @@ def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> No
         # timing noise on a shared CPU is large; a unit or wiring mistake is larger still
         assert 0 <= w["median_step_time_rel_error"] < 0.75
         assert 0 <= w["step_time_median_rel_error"] < 0.75
-    assert len(v["per_step"]) == 10 and all(s["predicted_s"] > 0 for s in v["per_step"])
+    assert len(v["per_step"]) == 32 and all(s["predicted_s"] > 0 for s in v["per_step"])
     assert report["fit"]["network"]["samples"] > 0 and report["fit"]["cost_fit"]["records"] > 0
     # the runtime records the KV length of every step; the fit uses it for attention
     assert "kv_len" in report["fit"]["cost_fit"]["phases"]["attention"]["model"]
@@ -64,9 +64,9 @@ def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> No
 
 @pytest.mark.parametrize("argv, message", [
     (["--algo", "nope"], "unknown placement algorithm"),
-    (["--steps", "5"], "--steps must be at least 6"),
+    (["--steps", "7"], "--steps must be at least 8"),
     (["--steps", "8", "--remap-at", "7"], "--remap-at 7"),
-    (["--steps", "8", "--remap-at", "4", "--calibrate-steps", "3"], "--calibrate-steps 3"),
+    (["--steps", "12", "--remap-at", "6", "--calibrate-steps", "3"], "--calibrate-steps 3"),
     (["--nproc", "0"], "--nproc must be positive"),
 ])
 def test_bad_requests_fail_in_one_line_before_any_process(tmp_path, capsys, argv, message) -> None:
