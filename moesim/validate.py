@@ -92,6 +92,9 @@ def check_config(cfg: ValidateConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MoesimError(f"--out {out} exists and is not a directory")
+    run_dir = out / "run"  # replaced by this run's record: only ever a previous validate's
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "run.json").is_file():
+        raise MoesimError(f"{run_dir} exists and is not a moesim run record; choose another --out")
 
 
 # -- the live session -------------------------------------------------------------------------------------

@@ -92,3 +92,13 @@ def test_validate_on_a_gpu_with_nccl(tmp_path) -> None:
     assert report["remap"]["ok"] is True and report["model"]["bytes_per_param"] == 2
     held = report["windows"]["held_out"]
     assert held["step_time_measured_median_s"] > 0 and held["step_time_predicted_median_s"] > 0
+
+
+def test_validate_never_deletes_a_folder_it_did_not_write(tmp_path, capsys) -> None:
+    keep = tmp_path / "o" / "run" / "notes.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    rc = main(["validate", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "not a moesim run record" in err and len(err.splitlines()) == 1
+    assert keep.read_text() == "mine"
