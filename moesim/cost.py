@@ -133,15 +133,15 @@ def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None,
                     kv: np.ndarray | None = None) -> np.ndarray:
     per_tok: Any = p["bytes_per_token"]
     flops_tok: Any = p["flops_per_token"]
+    prefill: Any = p.get("bytes_per_token_prefill")
     kv_eff = _kv_or(kv, p.get("context_len", 0.0), p.get("window", 0.0)) if "kv_bytes_per_pos" in p else None
     if kv_eff is not None:  # the KV positions actually attended, instead of the fixed context_len
         delta = kv_eff - p["context_len"]
         per_tok = per_tok + delta * p["kv_bytes_per_pos"]
         flops_tok = flops_tok + delta * p["attn_flops_per_pos"]
-    if phase is not None and "bytes_per_token_prefill" in p:
-        prefill = p["bytes_per_token_prefill"]
-        if kv_eff is not None:
-            prefill = prefill + (kv_eff - p["context_len"]) * p["kv_bytes_per_pos"] / PREFILL_QUERY_TILE
+        if prefill is not None:
+            prefill = prefill + delta * p["kv_bytes_per_pos"] / PREFILL_QUERY_TILE
+    if phase is not None and prefill is not None:
         per_tok = np.where(np.asarray(phase) == PREFILL, prefill, per_tok)
     busy = np.maximum(n * (flops_tok / p["flops_rate"]), (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
     busy = np.asarray(busy, dtype=float)

@@ -412,12 +412,13 @@ def build_workload(trace: Any, mapping: ExpertMapping, config: SimConfig | None 
         st = np.asarray(chunk.step_tokens[a:b], dtype=np.int64)
         ph = np.asarray(chunk.phase[a:b])
         if chunk.counts is not None:
-            parts.append(workload_from_counts(chunk.counts[a:b], st, mapping, config, ph, lo, trace.model.top_k))
-            continue
-        assert chunk.ids is not None
-        offsets = chunk.step_offsets
-        t0, t1 = int(offsets[a]), int(offsets[b])
-        origin = chunk.origin[t0:t1] if use_origin and chunk.origin is not None else None
-        parts.append(workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo, tables))
-    wl = parts[0] if len(parts) == 1 else Workload.concat(parts)
-    return replace(wl, kv_len=trace.kv_len(start, stop)) if hasattr(trace, "kv_len") else wl
+            part = workload_from_counts(chunk.counts[a:b], st, mapping, config, ph, lo, trace.model.top_k)
+        else:
+            assert chunk.ids is not None
+            offsets = chunk.step_offsets
+            t0, t1 = int(offsets[a]), int(offsets[b])
+            origin = chunk.origin[t0:t1] if use_origin and chunk.origin is not None else None
+            part = workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo, tables)
+        kv = getattr(chunk, "kv_len", None)
+        parts.append(part if kv is None else replace(part, kv_len=np.asarray(kv[a:b], dtype=float)))
+    return parts[0] if len(parts) == 1 else Workload.concat(parts)

@@ -217,3 +217,26 @@ def test_matches_token_by_token_reference(case, dedup) -> None:
     slot_tokens, send = naive_workload(ids, st_, mapping, policy, origin, dedup)
     np.testing.assert_array_equal(wl.slot_tokens, slot_tokens)
     np.testing.assert_array_equal(wl.send_tokens, send)
+
+
+@given(kv=st.lists(st.one_of(st.none(), st.floats(0, 1e5)), min_size=1, max_size=9),
+       chunk_bytes=st.sampled_from([1, 200, 1 << 20]), start=st.integers(0, 9), length=st.integers(1, 9))
+@settings(max_examples=40, deadline=None)
+def test_build_workload_carries_each_steps_kv_len(tmp_path_factory, kv, chunk_bytes, start, length) -> None:
+    """Per-step KV lengths reach the workload across chunk boundaries; NaN where a step had none; None when the
+    steps asked for hold none at all."""
+    spec = get_model("tiny")
+    path = tmp_path_factory.mktemp("kv") / "t.mtrace"
+    rng = np.random.default_rng(0)
+    with TraceWriter(path, spec, chunk_bytes=chunk_bytes) as w:
+        for value in kv:
+            w.add_step(rng.integers(0, spec.num_experts, (spec.num_layers, 3, spec.top_k)), kv_len=value)
+    start = min(start, len(kv) - 1)
+    stop = min(start + length, len(kv))
+    with Trace.open(path) as trace:
+        wl = build_workload(trace, ExpertMapping.linear(spec.num_layers, spec.num_experts, 2), None, start, stop)
+    want = np.array([np.nan if v is None else v for v in kv[start:stop]], dtype=np.float32)
+    if wl.kv_len is None:
+        assert np.isnan(want).all()
+    else:
+        np.testing.assert_array_equal(wl.kv_len, want)
