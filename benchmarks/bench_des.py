@@ -26,7 +26,7 @@ from moesim.sim.analytic import run_analytic
 from moesim.sim.config import SimConfig
 from moesim.sim.des import DEFAULT_QUANTUM, DEFAULT_REL_QUANTUM, run_des
 from moesim.sim.workload import build_workload
-from moesim.topology import load_topology
+from moesim.topo import load_topology
 from moesim.trace import Trace
 from moesim.trace.synth import SynthConfig, synthesize
 

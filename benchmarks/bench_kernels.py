@@ -31,7 +31,7 @@ DEFAULT_OUT = str(ROOT / "benchmarks" / "results")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="mixtral-8x7b,deepseek-v3", help="comma-separated, see kernels.calibrate")
+    ap.add_argument("--shapes", default="mixtral-8x7b,deepseek-v3", help="comma-separated, see kernels/calibrate.py")
     ap.add_argument("--tokens", default=DEFAULT_TOKENS)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--out-dir", default=DEFAULT_OUT, help="default: benchmarks/results (created)")
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_kernels: needs a CUDA GPU (none found); use --interpret-smoke to check the script on CPU",
               file=sys.stderr)
         return 2
-    from kernels.calibrate import SHAPES, device_peaks, write_calibration
-    from kernels.launch import device_name
+    from moesim.kernels.calibrate import SHAPES, device_peaks, write_calibration
+    from moesim.kernels.launch import device_name
 
     try:
         tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 def _measure(shape, t: int, dtype, device, peaks, args: argparse.Namespace) -> tuple[dict, dict]:
     """Time one (shape, tokens) point; returns the table row and the calibration entry."""
     import torch
+    from moesim.kernels.calibrate import make_inputs, moe_flops, moe_min_bytes, time_call
+    from moesim.kernels.launch import get_config
 
-    import kernels
-    from kernels.calibrate import make_inputs, moe_flops, moe_min_bytes, time_call
-    from kernels.launch import get_config
+    from moesim import kernels
 
     hidden, w13, w2, tw, ids = make_inputs(shape, t, dtype, device, seed=t)
     call = (hidden, w13, w2, tw, ids)

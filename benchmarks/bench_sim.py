@@ -48,7 +48,7 @@ from moesim.models import get_model  # noqa: E402
 from moesim.sim import SimConfig, workload_from_counts  # noqa: E402
 from moesim.sim.analytic import run_analytic  # noqa: E402
 from moesim.sim.workload import build_workload  # noqa: E402
-from moesim.topology import load_topology  # noqa: E402
+from moesim.topo import load_topology  # noqa: E402
 from moesim.trace import Trace, TraceWriter  # noqa: E402
 
 GOAL_SEL = 100e6

@@ -9,8 +9,8 @@ Without a CUDA device the Triton modules run under the interpreter (TRITON_INTER
 This package imports torch (and, lazily, triton) only — never moesim.
 """
 
-from kernels.api import KernelError, fused_moe, grouped_topk, moe_align, resolve_impl, topk_softmax
-from kernels.reference import max_padded_slots
+from moesim.kernels.api import KernelError, fused_moe, grouped_topk, moe_align, resolve_impl, topk_softmax
+from moesim.kernels.reference import max_padded_slots
 
 __all__ = [
     "KernelError",

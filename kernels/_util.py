@@ -12,7 +12,7 @@ def interpret_without_gpu() -> None:
 
     Called at the top of each Triton module, before its ``@triton.jit`` decorators run (Triton reads
     TRITON_INTERPRET there). Without a GPU compiled kernels cannot launch at all, so the interpreter is the only
-    useful mode; an explicit TRITON_INTERPRET=0 (``kernels.aot`` compiling for sm_90 on a CPU) is respected.
+    useful mode; an explicit TRITON_INTERPRET=0 (``moesim.kernels.aot`` compiling for sm_90 on a CPU) is respected.
     """
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"

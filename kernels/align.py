@@ -1,6 +1,6 @@
 """Triton token alignment: sort (token, choice) slots by local expert into BLOCK_M-padded segments.
 
-Semantics are vLLM's ``moe_align_block_size`` (see ``kernels.reference.moe_align_ref``), done in three Triton
+Semantics are vLLM's ``moe_align_block_size`` (see ``moesim.kernels.reference.moe_align_ref``), done in three Triton
 launches and no host synchronisation (the output length is the static bound ``max_padded_slots``), so it can sit
 inside a CUDA graph:
   1. per chunk, a histogram of local expert ids → counts [P, E]   (non-resident slots go to a spare bin)
@@ -19,9 +19,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
-from kernels.reference import max_padded_slots
+from moesim.kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
+from moesim.kernels.reference import max_padded_slots
 
 interpret_without_gpu()  # Triton reads TRITON_INTERPRET when the @triton.jit decorators below run
 

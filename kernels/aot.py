@@ -1,7 +1,7 @@
 """Compile the fused-MoE kernels for a GPU architecture *without a GPU* and report their resources.
 
-    python -m kernels.aot --shape mixtral-8x7b --tokens 1,64,4096,16384          # table for sm_90 (Hopper)
-    python -m kernels.aot --shape deepseek-v3 --check                             # exit 1 on spills / overflow
+    python -m moesim.kernels.aot --shape mixtral-8x7b --tokens 1,64,4096,16384          # table for sm_90 (Hopper)
+    python -m moesim.kernels.aot --shape deepseek-v3 --check                             # exit 1 on spills / overflow
 
 Triton ships ptxas, so the whole pipeline (TTIR → TTGIR → PTX → cubin) runs on a CPU-only machine when the target is
 named explicitly. The report reads what the interpreter cannot show: registers per thread, bytes spilled to the
@@ -98,8 +98,8 @@ def compile_report(fn: Any, args: tuple, meta: dict, arch: int = 90) -> KernelRe
 
 def fused_reports(shape: Any, tokens: int, cfg: Any, dtype: torch.dtype, arch: int = 90) -> list[KernelReport]:
     """Reports of the three fused-MoE kernels for one (shape, tokens, config), built on meta tensors."""
-    from kernels import fused
-    from kernels.reference import max_padded_slots
+    from moesim.kernels import fused
+    from moesim.kernels.reference import max_padded_slots
 
     e, h, f, k = shape.num_experts, shape.hidden, shape.ffn, shape.top_k
     meta = torch.device("meta")
@@ -121,9 +121,9 @@ def fused_reports(shape: Any, tokens: int, cfg: Any, dtype: torch.dtype, arch: i
 
 def router_align_reports(arch: int = 90, tokens: int = 4096) -> list[KernelReport]:
     """Reports of the router and alignment kernels at DeepSeek-V3 / Mixtral router sizes (E=256 and E=8)."""
-    from kernels import align, router
-    from kernels._util import next_pow2
-    from kernels.reference import max_padded_slots
+    from moesim.kernels import align, router
+    from moesim.kernels._util import next_pow2
+    from moesim.kernels.reference import max_padded_slots
 
     meta = torch.device("meta")
     t = tokens
@@ -160,7 +160,7 @@ def router_align_reports(arch: int = 90, tokens: int = 4096) -> list[KernelRepor
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m moesim.kernels.aot", description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="mixtral-8x7b")
     ap.add_argument("--tokens", default="1,16,64,256,4096,16384")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -170,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 when a kernel spills or overflows shared memory")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("kernels.aot: unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
+        print("moesim.kernels.aot: unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
         return 2
-    os.environ["TRITON_INTERPRET"] = "0"  # keep kernels._util.interpret_without_gpu from switching it on
-    from kernels.calibrate import SHAPES
-    from kernels.launch import CONFIG_DIR, config_filename, heuristic_config, load_table
+    os.environ["TRITON_INTERPRET"] = "0"  # keep moesim.kernels._util.interpret_without_gpu from switching it on
+    from moesim.kernels.calibrate import SHAPES
+    from moesim.kernels.launch import CONFIG_DIR, config_filename, heuristic_config, load_table
 
     if args.shape not in SHAPES:
-        print(f"kernels.aot: unknown shape {args.shape!r}; known: {', '.join(SHAPES)}", file=sys.stderr)
+        print(f"moesim.kernels.aot: unknown shape {args.shape!r}; known: {', '.join(SHAPES)}", file=sys.stderr)
         return 2
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     path = CONFIG_DIR / config_filename(shape.num_experts, shape.hidden, shape.ffn, args.device_name, dtype)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':>7} {'':<8} {r.name:<22} {r.regs:>5} {r.spill_bytes:>8} {r.smem / 1024:>8.1f}"
               f"{'' if r.ok else '  <-- FAIL'}")
     if args.check and bad:
-        print(f"kernels.aot: {bad} kernel(s) spill registers or exceed {SMEM_LIMIT // 1024} KB shared memory",
+        print(f"moesim.kernels.aot: {bad} kernel(s) spill registers or exceed {SMEM_LIMIT // 1024} KB shared memory",
               file=sys.stderr)
         return 1
     return 0

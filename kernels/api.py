@@ -15,8 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-
-from kernels import reference
+from moesim.kernels import reference
 
 __all__ = ["KernelError", "fused_moe", "grouped_topk", "moe_align", "resolve_impl", "topk_softmax"]
 
@@ -36,8 +35,8 @@ def resolve_impl(impl: str | None, tensor: torch.Tensor) -> str:
 
 
 def _triton_module(name: str, tensor: torch.Tensor) -> ModuleType:
-    """Import kernels.<name> (a Triton module), switching the interpreter on first if the data is on CPU."""
-    full = f"kernels.{name}"
+    """Import moesim.kernels.<name> (a Triton module), switching the interpreter on first if the data is on CPU."""
+    full = f"moesim.kernels.{name}"
     if not tensor.is_cuda:
         if full not in sys.modules:
             os.environ["TRITON_INTERPRET"] = "1"

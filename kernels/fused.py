@@ -13,7 +13,7 @@ Pipeline (all on device, no host synchronisation, so it can be captured in a CUD
   4. ``_combine_kernel``: out[t] = Σ_j Σ_split w[t,j] · y[split, t*k+j]; a choice whose expert is not resident is
      skipped (its rows were never written), so every output element is written exactly once.
 Programs past the used length of the sorted list exit at once, so the grid can be sized by the static bound.
-Semantics: ``kernels.reference.fused_moe_ref``.
+Semantics: ``moesim.kernels.reference.fused_moe_ref``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
-from kernels.align import moe_align_triton
-from kernels.launch import GemmConfig, MoEConfig, get_config
+from moesim.kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
+from moesim.kernels.align import moe_align_triton
+from moesim.kernels.launch import GemmConfig, MoEConfig, get_config
 
 interpret_without_gpu()  # Triton reads TRITON_INTERPRET when the @triton.jit decorators below run
 
@@ -199,7 +198,7 @@ def plan(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 def plan_buffers(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None, cfg: MoEConfig, sorted_ids: torch.Tensor,
                  block_experts: torch.Tensor, npost: torch.Tensor) -> Plan:
-    """A Plan around given alignment outputs (``kernels.aot`` passes meta tensors here to compile offline)."""
+    """A Plan around given alignment outputs (``moesim.kernels.aot`` passes meta tensors here to compile offline)."""
     t, h = hidden.shape
     f = w13.shape[1] // 2
     num_slots = t * topk_ids.shape[1]

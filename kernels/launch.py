@@ -1,7 +1,7 @@
 """Launch configurations of the fused MoE kernels: tuned JSON files per (shape, device, dtype), else a heuristic.
 
 A file ``kernels/configs/E=8,H=4096,F=14336,device=NVIDIA_H100_80GB_HBM3,dtype=bfloat16.json`` (written by
-``python -m kernels.tune``) holds, per token count, the best configuration found on that device::
+``python -m moesim.kernels.tune``) holds, per token count, the best configuration found on that device::
 
     {"format": "moesim.fused-moe-configs", "version": 1, "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
      "num_experts": 8, "hidden_size": 4096, "ffn_size": 14336, "top_k": 2, "tuned_with": {...},

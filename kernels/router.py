@@ -2,7 +2,7 @@
 
 One program handles BLOCK_T tokens × all experts (the expert axis padded to a power of two). Top-k is k rounds of
 arg-max and knock-out, which for k ≤ 8 is cheaper than a sort and keeps everything in registers.
-Semantics: ``kernels.reference.topk_softmax_ref`` / ``grouped_topk_ref``.
+Semantics: ``moesim.kernels.reference.topk_softmax_ref`` / ``grouped_topk_ref``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
+from moesim.kernels._util import alloc, cdiv, interpret_without_gpu, next_pow2
 
 interpret_without_gpu()  # Triton reads TRITON_INTERPRET when the @triton.jit decorators below run
 

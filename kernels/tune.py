@@ -1,8 +1,8 @@
 """Search the fused-MoE launch configuration per token count on a GPU and write kernels/configs/<shape>.json.
 
-    python -m kernels.tune --shape mixtral-8x7b --tokens 1,16,64,256,1024,4096,16384
-    python -m kernels.tune --shape deepseek-v3 --budget-s 500          # stops searching when the budget is spent
-    python -m kernels.tune --interpret-smoke --out-dir /tmp/cfg         # CPU: tiny shape, proves the script works
+    python -m moesim.kernels.tune --shape mixtral-8x7b --tokens 1,16,64,256,1024,4096,16384
+    python -m moesim.kernels.tune --shape deepseek-v3 --budget-s 500          # stops searching when the budget is spent
+    python -m moesim.kernels.tune --interpret-smoke --out-dir /tmp/cfg  # CPU: tiny shape, proves the script works
 
 For each token count and each candidate BLOCK_M (shared by both GEMMs, since one alignment feeds both), the
 gate/up GEMM and the down GEMM (+ the combine that sums its split-K partials) are tuned separately over BLOCK_N,
@@ -51,7 +51,7 @@ def _ok(c, bm: int, gemm: str, k_dim: int, smoke: bool) -> bool:
 def search_space(bm: int, gemm: str, space: str, k_dim: int) -> list:
     """The exhaustive candidate grid of one GEMM ("w13" has two B tiles: gate and up) for ``space`` "full" or
     "smoke"; "quick" searches ``AXES`` by coordinate descent instead (see ``descend``)."""
-    from kernels.launch import GemmConfig
+    from moesim.kernels.launch import GemmConfig
 
     if space == "smoke":
         grid = {"BLOCK_N": [16, 32], "BLOCK_K": [32], "GROUP_M": [1], "num_warps": [4], "num_stages": [2],
@@ -123,7 +123,7 @@ def _start(bm: int, gemm: str, k_dim: int, heuristic):
 
 
 def block_m_candidates(tokens: int, top_k: int, experts: int, space: str) -> list[int]:
-    from kernels.launch import heuristic_config
+    from moesim.kernels.launch import heuristic_config
 
     if space == "smoke":
         return [16, 32]
@@ -137,10 +137,10 @@ def block_m_candidates(tokens: int, top_k: int, experts: int, space: str) -> lis
 def tune_one(shape, tokens: int, dtype: torch.dtype, device: torch.device, space: str, deadline: float,
              log=print):
     """Best (MoEConfig, seconds of the whole call) for one token count."""
-    from kernels import fused_moe, reference
-    from kernels.calibrate import make_inputs, time_call
-    from kernels.fused import plan, run_combine, run_w2, run_w13
-    from kernels.launch import MoEConfig, heuristic_config
+    from moesim.kernels import fused_moe, reference
+    from moesim.kernels.calibrate import make_inputs, time_call
+    from moesim.kernels.fused import plan, run_combine, run_w2, run_w13
+    from moesim.kernels.launch import MoEConfig, heuristic_config
 
     hidden, w13, w2, tw, ids = make_inputs(shape, tokens, dtype, device, seed=tokens)
     heur = heuristic_config(tokens, shape.num_experts, shape.hidden, shape.ffn, shape.top_k,
@@ -185,7 +185,7 @@ def tune_one(shape, tokens: int, dtype: torch.dtype, device: torch.device, space
 def _search(bm: int, gemm: str, space: str, k_dim: int, heur, run, device: torch.device, deadline: float, log,
             what: str):
     """(seconds, GemmConfig) of the best candidate: coordinate descent for "quick", the whole grid otherwise."""
-    from kernels.calibrate import time_call
+    from moesim.kernels.calibrate import time_call
 
     def measure(c) -> float:
         try:
@@ -212,7 +212,7 @@ def _search(bm: int, gemm: str, space: str, k_dim: int, heur, run, device: torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.tune", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m moesim.kernels.tune", description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="mixtral-8x7b", help="mixtral-8x7b | deepseek-v3 | qwen3-30b-a3b | tiny")
     ap.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="comma-separated token counts")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -227,21 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     elif not torch.cuda.is_available():
-        print("kernels.tune: needs a CUDA GPU (none found); use --interpret-smoke to check the script on CPU",
+        print("moesim.kernels.tune: needs a CUDA GPU (none found); use --interpret-smoke to check the script on CPU",
               file=sys.stderr)
         return 2
-    from kernels.calibrate import SHAPES
-    from kernels.launch import CONFIG_DIR, config_filename, device_name, load_table, write_table
+    from moesim.kernels.calibrate import SHAPES
+    from moesim.kernels.launch import CONFIG_DIR, config_filename, device_name, load_table, write_table
 
     if args.shape not in SHAPES:
-        print(f"kernels.tune: unknown shape {args.shape!r}; known: {', '.join(SHAPES)}", file=sys.stderr)
+        print(f"moesim.kernels.tune: unknown shape {args.shape!r}; known: {', '.join(SHAPES)}", file=sys.stderr)
         return 2
     try:
         tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
         if not tokens or min(tokens) < 1:
             raise ValueError
     except ValueError:
-        print(f"kernels.tune: --tokens must be positive integers, got {args.tokens!r}", file=sys.stderr)
+        print(f"moesim.kernels.tune: --tokens must be positive integers, got {args.tokens!r}", file=sys.stderr)
         return 2
     shape = SHAPES["tiny" if args.interpret_smoke else args.shape]
     dtype = torch.float16 if args.interpret_smoke else getattr(torch, args.dtype)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     space = "smoke" if args.interpret_smoke else args.space
     out_dir = Path(args.out_dir) if args.out_dir else CONFIG_DIR
     if not out_dir.is_dir():
-        print(f"kernels.tune: output directory {out_dir} does not exist", file=sys.stderr)
+        print(f"moesim.kernels.tune: output directory {out_dir} does not exist", file=sys.stderr)
         return 2
     dev_name = device_name(device)
     path = out_dir / config_filename(shape.num_experts, shape.hidden, shape.ffn, dev_name, dtype)

@@ -16,7 +16,7 @@ One session rather than two runs: the fitted overhead and network describe the m
 process start on a shared machine lands on another spell of it (the run-to-run spread measured in
 studies/validate_loop is as large as the errors being judged).
 
-Runs launch ``torchrun`` through :mod:`runtime.launch` (torch is imported only by the workers).
+Runs launch ``torchrun`` through :mod:`moesim.runtime.launch` (torch is imported only by the workers).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class ValidateConfig:
 def check_config(cfg: ValidateConfig) -> None:
     """Everything that can be refused before a process starts."""
     from moesim.placement import ALGORITHMS
-    from runtime.launch import require_torch
+    from moesim.runtime.launch import require_torch
 
     require_torch()
 
@@ -100,7 +100,7 @@ def check_config(cfg: ValidateConfig) -> None:
 # -- the live session -------------------------------------------------------------------------------------
 
 def _run_config(cfg: ValidateConfig, record: Path, mapping: Path, awaited: Path) -> Any:
-    from runtime.config import RunConfig
+    from moesim.runtime.config import RunConfig
 
     return RunConfig(preset=cfg.preset, nproc=cfg.nproc, backend=cfg.backend, mapping=str(mapping),
                      steps=cfg.steps, batch=cfg.batch, prompt_len=cfg.prompt_len, seed=cfg.seed,
@@ -181,7 +181,7 @@ def fit_all(trace: Trace, measured: Measured, mapping: ExpertMapping, model: Mod
     from moesim.cost import CostModel, dense_tokens_from_trace, kv_len_of_records
     from moesim.sim import simulate
     from moesim.sim.workload import build_workload
-    from moesim.topology import DEVICES, Topology
+    from moesim.topo import DEVICES, Topology
 
     S = len(measured.step_time)
     tm = trace.timings().in_steps(0, S)
@@ -269,8 +269,8 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     import subprocess
 
     from moesim.models import get_model
+    from moesim.runtime.launch import start
     from moesim.sim.config import SimConfig
-    from runtime.launch import start
 
     check_config(cfg)
     model = get_model(cfg.preset)

@@ -12,11 +12,11 @@ Many nodes: plain torchrun with the same entry point on every node (NCCL on GPUs
 
     torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK \
         --rdzv-backend c10d --rdzv-endpoint $HEAD_NODE:29500 \
-        -m runtime.worker --preset mixtral-8x7b --mapping m.json --steps 64 --record out/
+        -m moesim.runtime.worker --preset mixtral-8x7b --mapping m.json --steps 64 --record out/
 
-(``python -m runtime.worker --help`` lists the worker's options; they are those of ``moesim run`` minus
+(``python -m moesim.runtime.worker --help`` lists the worker's options; they are those of ``moesim run`` minus
 ``--nproc``. Validate inputs first with ``moesim run --check-only ...`` on one node.)
 
-This package's ``__init__`` and :mod:`runtime.config` import no torch, so the CLI can validate a run before
+This package's ``__init__`` and :mod:`moesim.runtime.config` import no torch, so the CLI can validate a run before
 any process starts; the other modules import torch.
 """

@@ -238,7 +238,7 @@ def check_checkpoint(folder: str | Path, model: ModelSpec) -> dict[str, Path]:
     return where
 
 
-# -- command line (shared by ``moesim run`` and ``python -m runtime.worker``) -------------------------------
+# -- command line (shared by ``moesim run`` and ``python -m moesim.runtime.worker``) -------------------------------
 
 def add_arguments(p: Any) -> None:
     """Options common to the launcher and the worker (the launcher adds ``--nproc``)."""

@@ -1,9 +1,9 @@
 """Single-node launcher behind ``moesim run``: validate everything, then start torchrun (no torch imported here).
 
 The launcher runs ``python -m torch.distributed.run --nproc-per-node N --master-addr 127.0.0.1 --master-port P
--m runtime.worker ...`` with a free port. torchrun is started with a parent-death signal, and every worker sets
+-m moesim.runtime.worker ...`` with a free port. torchrun is started with a parent-death signal, and every worker sets
 one too, so killing ``moesim run`` (even with SIGKILL) takes the whole run down instead of leaving orphans.
-Multi-node runs use torchrun directly with the same worker entry point (see ``runtime.worker``).
+Multi-node runs use torchrun directly with the same worker entry point (see ``moesim.runtime.worker``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import subprocess
 import sys
 from typing import Any
 
+from moesim.runtime.config import RunConfig, validate
+
 from moesim.errors import MoesimError
-from runtime.config import RunConfig, validate
 
 
 def weight_bytes_per_rank(cfg: RunConfig, slots_per_rank: int) -> int:
@@ -64,7 +65,7 @@ def worker_args(cfg: RunConfig) -> list[str]:
 
 def torchrun_command(cfg: RunConfig, port: int | None = None, threads: int = 0) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(cfg.nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()), "-m", "runtime.worker"]
+           "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()), "-m", "moesim.runtime.worker"]
     cmd += worker_args(cfg)
     if threads:
         cmd += ["--threads", str(threads)]

@@ -2,7 +2,7 @@
 sliding window), and a MoE block per layer whose expert part is pluggable.
 
 The expert part is any callable ``experts(x [T, H], weights [T, k], ids [T, k], layer, ctx) -> [T, H]``:
-:class:`LocalExperts` holds every expert (the single-process reference), ``runtime.moe_layer.EPMoE`` runs
+:class:`LocalExperts` holds every expert (the single-process reference), ``moesim.runtime.moe_layer.EPMoE`` runs
 expert parallelism over torch.distributed. Attention is data-parallel: every rank runs its own sequences.
 Tensor shapes: B sequences, T new tokens per sequence, H hidden, k top-k, E experts, V vocab.
 """
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from moesim.runtime.weights import WeightSource
 
-import kernels
+from moesim import kernels
 from moesim.models import ModelSpec
-from runtime.weights import WeightSource
 
 EPS = 1e-5
 

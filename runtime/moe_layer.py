@@ -3,7 +3,7 @@
 Rank ``r`` owns physical slots ``r*S .. r*S+S-1`` of the mapping (moesim's contract). Its experts live in an
 :class:`ExpertStore` of S *rows*; a slot map sends each global slot to the local row holding its expert (-1
 when the slot lives elsewhere). The indirection is what lets a live remap leave an expert that stays on this
-rank in the very same storage even when its slot number changes (``runtime.remap``), and lets two slots of
+rank in the very same storage even when its slot number changes (``moesim.runtime.remap``), and lets two slots of
 one rank share one row.
 
 Replica choice is ``moesim.replica``'s policy — the object the simulator uses — with key = the token's
@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from moesim.runtime.dispatch import Backend
+from moesim.runtime.model import StepContext
+from moesim.runtime.weights import WeightSource
 
-import kernels
+from moesim import kernels
 from moesim.mapping import ExpertMapping
 from moesim.models import ModelSpec
 from moesim.replica import ReplicaPolicy, choose_slots
-from runtime.dispatch import Backend
-from runtime.model import StepContext
-from runtime.weights import WeightSource
 
 
 @dataclass

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from moesim.runtime.moe_layer import EPMoE, local_rows
 
 from moesim.errors import MoesimError
 from moesim.mapping import ExpertMapping
-from runtime.moe_layer import EPMoE, local_rows
 
 
 class RemapError(MoesimError):

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from moesim.runtime.config import RunConfig
+from moesim.runtime.model import build_decoder, make_tokens
+from moesim.runtime.weights import SeededWeights
 
 from moesim.mapping import ExpertMapping
 from moesim.models import get_model
-from runtime.config import RunConfig
-from runtime.model import build_decoder, make_tokens
-from runtime.weights import SeededWeights
 
 
 def free_port() -> int:
@@ -28,8 +28,7 @@ def free_port() -> int:
 def spawn_run(cfg: RunConfig, dump: Path, env: dict[str, str] | None = None, timeout: float = 120) -> list[dict]:
     """Run ``cfg`` on cfg.nproc gloo ranks (torch.multiprocessing, spawn); return each rank's dump."""
     import torch.multiprocessing as mp
-
-    from runtime.worker import spawn_entry
+    from moesim.runtime.worker import spawn_entry
 
     dump.mkdir(parents=True, exist_ok=True)
     ctx = mp.start_processes(spawn_entry, args=(cfg.nproc, free_port(), cfg.to_dict(), str(dump), env),

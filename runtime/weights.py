@@ -14,10 +14,10 @@ import zlib
 from pathlib import Path
 
 import torch
+from moesim.runtime.config import check_checkpoint, expected_tensors
 
 from moesim.errors import MoesimError
 from moesim.models import ModelSpec
-from runtime.config import check_checkpoint, expected_tensors
 
 
 def expert_name(layer: int, expert: int, which: str) -> str:
@@ -25,7 +25,7 @@ def expert_name(layer: int, expert: int, which: str) -> str:
 
 
 class WeightSource:
-    """Tensors by Mixtral name, as float32 CPU tensors of the shapes in ``runtime.config.expected_tensors``."""
+    """Tensors by Mixtral name, as float32 CPU tensors of the shapes in ``moesim.runtime.config.expected_tensors``."""
 
     def __init__(self, model: ModelSpec) -> None:
         self.model = model

@@ -1,10 +1,10 @@
-"""The per-rank entry point: ``python -m runtime.worker [options]`` under torchrun (or ``moesim run``).
+"""The per-rank entry point: ``python -m moesim.runtime.worker [options]`` under torchrun (or ``moesim run``).
 
 Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment as torchrun sets them;
 NCCL when CUDA is used, gloo on CPU. Multi-node: run the same command under torchrun on every node, e.g.
 
     torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK --rdzv-backend c10d \
-        --rdzv-endpoint $HEAD:29500 -m runtime.worker --preset mixtral-8x7b --mapping m.json --record out/
+        --rdzv-endpoint $HEAD:29500 -m moesim.runtime.worker --preset mixtral-8x7b --mapping m.json --record out/
 
 Each rank owns ``--batch`` sequences (data-parallel attention); step 0 is their prefill, each later step
 decodes one token per sequence (random token ids: no tokenizer). Experts are expert-parallel.
@@ -26,17 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from moesim.runtime.config import RunConfig, add_arguments, config_from_args, validate
+from moesim.runtime.dispatch import make_backend
+from moesim.runtime.model import StepContext, build_decoder, make_tokens
+from moesim.runtime.moe_layer import EPMoE, load_store
+from moesim.runtime.recorder import Recorder, StepTimer
+from moesim.runtime.remap import RemapError, apply_mapping, expert_checksums
+from moesim.runtime.weights import weight_source
 
 from moesim.errors import MoesimError
 from moesim.mapping import ExpertMapping
 from moesim.replica import ReplicaPolicy
-from runtime.config import RunConfig, add_arguments, config_from_args, validate
-from runtime.dispatch import make_backend
-from runtime.model import StepContext, build_decoder, make_tokens
-from runtime.moe_layer import EPMoE, load_store
-from runtime.recorder import Recorder, StepTimer
-from runtime.remap import RemapError, apply_mapping, expert_checksums
-from runtime.weights import weight_source
 
 
 def _die_with_parent() -> None:
@@ -239,7 +239,7 @@ def spawn_entry(rank: int, world: int, port: int, cfg_dict: dict[str, Any], dump
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.worker",
+    parser = argparse.ArgumentParser(prog="python -m moesim.runtime.worker",
                                      description="One rank of a moesim live EP run (start it under torchrun).")
     add_arguments(parser)
     parser.add_argument("--dump", help=argparse.SUPPRESS)  # tests: logits and expert checksums per rank

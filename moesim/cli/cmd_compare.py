@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     from moesim.io import atomic_write_text, write_json
     from moesim.placement.compare import COLUMNS, HOLDOUT_COLUMNS, compare, format_markdown, format_table, plot
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
 
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     out = Path(args.out) if args.out else None

@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
     from moesim.io import atomic_write_text
     from moesim.placement import ALGORITHMS, PlacementError, place
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
 
     if args.algo not in ALGORITHMS:
         raise PlacementError(f"unknown placement algorithm {args.algo!r}; known: {', '.join(ALGORITHMS)}")

@@ -130,7 +130,7 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
     from moesim.mapping import ExpertMapping
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
     from moesim.trace import Trace
 
     topology = load_topology(args.topology)

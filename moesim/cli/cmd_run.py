@@ -9,15 +9,15 @@ ORDER = 60
 
 
 def register(sub: Any) -> None:
-    from runtime.config import add_arguments
+    from moesim.runtime.config import add_arguments
 
     p = sub.add_parser(
         "run", help="run the live expert-parallel runtime (torch.distributed) and record a trace",
         description="Run a Mixtral-architecture MoE model with expert parallelism on N local processes "
                     "(NCCL on GPUs, gloo on CPU): one prefill step then decode steps on random prompts. "
                     "Everything is validated before any process starts.",
-        epilog="Multi-node: run 'torchrun ... -m runtime.worker' with the same options on every node "
-               "(see 'python -m runtime.worker --help').",
+        epilog="Multi-node: run 'torchrun ... -m moesim.runtime.worker' with the same options on every node "
+               "(see 'python -m moesim.runtime.worker --help').",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this node")
     add_arguments(p)
@@ -28,8 +28,8 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from moesim.errors import MoesimError
-    from runtime.config import config_from_args
-    from runtime.launch import launch
+    from moesim.runtime.config import config_from_args
+    from moesim.runtime.launch import launch
 
     cfg = config_from_args(args, args.nproc)
     rc = launch(cfg, threads=args.threads, check_only=args.check_only)

@@ -42,8 +42,8 @@ def register(sub: Any) -> None:
 
 def _show(args: argparse.Namespace) -> int:
     from moesim.errors import MoesimError
+    from moesim.topo import load_topology
     from moesim.topo.summary import format_summary
-    from moesim.topology import load_topology
 
     topo = load_topology(args.topology)
     summary = topo.summary()
@@ -109,7 +109,7 @@ def _nan_none(x: Any) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
 
     topo = load_topology(args.topology)
     topo.routing_matrix()  # routes resolve for every pair
@@ -120,7 +120,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from moesim.io import write_json
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
 
     topo = load_topology(args.topology)
     write_json(args.out, topo.to_json())

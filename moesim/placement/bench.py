@@ -63,7 +63,7 @@ def run(out: Path | None, milp_time: float, quick: bool, data: Path = DATA, tmp:
     from moesim.models import get_model
     from moesim.placement.compare import compare, format_markdown, format_table
     from moesim.placement.inputs import LoadSource
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
     from moesim.trace import Trace
     from moesim.trace.synth import SynthConfig, synthesize
 

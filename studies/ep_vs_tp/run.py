@@ -27,7 +27,7 @@ from moesim.cost import CostModel
 from moesim.mapping import ExpertMapping
 from moesim.models import get_model
 from moesim.sim import SimConfig, simulate, workload_from_ids
-from moesim.topology import DEVICES, Topology
+from moesim.topo import DEVICES, Topology
 from moesim.trace.synth import SynthConfig, generate_steps
 
 NAME = "ep_vs_tp"

@@ -29,7 +29,7 @@ from moesim.mapping import ExpertMapping
 from moesim.models import get_model
 from moesim.placement import lower_bound, place
 from moesim.sim import SimConfig, simulate, workload_from_counts, workload_from_ids
-from moesim.topology import load_topology
+from moesim.topo import load_topology
 from moesim.trace.stats import imbalance
 from moesim.trace.synth import SynthConfig, generate_steps
 

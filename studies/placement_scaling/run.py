@@ -27,7 +27,7 @@ import _study as S
 from moesim.models import get_model
 from moesim.placement.compare import compare
 from moesim.placement.inputs import LoadSource
-from moesim.topology import load_topology
+from moesim.topo import load_topology
 from moesim.trace import Trace
 from moesim.trace.synth import SynthConfig, synthesize
 

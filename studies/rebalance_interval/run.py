@@ -33,7 +33,7 @@ from moesim.cost import CostModel
 from moesim.models import get_model
 from moesim.placement import place
 from moesim.placement.rebalance import replay_with_rebalance
-from moesim.topology import load_topology
+from moesim.topo import load_topology
 from moesim.trace import Trace
 from moesim.trace.synth import SynthConfig, generate_steps
 from moesim.trace.writer import TraceWriter

@@ -58,10 +58,10 @@ def attention_vs_kv(batch: int, kv_lens: Sequence[int]) -> list[dict[str, float]
 
     import torch
     import torch.nn.functional as F
+    from moesim.runtime.model import build_decoder
+    from moesim.runtime.weights import weight_source
 
     from moesim.models import get_model
-    from runtime.model import build_decoder
-    from runtime.weights import weight_source
 
     torch.set_num_threads(1)
     spec = get_model("small")

@@ -1,7 +1,7 @@
 """Kernel tests: run Triton under the interpreter when there is no CUDA GPU, and poison every output.
 
-TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, i.e. before kernels.router /
-kernels.align / kernels.fused_moe are imported; this conftest is imported before the test modules.
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, i.e. before moesim.kernels.router /
+moesim.kernels.align / kernels.fused_moe are imported; this conftest is imported before the test modules.
 """
 
 from __future__ import annotations

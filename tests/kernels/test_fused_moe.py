@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moesim.kernels import reference
+from moesim.kernels.launch import MoEConfig
 
-import kernels
-from kernels import reference
-from kernels.launch import MoEConfig
+from moesim import kernels
 
 FAST = settings(max_examples=10, deadline=None)
 # CPU: the interpreter; on a GPU machine the same tests run the compiled kernels on the GPU (fp16/fp32).

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from moesim.kernels import reference
 
-import kernels
-from kernels import reference
+from moesim import kernels
 
 
 def test_topk_softmax_renormalised() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moesim.kernels import reference
 
-import kernels
-from kernels import reference
+from moesim import kernels
 
 FAST = settings(max_examples=12, deadline=None)
 # CPU: the interpreter; on a GPU machine the same tests run the compiled kernels on the GPU.

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kernels import calibrate, launch, tune
-from kernels.launch import ConfigError, GemmConfig, MoEConfig
+from moesim.kernels import calibrate, launch, tune
+from moesim.kernels.launch import ConfigError, GemmConfig, MoEConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +114,7 @@ def test_tune_descent_finds_the_optimum_of_a_separable_cost() -> None:
 
 def test_tune_interpret_smoke_writes_a_config_get_config_uses(tmp_path: Path) -> None:
     # a subprocess: --interpret-smoke switches the interpreter on, which must not leak into a GPU test process
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "kernels.tune", "--interpret-smoke", "--out-dir",  # noqa: E731
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "moesim.kernels.tune", "--interpret-smoke", "--out-dir",  # noqa: E731
                                          str(tmp_path), *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
     proc = run("--tokens", "5")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -170,7 +169,7 @@ def test_aot_compiles_every_kernel_for_hopper_without_spills() -> None:
     cannot, and register spills / shared-memory overflow of the heuristic configs."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--shape", "mixtral-8x7b", "--tokens", "1,4096",
+    proc = subprocess.run([sys.executable, "-m", "moesim.kernels.aot", "--shape", "mixtral-8x7b", "--tokens", "1,4096",
                            "--check"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("this Triton build has no bundled ptxas")

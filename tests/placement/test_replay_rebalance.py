@@ -13,7 +13,7 @@ from moesim.placement.rebalance import changed_pairs, replay_with_rebalance
 def setup(tmp_path_factory):
     from moesim.cost import CostModel
     from moesim.models import get_model
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
     from moesim.trace import Trace
     from moesim.trace.synth import SynthConfig, synthesize
 

@@ -40,7 +40,7 @@ def test_bad_inputs_fail_before_any_process_starts(tmp_path, capsys) -> None:
     ExpertMapping.linear(2, 8, 2, slots_per_gpu=5).save(tmp_path / "r.json")
     _one_line_error(capsys, ["run", "--nproc", "4", "--mapping", str(tmp_path / "r.json")], "for 2 GPUs")
     _one_line_error(capsys, ["run", "--nproc", "2", "--checkpoint", str(tmp_path / "missing")], "does not exist")
-    from runtime.weights import SeededWeights, save_checkpoint
+    from moesim.runtime.weights import SeededWeights, save_checkpoint
 
     save_checkpoint(SeededWeights(get_model("tiny-deepseek"), 0), tmp_path / "other")
     _one_line_error(capsys, ["run", "--nproc", "2", "--checkpoint", str(tmp_path / "other")], "has shape")
@@ -115,7 +115,7 @@ def _fit(tm, spec) -> None:
 @pytest.mark.dist
 def test_in_process_cli_with_a_checkpoint(tmp_path, capsys) -> None:
     """``moesim.cli.main`` in this process, loading a safetensors checkpoint (each rank reads its experts)."""
-    from runtime.weights import SeededWeights, save_checkpoint
+    from moesim.runtime.weights import SeededWeights, save_checkpoint
 
     spec = get_model("tiny-deepseek")
     save_checkpoint(SeededWeights(spec, 11), tmp_path / "ckpt", shard_every=50)
@@ -194,8 +194,8 @@ def test_worker_args_round_trip() -> None:
     """The launcher passes every option to the worker, which parses them back into the same config."""
     import argparse
 
-    from runtime.config import RunConfig, add_arguments, config_from_args
-    from runtime.launch import torchrun_command, worker_args
+    from moesim.runtime.config import RunConfig, add_arguments, config_from_args
+    from moesim.runtime.launch import torchrun_command, worker_args
 
     cfg = RunConfig(preset="small", nproc=4, backend="allgather", mapping="m.json", steps=5, batch=3, prompt_len=7,
                     seed=9, record="out", remap_at=[(2, "a.json"), (4, "b.json")], profile=True, checkpoint="ck",
@@ -205,5 +205,5 @@ def test_worker_args_round_trip() -> None:
     add_arguments(p)
     assert config_from_args(p.parse_args(worker_args(cfg)), 4) == cfg
     cmd = torchrun_command(cfg, port=1234)
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nnodes"] and "runtime.worker" in cmd
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nnodes"] and "moesim.runtime.worker" in cmd
     assert np.all([a in cmd for a in ("--nproc-per-node", "4", "--master-port", "1234")])

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moesim.runtime.testing import assert_matches_reference, random_mapping, small_config, spawn_run
+from moesim.runtime.weights import SeededWeights
 
 from moesim.mapping import ExpertMapping
 from moesim.models import get_model
 from moesim.replica import ReplicaPolicy, choose_slots
 from moesim.trace import Trace
-from runtime.testing import assert_matches_reference, random_mapping, small_config, spawn_run
-from runtime.weights import SeededWeights
 
 pytestmark = pytest.mark.dist
 
@@ -66,7 +66,7 @@ def test_replicas_and_empty_ranks(tmp_path, backend) -> None:
 
 
 def _checksums_of_source(preset: str, seed: int) -> dict[tuple[int, int], tuple[float, ...]]:
-    from runtime.remap import fingerprint
+    from moesim.runtime.remap import fingerprint
 
     spec = get_model(preset)
     src = SeededWeights(spec, seed)

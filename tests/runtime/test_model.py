@@ -8,14 +8,14 @@ pytest.importorskip("torch")  # the runtime needs torch; moesim itself does not
 
 import numpy as np
 import torch
+from moesim.runtime.config import RunConfig, check_checkpoint, expected_tensors, validate
+from moesim.runtime.model import build_decoder, make_tokens
+from moesim.runtime.moe_layer import load_store
+from moesim.runtime.weights import SafetensorsWeights, SeededWeights, save_checkpoint
 
 from moesim.errors import MoesimError
 from moesim.mapping import ExpertMapping
 from moesim.models import get_model
-from runtime.config import RunConfig, check_checkpoint, expected_tensors, validate
-from runtime.model import build_decoder, make_tokens
-from runtime.moe_layer import load_store
-from runtime.weights import SafetensorsWeights, SeededWeights, save_checkpoint
 
 torch.set_num_threads(1)
 
@@ -69,7 +69,7 @@ def test_attention_equals_explicit_masked_attention(window, chunks) -> None:
         cache.length += n
         start += n
     lay, nh, kvh, hd = model.layers[0], spec.num_attention_heads, spec.num_kv_heads, spec.head_dim
-    from runtime.model import rotary
+    from moesim.runtime.model import rotary
 
     T = x.shape[1]
     pos = torch.arange(T)
@@ -87,7 +87,7 @@ def test_attention_equals_explicit_masked_attention(window, chunks) -> None:
 
 
 def test_routers_follow_their_conventions() -> None:
-    from runtime.model import StepContext
+    from moesim.runtime.model import StepContext
 
     for preset in ("tiny", "tiny-deepseek"):
         spec, model = _model(preset)

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from runtime.moe_layer import local_rows
-from runtime.remap import fingerprint, plan_moves
-from runtime.testing import random_mapping
+from moesim.runtime.moe_layer import local_rows
+from moesim.runtime.remap import fingerprint, plan_moves
+from moesim.runtime.testing import random_mapping
 
 
 @settings(max_examples=30, deadline=None)

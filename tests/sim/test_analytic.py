@@ -15,7 +15,7 @@ from moesim.sim import simulate
 from moesim.sim.analytic import comm_time, layout_cost, pairwise_half, run_analytic
 from moesim.sim.config import SimConfig
 from moesim.sim.workload import workload_from_ids
-from moesim.topology import Topology, load_topology
+from moesim.topo import Topology, load_topology
 from tests.sim.test_workload import cases
 
 # Golden model: 1 MoE layer, 2 experts, top-1, hidden 500 in 2-byte params -> 1000 bytes per token on the wire.

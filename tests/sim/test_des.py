@@ -18,7 +18,7 @@ from moesim.sim.analytic import run_analytic
 from moesim.sim.config import SimConfig
 from moesim.sim.des import PHASES, run_des
 from moesim.sim.workload import Workload, workload_from_counts
-from moesim.topology import DEVICES, Topology, load_topology
+from moesim.topo import DEVICES, Topology, load_topology
 
 # 4096 hidden, bf16: 8192 bytes per token on the wire
 MODEL = get_model("tiny").with_(hidden_size=4096)

@@ -15,7 +15,7 @@ from moesim.models import get_model
 from moesim.sim.analytic import run_analytic
 from moesim.sim.config import SimConfig
 from moesim.sim.workload import Workload, workload_from_counts, workload_from_ids
-from moesim.topology import load_topology
+from moesim.topo import load_topology
 from tests.sim.test_workload import cases, naive_workload
 
 

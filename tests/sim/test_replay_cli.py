@@ -79,7 +79,7 @@ def test_replay_with_mapping_and_rebalance(trace_path, tmp_path, capsys) -> None
     m = ExpertMapping.round_robin(model.num_layers, model.num_experts, 4, 3)
     m.save(tmp_path / "m.json")
     flat = tmp_path / "topo.json"
-    from moesim.topology import Topology
+    from moesim.topo import Topology
 
     flat.write_text(json.dumps(Topology.flat(4, 50e9, 2e-6, "h100").to_json()))
     rc, _, err = run(["replay", "--trace", str(trace_path), "--topology", str(flat), "--mapping",
@@ -108,7 +108,7 @@ def bad_cases(trace_path, tmp_path):
     four = ExpertMapping.linear(model.num_layers, model.num_experts, 4)
     four.save(tmp_path / "four.json")
     (tmp_path / "junk.json").write_text("{not json")
-    from moesim.topology import Topology
+    from moesim.topo import Topology
 
     topo = Topology.flat(8, 1e9, 1e-6, "h100").to_json()
     topo["graph"]["links"][0]["bandwidth"] = -1.0
@@ -199,7 +199,7 @@ def test_windows_give_the_same_result(trace_path, monkeypatch) -> None:
     import moesim.sim as sim
     from moesim.cost import CostModel
     from moesim.sim.config import SimConfig
-    from moesim.topology import load_topology
+    from moesim.topo import load_topology
     from moesim.trace import Trace
 
     topo = load_topology("dgx-h100")

@@ -9,7 +9,7 @@ import numpy as np
 from moesim.cost import CostModel
 from moesim.placement import place
 from moesim.placement.rebalance import replay_with_rebalance
-from moesim.topology import load_topology
+from moesim.topo import load_topology
 from moesim.trace import Trace
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from moesim.cli import main
-from moesim.topology import load_topology
+from moesim.topo import load_topology
 
 
 def test_show_table_and_json(capsys) -> None:

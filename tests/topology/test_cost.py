@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from moesim.cost import CostModel, _dense_tokens_from_timings, dense_tokens_from_trace
 from moesim.errors import MoesimError
 from moesim.models import PRESETS, get_model
-from moesim.topology import DEVICES
+from moesim.topo import DEVICES
 from moesim.trace.reader import Timings
 
 MIXTRAL = get_model("mixtral-8x7b")

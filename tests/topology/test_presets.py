@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moesim.errors import MoesimError
+from moesim.topo import DEVICES, PRESETS, Topology, load_topology
 from moesim.topo.presets import H800_NVLINK_BW, IB_NDR_BW, NVLINK4_BW, PCIE5_X16_BW
-from moesim.topology import DEVICES, PRESETS, Topology, load_topology
 
 SINGLE = {"dgx-h100": ("h100", NVLINK4_BW), "dgx-h200": ("h200", NVLINK4_BW), "hgx-h800": ("h800", H800_NVLINK_BW),
           "pcie-8gpu": ("h100-pcie", PCIE5_X16_BW)}

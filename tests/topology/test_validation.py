@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from moesim.cli import main
 from moesim.errors import MoesimError
-from moesim.topology import Topology, load_topology
+from moesim.topo import Topology, load_topology
 
 
 def _small() -> dict:
