@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.25,
                    help="fraction of a trace's steps (after the fit) to score on; with --window A:B, the steps "
                         "after B are held out")
+    p.add_argument("--holdout-domains", metavar="NAMES",
+                   help="comma-separated domains (or step indices) of a trace whose steps are domains, e.g. an "
+                        "OLMoE import: fit on the other steps, score on these (replaces --holdout)")
     p.add_argument("--out", help="directory for compare.json, compare.md, compare.png and the mappings")
     p.set_defaults(func=_run)
 
@@ -46,15 +49,23 @@ def _run(args: argparse.Namespace) -> int:
     topo = load_topology(args.topology)
     src = open_source(args)
     slots = resolve_slots(args, src.load.shape[1], topo.num_gpus)
-    res = compare(src, topo, algos, slots, holdout=args.holdout, algo_kw=algo_kwargs(args, src.model))
+    domains = [d.strip() for d in args.holdout_domains.split(",") if d.strip()] if args.holdout_domains else None
+    if args.holdout_domains is not None and not domains:
+        raise MoesimError("--holdout-domains is empty")
+    res = compare(src, topo, algos, slots, holdout=args.holdout, algo_kw=algo_kwargs(args, src.model),
+                  holdout_domains=domains)
     head = (f"{res['source']} on {topo.name}: {topo.num_gpus} GPUs × {slots // topo.num_gpus} slots "
             f"({slots - src.load.shape[1]} redundant)")
-    fit = f" (fitted on steps {res['fit_steps'][0]}:{res['fit_steps'][1]})" if res["fit_steps"] else ""
+    if res["split"] == "domain":
+        fit = f" (fitted on {', '.join(res['fit_steps'])})"
+        held = f"held-out {', '.join(res['holdout_steps'])} (mappings fitted on the other domains)"
+    else:
+        fit = f" (fitted on steps {res['fit_steps'][0]}:{res['fit_steps'][1]})" if res["fit_steps"] else ""
+        held = (f"held-out steps {res['holdout_steps'][0]}:{res['holdout_steps'][1]} (mappings fitted on the "
+                "window before them)" if res["holdout_steps"] else "")
     text = [head + fit, format_table(res["rows"], COLUMNS)]
     if res["holdout_rows"]:
-        a, b = res["holdout_steps"]
-        text += ["", f"held-out steps {a}:{b} (mappings fitted on the window before them)",
-                 format_table(res["holdout_rows"], HOLDOUT_COLUMNS)]
+        text += ["", held, format_table(res["holdout_rows"], HOLDOUT_COLUMNS)]
     if src.model is None:
         text.append("(no model: give --model for predicted step time and inter-node bytes)")
     print("\n".join(text))
@@ -65,8 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         data = {k: v for k, v in res.items() if k != "mappings"}
         md = [f"# {head}{fit}", "", format_markdown(res["rows"], COLUMNS)]
         if res["holdout_rows"]:
-            md += ["", f"Held-out steps {res['holdout_steps'][0]}:{res['holdout_steps'][1]}", "",
-                   format_markdown(res["holdout_rows"], HOLDOUT_COLUMNS)]
+            md += ["", held[0].upper() + held[1:], "", format_markdown(res["holdout_rows"], HOLDOUT_COLUMNS)]
         plot(res, out / "compare.png")
         atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
         write_json(out / "compare.json", data)

@@ -38,8 +38,9 @@ def _run(args: argparse.Namespace) -> int:
     E = src.load.shape[1]
     slots = resolve_slots(args, E, topo.num_gpus)
     co = src.coactivation() if args.algo in ("affinity", "colocate", "milp") else None
+    extra = {"windows": src.windows()} if args.algo == "robust" else {}
     res = place(src.load, args.algo, num_gpus=topo.num_gpus, num_slots=slots, gpus_per_node=topo.gpus_per_node,
-                coactivation=co, **algo_kwargs(args, src.model))
+                coactivation=co, **algo_kwargs(args, src.model), **extra)
     meta = dict(res.mapping.meta)
     meta.update({"load": src.label, "topology": topo.name, "seconds": round(res.seconds, 6),
                  **{k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))}})
@@ -54,6 +55,10 @@ def _run(args: argparse.Namespace) -> int:
         atomic_write_text(args.sglang, json.dumps(mapping.to_sglang()) + "\n")
     info = res.info
     extra = f", MILP gap {info['gap']:.2%}" if "gap" in info else ""
+    if "gap_per_layer" in info:
+        extra += f" (per layer: {', '.join(f'{g:.1%}' for g in info['gap_per_layer'])})"
+    if args.algo == "robust":
+        extra += f", {info.get('windows', 0)} windows"
     print(f"{args.algo}: {topo.num_gpus} GPUs × {slots // topo.num_gpus} slots ({slots - E} redundant), "
           f"balancedness {info['balancedness']:.4f}, busiest/mean {info['imbalance']:.4f}, "
           f"busiest/bound {info['busiest_over_bound']:.4f}, {res.seconds:.3f} s{extra} → {args.out}")

@@ -143,6 +143,8 @@ def place(load: np.ndarray, algo: str, *, num_gpus: int, num_slots: int, gpus_pe
         raise PlacementError(f"unknown placement algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
     load = check_load(load)
     check_shape(load.shape[1], num_gpus, num_slots, gpus_per_node)
+    if not (isinstance(time_limit, (int, float)) and np.isfinite(time_limit) and time_limit > 0):
+        raise PlacementError(f"time limit must be a positive number of seconds, got {time_limit!r}")
     own = algo in CAPPED
     if own:
         check_cap(load.shape[1], num_gpus, num_slots)

@@ -289,6 +289,9 @@ def read_load(path: str | Path, model: ModelSpec | None = None) -> np.ndarray:
 
     JSON: a list of rows, or an object with a ``load`` (or ``counts``) list of rows. CSV: one row per layer,
     numbers only (a first row of names is skipped). .npy: a 2-D numeric array (never unpickled).
+    Values are non-negative weights: token-choice counts or fractional shares (averages, normalised loads) alike;
+    ``moesim trace import --format counts`` stores token counts and refuses fractions, naming this command. An
+    all-zero table is refused (nothing to place by); an all-zero *layer* is legal (placed like any other).
     """
     path = check_file(path, "load file")
     suffix = path.suffix.lower()
@@ -323,6 +326,8 @@ def read_load(path: str | Path, model: ModelSpec | None = None) -> np.ndarray:
     else:
         raise PlacementError(f"load file {path}: unknown format {suffix!r} (use .json, .csv or .npy)")
     load = check_load(arr, f"load file {path}")
+    if load.sum() <= 0:
+        raise PlacementError(f"load file {path} is all zero: nothing to place by")
     if model is not None and load.shape != (model.num_layers, model.num_experts):
         raise PlacementError(f"load file {path} has shape {load.shape[0]}×{load.shape[1]} but model "
                              f"{model.name!r} has {model.num_layers} layers × {model.num_experts} experts")

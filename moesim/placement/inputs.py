@@ -23,6 +23,16 @@ class LoadSource:
     window: tuple[int, int] | None = None
     label: str = ""
 
+    def windows(self, num_windows: int = 8) -> np.ndarray | None:
+        """[W, L, E] the fit window's steps in up to ``num_windows`` runs (``robust``'s scenarios); None for a
+        load file (one table: nothing to be robust against)."""
+        if self.trace is None:
+            return None
+        from moesim.placement.robust import split_windows
+
+        start, stop = self.window or (0, self.trace.num_steps)
+        return split_windows(self.trace.load(start, stop), num_windows)
+
     def coactivation(self) -> Any:
         if self.trace is None:
             return None
@@ -73,6 +83,8 @@ def open_source(args: argparse.Namespace) -> LoadSource:
             raise MoesimError(f"--model {model.name} does not match the trace's model {trace.model.name}")
         start, stop = parse_window(args.window, trace.num_steps)
         load = trace.load(start, stop).sum(axis=0).astype(np.float64)
+        if load.sum() <= 0:
+            raise PlacementError(f"trace {args.trace} steps {start}:{stop} route no tokens: nothing to place by")
         return LoadSource(load, trace.model, trace, (start, stop), f"{args.trace} steps {start}:{stop}")
     if args.window:
         raise MoesimError("--window applies to --trace only")
@@ -101,6 +113,10 @@ def resolve_slots(args: argparse.Namespace, num_experts: int, num_gpus: int) -> 
 
 
 def algo_kwargs(args: argparse.Namespace, model: ModelSpec | None) -> dict[str, Any]:
+    if not args.time_limit > 0 or not np.isfinite(args.time_limit):  # also NaN
+        raise PlacementError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    if not args.internode_weight >= 0 or not np.isfinite(args.internode_weight):
+        raise PlacementError(f"--internode-weight must be a non-negative number, got {args.internode_weight}")
     groups = args.groups if args.groups is not None else (model.num_groups if model is not None else 1)
     if groups < 1:
         raise PlacementError(f"--groups must be positive, got {groups}")

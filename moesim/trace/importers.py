@@ -514,11 +514,17 @@ def read_counts(path: Path, model: ModelSpec | None = None, default: str | None 
         data = _load_any(path, "load table")
         if isinstance(data, dict):
             data = _field(data, "load", f"load table {path.name}")
-    counts = _array(data, f"load table {path.name}", (2, 3))
+    counts = _array(data, f"load table {path.name}", (2, 3), integer=False)
     if counts.ndim == 2:
         counts = counts[None]
     if counts.min() < 0:
         raise TraceError(f"load table {path.name} holds negative counts")
+    if np.any(counts != np.round(counts)):  # a trace stores token counts; fractional loads are placement weights
+        raise TraceError(f"load table {path.name} holds fractional values: a trace stores whole token counts "
+                         "(for fractional loads use `moesim place --load` directly)")
+    if counts.sum() == 0:
+        raise TraceError(f"load table {path.name} is all zero: no tokens to import")
+    counts = counts.astype(np.int64)
     if model is None and default is not None:
         model = get_model(default)
     _, L, E = counts.shape
