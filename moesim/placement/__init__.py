@@ -53,7 +53,7 @@ def _lpt(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, **kw: Any)
 
 
 def _robust(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, windows: Any = None, beta: float = 0.5,
-            delta: float = 0.05, **kw: Any) -> tuple[ExpertMapping, dict]:
+            delta: float = 0.09, **kw: Any) -> tuple[ExpertMapping, dict]:
     from moesim.placement.robust import robust
     from moesim.placement.simple import spread_nodes
     m, info = robust(load, G, N, windows, beta=beta, delta=delta)

@@ -49,8 +49,10 @@ from moesim.placement.simple import greedy
 def milp_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_limit: float = 10.0,
                kmax: np.ndarray | None = None, kmin: np.ndarray | None = None, gpus_per_node: int = 8,
                coactivation: np.ndarray | None = None, internode_weight: float = 0.0,
-               max_pairs: int = 32) -> dict[str, Any]:
-    """Solve one layer. Returns {"phy2log" [N] or None, "busiest", "bound", "status", "gap"} (loads unscaled)."""
+               max_pairs: int = 32, upper: float = np.inf) -> dict[str, Any]:
+    """Solve one layer. Returns {"phy2log" [N] or None, "busiest", "bound", "status", "gap"} (loads unscaled).
+
+    ``upper``: a known placement's busiest load (greedy's): T ≤ upper cuts off everything worse."""
     E, G, S = len(load), num_gpus, slots_per_gpu
     N = G * S
     scale = max(float(load.sum()) / G, 1e-12)
@@ -94,7 +96,8 @@ def milp_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_limi
         add(np.concatenate([np.arange(P) * G + g, [iT]]), np.concatenate([coef, [-1.0]]), -np.inf, 0)
     c = np.zeros(nvar)
     c[iT] = 1.0
-    ub = np.concatenate([np.ones(P * G), np.ones(P), [np.inf]])  # u_egk ≤ 1: never two replicas on one GPU
+    t_max = upper / scale * (1 + 1e-9) if np.isfinite(upper) else np.inf
+    ub = np.concatenate([np.ones(P * G), np.ones(P), [t_max]])  # u_egk ≤ 1: never two replicas on one GPU
     integrality = np.concatenate([np.ones(n_u + P), [0]])
     extra = 0
     if internode_weight > 0 and coactivation is not None and gpus_per_node < G and G % gpus_per_node == 0:
@@ -249,14 +252,39 @@ def pattern_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_l
             "status": 0 if proven else 1, "gap": 0.0 if proven else None}
 
 
+def _solve_layer(job: dict[str, Any]) -> dict[str, Any]:
+    """One layer's exact solve (a process pool's unit of work): the pattern model, else the u-model."""
+    res = None
+    if job["internode_weight"] <= 0:
+        res = pattern_layer(job["load"], job["G"], job["S"], time_limit=job["time_limit"], upper=job["upper"],
+                            lower=job["lower"], pattern_limit=job["pattern_limit"])
+    if res is None:
+        res = milp_layer(job["load"], job["G"], job["S"], time_limit=job["time_limit"], kmin=job["kmin"],
+                         kmax=job["kmax"], gpus_per_node=job["gpus_per_node"], coactivation=job["co"],
+                         internode_weight=job["internode_weight"], max_pairs=job["max_pairs"], upper=job["upper"])
+    return res
+
+
 def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: float = 30.0,
                gpus_per_node: int = 8, coactivation: np.ndarray | None = None, internode_weight: float = 0.0,
                full_limit: int = 20000, window: int = 2, max_pairs: int = 32,
-               pattern_limit: int = 20000) -> tuple[ExpertMapping, dict[str, Any]]:
-    """Per-layer MILP placement; returns the mapping and info (gap per layer, status, restricted, bound)."""
+               pattern_limit: int = 20000, workers: int | None = None) -> tuple[ExpertMapping, dict[str, Any]]:
+    """Per-layer MILP placement; returns the mapping and info (gap per layer, status, restricted, bound).
+
+    Warm start: greedy's placement is the incumbent — its busiest load caps T (a cutoff; scipy's HiGHS interface
+    takes no initial solution) and it stands wherever the MILP does not *strictly* improve on it (ties go to
+    greedy, so equal solutions never flip with the time limit). Every layer gets the same budget,
+    ``time_limit × workers / L`` (never what earlier layers left over), and layers are solved in ``workers``
+    processes (default: up to 8, the CPU count): a layer's result depends only on its own load and budget, and
+    a layer solved to optimality (gap 0) gives the same mapping on every run. ``info["gap_per_layer"]`` is the
+    proven gap (busiest − best bound) ÷ busiest of each layer.
+    """
+    import os
+
+    if not (np.isfinite(time_limit) and time_limit > 0):
+        raise ValueError(f"time_limit must be positive, got {time_limit}")
     L, E = load.shape
     S = num_slots // num_gpus
-    t0 = time.perf_counter()
     base = greedy(load, num_gpus, num_slots)
     base_busy = (load / np.maximum(base.logcnt, 1))
     base_busy = np.take_along_axis(base_busy, base.phy2log, axis=1).reshape(L, num_gpus, S).sum(2).max(1)
@@ -264,30 +292,33 @@ def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: f
     water = replica_counts(load, num_slots, num_gpus)
     K = min(num_slots - E + 1, num_gpus)
     restricted = E * num_gpus * K > full_limit
-    phy2log = base.phy2log.copy()
-    gaps, statuses, sources = [], [], []
+    workers = max(1, min(L, workers if workers is not None else min(8, os.cpu_count() or 1)))
+    per = time_limit * workers / L
+    jobs = []
     for layer in range(L):
-        left = time_limit - (time.perf_counter() - t0)
-        if left <= 0:  # out of time: the greedy placement stands for the remaining layers
-            statuses.append(1)
-            sources.append("greedy")
-            gaps.append(0.0 if base_busy[layer] <= 0 else max(0.0, (base_busy[layer] - lb[layer]) / base_busy[layer]))
-            continue
-        per = left / (L - layer)
         kmin = kmax = None
         if restricted:
             kmin, kmax = water[layer] - window, water[layer] + window
-        co = None if coactivation is None else np.asarray(coactivation)[layer]
-        res = None
-        if internode_weight <= 0:
-            res = pattern_layer(load[layer], num_gpus, S, time_limit=per, upper=base_busy[layer], lower=lb[layer],
-                                pattern_limit=pattern_limit)
-        if res is None:
-            res = milp_layer(load[layer], num_gpus, S, time_limit=per, kmin=kmin, kmax=kmax,
-                         gpus_per_node=gpus_per_node, coactivation=co, internode_weight=internode_weight,
-                         max_pairs=max_pairs)
+        jobs.append({"load": load[layer], "G": num_gpus, "S": S, "time_limit": per, "upper": float(base_busy[layer]),
+                     "lower": float(lb[layer]), "pattern_limit": pattern_limit, "kmin": kmin, "kmax": kmax,
+                     "gpus_per_node": gpus_per_node, "internode_weight": internode_weight, "max_pairs": max_pairs,
+                     "co": None if coactivation is None else np.asarray(coactivation)[layer]})
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_solve_layer, jobs))
+    else:
+        results = [_solve_layer(j) for j in jobs]
+    phy2log = base.phy2log.copy()
+    gaps, statuses, sources = [], [], []
+    for layer, res in enumerate(results):
         statuses.append(res["status"])
-        use_milp = res["phy2log"] is not None and (res["busiest"] <= base_busy[layer] * (1 + 1e-9)
+        if res["phy2log"] is not None:  # the solution's busiest GPU recomputed from its layout, not the model's T
+            phy = np.asarray(res["phy2log"])
+            cnt = np.bincount(phy, minlength=E)
+            res["busiest"] = float((load[layer][phy] / cnt[phy]).reshape(num_gpus, S).sum(axis=1).max())
+        use_milp = res["phy2log"] is not None and (res["busiest"] < base_busy[layer] * (1 - 1e-9)
                                                      or internode_weight > 0)
         if use_milp:
             phy2log[layer] = res["phy2log"]
@@ -299,6 +330,6 @@ def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: f
         bound = lb[layer] if restricted else max(lb[layer], res["bound"])
         gaps.append(0.0 if busiest <= 0 else max(0.0, (busiest - bound) / busiest))
     info = {"gap": float(max(gaps)), "gap_per_layer": [float(g) for g in gaps], "status": statuses,
-            "restricted": bool(restricted), "source": sources,
+            "restricted": bool(restricted), "source": sources, "workers": workers, "layer_time_limit": per,
             "optimal_layers": int(sum(1 for s in statuses if s == 0)), "internode_weight": internode_weight}
     return ExpertMapping(phy2log, num_gpus, E, {"algo": "milp"}), info

@@ -9,7 +9,7 @@ Objective, per layer (p_w [E] = window w's load ÷ its mean per GPU, so every wi
 
     x_wg = Σ_{replicas on GPU g} p_w[e] / r_e            normalised load of GPU g in window w
     F    = (1 − β) · mean_w max_g x_wg + β · max_w max_g x_wg     (β = ``beta``, default 0.5)
-    subject to  max_g x_0g ≤ greedy's busiest/mean on the pooled load + δ  (δ = ``delta``, default 0.05)
+    subject to  max_g x_0g ≤ greedy's busiest/mean on the pooled load + δ  (δ = ``delta``, default 0.09)
 
 — the blend of the *expected* and the *worst* scenario's busiest GPU of two-stage stochastic / robust
 optimisation (Ben-Tal, El Ghaoui & Nemirovski, *Robust Optimization*, 2009: min-max over a scenario set;
@@ -55,7 +55,7 @@ def split_windows(step_load: np.ndarray, num_windows: int = 8) -> np.ndarray:
 
 
 def robust(load: np.ndarray, num_gpus: int, num_slots: int, windows: np.ndarray | None = None, *,
-           beta: float = 0.5, delta: float = 0.05, max_iter: int = 400) -> tuple[ExpertMapping, dict[str, Any]]:
+           beta: float = 0.5, delta: float = 0.09, max_iter: int = 400) -> tuple[ExpertMapping, dict[str, Any]]:
     """Robust placement of ``load`` [L, E] (the pooled fit load) against ``windows`` [W, L, E]; (mapping, info)."""
     L, E = load.shape
     G = num_gpus
