@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebalance", metavar="POLICY",
                    help="re-place experts while replaying: static | periodic:interval=N,window=W | "
                         "threshold:balancedness=X,window=W (moesim.placement.rebalance)")
-    p.add_argument("--rebalance-algo", default="greedy", metavar="ALGO", help="placement algorithm for --rebalance")
+    p.add_argument("--rebalance-algo", default="robust", metavar="ALGO",
+                   help="placement algorithm for --rebalance (robust: drift-aware, fitted against the window's steps)")
     p.add_argument("--rebalance-overlap", action="store_true",
                    help="expert moves overlap compute (no stall); default: blocking, each move charged as a stall")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for report.json, steps.csv, "
