@@ -188,29 +188,21 @@ class _LayerSearch:
             has = np.zeros((G, E), dtype=bool)
             has[bins, items] = True
             w = P[:, items] / r[items]  # [K, N]
-            # only a change on a GPU that is the busiest of some window (or of the pooled load) can lower F
-            crit = np.zeros(G, dtype=bool)
-            crit[np.unique(fill.argmax(axis=1))] = True
-            ii = np.nonzero(crit[bins])[0]  # replicas on critical GPUs
-            # -- swaps of a replica on a critical GPU with a replica on another GPU
+            # -- swaps of two replicas on different GPUs
             fb = fill[:, bins]  # [K, N]
-            d = w[:, None, :] - w[:, ii, None]  # [K, i, j]: GPU of i gains w_j − w_i
-            new_a = fb[:, ii, None] + d
+            d = w[:, None, :] - w[:, :, None]  # [K, i, j]: GPU of i gains w_j − w_i
+            new_a = fb[:, :, None] + d
             new_b = fb[:, None, :] - d
-            other = _max_excluding(fill, bins[ii, None], bins[None, :])  # [K, I, N]
+            other = _max_excluding(fill, bins[:, None], bins[None, :])  # [K, N, N]
             m = np.maximum(other, np.maximum(new_a, new_b))
             val = self._value(m)
-            bad = ((bins[ii, None] == bins[None, :]) | (items[ii, None] == items[None, :])
-                   | has[bins[None, :], items[ii, None]] | has[bins[ii, None], items[None, :]])
+            bad = ((bins[:, None] == bins[None, :]) | (items[:, None] == items[None, :])
+                   | has[bins[None, :], items[:, None]] | has[bins[:, None], items[None, :]])
             val = np.where(bad, np.inf, val)
             k = int(np.argmin(val))
-            best_swap = (float(val.flat[k]), (int(ii[k // N]), k % N))
-            # -- move one replica (slot s of expert a, count ≥ 2) to another expert b (count < G, not on s's GPU):
-            # s on a critical GPU (any b), or b held by a critical GPU (any s)
-            held = np.zeros(E, dtype=bool)
-            held[items[ii]] = True
-            best_move = min(self._best_move(items, bins, r, fill, has, crit[bins], np.ones(E, dtype=bool)),
-                            self._best_move(items, bins, r, fill, has, np.ones(N, dtype=bool), held))
+            best_swap = (float(val.flat[k]), divmod(k, N))
+            # -- move one replica (slot s of expert a, count ≥ 2) to another expert b (count < G, not on s's GPU)
+            best_move = self._best_move(items, bins, r, fill, has)
             if best_swap[0] <= best_move[0]:
                 if not best_swap[0] < cur - 1e-12:
                     break
@@ -229,12 +221,12 @@ class _LayerSearch:
             cur = float(self._value(fill.max(axis=1)))
         return layout(items[None], bins[None])[0]
 
-    def _best_move(self, items: np.ndarray, bins: np.ndarray, r: np.ndarray, fill: np.ndarray, has: np.ndarray,
-                   src_ok: np.ndarray, tgt_ok: np.ndarray) -> tuple[float, tuple[int, int]]:
+    def _best_move(self, items: np.ndarray, bins: np.ndarray, r: np.ndarray, fill: np.ndarray,
+                   has: np.ndarray) -> tuple[float, tuple[int, int]]:
         P, G = self.P, self.G
         K = len(P)
-        src = np.nonzero((r[items] >= 2) & src_ok)[0]
-        tgt = np.nonzero((r < G) & tgt_ok)[0]
+        src = np.nonzero(r[items] >= 2)[0]
+        tgt = np.nonzero(r < G)[0]
         if len(src) == 0 or len(tgt) == 0:
             return np.inf, (0, 0)
         # change of each GPU's fill when expert a loses a replica / expert b gains one (all their holders)
