@@ -11,11 +11,12 @@ Objective, per layer (p_w [E] = window w's load ÷ its mean per GPU, so every wi
     F    = (1 − β) · mean_w max_g x_wg + β · max_w max_g x_wg     (β = ``beta``, default 0.5)
     subject to  max_g x_0g ≤ greedy's busiest/mean on the pooled load + δ  (δ = ``delta``, default 0.09)
 
-— the blend of the *expected* and the *worst* scenario's busiest GPU of two-stage stochastic / robust
-optimisation (Ben-Tal, El Ghaoui & Nemirovski, *Robust Optimization*, 2009: min-max over a scenario set;
-Shabtai, Raz & Shavitt, "A relaxed FPTAS for chance-constrained knapsack" / stochastic bin packing, which
-packs items with random sizes against a quantile of the bin load), with the nominal (pooled, "fitted")
-performance kept within δ of the best heuristic's, so the robustness is not bought by losing the fitted balance.
+— the blend of the *expected* and the *worst* scenario's busiest GPU: the scenario form of robust optimisation
+(Ben-Tal, El Ghaoui & Nemirovski, *Robust Optimization*, 2009) and of stochastic bin packing / load balancing,
+which packs items of uncertain size against more than their mean (Kleinberg, Rabani & Tardos, STOC 1997;
+Goel & Indyk, FOCS 1999); MoE expert load drifts over time (FlexMoE, Nie et al., SIGMOD 2023, re-places experts
+as it does), and DeepSeek's EPLB spends redundant slots on the heaviest experts. The nominal (pooled, "fitted")
+performance is kept within δ of the best heuristic's, so the robustness is not bought by losing the fitted balance.
 Replicas go where the load is *uncertain*: the counts start from ceil(pooled_e ÷ cap) (needed for the constraint)
 and the free slots are water-filled on max_w p_w[e] (an expert hot in any window gets replicas), the
 replica-count idea of DeepSeek's EPLB applied to the worst window instead of the mean. Packing: vector LPT
