@@ -214,13 +214,15 @@ def cells(a: argparse.Namespace) -> tuple[list[tuple[str, int, int]], dict[str, 
 
 
 def measure_preset(preset: str, shapes: list[tuple[int, int]], a: argparse.Namespace, plan: dict[str, Any],
-                   flags: set[str], tmp: Path) -> list[dict[str, Any]]:
+                   flags: set[str], tmp: Path, rows: list[dict[str, Any]], save: Any) -> None:
+    """Measure every shape of one preset into ``rows`` (shared), calling ``save()`` after each row."""
     spec = get_model(preset)
     has_graphs = "--no-graphs" in flags
-    rows = []
+    mine = []
     for batch, ctx in shapes:
         row: dict[str, Any] = {"preset": preset, "batch": batch, "context": ctx, "graphs_mode": has_graphs}
         rows.append(row)
+        mine.append(row)
         why = fits(spec, batch, ctx, a.steps, a.device)
         if why:
             row["skipped"] = why
@@ -240,9 +242,10 @@ def measure_preset(preset: str, shapes: list[tuple[int, int]], a: argparse.Names
         except (MoesimError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as exc:
             row["error"] = str(exc).splitlines()[0][:300]
         print(one_line(row), flush=True)
+        save()
     if preset in plan["hf"] and not a.no_hf:
-        hf_rows(spec, [r for r in rows if "ours" in r], a)
-    return rows
+        hf_rows(spec, [r for r in mine if "ours" in r], a)
+        save()
 
 
 def hf_rows(spec: ModelSpec, rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
@@ -389,15 +392,20 @@ def main(argv: list[str] | None = None) -> int:
     if "--no-graphs" not in flags:
         print("bench_runtime: this runtime has no --no-graphs flag: measuring its only (eager) path; no graphs "
               "column", flush=True)
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench_runtime-") as tmp:
-        for preset in dict.fromkeys(c[0] for c in grid):
-            rows += measure_preset(preset, [(b, c) for q, b, c in grid if q == preset], a, plan, flags, Path(tmp))
     meta = _meta(a, "--no-graphs" in flags)
     out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / f"bench_runtime_{a.device}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, markdown(rows, meta))
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every row: a run cut short by a timeout keeps what it measured
+        atomic_write_text(out, markdown(rows, meta))
+        atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+    with tempfile.TemporaryDirectory(prefix="bench_runtime-") as tmp:
+        for preset in dict.fromkeys(c[0] for c in grid):
+            measure_preset(preset, [(b, c) for q, b, c in grid if q == preset], a, plan, flags, Path(tmp), rows,
+                           save)
+    save()
     print(f"written: {out} and {out.with_suffix('.json').name}")
     return 0
 
