@@ -229,16 +229,21 @@ def measure_preset(preset: str, shapes: list[tuple[int, int]], a: argparse.Names
             continue
         base = tmp / f"{preset}-{batch}-{ctx}"
         base.mkdir(parents=True, exist_ok=True)
-        try:
+        try:  # most telling first, saved after each: a run cut short keeps what it measured
             row["ours"] = run_ours(preset, batch, ctx, a.steps, a.device, base / "graphs", timeout=a.run_timeout)
             row["roofline"] = roofline(base / "graphs", datasheet(a.device), 4 if a.device == "cpu" else 2)
+            save()
+            if preset in plan["profile"]:
+                try:
+                    prof = run_ours(preset, batch, ctx, 4, a.device, base / "prof", eager=has_graphs, profile=True,
+                                    timeout=a.run_timeout)
+                    row["busy_s"] = profiled_busy(base / "prof", spec, len(prof["decode_all_s"]))
+                except (MoesimError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as exc:
+                    row["busy_error"] = str(exc).splitlines()[0][:300]
+                save()
             if has_graphs and preset in plan["eager"]:
                 row["eager"] = run_ours(preset, batch, ctx, a.steps, a.device, base / "eager", eager=True,
                                         timeout=a.run_timeout)
-            if preset in plan["profile"]:
-                prof = run_ours(preset, batch, ctx, 4, a.device, base / "prof", eager=has_graphs, profile=True,
-                                timeout=a.run_timeout)
-                row["busy_s"] = profiled_busy(base / "prof", spec, len(prof["decode_all_s"]))
         except (MoesimError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as exc:
             row["error"] = str(exc).splitlines()[0][:300]
         print(one_line(row), flush=True)
@@ -356,10 +361,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     kept = sorted({f"{r['preset']}: {len(r['hf']['kept_init'])} HF-only parameters at their initial value "
                    "(q_norm/k_norm: the runtime's decoder has none)" for r in rows
                    if r.get("hf", {}).get("kept_init")})
+    busy = sorted({f"{r['preset']} b{r['batch']} c{r['context']}: no busy time ({r['busy_error']})"
+                   for r in rows if r.get("busy_error")})
     warm = sorted({f"{r['preset']} b{r['batch']} c{r['context']}: warm-up {json.dumps(r['ours']['warmup'])}"
                    for r in rows if r.get("ours", {}).get("warmup")})
-    if notes or kept or warm:
-        lines += ["", *[f"- {n}" for n in notes + kept + warm]]
+    if notes or kept or warm or busy:
+        lines += ["", *[f"- {n}" for n in notes + kept + warm + busy]]
     return "\n".join(lines) + "\n"
 
 

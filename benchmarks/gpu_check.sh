@@ -85,20 +85,20 @@ install() {
     echo "editable install: ok"
   else
     # moesim.runtime and moesim.kernels live in runtime/ and kernels/ (package-dir), so plain PYTHONPATH=. does
-    # not work: build /tmp/moesim-shim/moesim from symlinks (the package's own entries + runtime + kernels)
-    echo "editable install failed: using the symlinked tree /tmp/moesim-shim"
-    rm -rf /tmp/moesim-shim && mkdir -p /tmp/moesim-shim/moesim
-    for f in "$ROOT"/moesim/*; do ln -s "$f" /tmp/moesim-shim/moesim/; done
-    ln -s "$ROOT/runtime" /tmp/moesim-shim/moesim/runtime
-    ln -s "$ROOT/kernels" /tmp/moesim-shim/moesim/kernels
-    echo "/tmp/moesim-shim" >"$WORK/shim"
+    # not work: build $WORK/moesim-shim/moesim from symlinks (the package's own entries + runtime + kernels)
+    echo "editable install failed: using the symlinked tree $WORK/moesim-shim"
+    rm -rf "$WORK/moesim-shim" && mkdir -p "$WORK/moesim-shim"/moesim
+    for f in "$ROOT"/moesim/*; do ln -s "$f" "$WORK/moesim-shim"/moesim/; done
+    ln -s "$ROOT/runtime" "$WORK/moesim-shim"/moesim/runtime
+    ln -s "$ROOT/kernels" "$WORK/moesim-shim"/moesim/kernels
+    echo "$WORK/moesim-shim" >"$WORK/shim"
     # tests start subprocesses with PYTHONPATH=<repo> (whose plain moesim/ lacks runtime/): a .pth in the user
     # site puts the shim and /tmp/site first in every interpreter (GPU mode only: the machine is thrown away)
     if [ "$MODE" = gpu ]; then
       local usersite
       usersite="$("$PY" -c 'import site; print(site.getusersitepackages() if site.ENABLE_USER_SITE else "")')"
       if [ -n "$usersite" ] && mkdir -p "$usersite"; then
-        echo "import sys; sys.path[:0] = ['/tmp/moesim-shim', '/tmp/site']" >"$usersite/moesim-gpu-check.pth"
+        echo "import sys; sys.path[:0] = ['$WORK/moesim-shim', '/tmp/site']" >"$usersite/moesim-gpu-check.pth"
         echo "wrote $usersite/moesim-gpu-check.pth"
       fi
     fi
@@ -107,7 +107,7 @@ install() {
 }
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 step install 60 install
-if [ -f "$WORK/shim" ]; then export PYTHONPATH="/tmp/moesim-shim:$PYTHONPATH"; fi
+if [ -f "$WORK/shim" ]; then export PYTHONPATH="$WORK/moesim-shim:$PYTHONPATH"; fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 
 if [ "$MODE" = gpu ]; then
