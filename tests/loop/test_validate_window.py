@@ -136,3 +136,12 @@ def test_compare_reports_the_roofline_error_beside_the_calibrated_one() -> None:
     assert held["roofline_median_step_time_rel_error"] == pytest.approx(2.0 / 3.0)
     assert held["roofline_step_time_median_rel_error"] == pytest.approx(np.median([0.5, 0.75]))
     assert out["per_step"][3]["roofline_s"] == 1.0
+
+
+def test_an_unknown_roofline_device_is_one_line_before_any_process(tmp_path, capsys) -> None:
+    from moesim.cli import main
+
+    rc = main(["validate", "--roofline-device", "tpu9", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "unknown device 'tpu9'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "run").exists()
