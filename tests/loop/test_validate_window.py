@@ -94,6 +94,12 @@ def test_warmup_steps_counts_only_leading_flags() -> None:
     steps = [{"warmup": True}, {"phase": "warmup"}, {"phase": "prefill"}, {"warmup": True}]
     assert val.warmup_steps({"steps": steps}) == 2
     assert val.warmup_steps({"steps": []}) == 0
+    # a CUDA run that reports no warm-up compiled its kernels inside step 0
+    plain = [{"phase": "prefill"}, {"phase": "decode"}]
+    assert val.warmup_steps({"steps": plain, "config": {"device": "cuda"}}) == 1
+    assert val.warmup_steps({"steps": plain, "config": {"device": "cuda"}, "warmup": {"seconds": 3.0}}) == 0
+    assert val.warmup_steps({"steps": plain, "config": {"device": "cuda"}, "summary": {"warmup_s": 3.0}}) == 0
+    assert val.warmup_steps({"steps": plain, "config": {"device": "cpu"}}) == 0
 
 
 def test_too_much_warmup_is_refused_in_one_line(recorded) -> None:
