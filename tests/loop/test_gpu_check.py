@@ -18,7 +18,8 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 def test_gpu_check_is_valid_bash_and_runs_the_four_steps_in_order() -> None:
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
     text = SCRIPT.read_text()
-    gpu = text[text.index('if [ "$MODE" = gpu ]; then\n  step'):]
+    start = text.index('if [ "$MODE" = gpu ]; then\n  step')
+    gpu = text[start:text.index("\nelse\n", start)]
     order = [gpu.index(s) for s in ("pytest -m gpu", "bench_runtime --short", "moesim validate", "bench_kernels")]
     assert order == sorted(order)
     for flag in ("--device cuda --nproc 1", "--preset olmoe-1b-7b --batch 128 --prompt-len 256 --steps 32"):
