@@ -61,10 +61,9 @@ def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: str | None = None,
-        log: bool = True) -> dict[str, Any]:
-    """Run the configured steps on this rank (the process group is initialised). Returns run.json's content."""
-    spec, mapping, remaps = validate(cfg)
+def build_rank(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[Engine, list[EPMoE]]:
+    """This rank's model (its experts only, expert-parallel layers) inside an :class:`Engine`; not warmed up."""
+    spec, mapping, _ = validate(cfg)
     dtype = resolve_dtype(cfg, device)
     source = weight_source(spec, cfg.checkpoint, cfg.seed)
     backend = make_backend(cfg.backend)
@@ -78,7 +77,14 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
         return moes[-1]
 
     model = build_decoder(spec, source, device, dtype, experts, impl)
-    engine = Engine(model, cfg.batch, cfg.prompt_len + cfg.steps, rank, graphs=cfg.graphs)
+    return Engine(model, cfg.batch, cfg.prompt_len + cfg.steps, rank, graphs=cfg.graphs), moes
+
+
+def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: str | None = None,
+        log: bool = True) -> dict[str, Any]:
+    """Run the configured steps on this rank (the process group is initialised). Returns run.json's content."""
+    spec, mapping, remaps = validate(cfg)
+    engine, moes = build_rank(cfg, rank, world, device)
     chunks = prefill_chunks(cfg.prompt_len, cfg.prefill_chunk)
     recorder = Recorder(cfg.record, spec, rank, world, cfg.to_dict(), mapping)
     remap_at = dict(remaps)
