@@ -3,10 +3,10 @@
 One code path serves prefill chunks and decode steps, on CPU (eager, so every CPU test covers it) and CUDA:
 
 - the KV cache is preallocated (``KVCache``, rounded up to a multiple of 64 positions) with per-sequence lengths
-  ``cache.lens`` on the device; new keys/values are scattered at ``lens``, and attention runs over the whole
-  fixed-size cache with a length mask built on the device, through SDPA pinned to one backend (memory-efficient
-  attention on CUDA, math on CPU; never cuDNN, whose plan depends on the KV length). GQA groups the query heads of
-  one KV head into the query-length dimension (no K/V copy per head);
+  ``cache.lens`` on the device; new keys/values are scattered at ``lens``, and attention runs over the fixed-size
+  cache (eager runs: its filled part, rounded up) with a length mask built on the device, through SDPA pinned to
+  one backend (memory-efficient attention on CUDA, math on CPU; never cuDNN, whose plan depends on the KV length).
+  GQA groups the query heads of one KV head into the query-length dimension (no K/V copy per head);
 - the MoE part (``moesim.runtime.moe_layer.EPMoE``) routes, dispatches and combines over fixed-capacity buffers;
 - decode runs on a batch *bucket* (``CAPTURE_SIZES``, as vLLM's capture sizes): the batch is padded up to it,
   padding rows are never routed (their slots are the pad slot, which maps to no expert) and never recorded.
@@ -44,22 +44,24 @@ def sdpa_backend(device: torch.device) -> Any:
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH])
 
 
-def static_attention(model: Decoder, i: int, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def static_attention(model: Decoder, i: int, x: torch.Tensor, cache: KVCache, kv_limit: int | None = None
+                     ) -> torch.Tensor:
     """x [B, T, H] (normed) → [B, T, H]. Sequence b's new tokens sit at positions lens[b] .. lens[b]+T-1; their keys
-    and values are written into rows 0..B-1 of the cache (the caller advances ``cache.lens``)."""
+    and values are written into rows 0..B-1 of the cache (the caller advances ``cache.lens``). Attention spans the
+    first ``kv_limit`` cache positions (default: all; an eager caller that knows every length may pass less)."""
     s, lay = model.spec, model.layers[i]
     B, T, _ = x.shape
     nh, kvh, hd = s.num_attention_heads, s.num_kv_heads, s.head_dim
-    L = cache.max_len
+    L = cache.max_len if kv_limit is None else kv_limit
     pos = cache.lens[:B, None] + torch.arange(T, device=x.device)  # [B, T]
     q = (x @ lay.q.t()).view(B, T, nh, hd).transpose(1, 2)
     k = (x @ lay.k.t()).view(B, T, kvh, hd).transpose(1, 2)
     v = (x @ lay.v.t()).view(B, T, kvh, hd).transpose(1, 2)
     q, k = rotary(q, pos, s.rope_theta), rotary(k, pos, s.rope_theta)
-    kc, vc = cache.k[i, :B], cache.v[i, :B]  # views: [B, kvh, L, D]
     where = pos[:, None, :, None].expand(B, kvh, T, hd)
-    kc.scatter_(2, where, k)
-    vc.scatter_(2, where, v)
+    cache.k[i, :B].scatter_(2, where, k)
+    cache.v[i, :B].scatter_(2, where, v)
+    kc, vc = cache.k[i, :B, :, :L], cache.v[i, :B, :, :L]  # views: [B, kvh, L, D]
     kpos = torch.arange(L, device=x.device)
     allowed = kpos[None, None, :] <= pos[:, :, None]  # [B, T, L] causal over what the cache holds
     if s.sliding_window is not None:
@@ -72,14 +74,15 @@ def static_attention(model: Decoder, i: int, x: torch.Tensor, cache: KVCache) ->
     return out.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, -1) @ lay.o.t()
 
 
-def forward_static(model: Decoder, tokens: torch.Tensor, cache: KVCache, ctx: StepContext) -> torch.Tensor:
+def forward_static(model: Decoder, tokens: torch.Tensor, cache: KVCache, ctx: StepContext,
+                   kv_limit: int | None = None) -> torch.Tensor:
     """tokens [B, T] (B <= the cache's rows) → logits [B, T, V] float32; advances ``cache.lens[:B]`` by T on the
-    device. Routing lands in ``ctx`` as in :meth:`Decoder.forward`."""
+    device. Routing lands in ``ctx`` as in :meth:`Decoder.forward`; ``kv_limit`` as in :func:`static_attention`."""
     B, T = tokens.shape
     h = model.embed[tokens]
     for i, lay in enumerate(model.layers):
         with ctx.timer.region(i, "attention"):
-            h = h + static_attention(model, i, rms_norm(h, lay.ln1), cache)
+            h = h + static_attention(model, i, rms_norm(h, lay.ln1), cache, kv_limit)
             x = rms_norm(h, lay.ln2).reshape(B * T, -1)
         with ctx.timer.region(i, "gate"):
             weights, ids = lay.router(x)
@@ -115,9 +118,17 @@ class Engine:
         self._out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.position = 0  # tokens per sequence so far (host bookkeeping only)
 
+    def _kv_limit(self, new: int) -> int | None:
+        """Cache positions attention spans. Under graphs: all (a replay cannot change shapes; the profiled eager
+        steps do the same work, so their phase timings stand for the replayed ones). Eager (CPU, ``--no-graphs``):
+        the filled part rounded up to 16, so attention costs what the KV length asks (the cost model's term)."""
+        if self.use_graph:
+            return None
+        return min(self.cache.max_len, -(-(self.position + new) // 16) * 16)
+
     def _decode_body(self, timer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = StepContext(timer=timer, valid=self.valid, keys=self.keys)
-        logits = forward_static(self.model, self.tokens, self.cache, ctx)
+        logits = forward_static(self.model, self.tokens, self.cache, ctx, self._kv_limit(1))
         return logits[:, 0], torch.stack(ctx.routing), torch.stack(ctx.router_weights)
 
     def decode(self, tokens: torch.Tensor, timer: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +154,7 @@ class Engine:
             raise ValueError(f"KV cache holds {self.cache.max_len} tokens per sequence; {self.position} + {C} "
                              "do not fit")
         ctx = StepContext(timer=timer or NullTimer(), key_offset=self.rank * B * C)
-        logits = forward_static(self.model, tokens, self.cache, ctx)
+        logits = forward_static(self.model, tokens, self.cache, ctx, self._kv_limit(C))
         self.position += C
         return logits, torch.stack(ctx.routing), torch.stack(ctx.router_weights)
 
@@ -170,12 +181,13 @@ class Engine:
             self._decode_body(NullTimer())
         if not self.use_graph:
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with self._scratch(), torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_body(NullTimer())
-        torch.cuda.current_stream().wait_stream(side)
+        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        with self._scratch():  # warm-up for capture on a side stream (as torch.cuda.graphs documents)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode_body(NullTimer())
+            main.wait_stream(side)  # before the lengths are restored on the main stream
         graph = torch.cuda.CUDAGraph()
         with self._scratch(), torch.cuda.graph(graph):
             self._out = self._decode_body(NullTimer())
