@@ -81,12 +81,17 @@ def run_ours(preset: str, batch: int, context: int, steps: int, device: str, out
 def summarize_run(doc: dict[str, Any], process_wall: float | None = None) -> dict[str, Any]:
     """Decode median, prefill total (all prefill chunks) and start from a run.json document."""
     steps = [s for s in doc.get("steps") or [] if not s.get("warmup", False)]
-    decode = [s["wall_s"] for s in steps if s.get("phase") == "decode"]
-    prefill = [s["wall_s"] for s in steps if s.get("phase") == "prefill"]
+    decode_steps = [s for s in steps if s.get("phase") == "decode"]
+    # under CUDA graphs every N-th decode step runs eagerly to record phase timings: the served step is a replay
+    replayed = [s["wall_s"] for s in decode_steps if s.get("graph")]
+    decode = [s["wall_s"] for s in decode_steps]
+    prefill = [s["wall_s"] for s in steps if s.get("phase") == "prefill"]  # every chunk
     if not decode or not prefill:
         raise MoesimError("the run recorded no prefill or no decode step")
-    res: dict[str, Any] = {"decode_s": float(np.median(decode)), "decode_all_s": decode,
-                           "prefill_s": float(np.sum(prefill)), "warmup": doc.get("warmup")}
+    warm = doc.get("warmup_s", doc.get("warmup"))
+    res: dict[str, Any] = {"decode_s": float(np.median(replayed or decode)), "decode_all_s": decode,
+                           "replayed_steps": len(replayed), "prefill_s": float(np.sum(prefill)),
+                           "prefill_chunks": len(prefill), "warmup": warm, "execution": doc.get("execution")}
     if process_wall is not None:
         res["start_s"] = process_wall - sum(s["wall_s"] for s in doc.get("steps") or [])
     return res
@@ -326,6 +331,12 @@ def one_line(r: dict[str, Any]) -> str:
             f"{_ms(r['ours']['prefill_s'])} ms / roofline {_fmt(q['prefill_over_roofline'])}")
 
 
+def _warm(ours: dict[str, Any]) -> str:
+    w, ex = ours["warmup"], ours.get("execution") or {}
+    head = f"{w:.2f} s" if isinstance(w, (int, float)) else json.dumps(w)
+    return head + (f" ({json.dumps(ex)})" if ex else "")
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
@@ -336,7 +347,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"`{meta['command']}` — {meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, "
              f"roofline datasheet `{meta['datasheet']}`, {meta['steps']} steps per run (one prefill, then decode).", "",
              ("Columns: *decode* = this runtime's median decode step "
-              + ("with CUDA graphs; *eager* = `--no-graphs`" if graphs else
+              + ("with CUDA graphs (replayed steps; on a CPU there are none: both columns run eagerly); *eager* = "
+                 "`--no-graphs`" if graphs else
                  "(this runtime has no `--no-graphs` flag yet: its only path, eager; no graphs column)")
               + "; *busy* = GPU kernel busy time of a profiled decode step (union of intervals); *roofline* = the "
               "simulator's uncalibrated roofline of the recorded trace on one GPU; *HF* = transformers' eager model "
@@ -363,7 +375,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                    if r.get("hf", {}).get("kept_init")})
     busy = sorted({f"{r['preset']} b{r['batch']} c{r['context']}: no busy time ({r['busy_error']})"
                    for r in rows if r.get("busy_error")})
-    warm = sorted({f"{r['preset']} b{r['batch']} c{r['context']}: warm-up {json.dumps(r['ours']['warmup'])}"
+    warm = sorted({f"{r['preset']} b{r['batch']} c{r['context']}: warm-up before step 0 {_warm(r['ours'])}"
                    for r in rows if r.get("ours", {}).get("warmup")})
     if notes or kept or warm or busy:
         lines += ["", *[f"- {n}" for n in notes + kept + warm + busy]]

@@ -428,7 +428,8 @@ def _report(cfg: ValidateConfig, out: Path, fit: tuple[Any, ...], placed: Any, i
                 "cost_fit": _jsonable(cost_info), "network": net.to_dict(), "overhead_s": overhead.to_dict()},
         "roofline": {"device": roof_topo.device.to_dict(), "link_bw": UNCALIBRATED_LINK[
             "cpu" if roof_topo.device.name == "cpu" else "gpu"][0], "cost_model": roof_cost.to_dict()},
-        "warmup": _jsonable(doc.get("warmup")),
+        "warmup": _jsonable({"seconds": doc["warmup_s"], "execution": doc.get("execution")}
+                            if "warmup_s" in doc else doc.get("warmup")),
         "placement": {"algo": cfg.algo, "seconds": placed.seconds, "info": _jsonable(placed.info),
                       "load_steps": [0, K], "lower_bound_busiest_load": float(np.sum(bound))},
         "remap": remaps[0],

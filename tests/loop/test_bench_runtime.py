@@ -63,9 +63,14 @@ def test_summarize_run_sums_prefill_chunks_and_leaves_warmup_out() -> None:
              {"phase": "prefill", "wall_s": 0.25}, {"phase": "decode", "wall_s": 0.1}, {"phase": "decode",
                                                                                          "wall_s": 0.3},
              {"phase": "decode", "wall_s": 0.2}]
-    s = bench.summarize_run({"steps": steps, "warmup": {"seconds": 1.5}}, process_wall=20.0)
-    assert s["prefill_s"] == 0.75 and s["decode_s"] == pytest.approx(0.2)
-    assert s["start_s"] == pytest.approx(20.0 - 10.35) and s["warmup"] == {"seconds": 1.5}
+    s = bench.summarize_run({"steps": steps, "warmup_s": 1.5}, process_wall=20.0)
+    assert s["prefill_s"] == 0.75 and s["decode_s"] == pytest.approx(0.2) and s["prefill_chunks"] == 2
+    assert s["start_s"] == pytest.approx(20.0 - 10.35) and s["warmup"] == 1.5
+    # under graphs the served step is a replay: the eager (timed) decode steps stay out of the median
+    graphed = [*steps[:3], {"phase": "decode", "wall_s": 0.9, "graph": False},
+               *({"phase": "decode", "wall_s": w, "graph": True} for w in (0.01, 0.02, 0.03))]
+    g = bench.summarize_run({"steps": graphed})
+    assert g["decode_s"] == pytest.approx(0.02) and g["replayed_steps"] == 3
     with pytest.raises(bench.MoesimError):
         bench.summarize_run({"steps": steps[:3]})
 
