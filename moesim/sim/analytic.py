@@ -98,6 +98,13 @@ def layout_cost(cost: CostModel, layout: str, num_gpus: int) -> CostModel:
 
 
 # -- communication ---------------------------------------------------------------------------------------------
+def custom_comm(config: Any) -> bool:
+    """True when the ep exchanges need :mod:`moesim.sim.comm` (a backend other than flat, or wire dtypes)."""
+    name = getattr(config, "comm", "flat")
+    return (getattr(name, "name", name) != "flat" or getattr(config, "dispatch_dtype", None) is not None
+            or getattr(config, "combine_dtype", None) is not None)
+
+
 class _CommTables:
     """The routing matrix extended so that one sparse product gives, per exchange, the bytes on every link,
     the bytes of the pairs at each path latency (to find the largest latency in use) and the bytes between GPUs
@@ -320,7 +327,22 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     link_bytes = np.zeros(int(topology.num_links))
     send = workload.send_tokens  # [S, L, G, G] tokens; priced in bytes (× tb)
     b_intra, b_inter = np.zeros(S), np.zeros(S)
-    if config.layout in ("ep", "ep-tp-attn") and G > 1:
+    if config.layout == "ep" and G > 1 and custom_comm(config):
+        # an all-to-all backend or wire dtypes (moesim.sim.comm): its own bytes per pair, link efficiencies and
+        # fixed per-kernel latencies; the DES charges the same (des.step_stages)
+        from moesim.sim import comm
+
+        ctopo = comm.effective_topology(topology, config.comm)
+        disp_b, comb_b = comm.exchange_bytes(workload, model, config, topology.gpus_per_node)
+        lat_d, lat_c = comm.kernel_latency(config)
+        t_disp, lb, bi, bo = _comm(ctopo, disp_b)
+        t_comb, lb2, ci, co = _comm(ctopo, comb_b)
+        phase_time[..., 2] = t_disp + lat_d
+        phase_time[..., 4] = t_comb + lat_c
+        link_bytes += lb + lb2
+        b_intra += bi.sum(axis=1) + ci.sum(axis=1)
+        b_inter += bo.sum(axis=1) + co.sum(axis=1)
+    elif config.layout in ("ep", "ep-tp-attn") and G > 1:
         t_disp, lb, bi, bo = _comm(topology, send, scale=tb)
         phase_time[..., 2] = t_disp
         link_bytes += lb
@@ -328,7 +350,9 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         b_intra += bi
         b_inter += bo
     comm_overlappable = phase_time[..., 2].copy()
-    if config.layout == "ep" and G > 1:
+    if config.layout == "ep" and G > 1 and custom_comm(config):
+        comm_overlappable += phase_time[..., 4]
+    elif config.layout == "ep" and G > 1:
         t_comb, lb, _, _ = _comm(topology, send, transpose=True, scale=tb)
         phase_time[..., 4] = t_comb
         link_bytes += lb

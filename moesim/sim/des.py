@@ -106,7 +106,7 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
 
     ``cost`` must already be adjusted to the layout (:func:`moesim.sim.analytic.layout_cost`).
     """
-    from moesim.sim.analytic import dense_layers_time
+    from moesim.sim.analytic import custom_comm, dense_layers_time
 
     layout = getattr(config, "layout", "ep")
     G = int(topology.num_gpus)
@@ -116,6 +116,14 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
     L = slot_tokens.shape[0]
     W = slot_tokens.shape[1] // G
     send = np.asarray(workload.send_tokens[s], dtype=np.float64) * tb  # [L, G, G]
+    comb = None
+    lat_d = lat_c = 0.0
+    if layout == "ep" and G > 1 and custom_comm(config):  # backend / dtypes: the analytic engine's bytes
+        from moesim.sim import comm
+
+        send, comb = (x[0] for x in comm.exchange_bytes(workload.window(s, s + 1), model, config,
+                                                        topology.gpus_per_node))
+        lat_d, lat_c = comm.kernel_latency(config)
     tp = layout in ("ep-tp-attn", "tp") and G > 1
     half = _half(float(workload.step_tokens[s]) * tb, G) if tp else None
     stages: list[_Stage] = []
@@ -143,11 +151,15 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
                 stages += [_Stage("exchange", 0, layer, "attn-reduce-scatter", half),
                            _Stage("exchange", 0, layer, "attn-all-gather", half)]
             stages.append(_Stage("compute", 1, layer, "gate", gate[layer]))
+        if lat_d > 0:  # the backend's fixed per-kernel latency, charged to the phase on every GPU
+            stages.append(_Stage("compute", 2, layer, "dispatch-latency", np.full(G, lat_d)))
         if layout in ("ep", "ep-tp-attn"):
             stages.append(_Stage("exchange", 2, layer, "dispatch", send[layer]))
         stages.append(_Stage("compute", 3, layer, "expert", expert[layer]))
+        if lat_c > 0:
+            stages.append(_Stage("compute", 4, layer, "combine-latency", np.full(G, lat_c)))
         if layout == "ep":
-            stages.append(_Stage("exchange", 4, layer, "combine", send[layer].T))
+            stages.append(_Stage("exchange", 4, layer, "combine", send[layer].T if comb is None else comb[layer]))
         elif tp:
             stages += [_Stage("exchange", 4, layer, "reduce-scatter", half),
                        _Stage("exchange", 4, layer, "all-gather", half)]
@@ -262,7 +274,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     ``quantum`` / ``rel_quantum``: the flow network's bandwidth hand-over quantum (seconds / fraction of the
     median remaining transmission time; 0 and 0 = exact, slower), see :class:`moesim.sim.network.FlowNetwork`.
     """
-    from moesim.sim.analytic import layout_cost
+    from moesim.sim.analytic import custom_comm, layout_cost
     from moesim.sim.config import SimConfig
     from moesim.sim.result import SimResult
 
@@ -284,6 +296,10 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
         # checked once here: the lanes start their flows without per-call checks
         raise MoesimError("flow sizes must be finite and non-negative (the workload's send_tokens)")
     cost = layout_cost(cost, config.layout, G)
+    if config.layout == "ep" and custom_comm(config):
+        from moesim.sim.comm import effective_topology
+
+        topology = effective_topology(topology, config.comm)  # the backend's achievable link bandwidths
     routes = _route_table(topology, G)
     # the DES only ever sends along these routes, so links that can never bind may be left out of the rates
     ignore = dominated_links([r[r >= 0] for r in routes], topology.edge_bw)
