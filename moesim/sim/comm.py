@@ -75,11 +75,11 @@ BACKEND_PRESETS: dict[str, BackendSpec] = {
     "flat": BackendSpec("flat", per_node=False, per_choice=False,
                         source="the simulator's original all-to-all: once per destination GPU, full link bandwidth"),
     "hierarchical": BackendSpec("hierarchical", per_node=True, per_choice=False,
-                                nvlink_eff=0.82, rdma_eff=1.0, dispatch_latency=0.0, combine_latency=0.0,
+                                nvlink_eff=0.813, rdma_eff=0.968, dispatch_latency=0.0, combine_latency=0.0,
                                 source="DeepEP normal kernels; efficiencies fitted on DeepEP README intranode "
                                        "EP8 and internode EP16 (studies/fidelity)"),
     "low-latency": BackendSpec("low-latency", per_node=False, per_choice=True,
-                               nvlink_eff=1.0, rdma_eff=0.85, dispatch_latency=30e-6, combine_latency=22e-6,
+                               nvlink_eff=1.0, rdma_eff=0.968, dispatch_latency=31.3e-6, combine_latency=29.2e-6,
                                header_bytes=LL_HEADER_BYTES,
                                source="DeepEP low-latency kernels; latencies and RDMA efficiency fitted on "
                                       "DeepEP README low-latency EP8 and EP16 (studies/fidelity)"),

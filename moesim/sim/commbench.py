@@ -62,8 +62,9 @@ def prepare_comm(topology: Any, backend: Any = "hierarchical", tokens: int = 409
     groups = 1 if spec.per_choice else N
     if topk_groups is None:
         topk_groups = min(groups, 4)  # DeepEP test_internode.py: min(num_nodes, 4)
-    if not 1 <= topk_groups <= groups:
-        raise MoesimError(f"--topk-groups {topk_groups} must be between 1 and the {groups} node group(s)")
+    if not isinstance(topk_groups, (int, np.integer)) or topk_groups < 1:
+        raise MoesimError(f"--topk-groups must be a positive integer, got {topk_groups!r}")
+    topk_groups = min(int(topk_groups), groups)  # more groups than nodes: every node may be used
     if topk_groups * (experts // groups) < top_k:
         raise MoesimError(f"--topk-groups {topk_groups} of {experts // groups} experts each hold fewer than "
                           f"--top-k {top_k} experts")
