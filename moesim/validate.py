@@ -57,6 +57,9 @@ class ValidateConfig:
     await_timeout_s: float = 600.0  # how long the paused run waits for this controller's mapping
     out: str = "moesim-validate"
     quiet: bool = False
+    comm: str = "flat"  # all-to-all backend the simulator prices the exchanges with (moesim.sim.comm)
+    dispatch_dtype: str | None = None
+    combine_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -283,7 +286,8 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     K, C = cfg.remap_step, cfg.calibration_steps
-    config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin"), dedup=True)
+    config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin", cfg.nproc), dedup=True, comm=cfg.comm,
+                       dispatch_dtype=cfg.dispatch_dtype, combine_dtype=cfg.combine_dtype)
     smodel = model.with_(bytes_per_param=4 if cfg.device == "cpu" else 2)  # float32 on CPU, bfloat16 on GPUs
 
     if not cfg.quiet:

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", metavar="A:B", help="replay steps A..B-1 only (either side may be empty)")
     p.add_argument("--no-dedup", action="store_true",
                    help="dispatch a token once per chosen expert instead of once per destination GPU")
+    from moesim.cli.cmd_comm import add_comm_argument
+
+    add_comm_argument(p)
     p.add_argument("--overlap", action="store_true", help="overlap communication with compute (two micro-batches)")
     p.add_argument("--no-dense", action="store_true", help="charge only the MoE part (no attention/gate/dense layers)")
     p.add_argument("--rebalance", metavar="POLICY",
@@ -126,6 +129,7 @@ def _cost(spec: str, trace: Any, model: Any, topology: Any, context_len: int) ->
 
 def prepare(args: argparse.Namespace) -> ReplayInputs:
     """Open and check every input; one-line MoesimError for anything wrong. The caller closes ``trace``."""
+    from moesim.cli.cmd_comm import check_comm_args
     from moesim.errors import MoesimError
     from moesim.mapping import ExpertMapping
     from moesim.replica import ReplicaPolicy
@@ -133,6 +137,7 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
     from moesim.topo import load_topology
     from moesim.trace import Trace
 
+    check_comm_args(args)
     topology = load_topology(args.topology)
     trace = Trace.open(args.trace)
     try:
@@ -152,7 +157,8 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
         start, stop = parse_steps(args.steps, trace.num_steps)
         config = SimConfig(layout=args.layout, policy=ReplicaPolicy(args.policy, topology.gpus_per_node),
                            dedup=not args.no_dedup, include_dense=not args.no_dense, overlap_comm=args.overlap,
-                           dense_layers=not args.no_dense)
+                           dense_layers=not args.no_dense, comm=args.comm, dispatch_dtype=args.dispatch_dtype,
+                           combine_dtype=args.combine_dtype)
         if args.context_len < 0:
             raise MoesimError("--context-len must be >= 0")
         cost = _cost(args.cost, trace, model, topology, args.context_len)
