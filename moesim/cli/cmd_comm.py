@@ -21,6 +21,14 @@ def add_comm_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--combine-dtype", default=None, metavar="DT", help="wire precision of the combine (as above)")
 
 
+def add_fixed_argument(p: argparse.ArgumentParser) -> None:
+    """``--fixed`` for the commands that replay a trace (moesim.sim.fixed)."""
+    p.add_argument("--fixed", default="none", metavar="none|graph|eager|F.json",
+                   help="fixed costs per step and collective: none; graph (CUDA-graph decode: NCCL collective "
+                        "latency, one graph launch, LM head); eager (host launch overhead per kernel instead); or a "
+                        "fixed-costs JSON such as the fixed_costs.json that moesim validate fits")
+
+
 def check_comm_args(args: argparse.Namespace) -> None:
     """One-line errors for the flags of :func:`add_comm_argument`."""
     from moesim.errors import MoesimError

@@ -26,9 +26,10 @@ def register(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.25,
                    help="fraction of a trace's steps (after the fit) to score on; with --window A:B, the steps "
                         "after B are held out")
-    from moesim.cli.cmd_comm import add_comm_argument
+    from moesim.cli.cmd_comm import add_comm_argument, add_fixed_argument
 
     add_comm_argument(p)
+    add_fixed_argument(p)
     p.add_argument("--out", help="directory for compare.json, compare.md, compare.png and the mappings")
     p.set_defaults(func=_run)
 
@@ -43,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
+    from moesim.sim.fixed import load_fixed
     from moesim.topo import load_topology
 
     check_comm_args(args)
@@ -54,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     src = open_source(args)
     slots = resolve_slots(args, src.load.shape[1], topo.num_gpus)
     config = SimConfig(policy=ReplicaPolicy(gpus_per_node=topo.gpus_per_node), comm=args.comm,
-                       dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype)
+                       dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype,
+                       fixed=load_fixed(args.fixed))
     res = compare(src, topo, algos, slots, holdout=args.holdout, algo_kw=algo_kwargs(args, src.model), config=config)
     head = (f"{res['source']} on {topo.name}: {topo.num_gpus} GPUs × {slots // topo.num_gpus} slots "
             f"({slots - src.load.shape[1]} redundant)")

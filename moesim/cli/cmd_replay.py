@@ -43,9 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", metavar="A:B", help="replay steps A..B-1 only (either side may be empty)")
     p.add_argument("--no-dedup", action="store_true",
                    help="dispatch a token once per chosen expert instead of once per destination GPU")
-    from moesim.cli.cmd_comm import add_comm_argument
+    from moesim.cli.cmd_comm import add_comm_argument, add_fixed_argument
 
     add_comm_argument(p)
+    add_fixed_argument(p)
     p.add_argument("--overlap", action="store_true", help="overlap communication with compute (two micro-batches)")
     p.add_argument("--no-dense", action="store_true", help="charge only the MoE part (no attention/gate/dense layers)")
     p.add_argument("--rebalance", metavar="POLICY",
@@ -134,6 +135,7 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
     from moesim.mapping import ExpertMapping
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
+    from moesim.sim.fixed import load_fixed
     from moesim.topo import load_topology
     from moesim.trace import Trace
 
@@ -158,7 +160,7 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
         config = SimConfig(layout=args.layout, policy=ReplicaPolicy(args.policy, topology.gpus_per_node),
                            dedup=not args.no_dedup, include_dense=not args.no_dense, overlap_comm=args.overlap,
                            dense_layers=not args.no_dense, comm=args.comm, dispatch_dtype=args.dispatch_dtype,
-                           combine_dtype=args.combine_dtype)
+                           combine_dtype=args.combine_dtype, fixed=load_fixed(args.fixed))
         if args.context_len < 0:
             raise MoesimError("--context-len must be >= 0")
         cost = _cost(args.cost, trace, model, topology, args.context_len)

@@ -44,6 +44,9 @@ class SimConfig:
     # wire precision of dispatch and combine (bf16 | fp8 | fp32; None: the model's token_bytes)
     dispatch_dtype: str | None = None
     combine_dtype: str | None = None
+    # fixed costs (moesim.sim.fixed.FixedCosts): collective latency, host launches, LM head, sampling, fitted
+    # per-step overhead; None charges none of them
+    fixed: Any = None
 
     def __post_init__(self) -> None:
         from moesim.sim.comm import BACKENDS, check_dtype
@@ -56,6 +59,10 @@ class SimConfig:
             raise MoesimError(f"unknown all-to-all backend {self.comm!r}; known: {', '.join(BACKENDS)}")
         check_dtype(self.dispatch_dtype, "dispatch")
         check_dtype(self.combine_dtype, "combine")
+        from moesim.sim.fixed import FixedCosts
+
+        if self.fixed is not None and not isinstance(self.fixed, FixedCosts):
+            raise MoesimError("SimConfig.fixed must be a moesim.sim.fixed.FixedCosts or None")
         if getattr(self.comm, "per_choice", self.comm == "low-latency"):
             self.dedup = False
         if not isinstance(self.policy, ReplicaPolicy):
@@ -65,4 +72,5 @@ class SimConfig:
         return {"layout": self.layout, "policy": self.policy.name, "gpus_per_node": self.policy.gpus_per_node,
                 "dedup": self.dedup, "include_dense": self.include_dense, "overlap_comm": self.overlap_comm,
                 "dense_layers": self.dense_layers, "comm": getattr(self.comm, "name", self.comm),
-                "dispatch_dtype": self.dispatch_dtype, "combine_dtype": self.combine_dtype}
+                "dispatch_dtype": self.dispatch_dtype, "combine_dtype": self.combine_dtype,
+                "fixed": None if self.fixed is None else self.fixed.to_dict()}
