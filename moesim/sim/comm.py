@@ -67,10 +67,12 @@ class BackendSpec:
                 "header_bytes": self.header_bytes, "source": self.source}
 
 
-# Calibrated constants: `python studies/fidelity/run.py --calibrate` prints these (least squares on the
-# calibration rows only: DeepEP legacy README, H800 + CX7, "Normal kernels" intranode EP8 153/158 GB/s and
-# internode EP16 43/43 GB/s; "Low-latency kernels" EP8 77/114 µs and EP16 118/195 µs). Every other row of
-# those tables is held out (studies/fidelity/README.md).
+# Calibrated constants: `python studies/fidelity/run.py` refits and prints these (least squares on relative error
+# over the calibration rows only: DeepEP docs/legacy.md (README before V2), H800 + CX7 400 Gb/s, "Normal kernels"
+# intranode EP8 153/158 GB/s and internode EP16 43/43 GB/s; "Low-latency kernels" EP8 77/114 µs and EP16
+# 118/195 µs). Four free constants: the normal kernels' NVLink efficiency (0.813), one achievable RDMA fraction of
+# the 50 GB/s NIC shared by both kernel kinds (0.968) and the low-latency dispatch / combine kernel latencies
+# (31.3 / 29.2 µs). Every other row of those tables is held out (studies/fidelity/README.md).
 BACKEND_PRESETS: dict[str, BackendSpec] = {
     "flat": BackendSpec("flat", per_node=False, per_choice=False,
                         source="the simulator's original all-to-all: once per destination GPU, full link bandwidth"),

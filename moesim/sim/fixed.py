@@ -12,7 +12,7 @@ Charged by both engines the same way (``SimConfig.fixed``; None charges nothing,
   ``6.6 + 0.6`` µs on NVLink, ``6.6 + 2.7`` (ring LL network hop) across nodes. Backends with a fitted kernel
   latency of their own (DeepEP low-latency) are not charged it twice.
 - **per step, host**: eager execution pays ``launches per layer × (MoE + dense layers) × host seconds per launch``
-  (DESIGN.md: eager frameworks spend ~5–20 µs of host time per launch; PyTorch's CUDA-graphs notes measure ~10 µs);
+  (DESIGN.md: eager frameworks spend ~5–20 µs of host time per launch; 10 µs is charged by default);
   a CUDA graph replays the whole step in one launch (``graph_launch``). Charged as not hidden behind GPU work.
 - **per step, LM head and sampling**: the LM head GEMM ``tokens × hidden × vocab`` on every GPU's own tokens, at
   the device roofline (``2·T·H·V`` FLOPs at ``mfu``·peak vs ``H·V·bytes`` of weights at ``mbu``·HBM), plus a fixed
