@@ -288,3 +288,26 @@ def test_replay_with_comm_backends(tmp_path, capsys) -> None:
     rc, _, err = run(["replay", "--trace", str(path), "--topology", "dgx-h100:2", "--comm", "nccl",
                       "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and err.count("\n") == 1 and "--comm" in err
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), P=st.sampled_from([1, 2, 4]), N=st.sampled_from([1, 2, 3]),
+       k=st.integers(1, 6))
+def test_load_only_node_estimate_between_gpu_bounds(seed, P, N, k) -> None:
+    """Load-only workloads: a node receives at least what its busiest GPU does and at most what its GPUs do
+    together (per-node de-duplication never sends more than per-GPU, never less than one GPU needs)."""
+    from moesim.sim import workload_from_counts
+
+    rng = np.random.default_rng(seed)
+    G, E = P * N, P * N * 2
+    k = min(k, E)
+    tokens = np.array([int(rng.integers(1, 200)), int(rng.integers(1, 200))])
+    counts = np.stack([rng.multinomial(t * k, rng.dirichlet(np.ones(E)))[None] for t in tokens]).astype(float)
+    mapping = ExpertMapping.linear(1, E, G)
+    hier = workload_from_counts(counts, tokens, mapping, SimConfig(policy=ReplicaPolicy(gpus_per_node=P),
+                                                                   comm="hierarchical"), top_k=k)
+    per_gpu = hier.send_tokens[:, 0, 0, :] * G  # [S, G] tokens each GPU receives from all origins
+    per_node = hier.node_tokens[:, 0, 0, :] * G  # [S, N]
+    by_node = per_gpu.reshape(2, N, P)
+    assert np.all(per_node <= by_node.sum(axis=2) + 1e-9)
+    assert np.all(per_node >= by_node.max(axis=2) - 1e-9)
