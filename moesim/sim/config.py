@@ -39,7 +39,8 @@ class SimConfig:
     # charge model.num_dense_layers dense layers (attention + dense FFN) per step (DeepSeek-V3's first 3)
     dense_layers: bool = True
     # all-to-all backend of the ep dispatch/combine (moesim.sim.comm): flat | hierarchical | low-latency;
-    # low-latency sends one message per (token, expert), so it builds its workload without de-duplication
+    # low-latency sends one message per (token, expert), so it builds its workload without de-duplication;
+    # hierarchical always de-duplicates (once per node over RDMA, once per GPU over NVLink)
     comm: Any = "flat"  # a name of moesim.sim.comm.BACKENDS or a BackendSpec (other constants)
     # wire precision of dispatch and combine (bf16 | fp8 | fp32; None: the model's token_bytes)
     dispatch_dtype: str | None = None
@@ -65,6 +66,8 @@ class SimConfig:
             raise MoesimError("SimConfig.fixed must be a moesim.sim.fixed.FixedCosts or None")
         if getattr(self.comm, "per_choice", self.comm == "low-latency"):
             self.dedup = False
+        elif getattr(self.comm, "per_node", self.comm == "hierarchical"):
+            self.dedup = True  # forwarded inside a node once per destination GPU
         if not isinstance(self.policy, ReplicaPolicy):
             raise MoesimError("SimConfig.policy must be a moesim.replica.ReplicaPolicy")
 
