@@ -83,7 +83,7 @@ class TraceWriter:
     def _open_for_append(self) -> None:
         from moesim.trace.reader import Trace
 
-        existing = Trace.open(self.path, require_steps=False)
+        existing = Trace.open(self.path, require_steps=False, allow_truncated=True)
         if existing.model != self.model or existing.kind != self.kind:
             existing.close()
             raise TraceError(f"cannot append to {self.path}: it records {existing.kind} of model "
