@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import TraceError
+from moesim.io import remove_stale_temporaries
 from moesim.models import ModelSpec
 from moesim.trace import format as fmt
 
@@ -62,6 +63,7 @@ class TraceWriter:
         if atomic:
             if not self.path.parent.is_dir():
                 raise TraceError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
+            remove_stale_temporaries(self.path.parent, self.path.name)  # left by a killed writer of this file
             self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         if append and self._final.exists():
             self._open_for_append()
