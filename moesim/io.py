@@ -160,7 +160,7 @@ MAX_JSON_BYTES = 1 << 30
 def parse_json(text: str | bytes, what: str) -> Any:
     """``json.loads`` with one-line errors, no NaN/Infinity constants and nesting bounded to MAX_JSON_DEPTH."""
     def refuse_constant(name: str) -> Any:
-        raise MoesimError(f"{what} holds {name}, which is not a number JSON allows")
+        raise MoesimError(f"{what} holds {name}, a non-finite number (not valid JSON)")
 
     try:
         data = json.loads(text, parse_constant=refuse_constant)
