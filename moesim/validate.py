@@ -302,7 +302,7 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
                  **({"stdout": subprocess.DEVNULL} if cfg.quiet else {}))
     try:
         _wait_until_paused(proc, run_dir / "run.json", K)
-        with Trace.open(run_dir / "trace.mtrace") as trace:  # steps 0..K-1, flushed before the pause
+        with Trace.open(run_dir / "trace.mtrace", allow_truncated=True) as trace:  # steps 0..K-1, flushed
             fit = fit_all(trace, measure(run_dir, trace, stop=C), initial, smodel, config, cfg.engine)
             load = trace.load(0, K).sum(axis=0).astype(float)  # [L, E] the expert load the rebalancer sees
         placed = place_new(load, cfg, initial)

@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from moesim.cli.cmd_comm import check_comm_args
     from moesim.errors import MoesimError
-    from moesim.io import atomic_write_text, write_json
+    from moesim.io import atomic_dir, atomic_write_text, write_json
     from moesim.placement.compare import COLUMNS, HOLDOUT_COLUMNS, compare, format_markdown, format_table, plot
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
     from moesim.replica import ReplicaPolicy
@@ -71,16 +71,16 @@ def _run(args: argparse.Namespace) -> int:
         text.append("(no model: give --model for predicted step time and inter-node bytes)")
     print("\n".join(text))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for algo, mapping in res["mappings"].items():
-            mapping.save(out / f"mapping-{algo}.json")
-        data = {k: v for k, v in res.items() if k != "mappings"}
-        md = [f"# {head}{fit}", "", format_markdown(res["rows"], COLUMNS)]
-        if res["holdout_rows"]:
-            md += ["", f"Held-out steps {res['holdout_steps'][0]}:{res['holdout_steps'][1]}", "",
-                   format_markdown(res["holdout_rows"], HOLDOUT_COLUMNS)]
-        plot(res, out / "compare.png")
-        atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
-        write_json(out / "compare.json", data)
+        with atomic_dir(out, previous=("compare.json",)) as d:  # one run per folder: no stale mappings
+            for algo, mapping in res["mappings"].items():
+                mapping.save(d / f"mapping-{algo}.json")
+            data = {k: v for k, v in res.items() if k != "mappings"}
+            md = [f"# {head}{fit}", "", format_markdown(res["rows"], COLUMNS)]
+            if res["holdout_rows"]:
+                md += ["", f"Held-out steps {res['holdout_steps'][0]}:{res['holdout_steps'][1]}", "",
+                       format_markdown(res["holdout_rows"], HOLDOUT_COLUMNS)]
+            plot(res, d / "compare.png")
+            atomic_write_text(d / "compare.md", "\n".join(md) + "\n")
+            write_json(d / "compare.json", data)
         print(f"wrote {out}/compare.json, compare.md, compare.png")
     return 0
