@@ -191,10 +191,14 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _run(args: argparse.Namespace) -> int:
+def execute(args: argparse.Namespace, progress: Any = False) -> dict[str, Any]:
+    """Replay as the options say and write the report into ``args.out``; return the report's summary.
+
+    What ``moesim replay`` runs and what a ``moesim sweep`` cell runs (no printing here).
+    """
     from moesim.errors import MoesimError
     from moesim.sim import simulate
-    from moesim.sim.report import format_table, write_report
+    from moesim.sim.report import write_report
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -205,7 +209,6 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise MoesimError(f"the discrete-event engine is not available ({exc})") from None
     r = prepare(args)
-    bar = ProgressBar(args.progress or (sys.stderr.isatty() and not os.environ.get("MOESIM_NO_PROGRESS")))
     try:
         if args.rebalance:
             from moesim.placement.rebalance import replay_with_rebalance
@@ -219,12 +222,19 @@ def _run(args: argparse.Namespace) -> int:
                                                "seconds": float(e.seconds)} for e in schedule]
         else:
             result = simulate(r.trace, r.topology, r.mapping, r.cost, r.model, r.config, engine=args.engine,
-                              start=r.start, stop=r.stop, progress=bar if bar.enabled else False)
+                              start=r.start, stop=r.stop, progress=progress)
     finally:
         r.trace.close()
-    summary = write_report(result, out, r.inputs, r.topology, plots=not args.no_plots)
+    return write_report(result, out, r.inputs, r.topology, plots=not args.no_plots)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moesim.sim.report import format_table
+
+    bar = ProgressBar(args.progress or (sys.stderr.isatty() and not os.environ.get("MOESIM_NO_PROGRESS")))
+    summary = execute(args, progress=bar if bar.enabled else False)
     if not args.quiet:
         print(format_table(summary))
-        print(f"wrote {out}/report.json, steps.csv, timeline.json" + ("" if args.no_plots else
-                                                                        ", load_heatmap.png, step_latency.png"))
+        print(f"wrote {args.out}/report.json, steps.csv, timeline.json" + ("" if args.no_plots else
+                                                                             ", load_heatmap.png, step_latency.png"))
     return 0
