@@ -142,22 +142,28 @@ def _toml() -> Any:
     return tomli
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; one-line MoesimError if it is missing or malformed."""
+    from moesim.io import check_file
+
+    path = check_file(path, "sweep spec")
+    try:
+        return _toml().loads(path.read_text())
+    except UnicodeDecodeError:
+        raise MoesimError(f"sweep spec {path} is not a text (TOML) file") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise MoesimError(f"sweep spec {path} is not valid TOML: {exc}") from None
+
+
 def _norm(name: str) -> str:
     return str(name).strip().replace("_", "-")
 
 
 def load_spec(path: str | Path) -> Spec:
     """Read, check and expand a spec into its cells (each parsed and keyed); every input checked first."""
-    from moesim.io import check_file
-
-    path = check_file(path, "sweep spec")
-    try:
-        text = path.read_text()
-        data = _toml().loads(text)
-    except UnicodeDecodeError:
-        raise MoesimError(f"sweep spec {path} is not a text (TOML) file") from None
-    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
-        raise MoesimError(f"sweep spec {path} is not valid TOML: {exc}") from None
+    path = Path(path)
+    data = read_toml(path)
+    text = path.read_text()
     where = path.name
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:

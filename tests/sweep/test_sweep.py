@@ -76,7 +76,7 @@ def test_bad_spec_fails_before_any_cell(tmp_path, traces, capsys, label, extra, 
         base = base.replace("[[plots]]", '[axes]\nengine = ["analytic", "des"]\n[[plots]]')
     spec = tmp_path / "s.toml"
     spec.write_text(base)
-    rc, out, err = run_cli(["sweep", str(spec), "--out", str(tmp_path / "out")], capsys)
+    rc, _out, err = run_cli(["sweep", str(spec), "--out", str(tmp_path / "out")], capsys)
     assert rc == 2, (label, err)
     assert err.count("\n") == 1 and err.startswith("moesim: error: "), err
     assert message in err, err
@@ -272,6 +272,6 @@ def test_place_and_compare_cells(tmp_path, traces) -> None:
 
 def test_plot_metric_that_is_no_column(tmp_path, traces, capsys) -> None:
     spec = spec_for(tmp_path, traces, text=REPLAY.replace('metric = "step_latency_mean_s"', 'metric = "speed"'))
-    rc, out, err = run_cli(["sweep", str(spec), "--out", str(tmp_path / "out"), "--workers", "1"], capsys)
+    rc, _out, err = run_cli(["sweep", str(spec), "--out", str(tmp_path / "out"), "--workers", "1"], capsys)
     assert rc == 2 and "plots[0]: metric 'speed' is not a numeric column" in err
     assert (tmp_path / "out" / "results.csv").is_file()  # the table is kept: fix the spec, rerun (all cached)
