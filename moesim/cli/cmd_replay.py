@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-place experts while replaying: static | periodic:interval=N,window=W | "
                         "threshold:balancedness=X,window=W (moesim.placement.rebalance)")
     p.add_argument("--rebalance-algo", default="greedy", metavar="ALGO", help="placement algorithm for --rebalance")
+    p.add_argument("--rebalance-max-swaps", type=int, default=None, metavar="N",
+                   help="with --rebalance-algo incremental: at most N swaps per layer at each rebalance (a move "
+                        "budget; default: the algorithm's, 64)")
     p.add_argument("--rebalance-overlap", action="store_true",
                    help="expert moves overlap compute (no stall); default: blocking, each move charged as a stall")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for report.json, steps.csv, "
@@ -191,6 +194,20 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+def rebalance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The placement keywords of ``--rebalance-*`` (checked: a move budget needs the incremental rebalancer)."""
+    from moesim.errors import MoesimError
+
+    n = getattr(args, "rebalance_max_swaps", None)
+    if n is None:
+        return {}
+    if n < 1:
+        raise MoesimError(f"--rebalance-max-swaps must be >= 1, got {n}")
+    if args.rebalance_algo != "incremental":
+        raise MoesimError("--rebalance-max-swaps applies to --rebalance-algo incremental only")
+    return {"max_swaps": n}
+
+
 def execute(args: argparse.Namespace, progress: Any = False) -> dict[str, Any]:
     """Replay as the options say and write the report into ``args.out``; return the report's summary.
 
@@ -208,6 +225,7 @@ def execute(args: argparse.Namespace, progress: Any = False) -> dict[str, Any]:
             import moesim.sim.des  # noqa: F401
         except ImportError as exc:
             raise MoesimError(f"the discrete-event engine is not available ({exc})") from None
+    place_kw = rebalance_kwargs(args) if args.rebalance else {}
     r = prepare(args)
     try:
         if args.rebalance:
@@ -215,8 +233,11 @@ def execute(args: argparse.Namespace, progress: Any = False) -> dict[str, Any]:
 
             result, schedule = replay_with_rebalance(r.trace, r.topology, r.cost, r.model, r.mapping, args.rebalance,
                                                      args.rebalance_algo, r.config, args.engine, start=r.start,
-                                                     stop=r.stop, blocking=not args.rebalance_overlap)
+                                                     stop=r.stop, blocking=not args.rebalance_overlap,
+                                                     place_kw=place_kw)
             r.inputs["rebalance_algo"] = args.rebalance_algo
+            if place_kw:
+                r.inputs["rebalance_place_kw"] = place_kw
             r.inputs["rebalance_blocking"] = not args.rebalance_overlap
             r.inputs["rebalance_schedule"] = [{"step": int(e.step), "moved_bytes": float(e.moved_bytes),
                                                "seconds": float(e.seconds)} for e in schedule]

@@ -50,6 +50,11 @@ def execute(command: str, args: argparse.Namespace, out: Path) -> tuple[dict[str
 
         args.out = str(out)
         _flat("", replay(args), figures)
+        schedule = json.loads((out / "report.json").read_text())["inputs"].get("rebalance_schedule")
+        if schedule is not None:  # the report's rebalances: count, bytes moved, copy seconds (stalls if blocking)
+            figures["rebalances"] = len(schedule)
+            figures["rebalance_moved_bytes"] = float(sum(e["moved_bytes"] for e in schedule))
+            figures["rebalance_seconds"] = float(sum(e["seconds"] for e in schedule))
     elif command == "place":
         from moesim.cli.cmd_place import execute as place
 

@@ -16,7 +16,9 @@ Format (keys are the command's long options without the dashes; ``-`` or ``_`` b
     topology = ["dgx-h100:2", "dgx-h100:4"]
     slots-per-gpu = [8, 9]
     case = [{trace = "a.mtrace", topology = "dgx-h100"},   # linked options: a list of tables varies
-            {trace = "b.mtrace", topology = "dgx-h100:2"}] # the options of each table together
+            {trace = "b.mtrace", topology = "dgx-h100:2"}] # the options of each table together (an option
+                                                           # a table leaves out keeps its default; an optional
+                                                           # `label = "..."` names the value in the table/plots)
     [[plots]]                               # summary plots of the results table
     kind = "heatmap"                        # heatmap: x × y; line: metric over x, one line per `series`
     x = "slots-per-gpu"
@@ -77,10 +79,13 @@ class Axis:
     values: list[Any]
     options: list[dict[str, Any]]  # per value: {option name (dashes): value}
     linked: bool = False
+    shown: list[str] = field(default_factory=list)  # a linked value's `label`, if the spec gives one
 
     def label(self, i: int) -> str:
         if not self.linked:
             return str(self.values[i])
+        if self.shown and self.shown[i]:
+            return self.shown[i]
         return ", ".join(f"{k}={v}" for k, v in self.options[i].items())
 
 
@@ -124,7 +129,7 @@ class Spec:
         for ax in self.axes:
             if ax.linked:
                 cols.append(ax.name)
-            for opt in (ax.options[0] if ax.linked else {ax.name: None}):
+            for opt in (dict.fromkeys(k for o in ax.options for k in o) if ax.linked else [ax.name]):
                 if opt not in cols:
                     cols.append(opt)
         return cols
@@ -177,14 +182,14 @@ def load_spec(path: str | Path) -> Spec:
     axes = _axes(_table(data.get("axes", {}), f"{where}: [axes]"), where)
     owner = {k: "options" for k in options}
     for ax in axes:
-        for opt in ax.options[0]:
+        for opt in dict.fromkeys(k for o in ax.options for k in o):
             if opt in owner:
                 raise MoesimError(f"{where}: option {opt!r} is set by both {owner[opt]} and axes.{ax.name}")
             owner[opt] = f"axes.{ax.name}"
     actions = {a.dest: a for a in parser._actions}
     for opt, src in owner.items():
         values = [options[opt]] if src == "options" else [
-            o[opt] for ax in axes if f"axes.{ax.name}" == src for o in ax.options]
+            o[opt] for ax in axes if f"axes.{ax.name}" == src for o in ax.options if opt in o]
         for v in values:
             _check_value(parser, actions, command, opt, v, f"{where}: {src}")
     plots = _plots(data.get("plots", []), axes, where)
@@ -213,12 +218,15 @@ def _axes(table: dict[str, Any], where: str) -> list[Axis]:
             raise MoesimError(f"{where}: axes.{name}: values must all be plain values, or all tables "
                               "(linked options)")
         if linked:
-            opts = [{_norm(k): v for k, v in val.items()} for val in values]
-            if any(set(o) != set(opts[0]) for o in opts) or not opts[0]:
-                raise MoesimError(f"{where}: axes.{name}: every table of a linked axis must set the same options")
-            if _norm(name) in opts[0]:
+            shown = [str(val.get("label", "")) for val in values]  # `label`: how the value is shown, no option
+            opts = [{_norm(k): v for k, v in val.items() if k != "label"} for val in values]
+            if not all(opts):
+                raise MoesimError(f"{where}: axes.{name}: every table of a linked axis must set an option")
+            if len({json.dumps(o, sort_keys=True) for o in opts}) != len(opts):
+                raise MoesimError(f"{where}: axes.{name} repeats a value")
+            if any(_norm(name) in o for o in opts):
                 raise MoesimError(f"{where}: axes.{name}: a linked axis must not be named like one of its options")
-            axes.append(Axis(_norm(name), values, opts, linked=True))
+            axes.append(Axis(_norm(name), values, opts, linked=True, shown=shown))
         else:
             if len({json.dumps(v) for v in values}) != len(values):
                 raise MoesimError(f"{where}: axes.{name} repeats a value")
@@ -385,6 +393,9 @@ def _check_replay(args: argparse.Namespace, cache: dict[str, Any]) -> None:
         from moesim.cli.cmd_place import check_algo
 
         check_algo(args.rebalance_algo)
+        from moesim.cli.cmd_replay import rebalance_kwargs
+
+        rebalance_kwargs(args)
     sig = json.dumps([args.trace, args.topology, args.mapping, args.slots_per_gpu, args.steps, args.cost,
                       args.context_len, args.layout, args.policy])
     if sig in cache:

@@ -275,3 +275,43 @@ def test_plot_metric_that_is_no_column(tmp_path, traces, capsys) -> None:
     rc, _out, err = run_cli(["sweep", str(spec), "--out", str(tmp_path / "out"), "--workers", "1"], capsys)
     assert rc == 2 and "plots[0]: metric 'speed' is not a numeric column" in err
     assert (tmp_path / "out" / "results.csv").is_file()  # the table is kept: fix the spec, rerun (all cached)
+
+
+def test_linked_axis_labels_and_defaults(tmp_path, traces) -> None:
+    """A linked value may leave an option out (its default) and carry a label; the rebalance figures come from
+    the report's schedule."""
+    spec = write_spec(tmp_path, f"""\
+        command = "replay"
+        [options]
+        trace = "{traces / 'tiny.mtrace'}"
+        topology = "dgx-h100"
+        slots-per-gpu = 2
+        rebalance = "periodic:interval=2,window=2"
+        no-plots = true
+        [axes]
+        rebalancer = [{{label = "from scratch", rebalance-algo = "greedy"}},
+                      {{label = "1 swap", rebalance-algo = "incremental", rebalance-max-swaps = 1}}]
+    """)
+    res = run_sweep(load_spec(spec), tmp_path / "out", workers=1)
+    assert res.failed == 0
+    assert res.columns[1:4] == ["rebalancer", "rebalance-algo", "rebalance-max-swaps"]
+    assert [(r["rebalancer"], r["rebalance-algo"], r["rebalance-max-swaps"]) for r in res.rows] == [
+        ("from scratch", "greedy", None), ("1 swap", "incremental", 1)]
+    for r in res.rows:
+        report = json.loads((tmp_path / "out" / "cells" / r["cell"] / "report.json").read_text())
+        sched = report["inputs"]["rebalance_schedule"]
+        assert r["rebalances"] == len(sched) and len(sched) >= 1
+        assert r["rebalance_moved_bytes"] == sum(e["moved_bytes"] for e in sched)
+    assert report["inputs"]["rebalance_place_kw"] == {"max_swaps": 1}
+    # a move budget for a rebalancer that has none fails before any cell runs
+    bad = write_spec(tmp_path, spec.read_text().replace('rebalance-algo = "incremental"', 'rebalance-algo = "eplb"'),
+                     name="bad.toml")
+    with pytest.raises(MoesimError, match="--rebalance-max-swaps applies to --rebalance-algo incremental only"):
+        load_spec(bad)
+
+
+def test_ray_missing_is_one_line(tmp_path, traces, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    rc, _out, err = run_cli(["sweep", str(spec_for(tmp_path, traces)), "--out", str(tmp_path / "o"), "--ray"], capsys)
+    assert rc == 2 and err == "moesim: error: --ray needs Ray: pip install 'moesim[ray]' (or pip install ray)\n"
+    assert not (tmp_path / "o" / "cells").exists() or not any((tmp_path / "o" / "cells").iterdir())
