@@ -141,26 +141,33 @@ def plot(spec: Any, p: Any, rows: list[dict[str, Any]], path: Path) -> None:
         return g
 
     n = len(facets)
-    cols = min(n, 4)
+    grids = [grid(f) for f in facets]
+    if p.kind == "heatmap":
+        cols = min(n, 3 if len(xl) <= 4 else 2)
+        w, h = 0.75 * len(xl) + 2.2, 0.4 * len(yl) + 2.6  # room for rotated tick labels below
+    else:
+        cols, w, h = min(n, 3), 4.6, 3.6
     nrows = -(-n // cols)
-    w = 4.2 if p.kind == "line" else max(3.5, 0.9 * len(xl) + 2)
-    h = 3.4 if p.kind == "line" else max(2.8, 0.45 * len(yl) + 1.6)
-    fig, axs = plt.subplots(nrows, cols, figsize=(w * cols, h * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, cols, figsize=(w * cols + (1.2 if p.kind == "heatmap" else 0), h * nrows),
+                            squeeze=False, layout="constrained")
     numeric_x = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ax_x.values)
     xs = np.array([float(v) for v in ax_x.values]) if numeric_x else np.arange(len(xl))
-    for k, facet in enumerate(facets):
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids]) if grids else np.zeros(0)
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    im = None
+    for k, (facet, g) in enumerate(zip(facets, grids)):
         a = axs[k // cols, k % cols]
-        g = grid(facet)
-        if p.kind == "heatmap":
-            im = a.imshow(g, aspect="auto", cmap="viridis", origin="lower")
+        if p.kind == "heatmap":  # one colour scale for every panel, so panels compare at a glance
+            im = a.imshow(g, aspect="auto", cmap="viridis", origin="lower", vmin=lo, vmax=hi)
             a.set_xticks(range(len(xl)), xl, rotation=30, ha="right", fontsize=8)
             a.set_yticks(range(len(yl)), yl, fontsize=8)
             a.set_ylabel(p.y)
             if g.size <= 144:
                 for (i, j), v in np.ndenumerate(g):
                     if np.isfinite(v):
-                        a.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
-            fig.colorbar(im, ax=a)
+                        bright = (v - lo) / (hi - lo) > 0.6 if hi > lo else False
+                        a.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                               color="k" if bright else "w")
         else:
             for i, label in enumerate(yl):
                 a.plot(xs, g[i], "o-", label=f"{p.y}={label}" if ax_y else p.metric)
@@ -171,10 +178,11 @@ def plot(spec: Any, p: Any, rows: list[dict[str, Any]], path: Path) -> None:
                 a.legend(fontsize=7)
         a.set_xlabel(p.x)
         a.set_title(", ".join(f"{k}={v}" for k, v in facet.items()) or p.metric, fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=axs.ravel().tolist(), label=p.metric, shrink=0.9)
     for k in range(n, nrows * cols):
         axs[k // cols, k % cols].axis("off")
     fig.suptitle(f"{p.metric} ({spec.path.name})", fontsize=9)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
