@@ -46,7 +46,9 @@ def run_sweep(spec: Spec | str | Path, out: str | Path, *, workers: int | None =
     """Run every unfinished cell of ``spec`` and write the table and plots into ``out``.
 
     ``workers``: local processes (default: all cores; 1 runs the cells in this process). ``ray``: None/False
-    for local execution, True for a new local Ray cluster, or the address of an existing one.
+    for local execution, True for a new local Ray cluster, or the address of an existing one. Local workers are
+    spawned processes: a script that calls this with ``workers != 1`` needs the ``if __name__ == "__main__":``
+    guard (as every multiprocessing program does).
     """
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     out = Path(out)

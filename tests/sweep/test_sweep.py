@@ -6,6 +6,8 @@ import json
 import shutil
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moesim.cli import main
 from moesim.errors import MoesimError
@@ -315,3 +317,46 @@ def test_ray_missing_is_one_line(tmp_path, traces, capsys, monkeypatch) -> None:
     rc, _out, err = run_cli(["sweep", str(spec_for(tmp_path, traces)), "--out", str(tmp_path / "o"), "--ray"], capsys)
     assert rc == 2 and err == "moesim: error: --ray needs Ray: pip install 'moesim[ray]' (or pip install ray)\n"
     assert not (tmp_path / "o" / "cells").exists() or not any((tmp_path / "o" / "cells").iterdir())
+
+
+def test_progress_bar_counts(capsys) -> None:
+    from moesim.sweep.executors import Progress
+
+    bar = Progress(total=5, cached=2, enabled=True)
+    bar.tick(2)
+    bar.finished({"status": "ok"})
+    bar.finished({"status": "failed"})
+    err = capsys.readouterr().err
+    assert "sweep [" in err and "4/5 cells (2 cached), 2 running, 1 failed, ETA " in err
+    bar.finished({"status": "ok"})
+    assert capsys.readouterr().err.endswith("5/5 cells (2 cached), 2 running, 1 failed, ETA 0s   \n")
+    quiet = Progress(total=1, cached=0, enabled=False)
+    quiet.finished({"status": "ok"})
+    assert capsys.readouterr().err == ""
+
+
+@settings(max_examples=15, deadline=None)
+@given(algos=st.lists(st.sampled_from(["linear", "round_robin", "lpt", "greedy", "eplb"]), min_size=1, max_size=4,
+                      unique=True),
+       slots=st.lists(st.integers(1, 4), min_size=1, max_size=3, unique=True),
+       groups=st.lists(st.sampled_from([1, 2, 4]), min_size=1, max_size=2, unique=True))
+def test_grid_is_the_product_of_the_axes(tmp_path_factory, algos, slots, groups) -> None:
+    """Every combination of axis values is one cell, in spec order (last axis fastest), parsed into its options,
+    and distinct options give distinct keys."""
+    d = tmp_path_factory.mktemp("grid")
+    (d / "load.json").write_text(json.dumps([[5, 1, 2, 8, 3, 3, 1, 9]] * 2))
+    spec = load_spec(write_spec(d, f"""\
+        command = "place"
+        [options]
+        load = "load.json"
+        topology = "pcie-8gpu"
+        [axes]
+        algo = {json.dumps(algos)}
+        slots-per-gpu = {json.dumps(slots)}
+        groups = {json.dumps(groups)}
+    """))
+    want = [(a, s, g) for a in algos for s in slots for g in groups]
+    assert [(c.args.algo, c.args.slots_per_gpu, c.args.groups) for c in spec.cells] == want
+    assert [(c.axes["algo"], c.axes["slots-per-gpu"], c.axes["groups"]) for c in spec.cells] == want
+    assert len({c.key for c in spec.cells}) == len(want)
+    assert all(c.args.load == str(d / "load.json") for c in spec.cells)
