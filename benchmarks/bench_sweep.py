@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sweep.py                # 16 replay cells; writes benchmarks/results/bench_sweep.md
     python benchmarks/bench_sweep.py --quick        # 4 small cells (a smoke run), prints only
+    python benchmarks/bench_sweep.py --wide         # 64 cells (replica policy and dedup axes too): many cores
 
 The grid is a real study's: a synthetic Mixtral-8x7B trace replayed on 1 and 2 DGX H100 nodes × 1-2 slots per GPU
 × analytic/discrete-event engine × ep/ep-tp-attn layout, every cell from scratch into a fresh folder. For each
@@ -49,6 +50,7 @@ def _run(spec_path: Path, out: Path, **kw) -> tuple[float, object]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4 small cells, no Markdown written")
+    ap.add_argument("--wide", action="store_true", help="64 cells: also the replica policy and dedup as axes")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray executor")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_sweep.md")
     args = ap.parse_args(argv)
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         text = SPEC.format(trace=tmp / "mix.mtrace", layouts=layouts)
         if args.quick:
             text = text.replace('engine = ["analytic", "des"]', 'engine = ["analytic"]')
+        elif args.wide:
+            text += 'policy = ["round_robin", "local"]\nno-dedup = [false, true]\n'
         spec.write_text(text)
         n = len(load_spec(spec).cells)
         print(f"{n} cells; {cores} cores; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
              f"`python benchmarks/bench_sweep.py{' --quick' if args.quick else ''}` on {platform.machine()}, "
              f"{cores} cores (shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end), "
              f"Python {platform.python_version()}. Grid: {n} `replay` cells (Mixtral-8x7B, {steps} decode steps × "
-             f"{tokens} tokens; 1-2 DGX H100 nodes × 1-2 slots/GPU × analytic/DES × layouts {layouts}). "
+             f"{tokens} tokens; 1-2 DGX H100 nodes × 1-2 slots/GPU × analytic/DES × layouts {layouts}"
+             f"{' × replica policy × dedup' if args.wide else ''}). "
              f"Sum of the cells' own times in one process: {cell_sum:.1f} s.", "",
              "| executor | workers | wall (s) | cells/s | speed-up vs 1 process | efficiency vs ideal | start-up (s) |",
              "|---|---|---|---|---|---|---|"]
