@@ -270,7 +270,7 @@ def _argv(options: dict[str, Any]) -> list[str]:
             if v:
                 argv.append(f"--{k}")
         else:
-            argv += [f"--{k}", str(v)]
+            argv.append(f"--{k}={v}")  # one token: a value like "-8:" is not taken for an option
     return argv
 
 

@@ -360,3 +360,15 @@ def test_grid_is_the_product_of_the_axes(tmp_path_factory, algos, slots, groups)
     assert [(c.axes["algo"], c.axes["slots-per-gpu"], c.axes["groups"]) for c in spec.cells] == want
     assert len({c.key for c in spec.cells}) == len(want)
     assert all(c.args.load == str(d / "load.json") for c in spec.cells)
+
+
+def test_values_that_look_like_options(tmp_path, traces) -> None:
+    spec = load_spec(write_spec(tmp_path, f"""\
+        command = "replay"
+        [options]
+        trace = "{traces / 'tiny.mtrace'}"
+        topology = "dgx-h100"
+        [axes]
+        steps = ["-2:", ":-4"]
+    """))
+    assert [c.args.steps for c in spec.cells] == ["-2:", ":-4"]
