@@ -142,7 +142,7 @@ def commit_files(cells_dir: Path, key: str, files: dict[str, bytes], record: dic
     try:
         for name, data in files.items():
             p = tmp / name
-            if p.resolve().parent != tmp.resolve() and tmp.resolve() not in p.resolve().parents:
+            if tmp.resolve() not in p.resolve().parents:
                 continue  # never write outside the cell's folder
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
