@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-place experts while replaying: static | periodic:interval=N,window=W | "
                         "threshold:balancedness=X,window=W (moesim.placement.rebalance)")
     p.add_argument("--rebalance-algo", default="greedy", metavar="ALGO", help="placement algorithm for --rebalance")
+    p.add_argument("--rebalance-max-swaps", type=int, default=None, metavar="N",
+                   help="with --rebalance-algo incremental: at most N swaps per layer at each rebalance (a move "
+                        "budget; default: the algorithm's, 64)")
     p.add_argument("--rebalance-overlap", action="store_true",
                    help="expert moves overlap compute (no stall); default: blocking, each move charged as a stall")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for report.json, steps.csv, "
@@ -207,11 +210,29 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _run(args: argparse.Namespace) -> int:
+def rebalance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The placement keywords of ``--rebalance-*`` (checked: a move budget needs the incremental rebalancer)."""
+    from moesim.errors import MoesimError
+
+    n = getattr(args, "rebalance_max_swaps", None)
+    if n is None:
+        return {}
+    if n < 1:
+        raise MoesimError(f"--rebalance-max-swaps must be >= 1, got {n}")
+    if args.rebalance_algo != "incremental":
+        raise MoesimError("--rebalance-max-swaps applies to --rebalance-algo incremental only")
+    return {"max_swaps": n}
+
+
+def execute(args: argparse.Namespace, progress: Any = False) -> dict[str, Any]:
+    """Replay as the options say and write the report into ``args.out``; return the report's summary.
+
+    What ``moesim replay`` runs and what a ``moesim sweep`` cell runs (no printing here).
+    """
     from moesim.errors import MoesimError
     from moesim.io import atomic_dir
     from moesim.sim import simulate
-    from moesim.sim.report import format_table, write_report
+    from moesim.sim.report import write_report
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -221,28 +242,38 @@ def _run(args: argparse.Namespace) -> int:
             import moesim.sim.des  # noqa: F401
         except ImportError as exc:
             raise MoesimError(f"the discrete-event engine is not available ({exc})") from None
+    place_kw = rebalance_kwargs(args) if args.rebalance else {}
     r = prepare(args)
-    bar = ProgressBar(args.progress or (sys.stderr.isatty() and not os.environ.get("MOESIM_NO_PROGRESS")))
     try:
         if args.rebalance:
             from moesim.placement.rebalance import replay_with_rebalance
 
             result, schedule = replay_with_rebalance(r.trace, r.topology, r.cost, r.model, r.mapping, args.rebalance,
                                                      args.rebalance_algo, r.config, args.engine, start=r.start,
-                                                     stop=r.stop, blocking=not args.rebalance_overlap)
+                                                     stop=r.stop, blocking=not args.rebalance_overlap,
+                                                     place_kw=place_kw)
             r.inputs["rebalance_algo"] = args.rebalance_algo
+            if place_kw:
+                r.inputs["rebalance_place_kw"] = place_kw
             r.inputs["rebalance_blocking"] = not args.rebalance_overlap
             r.inputs["rebalance_schedule"] = [{"step": int(e.step), "moved_bytes": float(e.moved_bytes),
                                                "seconds": float(e.seconds)} for e in schedule]
         else:
             result = simulate(r.trace, r.topology, r.mapping, r.cost, r.model, r.config, engine=args.engine,
-                              start=r.start, stop=r.stop, progress=bar if bar.enabled else False)
+                              start=r.start, stop=r.stop, progress=progress)
     finally:
         r.trace.close()
     with atomic_dir(out, previous=("report.json",)) as tmp:  # the folder holds this run alone, or the last one
-        summary = write_report(result, tmp, r.inputs, r.topology, plots=not args.no_plots)
+        return write_report(result, tmp, r.inputs, r.topology, plots=not args.no_plots)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moesim.sim.report import format_table
+
+    bar = ProgressBar(args.progress or (sys.stderr.isatty() and not os.environ.get("MOESIM_NO_PROGRESS")))
+    summary = execute(args, progress=bar if bar.enabled else False)
     if not args.quiet:
         print(format_table(summary))
-        print(f"wrote {out}/report.json, steps.csv, timeline.json" + ("" if args.no_plots else
-                                                                        ", load_heatmap.png, step_latency.png"))
+        print(f"wrote {args.out}/report.json, steps.csv, timeline.json" + ("" if args.no_plots else
+                                                                             ", load_heatmap.png, step_latency.png"))
     return 0
