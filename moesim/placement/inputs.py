@@ -57,7 +57,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     slots.add_argument("--redundant", type=int, help="redundant slots in total (slots = experts + R)")
     p.add_argument("--groups", type=int, help="expert groups for eplb (default: the model's, else 1)")
     p.add_argument("--time-limit", type=finite_float(0.0, 86400.0, open_lo=True), default=30.0,
-                   help="seconds for milp (each layer gets limit × workers ÷ layers; layers run in parallel)")
+                   help="seconds for milp (layers run in parallel, each with limit ÷ rounds of layers)")
     p.add_argument("--internode-weight", type=finite_float(0.0), default=0.0,
                    help="milp: weight of co-activated pairs that share no node (needs --trace)")
 

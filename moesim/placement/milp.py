@@ -274,7 +274,7 @@ def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: f
     Warm start: greedy's placement is the incumbent — its busiest load caps T (a cutoff; scipy's HiGHS interface
     takes no initial solution) and it stands wherever the MILP does not *strictly* improve on it (ties go to
     greedy, so equal solutions never flip with the time limit). Every layer gets the same budget,
-    ``time_limit × workers / L`` (never what earlier layers left over), and layers are solved in ``workers``
+    ``time_limit / ceil(L / workers)`` (never what earlier layers left over), and layers are solved in ``workers``
     processes (default: up to 8, the CPU count): a layer's result depends only on its own load and budget, and
     a layer solved to optimality (gap 0) gives the same mapping on every run. ``info["gap_per_layer"]`` is the
     proven gap (busiest − best bound) ÷ busiest of each layer.
@@ -292,8 +292,9 @@ def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: f
     water = replica_counts(load, num_slots, num_gpus)
     K = min(num_slots - E + 1, num_gpus)
     restricted = E * num_gpus * K > full_limit
-    workers = max(1, min(L, workers if workers is not None else min(8, os.cpu_count() or 1)))
-    per = time_limit * workers / L
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(L, workers if workers is not None else min(8, cpus)))
+    per = time_limit / -(-L // workers)  # ceil(L / workers) rounds of layers share the time limit
     jobs = []
     for layer in range(L):
         kmin = kmax = None
