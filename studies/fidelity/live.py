@@ -149,6 +149,6 @@ def recorded_gpu_rows(folder: Path = GPU_DIR) -> list[dict[str, Any]]:
     readme_src = "recorded/h200-2026-12-04/README.md"
     rows.append(_row(sysname, 1, "expert kernels (GPU time in the profile)", float(roof_e[2]), float(roof_e[1]),
                      "roofline (uncalibrated)", "held out", readme_src))
-    rows.append(_row(sysname, 1, f"step, median of steps {a}..{b}", meas, (float(lo) + float(hi)) / 2, "roofline (uncalibrated)",
-                     "held out", f"{readme_src} (roofline {lo}-{hi} ms: midpoint)"))
+    rows.append(_row(sysname, 1, f"step, median of steps {a}..{b}", meas, (float(lo) + float(hi)) / 2,
+                     "roofline (uncalibrated)", "held out", f"{readme_src} (roofline {lo}-{hi} ms: midpoint)"))
     return rows
