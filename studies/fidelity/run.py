@@ -64,7 +64,7 @@ LIVE_QUICK = {"steps": 24, "batch": 8}
 
 
 def _extra(p: Any) -> None:
-    p.add_argument("--live-runs", type=int, default=2,
+    p.add_argument("--live-runs", type=int, default=3,
                    help="fresh moesim validate runs on this machine (seeds 0..N-1; 0: recorded live rows only)")
 
 
