@@ -337,6 +337,10 @@ def compare(measured: Measured, predicted: dict[str, np.ndarray], calibration: i
                 "roofline_median_step_time_rel_error": float(_rel(np.median(r_step), np.median(m_step))),
                 "roofline_step_time_median_rel_error": float(np.median(_rel(r_step, m_step))),
             })
+            if "moe_time" in roofline:  # [S, G]: the datasheet's expert time per rank beside the measured one
+                r_moe = roofline["moe_time"][w].mean(axis=0)
+                out[name].update({"roofline_moe_time_per_rank_predicted_s": r_moe.tolist(),
+                                  "roofline_moe_time_rel_error": _rel(r_moe, m_moe).tolist()})
     out["per_step"] = [{"step": i, "phase": measured.phase[i], "measured_s": float(measured.step_time[i]),
                         "predicted_s": float(predicted["step_time"][i]),
                         "rel_error": float(_rel(predicted["step_time"][i:i + 1], measured.step_time[i:i + 1])[0]),

@@ -4,8 +4,8 @@ Three sources, every row marked ``calibration`` (the ``moesim validate`` fit win
 (steps C..S-1, never fitted on; an uncalibrated roofline fits nothing, so all its rows are held out):
 
 - **this run**: ``moesim validate`` (moesim/validate.py) on this machine, 2 gloo ranks on CPU, the ``small``
-  preset; beside the fitted prediction, the uncalibrated roofline of the expert kernels (``CostModel.roofline`` on
-  the nominal ``cpu`` device, moesim/topo/devices.py) replayed on the same recorded trace and mappings.
+  preset; beside the fitted prediction, the uncalibrated roofline that validate reports (its step and expert
+  time: ``CostModel.roofline`` on the nominal ``cpu`` datasheet of moesim/topo/devices.py, nothing fitted).
 - **recorded, CPU**: studies/validate_loop/results/report_seed0.json (that study's last full run, 96 steps × 64).
 - **recorded, H200**: the project's one GPU run, copied verbatim from /work/shared/gpu/h200-2026-12-04/ into
   studies/fidelity/recorded/h200-2026-12-04/: ``validate_olmoe_report.md`` (``moesim validate --device cuda
@@ -37,55 +37,30 @@ def _row(system: str, ep: int, phase: str, ref_ms: float, pred_ms: float, by: st
             "flat (before)": "", "row": role, "source": source}
 
 
-def validate_rows(rep: dict[str, Any], system: str, source: str,
-                  roofline_moe_s: float | None = None) -> list[dict[str, Any]]:
+def validate_rows(rep: dict[str, Any], system: str, source: str) -> list[dict[str, Any]]:
     """Rows of one ``moesim validate`` report (the dict of report.json): median step time in the calibration and
-    held-out windows, mean per-rank MoE (expert) time over the held-out window, and the roofline's if given."""
+    held-out windows, mean per-rank MoE (expert) time over the held-out window, and the uncalibrated roofline's
+    step and MoE time over the held-out window where the report has them (reports since issue 13)."""
     v, ep = rep["windows"], int(rep["config"]["nproc"])
     cal, held = v["calibration"], v["held_out"]
     span = f"steps {held['steps'][0]}..{held['steps'][1] - 1}"
+    step, moe = f"step, median of {span}", f"MoE per rank, mean of {span}"
+    moe_meas = 1e3 * float(np.mean(held["moe_time_per_rank_measured_s"]))
     rows = [_row(system, ep, f"step, median of steps 0..{cal['steps'][1] - 1}",
                  1e3 * cal["step_time_measured_median_s"], 1e3 * cal["step_time_predicted_median_s"],
                  "validate fit", "calibration", source),
-            _row(system, ep, f"step, median of {span}", 1e3 * held["step_time_measured_median_s"],
-                 1e3 * held["step_time_predicted_median_s"], "validate fit", "held out", source)]
-    moe_meas = 1e3 * float(np.mean(held["moe_time_per_rank_measured_s"]))
-    rows.append(_row(system, ep, f"MoE per rank, mean of {span}", moe_meas,
-                     1e3 * float(np.mean(held["moe_time_per_rank_predicted_s"])), "validate fit", "held out", source))
-    if roofline_moe_s is not None:
-        rows.append(_row(system, ep, f"MoE per rank, mean of {span}", moe_meas, 1e3 * roofline_moe_s,
-                         "roofline (uncalibrated)", "held out", source))
+            _row(system, ep, step, 1e3 * held["step_time_measured_median_s"],
+                 1e3 * held["step_time_predicted_median_s"], "validate fit", "held out", source),
+            _row(system, ep, moe, moe_meas, 1e3 * float(np.mean(held["moe_time_per_rank_predicted_s"])),
+                 "validate fit", "held out", source)]
+    by = "roofline (uncalibrated)"  # the device's datasheet (report["roofline"]["device"]), nothing fitted
+    if "roofline_step_time_predicted_median_s" in held:
+        rows.append(_row(system, ep, step, 1e3 * held["step_time_measured_median_s"],
+                         1e3 * held["roofline_step_time_predicted_median_s"], by, "held out", source))
+    if "roofline_moe_time_per_rank_predicted_s" in held:
+        roof_moe = 1e3 * float(np.mean(held["roofline_moe_time_per_rank_predicted_s"]))
+        rows.append(_row(system, ep, moe, moe_meas, roof_moe, by, "held out", source))
     return rows
-
-
-def roofline_moe(out: Path, rep: dict[str, Any]) -> float:
-    """Mean per-rank expert time (s) over the held-out steps that the uncalibrated roofline predicts for the run
-    in ``out`` (a ``moesim validate`` folder: run/trace.mtrace, mapping_initial.json, mapping_new.json), replayed
-    with the mapping live in each segment. Nothing is fitted: the nominal ``cpu`` device's peak FLOP/s and DRAM
-    bandwidth with the roofline's default efficiencies."""
-    from moesim.cost import CostModel
-    from moesim.mapping import ExpertMapping
-    from moesim.models import ModelSpec
-    from moesim.replica import ReplicaPolicy
-    from moesim.sim import simulate
-    from moesim.sim.config import SimConfig
-    from moesim.topo import DEVICES, Topology
-    from moesim.trace import Trace
-
-    cfg, held = rep["config"], rep["windows"]["held_out"]["steps"]
-    model = ModelSpec.from_dict(rep["model"])
-    G, K = int(cfg["nproc"]), int(rep["placement"]["load_steps"][1])  # the new mapping is live from step K on
-    config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin", G), dedup=True)
-    cost = CostModel.roofline(model, DEVICES[cfg.get("device", "cpu")])
-    # the network does not enter the expert time; a nominal flat one
-    topology = Topology.flat(G, 1e9, 1e-5, DEVICES[cfg.get("device", "cpu")], name=f"nominal-{G}rank")
-    segments = [(0, K, ExpertMapping.load(out / "mapping_initial.json")),
-                (K, int(cfg["steps"]), ExpertMapping.load(out / "mapping_new.json"))]
-    moe = []
-    with Trace.open(out / "run" / "trace.mtrace") as trace:
-        for start, stop, mapping in segments:
-            moe.append(simulate(trace, topology, mapping, cost, model, config, start=start, stop=stop).moe_time)
-    return float(np.concatenate(moe)[held[0]:held[1]].mean())
 
 
 def live_rows(runs: int, steps: int, batch: int, work: Path) -> list[dict[str, Any]]:
@@ -99,8 +74,7 @@ def live_rows(runs: int, steps: int, batch: int, work: Path) -> list[dict[str, A
                              seed=seed, out=str(out), quiet=True)
         rep = run_validation(cfg)
         rows += validate_rows(rep, "live CPU, gloo (this run)",
-                              f"moesim validate --preset small --steps {steps} --batch {batch} --seed {seed}",
-                              roofline_moe(out, rep))
+                              f"moesim validate --preset small --steps {steps} --batch {batch} --seed {seed}")
     return rows
 
 

@@ -39,15 +39,18 @@ def test_fidelity_quick(study, tmp_path):
     for r in deepep:
         assert 0.5 < float(r["predicted"]) / float(r["reference"]) < 2.0, r
     fresh = [r for r in rows if r["system"] == "live CPU, gloo (this run)"]
+    roof = "roofline (uncalibrated)"
     assert [(r["by"], r["row"]) for r in fresh] == [("validate fit", "calibration"), ("validate fit", "held out"),
-                                                    ("validate fit", "held out"),
-                                                    ("roofline (uncalibrated)", "held out")]
+                                                    ("validate fit", "held out"), (roof, "held out"),
+                                                    (roof, "held out")]
     # the held-out window starts where the fit window ends (24 quick steps: fit on 0..5)
     assert fresh[0]["phase"].endswith("steps 0..5") and fresh[1]["phase"].endswith("steps 6..23")
     for r in fresh:
         assert float(r["reference"]) > 0 and float(r["predicted"]) > 0
-    # both MoE rows compare with the same measured time; fitted and roofline predictions differ
-    assert fresh[2]["reference"] == fresh[3]["reference"] and fresh[2]["predicted"] != fresh[3]["predicted"]
+    # fitted and roofline predictions of the same measured step / MoE time, from validate's report
+    assert fresh[1]["reference"] == fresh[3]["reference"] and fresh[2]["reference"] == fresh[4]["reference"]
+    assert fresh[1]["phase"] == fresh[3]["phase"] and fresh[2]["phase"] == fresh[4]["phase"]
+    assert fresh[3]["predicted"] != fresh[1]["predicted"] and fresh[4]["predicted"] != fresh[2]["predicted"]
     assert any("H200" in r["system"] for r in rows)
     assert "live runtime, held-out rows" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "fidelity.png").stat().st_size > 1000
@@ -78,12 +81,17 @@ def test_validate_rows_windows_and_errors(live):
     rep = {"config": {"nproc": 2},
            "windows": {"calibration": win(0, 6, 0.050, 0.040, [0.01, 0.01], [0.01, 0.01]),
                        "held_out": win(6, 24, 0.040, 0.050, [0.010, 0.030], [0.015, 0.045])}}
-    rows = live.validate_rows(rep, "s", "src", roofline_moe_s=0.005)
-    assert [r["row"] for r in rows] == ["calibration", "held out", "held out", "held out"]
+    rows = live.validate_rows(rep, "s", "src")  # a report from before issue 13: no roofline figures, no rows
+    assert [r["row"] for r in rows] == ["calibration", "held out", "held out"]
     assert rows[0]["phase"] == "step, median of steps 0..5" and rows[0]["error"] == "-20.0%"
     assert rows[1]["phase"] == "step, median of steps 6..23" and rows[1]["error"] == "+25.0%"
     assert (rows[2]["reference"], rows[2]["predicted"], rows[2]["error"]) == (20.0, 30.0, "+50.0%")
-    assert (rows[3]["reference"], rows[3]["predicted"], rows[3]["by"]) == (20.0, 5.0, "roofline (uncalibrated)")
+    rep["windows"]["held_out"].update(roofline_step_time_predicted_median_s=0.010,
+                                      roofline_moe_time_per_rank_predicted_s=[0.004, 0.006])
+    rows = live.validate_rows(rep, "s", "src")
+    assert [(r["by"], r["row"]) for r in rows[3:]] == [("roofline (uncalibrated)", "held out")] * 2
+    assert (rows[3]["reference"], rows[3]["predicted"], rows[3]["error"]) == (40.0, 10.0, "-75.0%")
+    assert (rows[4]["reference"], rows[4]["predicted"], rows[4]["error"]) == (20.0, 5.0, "-75.0%")
 
 
 def test_recorded_gpu_rows_refuse_a_wrong_file(live, tmp_path):
