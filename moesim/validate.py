@@ -348,7 +348,7 @@ def compare(measured: Measured, predicted: dict[str, np.ndarray], calibration: i
                 "roofline_step_time_median_rel_error": float(np.median(_rel(r_step, m_step))),
             })
             if "moe_time" in roofline:  # [S, G]: the datasheet's expert time per rank beside the measured one
-                r_moe = roofline["moe_time"][w].mean(axis=0)
+                r_moe = _mean0(roofline["moe_time"][w][t])  # the same steps as the measured MoE time
                 out[name].update({"roofline_moe_time_per_rank_predicted_s": r_moe.tolist(),
                                   "roofline_moe_time_rel_error": _rel(r_moe, m_moe).tolist()})
     out["per_step"] = [{"step": i, "phase": measured.phase[i], "measured_s": float(measured.step_time[i]),
