@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                "preset": dict(zip(("nvlink_eff", "rdma_eff", "ll_dispatch_us",
                                                                    "ll_combine_us"), preset.tolist()))})
     _plot(table, args.out / "fidelity.png")
-    text = [f"# moesim comm vs DeepEP ({SOURCE}); hgx-h800:N, analytic engine",
+    text = [f"# moesim comm vs DeepEP ({SOURCE}; hgx-h800:N, analytic engine) and moesim validate vs the live "
+            "runtime (ms; reference = measured)",
             "", S.table(table), "",
             f"constants used (moesim/sim/comm.py): hierarchical nvlink_eff {preset[0]:.3f}, rdma_eff {preset[1]:.3f}; "
             f"low-latency dispatch {preset[2]:.1f} us, combine {preset[3]:.1f} us per kernel, rdma_eff "
