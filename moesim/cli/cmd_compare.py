@@ -33,17 +33,17 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
     from moesim.io import atomic_write_text, write_json
     from moesim.placement.compare import COLUMNS, HOLDOUT_COLUMNS, compare, format_markdown, format_table, plot
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
-    from moesim.topo import load_topology
 
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise MoesimError(f"--out {out} exists and is not a directory")
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     src = open_source(args)
     slots = resolve_slots(args, src.load.shape[1], topo.num_gpus)
     res = compare(src, topo, algos, slots, holdout=args.holdout, algo_kw=algo_kwargs(args, src.model))

@@ -26,14 +26,14 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from moesim.cli.topology_args import topology_from_args
     from moesim.io import atomic_write_text
     from moesim.placement import ALGORITHMS, PlacementError, place
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
-    from moesim.topo import load_topology
 
     if args.algo not in ALGORITHMS:
         raise PlacementError(f"unknown placement algorithm {args.algo!r}; known: {', '.join(ALGORITHMS)}")
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     src = open_source(args)
     E = src.load.shape[1]
     slots = resolve_slots(args, E, topo.num_gpus)

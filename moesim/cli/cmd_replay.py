@@ -23,7 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, metavar="T", help="routing trace (.mtrace; token or load-only)")
     p.add_argument("--topology", required=True, metavar="P",
                    help="cluster: a preset (dgx-h100, dgx-h200, hgx-h800, pcie-8gpu), NAME:N for N nodes "
-                        "(e.g. dgx-h100:8), or a topology JSON file")
+                        "(e.g. dgx-h100:8; options as dgx-h100:8,nics=4,nic-bw=25), or a topology JSON file")
+    from moesim.cli.topology_args import add_topology_flags
+
+    add_topology_flags(p)
     p.add_argument("--mapping", metavar="M.json",
                    help="expert mapping (moesim or SGLang JSON); default: linear placement over the topology's GPUs")
     p.add_argument("--slots-per-gpu", type=int, default=None,
@@ -126,14 +129,14 @@ def _cost(spec: str, trace: Any, model: Any, topology: Any, context_len: int) ->
 
 def prepare(args: argparse.Namespace) -> ReplayInputs:
     """Open and check every input; one-line MoesimError for anything wrong. The caller closes ``trace``."""
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
     from moesim.mapping import ExpertMapping
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
-    from moesim.topo import load_topology
     from moesim.trace import Trace
 
-    topology = load_topology(args.topology)
+    topology = topology_from_args(args)
     trace = Trace.open(args.trace)
     try:
         model = trace.model

@@ -23,6 +23,9 @@ def register(sub: Any) -> None:
                                     "bandwidth, the uniform all-to-all bandwidth per GPU (busiest link decides), "
                                     "and path latencies.")
     s.add_argument("topology", help="preset, NAME:N or topology JSON file")
+    from moesim.cli.topology_args import add_topology_flags
+
+    add_topology_flags(s)
     s.add_argument("--png", metavar="OUT.png", help="also draw the topology to this PNG")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--route", nargs=2, type=int, metavar=("SRC", "DST"), help="also print the route SRC->DST")
@@ -37,15 +40,16 @@ def register(sub: Any) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("topology", help="preset, NAME:N or topology JSON file")
     e.add_argument("--out", required=True, help="output JSON file")
+    add_topology_flags(e)
     e.set_defaults(func=_export)
 
 
 def _show(args: argparse.Namespace) -> int:
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
-    from moesim.topo import load_topology
     from moesim.topo.summary import format_summary
 
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     summary = topo.summary()
     if args.route:
         s, d = args.route
@@ -119,10 +123,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from moesim.cli.topology_args import topology_from_args
     from moesim.io import write_json
-    from moesim.topo import load_topology
 
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     write_json(args.out, topo.to_json())
     print(f"wrote {args.out} ({topo.num_gpus} GPUs, {topo.num_links} links)", file=sys.stderr)
     return 0
