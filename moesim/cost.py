@@ -357,7 +357,7 @@ class CostModel:
         at the achievable efficiency the file measured at each arithmetic intensity (:func:`efficiency_curve`),
         instead of peak × constant mfu/mbu.
         """
-        doc = _read_calibration_doc(path)
+        doc = read_calibration(path)
         curve = efficiency_curve(doc, device, source=str(path))
         base = cls.roofline(model, device, efficiency=curve, **roofline_kw)
         try:
@@ -586,7 +586,7 @@ _NEED = ("hidden_size", "ffn_size", "num_experts", "top_k", "tokens", "seconds")
 _DTYPE_BYTES = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0}
 
 
-def _read_calibration_doc(path: Any) -> dict[str, Any]:
+def read_calibration(path: Any) -> dict[str, Any]:
     """The checked calibration file: format, version, and every entry's fields (one-line errors)."""
     from moesim.io import read_json
 
@@ -660,7 +660,7 @@ def efficiency_curve(doc: dict[str, Any], device: DeviceSpec, source: str = "cal
 def _read_calibration_table(path: Any, model: ModelSpec,
                             doc: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(expert table component, info): seconds per active expert against token-choices per active expert."""
-    doc = doc if doc is not None else _read_calibration_doc(path)
+    doc = doc if doc is not None else read_calibration(path)
     pts: dict[float, list[float]] = {}
     shapes = set()
     for e in doc["entries"]:

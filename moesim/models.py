@@ -44,6 +44,16 @@ DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1
                                  "fp8-block": 1.0 + 4.0 / (FP8_BLOCK * FP8_BLOCK)}
 
 
+def with_dtypes(model: ModelSpec, weight_dtype: str | None = None, kv_dtype: str | None = None) -> ModelSpec:
+    """``model`` with its weights and/or KV cache stored as the named dtypes (:data:`DTYPE_BYTES`); None keeps."""
+    changes: dict[str, float] = {}
+    if weight_dtype is not None:
+        changes["bytes_per_param"] = dtype_bytes(weight_dtype, "--weight-dtype")
+    if kv_dtype is not None:
+        changes["kv_bytes"] = dtype_bytes(kv_dtype, "--kv-dtype")
+    return model.with_(**changes) if changes else model
+
+
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cost model: roofline of the topology's device, fit to the trace's recorded timings, a "
                         "kernels/calibrate.py JSON, or a saved cost model JSON")
     p.add_argument("--context-len", type=int, default=1024, help="attention context of the roofline cost model")
+    p.add_argument("--weight-dtype", metavar="D", help="weights stored as D for the cost model and expert moves: bf16, "
+                                                     "fp8 (per-tensor scale), fp8-block (128x128 float32 scales), "
+                                                     "fp16, fp32 (default: the trace's model)")
+    p.add_argument("--kv-dtype", metavar="D", help="KV cache stored as D (bf16, fp8, ...; default: the trace's model)")
     p.add_argument("--steps", metavar="A:B", help="replay steps A..B-1 only (either side may be empty)")
     p.add_argument("--no-dedup", action="store_true",
                    help="dispatch a token once per chosen expert instead of once per destination GPU")
@@ -139,7 +143,9 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
     topology = topology_from_args(args)
     trace = Trace.open(args.trace)
     try:
-        model = trace.model
+        from moesim.models import with_dtypes
+
+        model = with_dtypes(trace.model, getattr(args, "weight_dtype", None), getattr(args, "kv_dtype", None))
         G = topology.num_gpus
         if args.mapping:
             mapping = ExpertMapping.load(args.mapping, model=model, num_gpus=G)
