@@ -27,12 +27,14 @@ parallelism, each behind one knob of :class:`SynthConfig`:
   (data-parallel attention); a decode sequence stays on its rank.
 
 Sampling is exact Gumbel-top-k (top-k of logits plus Gumbel noise samples k experts without replacement with
-probabilities proportional to softmax(logits), Kool et al. 2019), vectorised over the tokens of a layer, so
-top-k ids are distinct per token. Tokens are routed in chunks of ``CHUNK_TOKENS``, each with its own random stream,
-on a thread pool over the chunks of every step (numpy releases the GIL): one large step uses every core, and the
-result does not depend on the thread count. Router weights: softmax routers (Mixtral, Qwen3) renormalise the
-softmax over
-the chosen k; sigmoid routers (DeepSeek-V3) normalise the chosen sigmoid scores (norm_topk_prob).
+probabilities proportional to softmax(logits), Kool et al. 2019), in its exponential-race form: top-k of
+exp(logit) / Exp(1) (the same ranking: its log is logit + Gumbel), one log per candidate from raw random bits;
+vectorised over the tokens of a layer, so top-k ids are distinct per token. The chosen experts' perturbed logits
+(a token's own router logits) give the router weights: softmax routers (Mixtral, Qwen3) renormalise the softmax
+over the chosen k; sigmoid routers (DeepSeek-V3) normalise the chosen sigmoid scores (norm_topk_prob).
+Tokens are routed in chunks of ``CHUNK_TOKENS``, each with its own random stream, on a thread pool over the chunks
+of every step (numpy releases the GIL): one large step uses every core, and the result does not depend on the
+thread count.
 ``routing="uniform"`` (``--routing uniform``): every expert equally likely — no popularity, domains or
 cross-layer bonus; group limits kept (groups drawn uniformly) — so each token's k experts are a uniform random
 k-subset of its groups and every expert's expected load is tokens·k/E. (``--skew 0`` alone keeps the domains and
@@ -41,6 +43,7 @@ the cross-layer bonus, so it is not uniform.)
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -141,9 +144,6 @@ class SynthConfig:
         return asdict(self)
 
 
-# Gumbel(0, 1) quantiles at 65536 evenly spaced probabilities: a table lookup with 16-bit uniforms replaces two
-# logarithms per (token, expert) — the bulk of the generator's time. The quantisation is far below sampling noise.
-_GUMBEL = (-np.log(-np.log((np.arange(1 << 16) + 0.5) / (1 << 16)))).astype(np.float32)
 CHUNK_TOKENS = 16384  # tokens routed together (cache-sized); each chunk has its own random stream
 
 
@@ -215,18 +215,20 @@ class _Router:
         per = E // m.num_groups
         for layer in range(L):
             logits = self.domains[layer] + base[layer]  # [domains, E]
+            shift = logits.max()
+            w = np.exp(np.maximum(logits - shift, -80.0))  # [domains, E] float32 weights exp(logit - shift)
             if grouped:
-                chosen, scores = _group_candidates(logits, domain, m.num_groups, m.topk_groups, rng)
+                chosen, scores = _group_candidates(w, domain, m.num_groups, m.topk_groups, rng)
             else:
-                chosen, scores = None, np.take(logits, domain, axis=0)  # [T, E]
+                chosen, scores = None, np.take(w, domain, axis=0)  # [T, E]
             if prev is not None and self.layer_corr > 0:
-                _add_successor_bonus(scores, self.succ[layer][prev], chosen, per, self.layer_corr)
-            scores += _GUMBEL[_uint16(rng, scores.shape)]  # fancy indexing: twice np.take's speed on uint16
+                _add_successor_bonus(scores, self.succ[layer][prev], chosen, per, math.exp(self.layer_corr))
+            scores /= _exponential(rng, scores.shape)  # w / Exp(1): ranks as logit + Gumbel
             top, top_scores = _top_k(scores, k)  # best first
             if chosen is not None:  # candidate column -> expert id
                 top = _pick(chosen, top // per) * per + top % per
             ids[layer] = top
-            weights[layer] = _router_weights(top_scores, m.router)
+            weights[layer] = _router_weights(np.log(top_scores) + shift, m.router)  # the perturbed logits
             prev = top
         return ids, weights
 
@@ -278,30 +280,37 @@ class _Router:
                 yield (*join([f.result() for f in futs]), o, ph)
 
 
-def _uint16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Uniform uint16 of ``shape`` from the generator's raw 64-bit output (four per draw: the fastest path)."""
+def _exponential(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Exp(1) float32 samples of ``shape`` as −log(U), U in (0, 1) built from the generator's raw bits (23 random
+    mantissa bits, the lowest forced to 1: never 0 or 1) — several times faster than Generator.standard_exponential.
+    """
     n = int(np.prod(shape))
-    return rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n].reshape(shape)
+    r = rng.bit_generator.random_raw(-(-n // 2)).view(np.uint32)[:n].reshape(shape)
+    r >>= np.uint32(9)
+    r |= np.uint32(0x3F800001)  # 1.m with m's last bit set: (1, 2)
+    u = r.view(np.float32)
+    u -= np.float32(1.0)
+    np.log(u, out=u)
+    np.negative(u, out=u)
+    return u
 
 
-def _group_candidates(logits: np.ndarray, domain: np.ndarray, num_groups: int, topk_groups: int,
+def _group_candidates(w: np.ndarray, domain: np.ndarray, num_groups: int, topk_groups: int,
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """DeepSeek-style group-limited routing: each token keeps ``topk_groups`` of ``num_groups`` expert groups.
 
     Groups are drawn without replacement in proportion to their softmax mass (Gumbel-top-k over the groups'
-    log-sum-exp logits), then experts are chosen only inside them. Returns the kept groups ``chosen [T, topk_groups]``
-    and their experts' logits ``[T, topk_groups * per]`` (column ``j`` is expert ``chosen[:, j // per] * per +
-    j % per``). DeepSeek-V3 picks groups by the sum of each group's two best scores; sampling groups by mass keeps
-    the same structure (a token's experts lie in at most ``topk_groups`` groups, i.e. nodes) at a fraction of
-    the cost, and skips the noise of the groups not chosen.
+    mass), then experts are chosen only inside them. ``w`` [C, E]: expert weights exp(logit) per domain. Returns the
+    kept groups ``chosen [T, topk_groups]`` and their experts' weights ``[T, topk_groups * per]`` (column ``j`` is
+    expert ``chosen[:, j // per] * per + j % per``). DeepSeek-V3 picks groups by the sum of each group's two best
+    scores; sampling groups by mass keeps the same structure (a token's experts lie in at most ``topk_groups``
+    groups, i.e. nodes) at a fraction of the cost, and skips the noise of the groups not chosen.
     """
     T = len(domain)
-    C, E = logits.shape
+    C, E = w.shape
     per = E // num_groups
-    g = logits.reshape(C, num_groups, per)
-    peak = g.max(axis=2, keepdims=True)
-    group_logit = (peak[:, :, 0] + np.log(np.exp(g - peak).sum(axis=2)))  # [C, G] log-sum-exp
-    gscore = np.take(group_logit, domain, axis=0) + _GUMBEL[_uint16(rng, (T, num_groups))]
+    mass = w.reshape(C, num_groups, per).sum(axis=2)  # [C, G]
+    gscore = np.take(mass, domain, axis=0) / _exponential(rng, (T, num_groups))  # mass / Exp(1): Gumbel-top-k
     rows = np.arange(T)
     chosen = np.empty((T, topk_groups), dtype=np.int64)
     for j in range(topk_groups):  # rounds of argmax: no per-row partition
@@ -309,30 +318,30 @@ def _group_candidates(logits: np.ndarray, domain: np.ndarray, num_groups: int, t
         chosen[:, j] = best
         gscore[rows, best] = -np.inf
     rowsel = (domain * num_groups)[:, None] + chosen  # rows of the [C*G, per] logits: one contiguous copy each
-    scores = np.take(logits.reshape(C * num_groups, per), rowsel, axis=0).reshape(T, topk_groups * per)
+    scores = np.take(w.reshape(C * num_groups, per), rowsel, axis=0).reshape(T, topk_groups * per)
     return chosen, scores
 
 
 def _add_successor_bonus(scores: np.ndarray, succ: np.ndarray, chosen: np.ndarray | None, per: int,
-                         bonus: float) -> None:
-    """Add ``bonus`` to the logits of the successor experts ``succ [T, k]`` of a token's previous experts.
-
-    With group-limited candidates, successors outside the token's chosen groups are skipped.
+                         factor: float) -> None:
+    """Multiply the weights of the successor experts ``succ [T, k]`` of a token's previous experts by ``factor``
+    (exp(layer_corr): the logit bonus). With group-limited candidates, successors outside the token's kept groups
+    are skipped.
     """
     T, W = scores.shape
     flat = scores.reshape(-1)
+    rows = np.arange(T)
     if chosen is None:
-        flat[succ + (np.arange(T) * W)[:, None]] += np.float32(bonus)  # distinct per row: no lost updates
+        flat[succ + (rows * W)[:, None]] *= np.float32(factor)  # distinct per row: no lost updates
         return
     group = succ // per
-    slot = np.empty_like(succ)
-    found = np.zeros(succ.shape, dtype=bool)
-    for j in range(chosen.shape[1]):
-        hit = group == chosen[:, j:j + 1]
-        slot[hit] = j
-        found |= hit
-    pos = slot * per + succ % per + (np.arange(T) * W)[:, None]
-    flat[pos[found]] += np.float32(bonus)
+    width = int(max(chosen.max(initial=0), group.max(initial=0))) + 1
+    slot_of = np.full((T, width), -1, dtype=np.int64)  # [T, groups]: the group's candidate slot, or -1
+    slot_of[rows[:, None], chosen] = np.arange(chosen.shape[1])
+    slot = np.take_along_axis(slot_of, group, axis=1)
+    found = slot >= 0
+    pos = slot * per + succ % per + (rows * W)[:, None]
+    flat[pos[found]] *= np.float32(factor)
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
