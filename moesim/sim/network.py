@@ -45,14 +45,26 @@ import numpy as np
 import simpy
 
 from moesim.errors import MoesimError
+from moesim.sim.maxmin_jit import maxmin_rates_jit, update_core
 
 # Relative float tolerance on the simulated clock when deciding that a flow's projected end has come.
 _TIME_EPS = 1e-15
 # Relative tolerance when deciding which links are saturated at the current fair-share level.
 _LEVEL_RTOL = 1e-9
+# no new flows, for the compiled batch point: croutes [0, 1], remaining, latency, group, flow id
+_NO_FLOWS = (np.empty((0, 1), dtype=np.int64), np.empty(0), np.empty(0), np.empty(0, dtype=np.int64),
+             np.empty(0, dtype=np.int64))
 
 
 def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Max-min fair rates (see :func:`maxmin_rates_numpy`): the compiled solve where numba is installed
+    (:mod:`moesim.sim.maxmin_jit`, bit-identical results), else numpy."""
+    if maxmin_rates_jit is not None:
+        return maxmin_rates_jit(routes, capacity, _LEVEL_RTOL)
+    return maxmin_rates_numpy(routes, capacity)
+
+
+def maxmin_rates_numpy(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates (the allocation progressive filling reaches), computed in parallel rounds.
 
     routes [F, H] int: link indices of each flow, padded with ``len(capacity) - 1`` (a pad link whose
@@ -428,6 +440,9 @@ class FlowNetwork:
     def _update(self, _event: Any = None) -> None:
         """Batch point: take in new flows, retire finished ones, recompute rates, arm the next timer."""
         self._update_pending = False
+        if update_core is not None:
+            self._update_compiled()
+            return
         self._advance()
         self._complete_due()
         if self._pending_adds:
@@ -462,6 +477,35 @@ class FlowNetwork:
             delay = first
         gen = self._gen
         self._timer_at = self.env.now + delay
+        self.env.timeout(delay).callbacks.append(lambda _e: self._on_timer(gen))
+
+    def _update_compiled(self) -> None:
+        """:meth:`_update` with its numeric part in one compiled call (:func:`moesim.sim.maxmin_jit.update_core`:
+        the same operations, bit-identical results)."""
+        now = self.env.now
+        dt = now - self._last
+        self._last = now
+        if self._pending_adds:
+            adds = self._pending_adds
+            self._pending_adds = []
+            new = (self._stack([a[5] for a in adds]), *(np.concatenate([a[i] for a in adds]) for i in (1, 2, 3, 4)))
+        else:
+            new = _NO_FLOWS
+        (self._croutes, self._remaining, self._rate, self._finish, self._lat, self._group, self._fid, fid, groups,
+         arrival, delay) = update_core(self._croutes, self._remaining, self._rate, self._finish, self._lat,
+                                       self._group, self._fid, dt, now, _TIME_EPS, *new, self._cap, _LEVEL_RTOL,
+                                       self.quantum, self.rel_quantum)
+        if fid.size:
+            self._deliv[fid] = self._req[fid]
+            self._end[fid] = arrival
+            self._arrive(groups, arrival, fid)
+        self._gen += 1
+        self._timer_at = np.inf
+        if delay < 0:
+            return
+        self.recomputations += 1
+        gen = self._gen
+        self._timer_at = now + delay
         self.env.timeout(delay).callbacks.append(lambda _e: self._on_timer(gen))
 
     def _on_timer(self, gen: int) -> None:
