@@ -22,6 +22,7 @@ import numpy as np
 
 maxmin_rates_jit: Any = None
 update_core: Any = None
+arrive_core: Any = None
 
 if not os.environ.get("MOESIM_NO_JIT"):
     try:
@@ -113,7 +114,6 @@ if not os.environ.get("MOESIM_NO_JIT"):
         @numba.njit(cache=True, nogil=True, error_model="numpy")
         def _update_core(croutes, remaining, rate, finish, lat, group, fid, dt, now, eps,
                          n_croutes, n_remaining, n_lat, n_group, n_fid, cap, rtol, quantum, rel_quantum):
-            # pragma: no cover  (compiled; tested against the numpy path)
             F, H = croutes.shape
             pad = cap.shape[0] - 1
             if dt > 0:
@@ -191,3 +191,24 @@ if not os.environ.get("MOESIM_NO_JIT"):
             return o_cr, o_rem, o_rate, o_fin, o_lat, o_group, o_fid, d_fid, d_group, d_arr, delay
 
         update_core = _update_core
+
+        @numba.njit(cache=True, nogil=True)
+        def _arrive_core(groups, when, fids, pending, latest, last):
+            """Count arrivals towards their groups, in order; returns (groups completed, in the order they
+            completed; a group that got more flows than it expected, or -1)."""
+            done = np.empty(groups.shape[0], dtype=np.int64)
+            nd = 0
+            for i in range(groups.shape[0]):
+                g = groups[i]
+                if when[i] >= latest[g]:
+                    latest[g] = when[i]
+                    last[g] = fids[i]
+                pending[g] -= 1
+                if pending[g] == 0:
+                    done[nd] = g
+                    nd += 1
+                elif pending[g] < 0:
+                    return done[:nd], g
+            return done[:nd], -1
+
+        arrive_core = _arrive_core

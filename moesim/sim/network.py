@@ -45,7 +45,7 @@ import numpy as np
 import simpy
 
 from moesim.errors import MoesimError
-from moesim.sim.maxmin_jit import maxmin_rates_jit, update_core
+from moesim.sim.maxmin_jit import arrive_core, maxmin_rates_jit, update_core
 
 # Relative float tolerance on the simulated clock when deciding that a flow's projected end has come.
 _TIME_EPS = 1e-15
@@ -216,9 +216,9 @@ class FlowNetwork:
         self._end = np.empty(1024)
         self.num_flows = 0
         # groups: pending count, latest arrival, event
-        self._g_pending: list[int] = []
-        self._g_latest: list[float] = []
-        self._g_last: list[int] = []  # id of the flow that arrived last (-1: none yet)
+        self._g_pending = np.zeros(64, dtype=np.int64)
+        self._g_latest = np.zeros(64)
+        self._g_last = np.full(64, -1, dtype=np.int64)  # id of the flow that arrived last (-1: none yet)
         self._g_event: list[simpy.Event] = []
         self._g_value: list[Any] = []
         self.recomputations = 0
@@ -230,22 +230,29 @@ class FlowNetwork:
         The event's value is the group id."""
         if nflows < 0:
             raise MoesimError("a group cannot expect a negative number of flows")
-        gid = len(self._g_event)
-        ev = self.env.event()
-        self._g_pending.append(int(nflows))
-        self._g_latest.append(self.env.now)
-        self._g_last.append(-1)
-        self._g_event.append(ev)
-        self._g_value.append(gid)
-        if nflows == 0:
-            ev.succeed(gid)
-        return gid, ev
+        gids, evs = self.group_many([nflows])
+        return int(gids[0]), evs[0]
 
     def group_many(self, counts: Any) -> tuple[np.ndarray, list[simpy.Event]]:
         """Several groups at once: (group ids [n], their events)."""
         cnt = np.asarray(counts, dtype=np.int64).ravel()
-        pairs = [self.group(int(c)) for c in cnt]
-        return np.array([p[0] for p in pairs], dtype=np.int64), [p[1] for p in pairs]
+        if cnt.size and cnt.min() < 0:
+            raise MoesimError("a group cannot expect a negative number of flows")
+        g0 = len(self._g_event)
+        gids = np.arange(g0, g0 + cnt.size)
+        while g0 + cnt.size > self._g_pending.size:
+            n = self._g_pending.size
+            self._g_pending = np.concatenate([self._g_pending, np.zeros(n, dtype=np.int64)])
+            self._g_latest = np.concatenate([self._g_latest, np.zeros(n)])
+            self._g_last = np.concatenate([self._g_last, np.full(n, -1, dtype=np.int64)])
+        self._g_pending[gids] = cnt
+        self._g_latest[gids] = self.env.now
+        evs = [self.env.event() for _ in range(cnt.size)]
+        self._g_event.extend(evs)
+        self._g_value.extend(gids.tolist())
+        for g in np.flatnonzero(cnt == 0).tolist():
+            evs[g].succeed(g0 + g)
+        return gids, evs
 
     def transfer(self, route_edges: Sequence[int], nbytes: float) -> simpy.Event:
         """Start one flow now; the event fires (value: the flow id) once all its bytes arrived."""
@@ -332,7 +339,7 @@ class FlowNetwork:
 
     def group_last(self, gid: int) -> tuple[int, float]:
         """(id of the flow that arrived last in group ``gid`` or -1 if none, its arrival time)."""
-        return self._g_last[gid], self._g_latest[gid]
+        return int(self._g_last[gid]), float(self._g_latest[gid])
 
     def flow_record(self) -> dict[str, np.ndarray]:
         """Per flow ever started: requested and delivered bytes, start and arrival time (nan while in flight)."""
@@ -380,21 +387,31 @@ class FlowNetwork:
 
     def _arrive(self, groups: np.ndarray, when: np.ndarray, fids: np.ndarray) -> None:
         """Count flows (arriving at ``when``) towards their groups; fire completed groups at their latest arrival."""
+        if arrive_core is not None:
+            done, bad = arrive_core(groups, when, fids, self._g_pending, self._g_latest, self._g_last)
+        else:
+            done, bad = [], -1
+            pending, latest, last = self._g_pending, self._g_latest, self._g_last
+            for g, t, f in zip(groups.tolist(), when.tolist(), fids.tolist()):
+                if t >= latest[g]:
+                    latest[g] = t
+                    last[g] = f
+                pending[g] -= 1
+                if pending[g] == 0:
+                    done.append(g)
+                elif pending[g] < 0:
+                    bad = g
+                    break
         now = self.env.now
-        for g, t, f in zip(groups.tolist(), when.tolist(), fids.tolist()):
-            if t >= self._g_latest[g]:
-                self._g_latest[g] = t
-                self._g_last[g] = f
-            self._g_pending[g] -= 1
-            if self._g_pending[g] == 0:
-                ev, val = self._g_event[g], self._g_value[g]
-                delay = self._g_latest[g] - now
-                if delay <= 0:
-                    ev.succeed(val)
-                else:
-                    self.env.timeout(delay).callbacks.append(lambda _e, ev=ev, val=val: ev.succeed(val))
-            elif self._g_pending[g] < 0:
-                raise MoesimError(f"group {g} received more flows than it expected")
+        for g in (done.tolist() if isinstance(done, np.ndarray) else done):
+            ev, val = self._g_event[g], self._g_value[g]
+            delay = float(self._g_latest[g]) - now
+            if delay <= 0:
+                ev.succeed(val)
+            else:
+                self.env.timeout(delay).callbacks.append(lambda _e, ev=ev, val=val: ev.succeed(val))
+        if bad >= 0:
+            raise MoesimError(f"group {bad} received more flows than it expected")
 
     def _advance(self) -> None:
         """Move every active flow forward to now at its current rate."""
