@@ -45,7 +45,7 @@ import numpy as np
 import simpy
 
 from moesim.errors import MoesimError
-from moesim.sim.maxmin_jit import arrive_core, maxmin_rates_jit, update_core
+from moesim.sim import maxmin_jit as _jit
 
 # Relative float tolerance on the simulated clock when deciding that a flow's projected end has come.
 _TIME_EPS = 1e-15
@@ -59,8 +59,8 @@ _NO_FLOWS = (np.empty((0, 1), dtype=np.int64), np.empty(0), np.empty(0), np.empt
 def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates (see :func:`maxmin_rates_numpy`): the compiled solve where numba is installed
     (:mod:`moesim.sim.maxmin_jit`, bit-identical results), else numpy."""
-    if maxmin_rates_jit is not None:
-        return maxmin_rates_jit(routes, capacity, _LEVEL_RTOL)
+    if _jit.load():
+        return _jit.maxmin_rates_jit(routes, capacity, _LEVEL_RTOL)
     return maxmin_rates_numpy(routes, capacity)
 
 
@@ -175,6 +175,7 @@ class FlowNetwork:
         if not (quantum >= 0 and np.isfinite(quantum)):
             raise MoesimError(f"quantum must be a non-negative number of seconds, got {quantum!r}")
         self.env = env
+        _jit.load()  # compiled batch points where numba is installed (first use: compile or load its cache)
         if not (0 <= rel_quantum < 1):
             raise MoesimError(f"rel_quantum must be in [0, 1), got {rel_quantum!r}")
         self.quantum = float(quantum)
@@ -387,8 +388,8 @@ class FlowNetwork:
 
     def _arrive(self, groups: np.ndarray, when: np.ndarray, fids: np.ndarray) -> None:
         """Count flows (arriving at ``when``) towards their groups; fire completed groups at their latest arrival."""
-        if arrive_core is not None:
-            done, bad = arrive_core(groups, when, fids, self._g_pending, self._g_latest, self._g_last)
+        if _jit.active:
+            done, bad = _jit.arrive_core(groups, when, fids, self._g_pending, self._g_latest, self._g_last)
         else:
             done, bad = [], -1
             pending, latest, last = self._g_pending, self._g_latest, self._g_last
@@ -450,14 +451,23 @@ class FlowNetwork:
         self._arrive(groups, arrival, fid)
 
     def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        """Route tables [F_i, H_i] stacked into one [sum F_i, max H_i], padded with the pad link."""
+        if len(parts) == 1:
+            return parts[0]
         H = max(p.shape[1] for p in parts)
-        return np.concatenate([p if p.shape[1] == H else
-                               np.pad(p, ((0, 0), (0, H - p.shape[1])), constant_values=self._pad) for p in parts])
+        if all(p.shape[1] == H for p in parts):
+            return np.concatenate(parts)
+        out = np.full((sum(p.shape[0] for p in parts), H), self._pad, dtype=np.int64)
+        i = 0
+        for p in parts:
+            out[i:i + p.shape[0], :p.shape[1]] = p
+            i += p.shape[0]
+        return out
 
     def _update(self, _event: Any = None) -> None:
         """Batch point: take in new flows, retire finished ones, recompute rates, arm the next timer."""
         self._update_pending = False
-        if update_core is not None:
+        if _jit.active:
             self._update_compiled()
             return
         self._advance()
@@ -509,7 +519,7 @@ class FlowNetwork:
         else:
             new = _NO_FLOWS
         (self._croutes, self._remaining, self._rate, self._finish, self._lat, self._group, self._fid, fid, groups,
-         arrival, delay) = update_core(self._croutes, self._remaining, self._rate, self._finish, self._lat,
+         arrival, delay) = _jit.update_core(self._croutes, self._remaining, self._rate, self._finish, self._lat,
                                        self._group, self._fid, dt, now, _TIME_EPS, *new, self._cap, _LEVEL_RTOL,
                                        self.quantum, self.rel_quantum)
         if fid.size:

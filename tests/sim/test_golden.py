@@ -149,6 +149,28 @@ def test_des_matches_golden(name, tmp_path):
     _check("des", name, des_case(name, tmp_path), DES_RTOL)
 
 
+@pytest.mark.parametrize("name", ["mixtral-8gpu", "dsv3-16gpu-overlap"])
+def test_des_compiled_equals_numpy(name, tmp_path):
+    """The compiled flow network (numba, optional) and the numpy one give the same results, bit for bit."""
+    from moesim.sim import maxmin_jit
+
+    maxmin_jit.load()
+    if not maxmin_jit._available:
+        pytest.skip("compiled flow network unavailable (numba not installed, or MOESIM_NO_JIT set)")
+    before = maxmin_jit.set_active(False)
+    try:
+        want = des_case(name, tmp_path)
+    finally:
+        maxmin_jit.set_active(before)
+    maxmin_jit.set_active(True)
+    try:
+        got = des_case(name, tmp_path)
+    finally:
+        maxmin_jit.set_active(before)
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(c[-1])) for n, c in AN_CASES.items()])
 def test_analytic_matches_golden(name, tmp_path):
     _check("analytic", name, an_case(name, tmp_path), AN_RTOL)
