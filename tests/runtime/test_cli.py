@@ -55,6 +55,8 @@ def test_bad_inputs_fail_before_any_process_starts(tmp_path, capsys) -> None:
     _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "2:m.json", "--await-timeout", "0"],
                     "--await-timeout")
     _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "m.json"], "STEP:MAPPING")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--prefill-chunk", "-1"], "--prefill-chunk")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--profile-every", "0"], "--profile-every")
 
 
 def test_run_help_and_validation_do_not_import_torch(tmp_path) -> None:
@@ -173,8 +175,10 @@ def test_await_mapping_that_never_comes_or_does_not_fit_keeps_the_old_mapping(tm
     """The paused run gives up after --await-timeout, or refuses a mapping for another shape; either way it
     records a failed remap, finishes on the initial mapping and exits 0."""
     ExpertMapping.linear(2, 8, 4).save(tmp_path / "four.json")  # tiny's shape, but for 4 ranks
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # crashed both ranks once (RecursionError)
     for label, target, error in (("late", tmp_path / "never.json", "no mapping appeared"),
-                                 ("wrong", tmp_path / "four.json", "4 GPUs")):
+                                 ("wrong", tmp_path / "four.json", "4 GPUs"),
+                                 ("deep", tmp_path / "deep.json", "nested too deeply")):
         rec = tmp_path / label
         cmd = [sys.executable, "-m", "moesim", "run", "--nproc", "2", "--preset", "tiny", "--steps", "4",
                "--record", str(rec), "--await-mapping", f"2:{target}", "--await-timeout", "1"]
@@ -200,7 +204,8 @@ def test_worker_args_round_trip() -> None:
     cfg = RunConfig(preset="small", nproc=4, backend="allgather", mapping="m.json", steps=5, batch=3, prompt_len=7,
                     seed=9, record="out", remap_at=[(2, "a.json"), (4, "b.json")], profile=True, checkpoint="ck",
                     dtype="float32", device="cpu", policy="local", gpus_per_node=2, kernels="triton",
-                    remap_transport="all2all", await_mapping=(3, "c.json"), await_timeout_s=7.5)
+                    remap_transport="all2all", await_mapping=(3, "c.json"), await_timeout_s=7.5, graphs=False,
+                    prefill_chunk=3, profile_every=4)
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert config_from_args(p.parse_args(worker_args(cfg)), 4) == cfg
