@@ -107,7 +107,9 @@ def bench_case(model_name: str, topo_name: str, tokens_per_gpu: int, steps: int,
     return row
 
 
-def _fmt_kernel(k: dict | None) -> tuple[str, str]:
+def _fmt_kernel(k: dict | str | None) -> tuple[str, str]:
+    if k == "not run":
+        return "not run", "—"
     if k is None:
         return "n/a (no numba)", "n/a"
     return f"{k['cpu_s']:.2f} s ({k['wall_s']:.2f} wall)", f"{k['events_per_s'] / 1e3:,.0f} k"
@@ -118,8 +120,8 @@ def table(rows: list[dict]) -> str:
             "events/s numpy | compiled | flows, recomputations | analytic layer-steps/s | analytic per-token sel/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
-        n_t, n_e = _fmt_kernel(r.get("numpy"))
-        c_t, c_e = _fmt_kernel(r.get("compiled"))
+        n_t, n_e = _fmt_kernel(r.get("numpy", "not run"))
+        c_t, c_e = _fmt_kernel(r.get("compiled", "not run"))
         sp = (f"{r['numpy']['cpu_s'] / r['compiled']['cpu_s']:.1f}x" if r.get("numpy") and r.get("compiled")
               else "—")
         ev = (r.get("compiled") or r.get("numpy"))["events"]
