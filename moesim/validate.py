@@ -154,6 +154,7 @@ class Measured:
     moe_time: np.ndarray  # [S, G] expert compute per rank, summed over layers
     rank_load: np.ndarray  # [S, G] token-choices computed per rank, summed over layers
     phase_time: np.ndarray  # [S, L, G, P] seconds per recorded phase
+    timed: np.ndarray | None = None  # [S] bool: the step carries per-phase records (CUDA-graph replays do not)
 
 
 def measure(run_dir: Path, trace: Trace, stop: int | None = None) -> Measured:
@@ -174,9 +175,11 @@ def measure(run_dir: Path, trace: Trace, stop: int | None = None) -> Measured:
     phase_time[idx[keep, 0], idx[keep, 1], idx[keep, 2]] = tm.phases[keep]
     np.add.at(load, (idx[keep, 0], idx[keep, 2]), tm.tokens[keep].sum(axis=1))
     expert = phase_time[..., tm.phase_names.index("expert")]
+    timed = np.zeros(S, dtype=bool)
+    timed[np.unique(idx[keep, 0])] = True  # a replayed CUDA graph records routing but no phases: not 0 s, unknown
     return Measured(step_time=np.array([s["wall_s"] for s in steps[:S]]), phase=[s["phase"] for s in steps[:S]],
                     tokens=np.array([s["tokens"] for s in steps[:S]], dtype=float),
-                    moe_time=np.nansum(expert, axis=1), rank_load=load, phase_time=phase_time)
+                    moe_time=np.nansum(expert, axis=1), rank_load=load, phase_time=phase_time, timed=timed)
 
 
 # -- the simulator's side ---------------------------------------------------------------------------------
@@ -297,6 +300,11 @@ def roofline_cost(cfg: ValidateConfig, model: ModelSpec, world: int) -> tuple[An
     return CostModel.roofline(model, topology.device, context_len=cfg.prompt_len), topology
 
 
+def _mean0(a: np.ndarray) -> np.ndarray:
+    """Mean over axis 0; NaN (null in JSON) where there are no rows."""
+    return a.mean(axis=0) if len(a) else np.full(a.shape[1:], np.nan)
+
+
 def _rel(pred: Any, meas: Any) -> Any:
     return np.abs(pred - meas) / np.maximum(np.abs(meas), 1e-12)
 
@@ -314,8 +322,10 @@ def compare(measured: Measured, predicted: dict[str, np.ndarray], calibration: i
     out: dict[str, Any] = {}
     for name, w in windows.items():
         m_step, p_step = measured.step_time[w], predicted["step_time"][w]
-        m_moe, p_moe = measured.moe_time[w].mean(axis=0), predicted["moe_time"][w].mean(axis=0)
-        m_load, p_load = measured.rank_load[w].sum(axis=0), predicted["rank_load"][w].sum(axis=0)
+        # per-rank MoE time and load: only steps with per-phase records, on both sides (graph replays have none)
+        t = np.ones(w.stop - w.start, bool) if measured.timed is None else measured.timed[w]
+        m_moe, p_moe = _mean0(measured.moe_time[w][t]), _mean0(predicted["moe_time"][w][t])
+        m_load, p_load = measured.rank_load[w][t].sum(axis=0), predicted["rank_load"][w][t].sum(axis=0)
         out[name] = {
             "steps": [int(w.start), int(w.stop)],
             "step_time_measured_median_s": float(np.median(m_step)),

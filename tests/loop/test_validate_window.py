@@ -151,3 +151,22 @@ def test_an_unknown_roofline_device_is_one_line_before_any_process(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "unknown device 'tpu9'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o" / "run").exists()
+
+
+def test_graph_replayed_steps_do_not_count_as_zero_expert_time_or_load():
+    """A CUDA-graph replay records routing but no phases: per-rank MoE time and load come from the profiled steps
+    alone, on both sides (were averaged in as 0 s and 0 tokens)."""
+    S, G = 8, 2
+    timed = np.arange(S) % 4 == 1  # every 4th step profiled eagerly
+    real_moe = np.tile([3e-3, 5e-3], (S, 1))
+    real_load = np.tile([100.0, 140.0], (S, 1))
+    measured = val.Measured(step_time=np.full(S, 0.01), phase=["decode"] * S, tokens=np.full(S, 64.0),
+                            moe_time=np.where(timed[:, None], real_moe, 0.0),
+                            rank_load=np.where(timed[:, None], real_load, 0.0),
+                            phase_time=np.zeros((S, 1, G, 5)), timed=timed)
+    predicted = {"step_time": np.full(S, 0.01), "moe_time": real_moe, "rank_load": real_load}
+    held = val.compare(measured, predicted, calibration=2, remap_step=4)["held_out"]
+    assert held["moe_time_rel_error"] == pytest.approx([0.0, 0.0])
+    assert held["rank_load_measured"] == held["rank_load_predicted"] == [100.0, 140.0]  # step 5 alone
+    untimed = val.compare(measured, predicted, calibration=2, remap_step=4)["after"]  # steps 4..7: one profiled
+    assert untimed["busiest_over_mean_load_measured"] == pytest.approx(140 / 120)
