@@ -383,7 +383,8 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     K, C = cfg.remap_step, cfg.calibration_steps
     config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin", cfg.nproc), dedup=True, comm=cfg.comm,
                        dispatch_dtype=cfg.dispatch_dtype, combine_dtype=cfg.combine_dtype)
-    smodel = model.with_(bytes_per_param=4 if cfg.device == "cpu" else 2)  # float32 on CPU, bfloat16 on GPUs
+    b = 4 if cfg.device == "cpu" else 2  # float32 on CPU, bfloat16 on GPUs: weights, activations and KV cache
+    smodel = model.with_(bytes_per_param=b, act_bytes=b, kv_bytes=b)
 
     if not cfg.quiet:
         print(f"moesim validate: live run of {cfg.steps} steps; fit on steps 0..{C - 1}, remap before step {K}",
