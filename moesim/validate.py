@@ -347,6 +347,10 @@ def compare(measured: Measured, predicted: dict[str, np.ndarray], calibration: i
                 "roofline_median_step_time_rel_error": float(_rel(np.median(r_step), np.median(m_step))),
                 "roofline_step_time_median_rel_error": float(np.median(_rel(r_step, m_step))),
             })
+            if "moe_time" in roofline:  # [S, G]: the datasheet's expert time per rank beside the measured one
+                r_moe = _mean0(roofline["moe_time"][w][t])  # the same steps as the measured MoE time
+                out[name].update({"roofline_moe_time_per_rank_predicted_s": r_moe.tolist(),
+                                  "roofline_moe_time_rel_error": _rel(r_moe, m_moe).tolist()})
     out["per_step"] = [{"step": i, "phase": measured.phase[i], "measured_s": float(measured.step_time[i]),
                         "predicted_s": float(predicted["step_time"][i]),
                         "rel_error": float(_rel(predicted["step_time"][i:i + 1], measured.step_time[i:i + 1])[0]),
@@ -379,7 +383,8 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     K, C = cfg.remap_step, cfg.calibration_steps
     config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin", cfg.nproc), dedup=True, comm=cfg.comm,
                        dispatch_dtype=cfg.dispatch_dtype, combine_dtype=cfg.combine_dtype)
-    smodel = model.with_(bytes_per_param=4 if cfg.device == "cpu" else 2)  # float32 on CPU, bfloat16 on GPUs
+    b = 4 if cfg.device == "cpu" else 2  # float32 on CPU, bfloat16 on GPUs: weights, activations and KV cache
+    smodel = model.with_(bytes_per_param=b, act_bytes=b, kv_bytes=b)
 
     if not cfg.quiet:
         print(f"moesim validate: live run of {cfg.steps} steps; fit on steps 0..{C - 1}, remap before step {K}",

@@ -54,6 +54,7 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     from pathlib import Path
 
     from moesim.cli.cmd_comm import check_comm_args
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
     from moesim.io import atomic_dir, atomic_write_text, write_json
     from moesim.placement.compare import COLUMNS, HOLDOUT_COLUMNS, compare, format_markdown, format_table, plot
@@ -61,7 +62,6 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
     from moesim.sim.fixed import load_fixed
-    from moesim.topo import load_topology
 
     check_comm_args(args)
     algos = algo_list(args.algos)
@@ -71,7 +71,7 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     domains = [d.strip() for d in args.holdout_domains.split(",") if d.strip()] if args.holdout_domains else None
     if args.holdout_domains is not None and not domains:
         raise MoesimError("--holdout-domains is empty")
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     src = open_source(args)
     try:
         slots = resolve_slots(args, src.load.shape[1], topo.num_gpus)

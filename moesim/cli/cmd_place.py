@@ -39,13 +39,13 @@ def check_algo(algo: str) -> None:
 
 def execute(args: argparse.Namespace) -> dict[str, Any]:
     """Place, write the mapping (and the SGLang JSON); return the placement's figures (``info`` and ``seconds``)."""
+    from moesim.cli.topology_args import topology_from_args
     from moesim.io import atomic_write_text
     from moesim.placement import place
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
-    from moesim.topo import load_topology
 
     check_algo(args.algo)
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     src = open_source(args)
     try:
         E = src.load.shape[1]

@@ -142,6 +142,19 @@ def test_compare_reports_the_roofline_error_beside_the_calibrated_one() -> None:
     assert held["roofline_median_step_time_rel_error"] == pytest.approx(2.0 / 3.0)
     assert held["roofline_step_time_median_rel_error"] == pytest.approx(np.median([0.5, 0.75]))
     assert out["per_step"][3]["roofline_s"] == 1.0
+    assert "roofline_moe_time_per_rank_predicted_s" not in held  # none given: none reported
+
+
+def test_compare_reports_the_roofline_moe_time_per_rank() -> None:
+    m = val.Measured(step_time=np.ones(4), phase=["prefill", "decode", "decode", "decode"], tokens=np.ones(4),
+                     moe_time=np.array([[1.0, 2.0], [1.0, 2.0], [2.0, 4.0], [4.0, 8.0]]),
+                     rank_load=np.ones((4, 2)), phase_time=np.zeros((4, 1, 2, 5)))
+    pred = {"step_time": np.ones(4), "moe_time": np.ones((4, 2)), "rank_load": np.ones((4, 2))}
+    roof = {"step_time": np.ones(4), "moe_time": np.array([[9.0, 9.0], [9.0, 9.0], [1.0, 1.0], [2.0, 3.0]])}
+    held = val.compare(m, pred, 2, 3, roof)["held_out"]  # steps 2..3: measured [3, 6] per rank, roofline [1.5, 2]
+    assert held["roofline_moe_time_per_rank_predicted_s"] == pytest.approx([1.5, 2.0])
+    assert held["roofline_moe_time_rel_error"] == pytest.approx([0.5, 2.0 / 3.0])
+    assert held["moe_time_per_rank_measured_s"] == pytest.approx([3.0, 6.0])
 
 
 def test_an_unknown_roofline_device_is_one_line_before_any_process(tmp_path, capsys) -> None:
