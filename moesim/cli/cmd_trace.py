@@ -67,16 +67,18 @@ def register(sub: Any) -> None:
         description="Formats: sglang (expert-distribution recorder dump: stat / per_pass / per_token, .pt or .json; "
                     "several per-rank files may be given), vllm-eplb (alias vllm: expert_load_window + "
                     "physical_to_logical_map, .pt/.json/.npz, or a bare .npy with --mapping), megatron "
-                    "(router trace JSONL, one line per iteration and layer), counts (a [layers, experts] or [steps, "
+                    "(Megatron-Core's --moe-routing-trace-path directory or its router_trace_rank*.jsonl files; all "
+                    "ranks merged; --select mtp for the MTP heads), counts (a [layers, experts] or [steps, "
                     "layers, experts] table: .json/.csv/.npy), mixtral-csv, olmoe, switch (the real statistics in "
                     "shared/data/routing). Token-level inputs give token traces; the rest give load-only traces.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     im.add_argument("--format", required=True, choices=IMPORT_FORMATS)
-    im.add_argument("files", nargs="+", metavar="FILE", help="input file(s)")
+    im.add_argument("files", nargs="+", metavar="FILE", help="input file(s) (megatron: or the trace directory)")
     im.add_argument("--model", help="model preset the data belongs to (default: inferred where the format says)")
     im.add_argument("--mapping", help="phy2log for physical-expert counts (moesim or SGLang mapping JSON)")
     im.add_argument("--select", help="olmoe: which entry, e.g. 'olmoe/expert_counts/arxiv' (default: the first "
-                                     "'<model>/expert_counts/*' entry)")
+                                     "'<model>/expert_counts/*' entry); megatron: 'decoder' (default), 'mtp' or "
+                                     "'mtp:I' (one MTP head)")
     im.add_argument("--out", required=True, help="output trace file (.mtrace)")
     im.set_defaults(func=_import)
 
