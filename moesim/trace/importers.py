@@ -29,6 +29,7 @@ Formats (field names as the producing projects write them):
 - **counts** (reader in :mod:`moesim.trace.sources`): any ``[layers, experts]`` or ``[steps, layers, experts]``
   table: ``.npy``, ``.csv`` (one row per layer), ``.json`` (a bare nested list or ``{"load": ...}``
   as ``moesim trace load`` writes).
+- **parquet**: a routing table as ``moesim trace export --format parquet`` writes it (:mod:`moesim.trace.parquet`).
 - **Real statistics** in ``shared/data/routing`` (see its README; readers in :mod:`moesim.trace.datasets`):
   ``mixtral-csv``, ``olmoe``, ``switch``.
 """
@@ -46,6 +47,7 @@ from moesim.io import read_json
 from moesim.models import ModelSpec
 from moesim.trace.datasets import read_mixtral_csv, read_olmoe, read_switch
 from moesim.trace.megatron import read_megatron
+from moesim.trace.parquet import read_parquet
 from moesim.trace.sources import (
     Imported,
     TokenStep,
@@ -261,6 +263,8 @@ def read_import(fmt: str, paths: Sequence[Path], *, model: ModelSpec | None = No
         return read_megatron(paths, model, select)
     if fmt == "counts":
         return read_counts(paths[0], model)
+    if fmt == "parquet":
+        return read_parquet(paths[0], model)
     if fmt == "mixtral-csv":
         return read_mixtral_csv(paths[0], model)
     if fmt == "olmoe":

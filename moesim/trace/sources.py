@@ -32,6 +32,7 @@ class Imported:
     counts: np.ndarray | None = None  # [S, L, E] int64 (load-only)
     steps: list[TokenStep] | None = None  # per-token steps
     phases: list[str | None] | None = None  # per counts step
+    kv_len: list[float | None] | None = None  # per step, where the source recorded it
     num_ranks: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -232,6 +233,8 @@ def write_imported(imp: Imported, out: str | Path) -> Path:
     if imp.notes:
         meta["notes"] = imp.notes
         meta["note"] = "; ".join(imp.notes)
+    n = len(imp.steps) if imp.steps is not None else len(imp.counts)  # type: ignore[arg-type]
+    kv_len = imp.kv_len or [None] * n
     try:
         if imp.steps is not None:
             with_w = all(s[1] is not None for s in imp.steps)
@@ -239,14 +242,14 @@ def write_imported(imp: Imported, out: str | Path) -> Path:
             with TraceWriter(out, imp.model, kind="tokens", weights=with_w, weights_dtype="float32",
                              origin=with_o, num_ranks=imp.num_ranks if with_o else None, meta=meta,
                              atomic=True) as w:
-                for ids, weights, origin, phase in imp.steps:
-                    w.add_step(ids, weights if with_w else None, origin if with_o else None, phase)
+                for (ids, weights, origin, phase), kv in zip(imp.steps, kv_len):
+                    w.add_step(ids, weights if with_w else None, origin if with_o else None, phase, kv)
         else:
             assert imp.counts is not None
             phases = imp.phases or [None] * len(imp.counts)
             with TraceWriter(out, imp.model, kind="counts", meta=meta, atomic=True) as w:
-                for c, phase in zip(imp.counts, phases):
-                    w.add_counts(c, phase)
+                for c, phase, kv in zip(imp.counts, phases, kv_len):
+                    w.add_counts(c, phase, kv)
     except OSError as exc:
         raise TraceError(f"cannot write {out}: {exc.strerror}") from None
     return out
