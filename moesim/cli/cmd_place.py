@@ -21,12 +21,12 @@ def register(sub: Any) -> None:
     add_source_arguments(p)
     p.add_argument("--algo", default="greedy", help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--out", required=True, help="mapping JSON to write (moesim format)")
-    p.add_argument("--sglang", help="also write SGLang's --init-expert-location JSON here")
+    p.add_argument("--sglang", help="also write SGLang's --init-expert-location file here (.json or .pt; one row per "
+                                    "decoder layer, dense layers included, as SGLang indexes it)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from moesim.io import atomic_write_text
     from moesim.placement import ALGORITHMS, PlacementError, place
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
     from moesim.topo import load_topology
@@ -46,12 +46,13 @@ def _run(args: argparse.Namespace) -> int:
     if src.model is not None:
         meta["model"] = src.model.name
     mapping = type(res.mapping)(res.mapping.phy2log, res.mapping.num_gpus, res.mapping.num_experts, meta)
+    if args.sglang and not args.sglang.lower().endswith((".json", ".pt")):
+        raise PlacementError(f"--sglang must end in .json or .pt (what SGLang's --init-expert-location reads), got "
+                             f"{args.sglang!r}")
     # write both outputs only once everything is computed (each atomically)
     mapping.save(args.out)
     if args.sglang:
-        import json
-
-        atomic_write_text(args.sglang, json.dumps(mapping.to_sglang()) + "\n")
+        mapping.save_sglang(args.sglang, src.model.num_dense_layers if src.model is not None else 0)
     info = res.info
     extra = f", MILP gap {info['gap']:.2%}" if "gap" in info else ""
     print(f"{args.algo}: {topo.num_gpus} GPUs × {slots // topo.num_gpus} slots ({slots - E} redundant), "

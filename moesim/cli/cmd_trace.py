@@ -81,6 +81,8 @@ def register(sub: Any) -> None:
     im.add_argument("--select", help="olmoe: which entry, e.g. 'olmoe/expert_counts/arxiv' (default: the first "
                                      "'<model>/expert_counts/*' entry); megatron: 'decoder' (default), 'mtp' or "
                                      "'mtp:I' (one MTP head)")
+    im.add_argument("--buffer-start", type=int, help="sglang stat dump with a full circular buffer: the row of "
+                                                     "the oldest pass (passes recorded modulo the buffer size)")
     im.add_argument("--out", required=True, help="output trace file (.mtrace)")
     im.set_defaults(func=_import)
 
@@ -257,7 +259,7 @@ def _import(args: argparse.Namespace) -> int:
     model = _model(args.model) if args.model else None
     t0 = time.perf_counter()
     path, info = import_trace(args.format, [Path(f) for f in args.files], args.out, model=model,
-                              mapping=args.mapping, select=args.select)
+                              mapping=args.mapping, select=args.select, buffer_start=args.buffer_start)
     print(f"wrote {path}: {info['kind']} trace of {info['model']}, {info['steps']} steps, {info['tokens']:,} tokens "
           f"({time.perf_counter() - t0:.1f} s)")
     for note in info.get("notes", []):

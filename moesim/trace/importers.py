@@ -9,8 +9,9 @@ step), and :func:`import_trace` writes it as a ``.mtrace`` atomically. Every mal
 Formats (field names as the producing projects write them):
 
 - **SGLang expert-distribution recorder** (``sglang/srt/eplb/expert_distribution.py``, saved with torch.save):
-  ``stat`` mode → ``{"rank", "logical_count": [steps, layers, logical experts], ...}`` (all-zero steps of the
-  circular buffer are dropped); ``per_pass`` / ``per_token`` modes, one file per rank →
+  ``stat`` mode → ``{"rank", "logical_count": [buffer rows, layers, logical experts], ...}`` (the circular
+  buffer as it lies: unrolled to time order, unfilled rows dropped, see :func:`_stat_in_order`);
+  ``per_pass`` / ``per_token`` modes, one file per rank →
   ``{"records": [{"forward_pass_id", "rank", "global_physical_count": [layers, physical experts],
   per_token only: "topk_ids_of_layer": [layers, tokens, 8] physical ids padded with -1, "input_ids",
   "positions", "extend_seq_lens", "forward_mode"}], "last_physical_to_logical_map": [layers, physical]}``.
@@ -67,8 +68,9 @@ from moesim.trace.sources import (
 SGLANG_FORWARD_MODES = {1: "prefill", 2: "decode"}  # ForwardMode.EXTEND, ForwardMode.DECODE (IntEnum auto())
 
 
-def read_sglang(paths: Sequence[Path], model: ModelSpec | None = None) -> Imported:
-    """SGLang expert-distribution recorder dump(s): ``stat`` → counts; ``per_pass`` / ``per_token`` records."""
+def read_sglang(paths: Sequence[Path], model: ModelSpec | None = None, buffer_start: int | None = None) -> Imported:
+    """SGLang expert-distribution recorder dump(s): ``stat`` → counts in time order (see :func:`_stat_in_order`;
+    ``buffer_start``: the oldest row of a full buffer); ``per_pass`` / ``per_token`` records."""
     if not paths:
         raise TraceError("no SGLang dump given")
     dumps = [(p, load_any(Path(p), "SGLang dump")) for p in paths]
@@ -85,15 +87,61 @@ def read_sglang(paths: Sequence[Path], model: ModelSpec | None = None) -> Import
         model, dense = resolve_model(model, L, E, f"{path.name}")
         notes: list[str] = []
         counts = drop_dense(counts, dense, 1, path.name, notes)
-        counts = drop_empty_steps(counts, notes, "steps (unfilled recorder buffer)",
-                                   f"{path.name}: logical_count holds no load (every step is zero)")
+        counts, first = _stat_in_order(counts, buffer_start, notes, path.name)
         check_totals(counts, model, notes)
-        return Imported(model, counts=counts, meta={"source": "sglang:stat", "files": [str(path)]}, notes=notes)
+        meta = {"source": "sglang:stat", "files": [str(path)], "oldest_row": first}
+        return Imported(model, counts=counts, meta=meta, notes=notes)
     for path, d in dumps:
         get_field(d, "records", f"SGLang dump {path.name}")
         if not isinstance(d["records"], list):
             raise TraceError(f"SGLang dump {path.name}: records is not a list")
     return _sglang_records(dumps, model)
+
+
+def _stat_in_order(counts: np.ndarray, buffer_start: int | None, notes: list[str],
+                   name: str) -> tuple[np.ndarray, int | None]:
+    """The rows of a ``stat`` dump [buffer, L, E] in time order, unfilled rows dropped; returns (rows, oldest row).
+
+    SGLang's ``_StatAccumulator.dump`` saves its ``_CircularBuffer`` as it lies (``logical_count`` is the whole
+    buffer, not rotated), and the dump does not hold the write index. ``append`` writes row ``i`` then moves to
+    ``(i + 1) % size``; ``reset`` zeroes the rows but keeps the index. So the filled rows are one cyclic run
+    and the oldest is the first filled row after the empty ones (a dump that wrapped once after a reset looks
+    like ``[c3, c4, 0, 0, c1, c2]``). A full buffer carries no such mark: its oldest row is the write index
+    (passes recorded modulo the buffer size), which only the user knows (``buffer_start``); without it the rows
+    keep buffer order and a note says so.
+    """
+    n = len(counts)
+    filled = counts.reshape(n, -1).any(axis=1)
+    if not filled.any():
+        raise TraceError(f"{name}: logical_count holds no load (every buffer row is zero)")
+    if buffer_start is not None:
+        if not 0 <= buffer_start < n:
+            raise TraceError(f"--buffer-start {buffer_start} is not a row of the {n}-row recorder buffer")
+        first = buffer_start
+    elif filled.all():
+        notes.append(f"the recorder's {n}-row circular buffer is full and SGLang's dump does not say where it "
+                     "wrapped: rows kept in buffer order (give --buffer-start: passes recorded modulo the buffer "
+                     "size)")
+        return counts, None
+    else:
+        starts = [i for i in range(n) if filled[i] and not filled[i - 1]]
+        gaps = []
+        for s in starts:  # empty rows before each run, cyclically
+            g = 0
+            while not filled[(s - 1 - g) % n]:
+                g += 1
+            gaps.append(g)
+        first = starts[int(np.argmax(gaps))]
+        if len(starts) > 1:
+            notes.append(f"the buffer holds {len(starts)} runs of filled rows; time order taken from row {first}, "
+                         "after the longest empty stretch")
+        elif first:
+            notes.append(f"circular buffer unrolled: the oldest step is buffer row {first}")
+    order = np.roll(np.arange(n), -first)
+    kept = order[filled[order]]
+    if len(kept) < n:
+        notes.append(f"dropped {n - len(kept)} all-zero steps (unfilled recorder buffer)")
+    return counts[kept], first
 
 
 def _sglang_records(dumps: list[tuple[Path, Any]], model: ModelSpec | None) -> Imported:
@@ -250,13 +298,14 @@ def _mapping_table(mapping: str | Path) -> np.ndarray:
 
 
 def read_import(fmt: str, paths: Sequence[Path], *, model: ModelSpec | None = None,
-                mapping: str | Path | None = None, select: str | None = None) -> Imported:
+                mapping: str | Path | None = None, select: str | None = None,
+                buffer_start: int | None = None) -> Imported:
     """Dispatch on the format name (see ``moesim trace import --help``)."""
     paths = [Path(p) for p in paths]
     if fmt not in ("sglang", "megatron") and len(paths) != 1:
         raise TraceError(f"format {fmt!r} reads one file, got {len(paths)}")
     if fmt == "sglang":
-        return read_sglang(paths, model)
+        return read_sglang(paths, model, buffer_start)
     if fmt in ("vllm-eplb", "vllm"):
         return read_vllm_eplb(paths[0], model, mapping)
     if fmt == "megatron":
@@ -275,9 +324,10 @@ def read_import(fmt: str, paths: Sequence[Path], *, model: ModelSpec | None = No
 
 
 def import_trace(fmt: str, paths: Sequence[Path], out: str | Path, *, model: ModelSpec | None = None,
-                 mapping: str | Path | None = None, select: str | None = None) -> tuple[Path, dict[str, Any]]:
+                 mapping: str | Path | None = None, select: str | None = None,
+                 buffer_start: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Read ``paths`` in format ``fmt`` and write ``out``; returns (path, summary for the CLI)."""
-    imp = read_import(fmt, paths, model=model, mapping=mapping, select=select)
+    imp = read_import(fmt, paths, model=model, mapping=mapping, select=select, buffer_start=buffer_start)
     path = write_imported(imp, out)
     if imp.steps is not None:
         steps, tokens = len(imp.steps), sum(s[0].shape[1] for s in imp.steps)

@@ -45,6 +45,46 @@ def test_sglang_stat(tmp_path, name):
 
 
 @needs_torch
+def test_sglang_stat_wrapped_buffer_in_time_order(tmp_path):
+    """The dump of SGLang's circular buffer after a reset and a wrap: rows 3, 4, 0, 1 hold passes 1..4."""
+    _, passes = mf.sglang_stat_wrapped()
+    with _imported(tmp_path, "sglang", "sglang_stat_wrapped.pt", model=TINY) as trace:
+        assert np.array_equal(trace.load(), passes)
+        assert trace.meta["oldest_row"] == 3 and "oldest step is buffer row 3" in trace.meta["note"]
+
+
+@given(size=st.integers(1, 6), ops=st.lists(st.one_of(st.just(-1), st.integers(1, 5)), min_size=1, max_size=14),
+       seed=st.integers(0, 2**31))
+@settings(max_examples=40, deadline=None)
+def test_sglang_stat_buffer_order_property(tmp_path_factory, size, ops, seed):
+    """Any sequence of appends (tokens) and resets (-1): the import is the passes since the last reset, oldest
+    first (when the buffer is full: the last `size` of them, given --buffer-start = the write index)."""
+    rng = np.random.default_rng(seed)
+    buf, since = mf.SGLangCircularBuffer(size, (2, 8)), []
+    for op in ops:
+        if op < 0:
+            buf.reset()
+            since = []
+        else:
+            c = mf._logical_count(mf._route(rng, op))
+            buf.append(c)
+            since.append(c)
+    path = tmp_path_factory.mktemp("st") / "stat.json"
+    path.write_text(json.dumps({"rank": 0, "logical_count": buf.get_all().tolist()}))
+    if not since:
+        with pytest.raises(TraceError, match="no load"):
+            read_import("sglang", [path], model=TINY)
+        return
+    full = len(since) >= size
+    imp = read_import("sglang", [path], model=TINY, buffer_start=buf.curr_index if full else None)
+    assert np.array_equal(imp.counts, np.stack(since[-size:]))
+    if full:
+        plain = read_import("sglang", [path], model=TINY)
+        assert "does not say where it wrapped" in plain.notes[0]
+        assert np.array_equal(plain.counts, buf.get_all())
+
+
+@needs_torch
 def test_sglang_per_token_two_ranks(tmp_path):
     _, expected = mf.sglang_per_token()
     with _imported(tmp_path, "sglang", "sglang_per_token_rank1.pt", "sglang_per_token_rank0.pt") as trace:
