@@ -19,12 +19,15 @@ Formats (field names as the producing projects write them):
   ``forward_mode`` 1 (EXTEND) → prefill, 2 (DECODE) → decode. Where every rank routed the same tokens
   (tensor-parallel attention), identical per-token records of a pass are kept once; ``stat`` and ``per_pass``
   counts cannot be told apart that way and are taken as summed (SGLang all-reduces ``stat`` counts over ranks).
-- **vLLM EPLB** (``vllm/distributed/eplb/eplb_state.py``): ``expert_load_window`` [window, layers, physical]
-  (or ``expert_load_pass`` [layers, physical]) and ``physical_to_logical_map`` [layers, physical], optional
-  ``expert_load_window_step`` (the next slot the circular window writes: the oldest entry). vLLM gives no dump
-  command: save these fields of ``EplbModelState`` with torch.save / json / np.savez. A bare ``.npy`` holds the
-  load alone; its phy2log comes from ``--mapping`` (or is the identity when physical = logical experts).
-  Note: vLLM documents that with naive all-to-all the recorded load is multiplied by the DP size.
+- **vLLM EPLB** (``vllm/distributed/eplb/eplb_state.py``; vLLM gives no dump command: save these fields of its EPLB
+  state with torch.save / json / np.savez): ``global_expert_load_window`` — already per *logical* expert
+  ([window, layers, experts], or [layers, experts] where vLLM summed the window) and all-reduced over the EP
+  ranks — is taken as it is; a rank's ``expert_load_window`` [window, layers, physical] (or ``expert_load_pass``
+  [layers, physical]) is folded with ``physical_to_logical_map`` [layers, physical] (-1: an empty slot, which must
+  carry no load), and several ranks' files are summed; ``expert_load_window_step`` (the next slot the circular
+  window writes: the oldest entry) restores time order. A bare ``.npy`` holds the load alone; its phy2log comes from
+  ``--mapping`` (or is the identity when physical = logical experts). Note: vLLM documents that with naive
+  all-to-all the recorded load is multiplied by the DP size.
 - **Megatron-Core router trace** (``--moe-routing-trace-path DIR``: ``DIR/router_trace_rank{N}.jsonl``): reader
   in :mod:`moesim.trace.megatron`.
 - **counts** (reader in :mod:`moesim.trace.sources`): any ``[layers, experts]`` or ``[steps, layers, experts]``
@@ -238,26 +241,48 @@ def _sglang_phase(recs: list[tuple[int, dict[str, Any], np.ndarray]]) -> str | N
 
 
 # -- vLLM EPLB --------------------------------------------------------------------------------------------
-def read_vllm_eplb(path: Path, model: ModelSpec | None = None, mapping: str | Path | None = None) -> Imported:
-    """vLLM EPLB expert-load window [window, layers, physical] folded to logical experts with phy2log."""
-    path = Path(path)
-    data = load_any(path, "vLLM EPLB load")
+VLLM_KEYS = ("global_expert_load_window", "expert_load_window", "expert_load_pass")
+
+
+def read_vllm_eplb(paths: Sequence[Path], model: ModelSpec | None = None,
+                   mapping: str | Path | None = None) -> Imported:
+    """vLLM EPLB load (see the module docstring): logical windows as they are, physical ones folded with phy2log;
+    several ranks' physical windows summed."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise TraceError("no vLLM EPLB file given")
     notes: list[str] = []
-    if isinstance(data, dict):
-        key = next((k for k in ("expert_load_window", "global_expert_load_window", "expert_load_pass")
-                    if k in data), None)
-        if key is None:
-            get_field(data, "expert_load_window", f"vLLM EPLB file {path.name}")
-        load = as_array(data[key], f"{path.name}: {key}", (2, 3))
-        p2l = data.get("physical_to_logical_map")
-        step = data.get("expert_load_window_step")
-    else:
-        load, p2l, step, key = as_array(data, f"{path.name}", (2, 3)), None, None, "array"
-    if load.ndim == 2:
-        load = load[None]
-    if load.min() < 0:
-        raise TraceError(f"{path.name}: negative expert load")
+    loads, maps, steps, key = [], [], [], None
+    for path in paths:
+        data = load_any(path, "vLLM EPLB load")
+        if isinstance(data, dict):
+            this = next((k for k in VLLM_KEYS if k in data), None)
+            if this is None:
+                get_field(data, "expert_load_window", f"vLLM EPLB file {path.name}")
+            load = as_array(data[this], f"{path.name}: {this}", (2, 3))
+            maps.append(data.get("physical_to_logical_map"))
+            steps.append(data.get("expert_load_window_step"))
+        else:
+            this, load = "array", as_array(data, f"{path.name}", (2, 3))
+            maps.append(None)
+            steps.append(None)
+        if key is not None and this != key:
+            raise TraceError(f"{path.name} holds {this} but {paths[0].name} holds {key}: import them apart")
+        key = this
+        if load.min() < 0:
+            raise TraceError(f"{path.name}: negative expert load")
+        loads.append(load[None] if load.ndim == 2 else load)
+    if len({x.shape for x in loads}) != 1:
+        raise TraceError(f"the ranks' windows differ in shape: {sorted({tuple(x.shape) for x in loads})}")
+    if key == "global_expert_load_window":
+        if len(paths) > 1:
+            raise TraceError("global_expert_load_window is already all-reduced over the EP ranks: give one file")
+        return _vllm_logical(loads[0], paths[0], model, notes)
+    load = np.sum(loads, axis=0)
+    if len(paths) > 1:
+        notes.append(f"summed the {key} of {len(paths)} ranks")
     W, L, P = load.shape
+    p2l = _one_map(maps, paths)
     if mapping is not None:
         if p2l is not None:
             notes.append("--mapping replaces the file's physical_to_logical_map")
@@ -265,24 +290,63 @@ def read_vllm_eplb(path: Path, model: ModelSpec | None = None, mapping: str | Pa
     if p2l is None:
         p2l = np.tile(np.arange(P), (L, 1))
         if model is not None and model.num_experts != P:
-            raise TraceError(f"{path.name}: {P} physical experts per layer but {model.num_experts} logical; "
+            raise TraceError(f"{paths[0].name}: {P} physical experts per layer but {model.num_experts} logical; "
                              "pass --mapping with the physical_to_logical map")
     p2l = as_array(p2l, "physical_to_logical_map", (2,))
+    if np.any(p2l < 0):
+        notes.append(f"{int((p2l < 0).sum())} empty physical slots (-1) in physical_to_logical_map")
     E = model.num_experts if model is not None else int(p2l.max()) + 1
-    model, dense = resolve_model(model, L, E, path.name)
+    model, dense = resolve_model(model, L, E, paths[0].name)
+    step = _window_step(steps, paths, W)
     if step is not None:
+        load = np.roll(load, -step, axis=0)  # oldest first
+        notes.append(f"window unrolled from expert_load_window_step={step} (oldest step first)")
+    counts = fold_physical(load, p2l, E)
+    counts = drop_dense(counts, dense, 1, paths[0].name, notes)
+    counts = drop_empty_steps(counts, notes, "window entries (not yet recorded)",
+                              f"{paths[0].name}: the expert load window holds no load")
+    check_totals(counts, model, notes)
+    return Imported(model, counts=counts, meta={"source": f"vllm-eplb:{key}", "files": [str(p) for p in paths]},
+                    notes=notes)
+
+
+def _vllm_logical(load: np.ndarray, path: Path, model: ModelSpec | None, notes: list[str]) -> Imported:
+    """``global_expert_load_window``: already per logical expert ([window, layers, experts] or its sum over the
+    window, [layers, experts]) and summed over ranks; vLLM builds it oldest first (eplb_state.py)."""
+    _, L, E = load.shape
+    model, dense = resolve_model(model, L, E, path.name)
+    counts = drop_dense(load, dense, 1, path.name, notes)
+    counts = drop_empty_steps(counts, notes, "window entries (not yet recorded)",
+                              f"{path.name}: the expert load window holds no load")
+    check_totals(counts, model, notes)
+    return Imported(model, counts=counts, meta={"source": "vllm-eplb:global_expert_load_window",
+                                                "files": [str(path)]}, notes=notes)
+
+
+def _one_map(maps: list[Any], paths: list[Path]) -> np.ndarray | None:
+    """The ranks' physical_to_logical_map (they must agree)."""
+    given = [(p, as_array(m, f"{p.name}: physical_to_logical_map", (2,))) for p, m in zip(paths, maps)
+             if m is not None]
+    for p, m in given[1:]:
+        if not np.array_equal(m, given[0][1]):
+            raise TraceError(f"{p.name} and {given[0][0].name} hold different physical_to_logical maps")
+    return given[0][1] if given else None
+
+
+def _window_step(steps: list[Any], paths: list[Path], W: int) -> int | None:
+    """expert_load_window_step (the next slot the circular window writes: the oldest entry); ranks agree."""
+    vals = set()
+    for p, step in zip(paths, steps):
+        if step is None:
+            continue
         if hasattr(step, "numpy") or isinstance(step, np.ndarray):  # a 0-d tensor / array (np.savez, torch.save)
             step = as_array(step, "expert_load_window_step", (0,)).item()
         if not isinstance(step, (int, np.integer)) or not 0 <= int(step) < max(W, 1):
-            raise TraceError(f"{path.name}: expert_load_window_step {step!r} is not an index into the window")
-        load = np.roll(load, -int(step), axis=0)  # oldest first
-        notes.append(f"window unrolled from expert_load_window_step={int(step)} (oldest step first)")
-    counts = fold_physical(load, p2l, E)
-    counts = drop_dense(counts, dense, 1, path.name, notes)
-    counts = drop_empty_steps(counts, notes, "window entries (not yet recorded)",
-                               f"{path.name}: the expert load window holds no load")
-    check_totals(counts, model, notes)
-    return Imported(model, counts=counts, meta={"source": f"vllm-eplb:{key}", "files": [str(path)]}, notes=notes)
+            raise TraceError(f"{p.name}: expert_load_window_step {step!r} is not an index into the window")
+        vals.add(int(step))
+    if len(vals) > 1:
+        raise TraceError(f"the ranks' expert_load_window_step differ: {sorted(vals)}")
+    return vals.pop() if vals else None
 
 
 def _mapping_table(mapping: str | Path) -> np.ndarray:
@@ -302,12 +366,12 @@ def read_import(fmt: str, paths: Sequence[Path], *, model: ModelSpec | None = No
                 buffer_start: int | None = None) -> Imported:
     """Dispatch on the format name (see ``moesim trace import --help``)."""
     paths = [Path(p) for p in paths]
-    if fmt not in ("sglang", "megatron") and len(paths) != 1:
+    if fmt not in ("sglang", "megatron", "vllm-eplb", "vllm") and len(paths) != 1:
         raise TraceError(f"format {fmt!r} reads one file, got {len(paths)}")
     if fmt == "sglang":
         return read_sglang(paths, model, buffer_start)
     if fmt in ("vllm-eplb", "vllm"):
-        return read_vllm_eplb(paths[0], model, mapping)
+        return read_vllm_eplb(paths, model, mapping)
     if fmt == "megatron":
         return read_megatron(paths, model, select)
     if fmt == "counts":

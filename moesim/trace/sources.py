@@ -118,18 +118,26 @@ def get_field(d: Any, name: str, where: str) -> Any:
 
 
 def fold_physical(physical: np.ndarray, phy2log: np.ndarray, num_experts: int) -> np.ndarray:
-    """Sum physical-expert counts [..., L, P] into logical experts [..., L, E] with phy2log [L, P]."""
+    """Sum physical-expert counts [..., L, P] into logical experts [..., L, E] with phy2log [L, P].
+
+    A -1 in phy2log is an empty physical slot (vLLM's maps hold them); it must carry no load."""
     L, P = phy2log.shape
     if physical.shape[-2:] != (L, P):
         raise TraceError(f"load has {list(physical.shape[-2:])} [layers, physical experts] but "
                          f"physical_to_logical_map has {[L, P]}")
-    if phy2log.min() < 0 or phy2log.max() >= num_experts:
-        raise TraceError(f"physical_to_logical_map holds ids outside [0, {num_experts})")
+    if phy2log.min() < -1 or phy2log.max() >= num_experts:
+        raise TraceError(f"physical_to_logical_map holds ids outside [0, {num_experts}) (or -1: empty slot)")
     lead = physical.shape[:-2]
     flat = physical.reshape(-1, L, P)
+    empty = phy2log < 0
+    if np.any(flat[:, empty]):
+        layer, slot = np.argwhere(empty & flat.any(axis=0))[0]
+        raise TraceError(f"layer {layer} physical slot {slot} is empty (-1 in physical_to_logical_map) but "
+                         "carries load")
     out = np.zeros((flat.shape[0], L, num_experts), dtype=np.int64)
     for layer in range(L):
-        np.add.at(out[:, layer], (slice(None), phy2log[layer]), flat[:, layer])
+        keep = ~empty[layer]
+        np.add.at(out[:, layer], (slice(None), phy2log[layer, keep]), flat[:, layer][:, keep])
     return out.reshape(*lead, L, num_experts)
 
 

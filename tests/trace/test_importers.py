@@ -112,6 +112,48 @@ def test_vllm_eplb_window_folded_and_unrolled(tmp_path, name):
         assert np.array_equal(trace.load(), expected)
 
 
+def test_vllm_global_window_is_logical_already(tmp_path):
+    """global_expert_load_window is per logical expert: taken as it is, never folded through the physical map."""
+    state, expected = mf.vllm_eplb()
+    np.savez(tmp_path / "g.npz", global_expert_load_window=expected,
+             physical_to_logical_map=state["physical_to_logical_map"])  # P=10 physical slots, E=8 logical
+    imp = read_import("vllm", [tmp_path / "g.npz"], model=TINY)
+    assert np.array_equal(imp.counts, expected) and imp.meta["source"] == "vllm-eplb:global_expert_load_window"
+    np.savez(tmp_path / "s.npz", global_expert_load_window=expected.sum(axis=0))  # vLLM's sum over the window
+    assert np.array_equal(read_import("vllm", [tmp_path / "s.npz"]).counts, expected.sum(axis=0)[None])
+    with pytest.raises(TraceError, match="already all-reduced"):
+        read_import("vllm", [tmp_path / "g.npz", tmp_path / "g.npz"], model=TINY)
+
+
+def test_vllm_rank_windows_summed_with_empty_slots(tmp_path, capsys):
+    states, expected = mf.vllm_rank_windows(3)
+    files = []
+    for r, s in enumerate(states):
+        np.savez(tmp_path / f"rank{r}.npz", **s)
+        files.append(tmp_path / f"rank{r}.npz")
+    imp = read_import("vllm", files, model=TINY)
+    assert np.array_equal(imp.counts, expected)
+    assert any("summed" in n for n in imp.notes) and any("empty physical slots" in n for n in imp.notes)
+    assert not np.array_equal(read_import("vllm", files[:1], model=TINY).counts, expected)  # one rank: a part
+    bad = dict(states[0])
+    bad["expert_load_window"] = bad["expert_load_window"].copy()
+    bad["expert_load_window"][0, 1, -1] = 3
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(TraceError, match="layer 1 physical slot 11 is empty"):
+        read_import("vllm", [tmp_path / "bad.npz"], model=TINY)
+    other = dict(states[1])
+    other["expert_load_window_step"] = 2
+    np.savez(tmp_path / "other.npz", **other)
+    with pytest.raises(TraceError, match="expert_load_window_step differ"):
+        read_import("vllm", [files[0], tmp_path / "other.npz"], model=TINY)
+    out = tmp_path / "v.mtrace"
+    from moesim.cli import main
+
+    assert main(["trace", "import", "--format", "vllm", *map(str, files), "--model", "tiny", "--out", str(out)]) == 0
+    with Trace.open(out) as trace:
+        assert np.array_equal(trace.load(), expected)
+
+
 def test_vllm_bare_npy_needs_the_mapping(tmp_path):
     _, expected = mf.vllm_eplb()
     with _imported(tmp_path, "vllm", "vllm_load.npy", model=TINY, mapping=FIX / "phy2log.json") as trace:
