@@ -276,9 +276,9 @@ class ExpertMapping:
             table = table[num_dense_layers:]
             meta["dropped_dense_rows"] = num_dense_layers
         elif num_layers is not None and len(table) != num_layers:
-            want = f"{num_layers}" + (f" or {num_layers + num_dense_layers} (with the dense layers)"
-                                      if num_dense_layers else "")
-            raise MappingError(f"physical_to_logical_map has {len(table)} rows; the model has {want} layers")
+            want = f"{num_layers} MoE layers" + (f" ({num_layers + num_dense_layers} decoder layers)"
+                                                 if num_dense_layers else "")
+            raise MappingError(f"physical_to_logical_map has {len(table)} layers (rows); the model has {want}")
         return cls(table, num_gpus, num_experts, meta)
 
 

@@ -202,7 +202,7 @@ def test_sglang_export_has_one_row_per_decoder_layer(tmp_path):
     (tmp_path / "moe.json").write_text(json.dumps(m.to_sglang()))
     assert ExpertMapping.load(tmp_path / "moe.json", model=DSV3, num_gpus=32) == m
     (tmp_path / "bad.json").write_text(json.dumps({"physical_to_logical_map": rows[:60].tolist()}))
-    with pytest.raises(MappingError, match="60 rows; the model has 58 or 61"):
+    with pytest.raises(MappingError, match=r"60 layers \(rows\); the model has 58 MoE layers \(61 decoder"):
         ExpertMapping.load(tmp_path / "bad.json", model=DSV3, num_gpus=32)
     with pytest.raises(MappingError, match=r"reads \.json or \.pt"):
         m.save_sglang(tmp_path / "sg.txt", 3)
