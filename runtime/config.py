@@ -40,7 +40,7 @@ class RunConfig:
     checkpoint: str | None = None  # local Hugging Face safetensors folder (classic or fused Mixtral tensor names)
     dtype: str | None = None  # None → float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    policy: str = "round_robin"  # replica policy (moesim.replica)
+    policy: str = "position"  # replica policy (moesim.replica): vllm | position (old name round_robin) | local
     gpus_per_node: int = 8
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch reference on CPU) | "torch" | "triton"
     remap_transport: str = "p2p"  # how a live remap moves weights: "p2p" (batch_isend_irecv) | "all2all"
@@ -276,7 +276,8 @@ def add_arguments(p: Any) -> None:
                    "transformers-5 fused expert tensors); its config.json gives the shape unless --preset is given")
     p.add_argument("--dtype", choices=DTYPES, help="dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--policy", default="round_robin", help="replica policy: round_robin | local (moesim.replica)")
+    p.add_argument("--policy", default="position", help="replica policy (moesim.replica): vllm (vLLM's hash of the "
+                   "token index) | position (old name round_robin) | local")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for the 'local' replica policy (default 8)")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="MoE kernels: auto = Triton on CUDA, torch on CPU; triton on CPU runs the interpreter")
