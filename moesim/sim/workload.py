@@ -161,14 +161,14 @@ class _FrozenTables:
 class _LayerChooser:
     """choose_slots for one layer, with fast paths that give exactly the same slots."""
 
-    def __init__(self, table: np.ndarray, count: np.ndarray, round_robin: bool) -> None:
+    def __init__(self, table: np.ndarray, count: np.ndarray, shared: bool) -> None:
         self.table, self.count = table, count
-        self.shared = round_robin  # tables identical for every origin
+        self.shared = shared  # tables identical for every origin
         self.single = bool(count.max() <= 1)
         _G, E, _ = table.shape
         self.E = E
         if self.single:
-            self.first = np.ascontiguousarray(table[0, :, 0] if round_robin else table[:, :, 0].ravel())
+            self.first = np.ascontiguousarray(table[0, :, 0] if shared else table[:, :, 0].ravel())
 
     def __call__(self, ids_t: np.ndarray, origin: np.ndarray, key: np.ndarray) -> np.ndarray:
         """ids_t [k, T] (transposed choices) -> physical slots [k, T]."""
