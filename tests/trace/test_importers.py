@@ -441,3 +441,21 @@ def test_sglang_per_token_identical_ranks_kept_once(tmp_path):
     assert any("kept once" in n for n in info["notes"])
     with Trace.open(out) as trace:
         assert [s.num_tokens for s in trace.steps()] == [6, 2, 2]
+
+
+def test_megatron_deepseek_v3_numbering_finds_the_preset(tmp_path):
+    """DeepSeek-V3 in Megatron-Core: routers on decoder layers 3..60 (the first 3 are dense), 256 experts, top-8,
+    plus one MTP head; the shape alone names the preset."""
+    rng = np.random.default_rng(1)
+    lines = []
+    for layer in range(3, 61):
+        top = np.stack([rng.choice(256, 8, replace=False) for _ in range(2)])
+        top[0, 0] = 255 if 255 not in top[0] else top[0, 0]
+        lines.append(json.dumps(mf.megatron_record(0, layer, 0, top)))
+    lines.append(json.dumps(mf.megatron_record(0, 0, 0, np.stack([rng.choice(256, 8, replace=False)] * 2), 0)))
+    (tmp_path / "router_trace_rank0.jsonl").write_text("\n".join(lines) + "\n")
+    imp = read_import("megatron", [tmp_path])
+    assert imp.model.name == "deepseek-v3" and imp.meta["layers"] == list(range(3, 61))
+    assert imp.steps[0][0].shape == (58, 2, 8)
+    mtp = read_import("megatron", [tmp_path], model=get_model("deepseek-v3"), select="mtp")
+    assert mtp.model.num_layers == 1 and mtp.steps[0][0].shape == (1, 2, 8)
