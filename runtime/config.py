@@ -47,6 +47,9 @@ class RunConfig:
     # (step, path): pause before step until a controller (moesim validate) writes the mapping, then apply it live
     await_mapping: tuple[int, str] | None = None
     await_timeout_s: float = 300.0  # no mapping by then: record a failed remap, go on with the old mapping
+    graphs: bool = True  # CUDA: capture the decode step as a CUDA graph and replay it (CPU always runs it eagerly)
+    prefill_chunk: int = 0  # prompt tokens per sequence per prefill chunk (0: the whole prompt in one chunk)
+    profile_every: int = 8  # under graphs, every N-th decode step runs eagerly with per-phase timings
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,6 +121,10 @@ def validate(cfg: RunConfig) -> tuple[ModelSpec, ExpertMapping, list[tuple[int, 
         raise MoesimError(f"--remap-transport must be p2p or all2all, got {cfg.remap_transport!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise MoesimError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.prefill_chunk < 0:
+        raise MoesimError(f"--prefill-chunk must be 0 (whole prompt) or positive, got {cfg.prefill_chunk}")
+    if cfg.profile_every < 1:
+        raise MoesimError(f"--profile-every must be positive, got {cfg.profile_every}")
     for name in ("steps", "batch", "prompt_len"):
         if getattr(cfg, name) < 1:
             raise MoesimError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -288,6 +295,12 @@ def add_arguments(p: Any) -> None:
                         "then apply it live; moesim validate drives this")
     p.add_argument("--await-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="no mapping by then: record a failed remap and go on with the old mapping")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="CUDA: run the decode step eagerly instead of replaying a captured CUDA graph")
+    p.add_argument("--prefill-chunk", type=int, default=0, metavar="TOKENS",
+                   help="prompt tokens per sequence per prefill chunk, one trace step each (0: whole prompt)")
+    p.add_argument("--profile-every", type=int, default=8, metavar="N",
+                   help="under CUDA graphs, every N-th decode step runs eagerly with per-phase timings (default 8)")
 
 
 def config_from_args(args: Any, nproc: int) -> RunConfig:
@@ -300,4 +313,5 @@ def config_from_args(args: Any, nproc: int) -> RunConfig:
                      remap_transport=args.remap_transport,
                      await_mapping=(None if args.await_mapping is None
                                     else parse_remap(args.await_mapping, "--await-mapping")),
-                     await_timeout_s=args.await_timeout)
+                     await_timeout_s=args.await_timeout, graphs=args.graphs, prefill_chunk=args.prefill_chunk,
+                     profile_every=args.profile_every)

@@ -6,14 +6,18 @@ hidden states with their top-k *physical slot* ids and router weights; the exper
 whose slot is local (a slot map sends the others to -1, contributing 0) and already weights its outputs, so
 finalize only has to sum partial outputs per token.
 
+Both backends are graph-ready: fixed-capacity buffers whose size is the worst case, equal split sizes (so
+``all_to_all_single`` needs no host-side counts), no ``nonzero``/``item``/``tolist``, nothing whose shape depends on
+the routing. Rows that carry no work hold the pad slot (``num_slots``, which every slot map sends to -1) and
+weight 0, so the receiver needs no counts either: the expert kernel skips them. Every rank steps with the same
+number of rows T (same batch, same bucket).
+
 - :class:`AllToAll`: each token goes once to every rank that holds one of its chosen slots (DeepEP-style
-  de-duplication). Counts are exchanged first with ``all_to_all_single`` on a count tensor, so both sides
-  always agree on split sizes (mismatched splits hang gloo and NCCL without an error), then rows, slot ids
-  and weights travel with ``all_to_all_single`` and uneven splits (Megatron-Core's dispatcher does the same).
-- :class:`AllGather`: every rank gathers every token (padded to the largest batch), computes its local
-  choices, and a reduce-scatter sums the partial outputs back to their owners. More bytes, fewer moving
-  parts; the usual choice when batches are tiny.
-Both work on gloo (CPU) and NCCL (GPU).
+  de-duplication), packed per destination on the device (a cumulative sum gives each token its row); capacity
+  per destination is T rows (every token may have a choice there), so the wire carries G*T rows each way.
+- :class:`AllGather`: every rank gathers every token, computes its local choices, and a reduce-scatter sums
+  the partial outputs back to their owners.
+A world of one runs no collective at all. Both work on gloo (CPU) and NCCL (GPU).
 """
 
 from __future__ import annotations
@@ -71,34 +75,39 @@ class AllToAll(Backend):
 
     def prepare(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, slots_per_rank: int,
                 pad_slot: int) -> Dispatched:
-        """x [T, H], slots [T, k], weights [T, k] → the rows other ranks sent here."""
+        """x [T, H], slots [T, k], weights [T, k] → the [G*T] rows other ranks packed for this one."""
         T, G = x.shape[0], self.world
-        dest = torch.div(slots, slots_per_rank, rounding_mode="floor")  # [T, k] owning rank of each choice
-        goes = torch.zeros(T, G, dtype=torch.bool, device=x.device)
-        goes.scatter_(1, dest, True)  # [T, G]: token t has a choice on rank g
-        pairs = goes.t().nonzero()  # (g, t) ordered by destination rank, then token
-        send_tok = pairs[:, 1]
-        send_counts = goes.sum(0).to(torch.int64)  # [G]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
-        n = sum(recv_split)
-        recv_x = x.new_empty((n, x.shape[1]))
-        dist.all_to_all_single(recv_x, x[send_tok].contiguous(), recv_split, send_split, group=self.group)
-        meta = pack_meta(slots, weights)[send_tok].contiguous()
-        recv_meta = meta.new_empty((n, meta.shape[1]))
-        dist.all_to_all_single(recv_meta, meta, recv_split, send_split, group=self.group)
+        if G == 1:
+            return Dispatched(x, slots, weights, None)
+        dest = torch.div(slots, slots_per_rank, rounding_mode="floor")  # [T, k]; the pad slot → G
+        goes = torch.zeros(T, G + 1, dtype=torch.bool, device=x.device)
+        goes.scatter_(1, dest, True)
+        goes = goes[:, :G]  # [T, G]: token t has a choice on rank g
+        row = torch.cumsum(goes.to(torch.int64), dim=0) - 1  # [T, G]: its row in g's block
+        dummy = G * T  # where tokens that do not go to g land (one scratch row, never sent)
+        index = torch.where(goes, torch.arange(G, device=x.device) * T + row, dummy)  # [T, G]
+        flat = index.flatten()
+        send_x = x.new_zeros((G * T + 1, x.shape[1]))
+        send_x.index_copy_(0, flat, x[:, None, :].expand(T, G, x.shape[1]).reshape(T * G, -1))
+        meta = pack_meta(slots, weights)
+        send_meta = meta.new_zeros((G * T + 1, meta.shape[1]))
+        send_meta[:, :slots.shape[1]] = pad_slot  # rows no token fills: pad slot, weight 0
+        send_meta.index_copy_(0, flat, meta[:, None, :].expand(T, G, meta.shape[1]).reshape(T * G, -1))
+        recv_x = torch.empty_like(send_x[:dummy])
+        dist.all_to_all_single(recv_x, send_x[:dummy], group=self.group)
+        recv_meta = torch.empty_like(send_meta[:dummy])
+        dist.all_to_all_single(recv_meta, send_meta[:dummy], group=self.group)
         recv_slots, recv_w = unpack_meta(recv_meta)
-        return Dispatched(recv_x, recv_slots, recv_w, (send_tok, send_split, recv_split, T))
+        return Dispatched(recv_x, recv_slots, recv_w, index)
 
     def finalize(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        """y [N, H] weighted partial outputs of the received rows → [T, H] summed per token."""
-        send_tok, send_split, recv_split, T = handle
-        back = y.new_empty((send_tok.shape[0], y.shape[1]))
-        dist.all_to_all_single(back, y.contiguous(), send_split, recv_split, group=self.group)
-        out = torch.zeros((T, y.shape[1]), dtype=torch.float32, device=y.device)
-        out.index_add_(0, send_tok, back.float())
-        return out.to(y.dtype)
+        """y [G*T, H] weighted partial outputs of the received rows → [T, H] summed per token (float32)."""
+        if handle is None:
+            return y
+        back = y.new_empty((y.shape[0] + 1, y.shape[1]))
+        dist.all_to_all_single(back[:-1], y.contiguous(), group=self.group)
+        back[-1].zero_()  # the scratch row: tokens without a choice on a rank get 0 from it
+        return back[handle].float().sum(dim=1).to(y.dtype)  # [T, G, H] → [T, H]
 
 
 class AllGather(Backend):
@@ -110,43 +119,37 @@ class AllGather(Backend):
 
     def prepare(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, slots_per_rank: int,
                 pad_slot: int) -> Dispatched:
-        """Gather every rank's tokens, padded to the largest batch (padding uses ``pad_slot``, which maps to
-        no expert, and weight 0)."""
+        """Gather every rank's T rows (padding rows already carry the pad slot and contribute nothing)."""
         T, G = x.shape[0], self.world
-        sizes = torch.empty(G, dtype=torch.int64, device=x.device)
-        _all_gather(sizes, torch.tensor([T], dtype=torch.int64, device=x.device), group=self.group)
-        tmax = int(sizes.max())
+        if G == 1:
+            return Dispatched(x, slots, weights, None)
 
-        def gather(t: torch.Tensor, fill: float) -> torch.Tensor:
-            padded = t.new_full((tmax, t.shape[1]), fill)
-            padded[:T] = t
-            out = t.new_empty((G * tmax, t.shape[1]))
-            _all_gather(out, padded, group=self.group)
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty((G * T, t.shape[1]))
+            _all_gather(out, t.contiguous(), group=self.group)
             return out
 
-        meta = gather(pack_meta(slots, weights), 0)
-        gslots, gweights = unpack_meta(meta)
-        # padding rows (beyond each rank's batch) point at pad_slot, which maps to no expert
-        pad_rows = (torch.arange(G * tmax, device=x.device) % tmax) >= sizes.repeat_interleave(tmax)
-        gslots[pad_rows] = pad_slot
-        return Dispatched(gather(x, 0), gslots, gweights, (T, tmax))
+        gslots, gweights = unpack_meta(gather(pack_meta(slots, weights)))
+        return Dispatched(gather(x), gslots, gweights, T)
 
     def finalize(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        """y [G*Tmax, H] partial outputs of every rank's tokens → this rank's [T, H], summed over ranks."""
-        T, tmax = handle
-        out = y.new_empty((tmax, y.shape[1]))
+        """y [G*T, H] partial outputs of every rank's tokens → this rank's [T, H], summed over ranks."""
+        if handle is None:
+            return y
+        T = handle
+        out = y.new_empty((T, y.shape[1]))
         if self._reduce_scatter_ok is not False:
             try:
                 _reduce_scatter(out, y.contiguous(), group=self.group)
                 self._reduce_scatter_ok = True
-                return out[:T]
+                return out
             except (RuntimeError, NotImplementedError):
                 if self._reduce_scatter_ok:  # it worked before: a real failure
                     raise
                 self._reduce_scatter_ok = False  # this gloo build lacks reduce_scatter
         total = y.contiguous().clone()
         dist.all_reduce(total, group=self.group)
-        return total[self.rank * tmax:self.rank * tmax + T]
+        return total[self.rank * T:(self.rank + 1) * T]
 
 
 BACKENDS = {b.name: b for b in (AllToAll, AllGather)}

@@ -48,7 +48,10 @@ def worker_args(cfg: RunConfig) -> list[str]:
     args = ["--backend", cfg.backend, "--steps", str(cfg.steps), "--batch", str(cfg.batch),
             "--prompt-len", str(cfg.prompt_len), "--seed", str(cfg.seed), "--device", cfg.device,
             "--policy", cfg.policy, "--gpus-per-node", str(cfg.gpus_per_node), "--kernels", cfg.kernels,
-            "--remap-transport", cfg.remap_transport]
+            "--remap-transport", cfg.remap_transport, "--prefill-chunk", str(cfg.prefill_chunk),
+            "--profile-every", str(cfg.profile_every)]
+    if not cfg.graphs:
+        args.append("--no-graphs")
     for flag, value in (("--preset", cfg.preset), ("--mapping", cfg.mapping), ("--record", cfg.record),
                         ("--checkpoint", cfg.checkpoint), ("--dtype", cfg.dtype)):
         if value is not None:

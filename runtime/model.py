@@ -43,6 +43,8 @@ class StepContext:
     timer: Any = field(default_factory=NullTimer)
     key_offset: int = 0  # position of this rank's first token in the step (the replica policy's key)
     routing: list[torch.Tensor] = field(default_factory=list)  # filled: ids [T, k] per layer
+    valid: torch.Tensor | None = None  # [T] bool: rows that are real tokens (padding rows are never routed)
+    keys: torch.Tensor | None = None  # [T] replica-policy keys; None: key_offset + row index
     router_weights: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -57,23 +59,29 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (Hugging Face's rotate-half layout). x [B, heads, T, D], positions [T]."""
+    """Rotary embedding (Hugging Face's rotate-half layout). x [B, heads, T, D], positions [T] or [B, T]."""
     d = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    freqs = positions.float()[:, None] * inv[None]
+    freqs = positions.float()[..., None] * inv
     emb = torch.cat([freqs, freqs], dim=-1)
     cos, sin = emb.cos(), emb.sin()
+    if positions.dim() == 2:  # per sequence: [B, T, D] → [B, 1, T, D]
+        cos, sin = cos[:, None], sin[:, None]
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
 class KVCache:
-    """Keys and values of every layer: [L, B, kv_heads, max_len, D]; ``length`` tokens are filled."""
+    """Keys and values of every layer: [L, B, kv_heads, max_len, D]; ``length`` tokens are filled.
+
+    ``lens`` [B] int64 on the device: tokens held per sequence, read and advanced by the graph-ready path
+    (``moesim.runtime.graph``) without the host; ``length`` is the reference path's host-side count."""
 
     def __init__(self, spec: ModelSpec, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (spec.num_layers, batch, spec.num_kv_heads, max_len, spec.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.length = 0
         self.max_len = max_len
 

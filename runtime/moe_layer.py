@@ -72,20 +72,29 @@ class EPMoE:
         self.set_mapping(mapping)
 
     def set_mapping(self, mapping: ExpertMapping, store: ExpertStore | None = None) -> None:
-        """Switch to ``mapping`` (the store's rows must already hold this rank's experts)."""
+        """Switch to ``mapping`` (the store's rows must already hold this rank's experts).
+
+        The slot map and this rank's replica table live in fixed device buffers that are overwritten in place,
+        so a captured CUDA graph keeps reading the current mapping after a live remap."""
         if store is not None:
             self.store = store
         dev = self.store.w13.device
         self.mapping = mapping
         S = mapping.slots_per_gpu
         row_of = self.store.row_of()
-        slot_map = np.full(mapping.num_slots + 1, -1, dtype=np.int64)  # last entry: padding slot
+        slot_map = np.full(mapping.num_slots + 1, -1, dtype=np.int64)  # last entry: the pad slot
         for j, e in enumerate(mapping.gpu_experts(self.layer, self.rank).tolist()):
             slot_map[self.rank * S + j] = row_of[e]  # KeyError here would mean a corrupt store: let it raise
-        self.slot_map = torch.from_numpy(slot_map).to(dev)
-        table, count = self.policy.tables(mapping, self.layer)
-        self.table = torch.from_numpy(table).to(dev)
-        self.count = torch.from_numpy(count).to(dev)
+        table, count = self.policy.tables(mapping, self.layer)  # [G, E, R], [G, E]: keep this rank's row
+        full = np.zeros((1, mapping.num_experts, mapping.num_slots), dtype=np.int64)  # R <= slots of a layer
+        full[0, :, :table.shape[2]] = table[self.rank]
+        new = {"slot_map": slot_map, "table": full, "count": count[self.rank:self.rank + 1]}
+        for name, value in new.items():
+            buf = getattr(self, name, None)
+            if buf is None or tuple(buf.shape) != value.shape:
+                setattr(self, name, torch.from_numpy(value).to(dev))
+            else:
+                buf.copy_(torch.from_numpy(value))
 
     @property
     def local_experts(self) -> list[int]:
@@ -94,21 +103,29 @@ class EPMoE:
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int,
                  ctx: StepContext) -> torch.Tensor:
-        """x [T, H], weights [T, k] float32, ids [T, k] logical experts → [T, H] weighted expert outputs."""
+        """x [T, H], weights [T, k] float32, ids [T, k] logical experts → [T, H] weighted expert outputs.
+
+        No host synchronisation and no data-dependent shape: rows that ``ctx.valid`` marks as padding take the
+        pad slot (it maps to no expert), token counts per slot are a device-side scatter-add."""
         T = x.shape[0]
-        S = self.mapping.slots_per_gpu
+        S, pad = self.mapping.slots_per_gpu, self.mapping.num_slots
         with ctx.timer.region(layer, "gate"):
             local = torch.arange(T, device=x.device)  # index in this rank's batch (the vllm policy's key)
-            key = self.policy.key(ctx.key_offset + local, local)
-            origin = torch.full((T,), self.rank, dtype=torch.int64, device=x.device)
+            pos = ctx.keys[:T] if ctx.keys is not None else ctx.key_offset + local  # position in the step
+            key = self.policy.key(pos, local)
+            origin = torch.zeros(T, dtype=torch.int64, device=x.device)  # row 0 of the table is this rank's
             slots = choose_slots(self.table, self.count, ids, origin, key)  # [T, k] physical slots
+            if ctx.valid is not None:
+                slots = torch.where(ctx.valid[:T, None], slots, pad)
         with ctx.timer.region(layer, "dispatch"):
-            d = self.backend.prepare(x, slots, weights.float(), S, self.mapping.num_slots)
+            d = self.backend.prepare(x, slots, weights.float(), S, pad)
         with ctx.timer.region(layer, "expert"):
             y = kernels.fused_moe(d.x, self.store.w13, self.store.w2, d.weights, d.slots, expert_map=self.slot_map,
                                   impl=self.impl)
             local = d.slots - self.rank * S
-            mine = (local >= 0) & (local < S)
-            ctx.timer.tokens(layer, torch.bincount(local[mine], minlength=S))
+            local = torch.where((local >= 0) & (local < S), local, S).flatten()
+            counts = torch.zeros(S + 1, dtype=torch.int64, device=x.device)
+            counts.scatter_add_(0, local, torch.ones_like(local))
+            ctx.timer.tokens(layer, counts[:S])
         with ctx.timer.region(layer, "combine"):
             return self.backend.finalize(y, d.handle)

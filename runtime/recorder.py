@@ -113,16 +113,19 @@ class Recorder:
         if self.rank == 0:
             self._write_doc()
 
-    def record_step(self, step: int, phase: str, ids: torch.Tensor, weights: torch.Tensor, timer: StepTimer,
-                    experts: list[list[int]], wall: float, tokens: int, kv_len: float | None = None) -> None:
+    def record_step(self, step: int, phase: str, ids: torch.Tensor, weights: torch.Tensor, timer: StepTimer | None,
+                    experts: list[list[int]], wall: float, tokens: int, kv_len: float | None = None,
+                    **extra: Any) -> None:
         """ids/weights [L, T_local, k] of this rank; ``experts`` [L][S] logical expert per local slot;
-        ``kv_len``: KV positions each token attended to (mean over the step's tokens)."""
+        ``kv_len``: KV positions each token attended to (mean over the step's tokens). ``timer`` None: a step
+        without phase timings (a replayed CUDA graph): it gets no timing records, and run.json says so."""
+        extra["timed"] = timer is not None
         if self.out is None:  # nothing to write: rank 0 keeps the step for the summary, no gather
             if self.rank == 0:
-                self._note_step(step, phase, tokens, wall)
+                self._note_step(step, phase, tokens, wall, extra)
             return
-        mine = (ids.cpu().numpy(), weights.float().cpu().numpy(), timer.seconds, timer.slot_tokens,
-                np.asarray(experts, dtype=np.int64))
+        mine = (ids.cpu().numpy(), weights.float().cpu().numpy(), None if timer is None else timer.seconds,
+                None if timer is None else timer.slot_tokens, np.asarray(experts, dtype=np.int64))
         gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
         if self.world > 1:
             dist.gather_object(mine, gathered, dst=0)
@@ -131,22 +134,32 @@ class Recorder:
         if self.rank != 0:
             return
         assert gathered is not None
-        self._note_step(step, phase, tokens, wall)
+        self._note_step(step, phase, tokens, wall, extra)
         if self.writer is not None:
             all_ids = np.concatenate([g[0] for g in gathered], axis=1)
             all_w = np.concatenate([g[1] for g in gathered], axis=1)
             origin = np.concatenate([np.full(g[0].shape[1], r, dtype=np.int64) for r, g in enumerate(gathered)])
             index = self.writer.add_step(all_ids, all_w, origin, phase, kv_len=kv_len)
             for r, g in enumerate(gathered):
+                if g[2] is None:
+                    continue
                 for layer in range(self.spec.num_layers):
                     self.writer.add_timing(index, layer, r, g[2][layer].tolist(), g[4][layer].tolist(),
                                            g[3][layer].tolist())
             self.writer.flush()
             self._write_doc()
 
-    def _note_step(self, step: int, phase: str, tokens: int, wall: float) -> None:
+    def _note_step(self, step: int, phase: str, tokens: int, wall: float, extra: dict[str, Any]) -> None:
         self.doc["steps"].append({"step": step, "phase": phase, "tokens": tokens, "wall_s": wall,
-                                  "tokens_per_s": tokens / wall if wall > 0 else None, "mapping": self.mapping_index})
+                                  "tokens_per_s": tokens / wall if wall > 0 else None, "mapping": self.mapping_index,
+                                  **extra})
+
+    def note_warmup(self, seconds: float, info: dict[str, Any]) -> None:
+        """Warm-up (kernel compiles, graph capture) before step 0: kept out of every recorded step."""
+        self.doc["warmup_s"] = seconds
+        self.doc["execution"] = info
+        if self.rank == 0:
+            self._write_doc()
 
     def close(self, status: str = "done") -> dict[str, Any]:
         steps = self.doc["steps"]

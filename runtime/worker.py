@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from moesim.runtime.config import RunConfig, add_arguments, config_from_args, validate
 from moesim.runtime.dispatch import make_backend
-from moesim.runtime.model import StepContext, build_decoder, make_tokens
+from moesim.runtime.graph import Engine, prefill_chunks
+from moesim.runtime.model import build_decoder, make_tokens
 from moesim.runtime.moe_layer import EPMoE, load_store
 from moesim.runtime.recorder import Recorder, StepTimer
 from moesim.runtime.remap import RemapError, apply_mapping, expert_checksums
@@ -60,10 +61,9 @@ def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: str | None = None,
-        log: bool = True) -> dict[str, Any]:
-    """Run the configured steps on this rank (the process group is initialised). Returns run.json's content."""
-    spec, mapping, remaps = validate(cfg)
+def build_rank(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[Engine, list[EPMoE]]:
+    """This rank's model (its experts only, expert-parallel layers) inside an :class:`Engine`; not warmed up."""
+    spec, mapping, _ = validate(cfg)
     dtype = resolve_dtype(cfg, device)
     source = weight_source(spec, cfg.checkpoint, cfg.seed)
     backend = make_backend(cfg.backend)
@@ -77,18 +77,42 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
         return moes[-1]
 
     model = build_decoder(spec, source, device, dtype, experts, impl)
-    cache = model.new_cache(cfg.batch, cfg.prompt_len + cfg.steps)
+    return Engine(model, cfg.batch, cfg.prompt_len + cfg.steps, rank, graphs=cfg.graphs), moes
+
+
+def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: str | None = None,
+        log: bool = True) -> dict[str, Any]:
+    """Run the configured steps on this rank (the process group is initialised). Returns run.json's content."""
+    spec, mapping, remaps = validate(cfg)
+    engine, moes = build_rank(cfg, rank, world, device)
+    chunks = prefill_chunks(cfg.prompt_len, cfg.prefill_chunk)
     recorder = Recorder(cfg.record, spec, rank, world, cfg.to_dict(), mapping)
     remap_at = dict(remaps)
     dumps: dict[str, Any] = {"logits": {}, "checksums": {}}
+    parent = os.getppid()
+    status = "done"
+    # warm-up: every kernel shape compiled and the decode graph captured before step 0; timed on its own
+    dist.barrier()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        engine.warm_up([n for _, n in chunks])
+    dist.barrier()
+    warm = _max_over_ranks(time.perf_counter() - t0, device)
+    graphed = engine.graph is not None
+    recorder.note_warmup(warm, {
+        "graphs": graphed, "decode_bucket": engine.bucket, "prefill_chunks": [n for _, n in chunks],
+        "phase_timings": (f"prefill chunks and every {cfg.profile_every}-th decode step (from decode step 1), "
+                          "run eagerly; replayed steps record their total time only") if graphed
+                         else "every step"})
+    if log and rank == 0:
+        print(f"warm-up {warm:.2f} s (decode bucket {engine.bucket}, "
+              f"{'CUDA graph' if graphed else 'eager'} decode)", flush=True)
     profiler = None
     if cfg.profile:
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                         if device.type == "cuda" else [])
         profiler = torch.profiler.profile(activities=acts, record_shapes=False)
         profiler.__enter__()
-    parent = os.getppid()
-    status = "done"
     # A collection pause inside a step stalls every other rank at the next collective: freeze what start-up
     # allocated, collect between steps (outside the timed region) instead of whenever the allocator decides.
     gc.collect()
@@ -112,30 +136,24 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
                     _remap(moes, remap_at[step], step, recorder, rank, log, cfg.remap_transport, note)
                     if dump:
                         dumps["checksums"][step] = expert_checksums(moes)
-                phase = "prefill" if step == 0 else "decode"
-                shape = (cfg.batch, cfg.prompt_len) if step == 0 else (cfg.batch, 1)
-                tokens = make_tokens(cfg.seed, rank, step, shape, spec.vocab_size).to(device)
-                timer = StepTimer(spec.num_layers, mapping.slots_per_gpu, device)
-                ctx = StepContext(timer=timer, key_offset=rank * tokens.numel())
-                # every rank starts the timed step together: rank 0's recording of the previous step is not
-                # charged to the others' first collective
-                dist.barrier()
-                t0 = time.perf_counter()
-                logits = model.forward(tokens, cache, ctx)
-                timer.finish()
-                wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
-                dist.all_reduce(wall, op=dist.ReduceOp.MAX)
-                n_tokens = tokens.numel() * world
-                recorder.record_step(step, phase, torch.stack(ctx.routing), torch.stack(ctx.router_weights), timer,
-                                     [m.local_experts for m in moes], float(wall.item()), n_tokens,
-                                     kv_positions(step, cfg.prompt_len, spec.sliding_window))
+                if step == 0:
+                    prompt = make_tokens(cfg.seed, rank, 0, (cfg.batch, cfg.prompt_len), spec.vocab_size).to(device)
+                    outs = []
+                    for i, (start, n) in enumerate(chunks):
+                        extra = {"chunk": i} if len(chunks) > 1 else {}
+                        outs.append(_step(engine, recorder, moes, cfg, step, "prefill", prompt[:, start:start + n],
+                                          True, world, chunk_kv_positions(start, n, spec.sliding_window), log,
+                                          extra))
+                    logits = torch.cat(outs, dim=1)
+                else:
+                    tokens = make_tokens(cfg.seed, rank, step, (cfg.batch, 1), spec.vocab_size).to(device)
+                    timed = not graphed or (step - 1) % cfg.profile_every == 0
+                    logits = _step(engine, recorder, moes, cfg, step, "decode", tokens, timed, world,
+                                   kv_positions(step, cfg.prompt_len, spec.sliding_window), log,
+                                   {"graph": graphed and not timed})
                 if dump:
                     dumps["logits"][step] = logits.cpu()
                 gc.collect()
-                if log and rank == 0:
-                    sec = float(wall.item())
-                    print(f"step {step + 1}/{cfg.steps} {phase:7s} {n_tokens:6d} tokens  {sec * 1e3:8.1f} ms"
-                          f"  {n_tokens / sec:10.1f} tokens/s", flush=True)
     except BaseException:
         status = "failed"
         raise
@@ -158,6 +176,48 @@ def run(cfg: RunConfig, rank: int, world: int, device: torch.device, *, dump: st
               f"{s['tokens_per_s'] or 0:.1f} tokens/s (decode {s['decode_tokens_per_s'] or 0:.1f} tokens/s)"
               + (f"; recorded in {cfg.record}" if cfg.record else ""), flush=True)
     return doc
+
+
+def _max_over_ranks(seconds: float, device: torch.device) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _step(engine: Engine, recorder: Recorder, moes: list[EPMoE], cfg: RunConfig, step: int, phase: str,
+          tokens: torch.Tensor, timed: bool, world: int, kv_len: float, log: bool,
+          extra: dict[str, Any]) -> torch.Tensor:
+    """Run and record one prefill chunk or decode step (tokens [B, T]); returns its logits."""
+    spec = engine.model.spec
+    timer = StepTimer(spec.num_layers, moes[0].mapping.slots_per_gpu, engine.model.device) if timed else None
+    # every rank starts the timed step together: rank 0's recording of the previous step is not charged to the
+    # others' first collective
+    dist.barrier()
+    t0 = time.perf_counter()
+    if phase == "prefill":
+        logits, ids, weights = engine.prefill(tokens, timer)
+    else:
+        logits, ids, weights = engine.decode(tokens, timer)
+        logits = logits[:, None]
+    if timer is not None:
+        timer.finish()
+    elif engine.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    sec = _max_over_ranks(time.perf_counter() - t0, engine.model.device)
+    n_tokens = tokens.numel() * world
+    recorder.record_step(step, phase, ids, weights, timer, [m.local_experts for m in moes], sec, n_tokens, kv_len,
+                         **extra)
+    if log and engine.rank == 0:
+        what = phase + (f" {extra['chunk']}" if "chunk" in extra else "")
+        print(f"step {step + 1}/{cfg.steps} {what:9s} {n_tokens:6d} tokens  {sec * 1e3:8.1f} ms"
+              f"  {n_tokens / sec:10.1f} tokens/s{'' if timed else '  (graph)'}", flush=True)
+    return logits
+
+
+def chunk_kv_positions(start: int, n: int, window: int | None) -> float:
+    """KV positions each token of a prefill chunk (positions start .. start+n-1) attends to, mean over them."""
+    pos = np.arange(start + 1, start + n + 1, dtype=float)
+    return float(np.minimum(pos, window).mean() if window else pos.mean())
 
 
 def kv_positions(step: int, prompt_len: int, window: int | None) -> float:

@@ -55,6 +55,8 @@ def test_bad_inputs_fail_before_any_process_starts(tmp_path, capsys) -> None:
     _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "2:m.json", "--await-timeout", "0"],
                     "--await-timeout")
     _one_line_error(capsys, ["run", "--nproc", "2", "--await-mapping", "m.json"], "STEP:MAPPING")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--prefill-chunk", "-1"], "--prefill-chunk")
+    _one_line_error(capsys, ["run", "--nproc", "2", "--profile-every", "0"], "--profile-every")
 
 
 def test_run_help_and_validation_do_not_import_torch(tmp_path) -> None:
@@ -200,7 +202,8 @@ def test_worker_args_round_trip() -> None:
     cfg = RunConfig(preset="small", nproc=4, backend="allgather", mapping="m.json", steps=5, batch=3, prompt_len=7,
                     seed=9, record="out", remap_at=[(2, "a.json"), (4, "b.json")], profile=True, checkpoint="ck",
                     dtype="float32", device="cpu", policy="local", gpus_per_node=2, kernels="triton",
-                    remap_transport="all2all", await_mapping=(3, "c.json"), await_timeout_s=7.5)
+                    remap_transport="all2all", await_mapping=(3, "c.json"), await_timeout_s=7.5, graphs=False,
+                    prefill_chunk=3, profile_every=4)
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert config_from_args(p.parse_args(worker_args(cfg)), 4) == cfg
