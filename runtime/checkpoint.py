@@ -73,6 +73,10 @@ def spec_from_checkpoint(folder: str | Path) -> ModelSpec:
     Uses :func:`moesim.models.spec_from_hf_config` where this moesim has it (every architecture the simulator's
     ``--model config.json`` knows); otherwise reads a Mixtral config (``model_type`` "mixtral") itself.
     """
+    if not Path(folder).exists():
+        raise MoesimError(f"checkpoint folder {folder} does not exist")
+    if not Path(folder).is_dir():
+        raise MoesimError(f"checkpoint {folder} is not a folder (give the folder holding *.safetensors)")
     data = read_config(folder)
     if data is None:
         raise MoesimError(f"checkpoint {folder} has no config.json: give --preset for its shape")

@@ -268,7 +268,7 @@ def check_checkpoint(folder: str | Path, model: ModelSpec) -> dict[str, Path]:
 def add_arguments(p: Any) -> None:
     """Options common to the launcher and the worker (the launcher adds ``--nproc``)."""
     p.add_argument("--preset", help="model preset (moesim.models): tiny, small, tiny-deepseek, ..., mixtral-8x7b "
-                   "(default: the --checkpoint's config.json, else tiny)")
+                   "(default: the --checkpoint folder's config.json where it has one, else tiny)")
     p.add_argument("--backend", default="all2all", choices=BACKENDS, help="dispatch/combine backend")
     p.add_argument("--mapping", help="expert mapping JSON (moesim or SGLang format); default: linear placement")
     p.add_argument("--steps", type=int, default=8, help="steps to run: one prefill, then decode (default 8)")
@@ -304,7 +304,8 @@ def add_arguments(p: Any) -> None:
 
 
 def config_from_args(args: Any, nproc: int) -> RunConfig:
-    preset = args.preset if args.preset is not None else (None if args.checkpoint else "tiny")
+    from_config = args.checkpoint is not None and (Path(args.checkpoint) / "config.json").is_file()
+    preset = args.preset if args.preset is not None else (None if from_config else "tiny")
     return RunConfig(preset=preset, nproc=nproc, backend=args.backend, mapping=args.mapping, steps=args.steps,
                      batch=args.batch, prompt_len=args.prompt_len, seed=args.seed, record=args.record,
                      remap_at=[parse_remap(s) for s in args.remap_at], profile=args.profile,
