@@ -57,6 +57,9 @@ class ValidateConfig:
     await_timeout_s: float = 600.0  # how long the paused run waits for this controller's mapping
     out: str = "moesim-validate"
     quiet: bool = False
+    comm: str = "flat"  # all-to-all backend the simulator prices the exchanges with (moesim.sim.comm)
+    dispatch_dtype: str | None = None
+    combine_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -204,21 +207,26 @@ def fit_all(trace: Trace, measured: Measured, mapping: ExpertMapping, model: Mod
 def predict(trace: Trace, segments: list[tuple[int, int, ExpertMapping]], topology: Any, cost: Any,
             model: ModelSpec, config: Any, engine: str, overhead: OverheadFit,
             measured: Measured) -> dict[str, np.ndarray]:
-    """Simulate each (start, stop, mapping) segment of the trace; add the fitted per-step overhead."""
+    """Simulate each (start, stop, mapping) segment of the trace with the fitted per-step overhead charged as the
+    simulator's fixed costs (:func:`moesim.sim.fixed.from_overhead`: the same per-step term any replay can take)."""
+    from dataclasses import replace
+
     from moesim.sim import simulate
+    from moesim.sim.fixed import from_overhead
     from moesim.sim.workload import build_workload
 
-    step_time, moe_time, load = [], [], []
+    config = replace(config, fixed=from_overhead(overhead))
+    step_time, layer_time, moe_time, load = [], [], [], []
     for start, stop, mapping in segments:
         wl = build_workload(trace, mapping, config, start, stop)
         res = simulate(wl, topology, mapping, cost, model, config, engine=engine)
         step_time.append(res.step_time)
+        layer_time.append(res.step_time - res.extra["fixed_time"])
         moe_time.append(res.moe_time)
         slot_gpu = mapping.slot_gpu()
         per_slot = wl.slot_tokens.sum(axis=1)  # [S, slots]
         load.append(np.stack([per_slot[:, slot_gpu == g].sum(axis=1) for g in range(mapping.num_gpus)], axis=1))
-    layers = np.concatenate(step_time)
-    return {"layers": layers, "step_time": layers + overhead.predict(measured.phase, measured.tokens),
+    return {"layers": np.concatenate(layer_time), "step_time": np.concatenate(step_time),
             "moe_time": np.concatenate(moe_time), "rank_load": np.concatenate(load)}
 
 
@@ -283,7 +291,8 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     K, C = cfg.remap_step, cfg.calibration_steps
-    config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin"), dedup=True)
+    config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin", cfg.nproc), dedup=True, comm=cfg.comm,
+                       dispatch_dtype=cfg.dispatch_dtype, combine_dtype=cfg.combine_dtype)
     smodel = model.with_(bytes_per_param=4 if cfg.device == "cpu" else 2)  # float32 on CPU, bfloat16 on GPUs
 
     if not cfg.quiet:
@@ -293,7 +302,7 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
                  **({"stdout": subprocess.DEVNULL} if cfg.quiet else {}))
     try:
         _wait_until_paused(proc, run_dir / "run.json", K)
-        with Trace.open(run_dir / "trace.mtrace") as trace:  # steps 0..K-1, flushed before the pause
+        with Trace.open(run_dir / "trace.mtrace", allow_truncated=True) as trace:  # steps 0..K-1, flushed
             fit = fit_all(trace, measure(run_dir, trace, stop=C), initial, smodel, config, cfg.engine)
             load = trace.load(0, K).sum(axis=0).astype(float)  # [L, E] the expert load the rebalancer sees
         placed = place_new(load, cfg, initial)
@@ -343,6 +352,10 @@ def _report(cfg: ValidateConfig, out: Path, fit: tuple[Any, ...], placed: Any, i
         "remap": remaps[0],
         "windows": compare(m, pred, C, K),
     }
+    from moesim.sim.fixed import from_overhead
+
+    # the fitted per-step overhead as fixed costs: `moesim replay --fixed DIR/fixed_costs.json` charges it too
+    write_json(out / "fixed_costs.json", from_overhead(overhead).to_dict())
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     plot(report, out)

@@ -20,3 +20,7 @@ Many nodes: plain torchrun with the same entry point on every node (NCCL on GPUs
 This package's ``__init__`` and :mod:`moesim.runtime.config` import no torch, so the CLI can validate a run before
 any process starts; the other modules import torch.
 """
+
+from moesim.runtime import lifeline as _lifeline
+
+_lifeline.arm()  # first thing in a worker of `moesim run`: die with the launcher (see moesim.runtime.lifeline)

@@ -14,6 +14,7 @@ rewrites ``run.json`` atomically: a run killed at any point leaves a trace reada
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,7 +87,8 @@ class Recorder:
         self.writer: TraceWriter | None = None
         self.doc: dict[str, Any] = {"format": "moesim.run", "version": 1, "config": config, "model": spec.to_dict(),
                                     "world_size": world, "mappings": [{"from_step": 0, **mapping.to_dict()}],
-                                    "steps": [], "remaps": [], "status": "running"}
+                                    "steps": [], "remaps": [], "status": "running",
+                                    "launcher_pid": _launcher_pid()}
         if rank == 0 and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             meta = {"source": "moesim run", "backend": config.get("backend"), "preset": spec.name,
@@ -180,3 +182,9 @@ class Recorder:
     def _write_doc(self) -> None:
         if self.out is not None:
             write_json(self.out / "run.json", self.doc)
+
+
+def _launcher_pid() -> int | None:
+    """The ``moesim run`` process this run belongs to (so a later start can tell a killed run from a live one)."""
+    text = os.environ.get("MOESIM_LAUNCHER_PID", "")
+    return int(text) if text.isdigit() else None

@@ -22,8 +22,17 @@ from moesim.errors import MoesimError
 EXIT_USAGE = 2
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (naming the command and the flag), exit 2, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.removeprefix("moesim").strip()
+        self.exit(EXIT_USAGE, f"moesim: error: {command + ': ' if command else ''}{message} "
+                              f"(see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moesim",
         description="Expert-parallel MoE inference: routing traces, expert placement, cluster simulation, "
                     "and a live torch.distributed runtime.",
@@ -42,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a bad flag: one line and SystemExit(2) (OneLineParser.error)
     try:
         result = args.func(args)
     except MoesimError as exc:
@@ -55,6 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         name = f" {exc.filename}" if exc.filename else ""
         print(f"moesim: error: {exc.strerror or exc}{':' if name else ''}{name}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        if os.environ.get("MOESIM_DEBUG"):
+            raise
+        print("moesim: error: ran out of memory: the request is too large for this machine (lower the sizes asked "
+              "for, or MOESIM_MEMORY_BUDGET)", file=sys.stderr)
+        return EXIT_USAGE
+    except RecursionError:
+        if os.environ.get("MOESIM_DEBUG"):
+            raise
+        print("moesim: error: an input is nested too deeply to read", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("moesim: interrupted", file=sys.stderr)

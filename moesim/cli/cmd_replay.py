@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moesim.trace.reader import add_allow_truncated
+
 ORDER = 30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every replay option (shared with commands that replay too)."""
     p.add_argument("--trace", required=True, metavar="T", help="routing trace (.mtrace; token or load-only)")
+    add_allow_truncated(p)
     p.add_argument("--topology", required=True, metavar="P",
                    help="cluster: a preset (dgx-h100, dgx-h200, hgx-h800, pcie-8gpu), NAME:N for N nodes "
                         "(e.g. dgx-h100:8), or a topology JSON file")
@@ -46,12 +49,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", metavar="A:B", help="replay steps A..B-1 only (either side may be empty)")
     p.add_argument("--no-dedup", action="store_true",
                    help="dispatch a token once per chosen expert instead of once per destination GPU")
+    from moesim.cli.cmd_comm import add_comm_argument, add_fixed_argument
+
+    add_comm_argument(p)
+    add_fixed_argument(p)
     p.add_argument("--overlap", action="store_true", help="overlap communication with compute (two micro-batches)")
     p.add_argument("--no-dense", action="store_true", help="charge only the MoE part (no attention/gate/dense layers)")
     p.add_argument("--rebalance", metavar="POLICY",
                    help="re-place experts while replaying: static | periodic:interval=N,window=W | "
                         "threshold:balancedness=X,window=W (moesim.placement.rebalance)")
     p.add_argument("--rebalance-algo", default="greedy", metavar="ALGO", help="placement algorithm for --rebalance")
+    p.add_argument("--rebalance-max-swaps", type=int, default=None, metavar="N",
+                   help="with --rebalance-algo incremental: at most N swaps per layer at each rebalance (a move "
+                        "budget; default: the algorithm's, 64)")
     p.add_argument("--rebalance-overlap", action="store_true",
                    help="expert moves overlap compute (no stall); default: blocking, each move charged as a stall")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for report.json, steps.csv, "
@@ -129,15 +139,22 @@ def _cost(spec: str, trace: Any, model: Any, topology: Any, context_len: int) ->
 
 def prepare(args: argparse.Namespace) -> ReplayInputs:
     """Open and check every input; one-line MoesimError for anything wrong. The caller closes ``trace``."""
+    from moesim.cli.cmd_comm import check_comm_args
     from moesim.errors import MoesimError
     from moesim.mapping import ExpertMapping
+    from moesim.placement import ALGORITHMS
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
+    from moesim.sim.fixed import load_fixed
     from moesim.topo import load_topology
-    from moesim.trace import Trace
+    from moesim.trace import open_trace
 
+    check_comm_args(args)
+    if args.rebalance_algo not in ALGORITHMS:
+        raise MoesimError(f"--rebalance-algo {args.rebalance_algo!r} is not a placement algorithm; known: "
+                          f"{', '.join(ALGORITHMS)}")
     topology = load_topology(args.topology)
-    trace = Trace.open(args.trace)
+    trace = open_trace(args.trace, args)
     try:
         model = trace.model
         G = topology.num_gpus
@@ -145,8 +162,9 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
             mapping = ExpertMapping.load(args.mapping, model=model, num_gpus=G)
             mapping_source = str(args.mapping)
         else:
-            if args.slots_per_gpu is not None and args.slots_per_gpu < 1:
-                raise MoesimError("--slots-per-gpu must be a positive integer")
+            if args.slots_per_gpu is not None and not 1 <= args.slots_per_gpu <= model.num_experts:
+                raise MoesimError(f"--slots-per-gpu must be 1..{model.num_experts} (the model's experts: more would "
+                                  f"put two copies of one expert on a GPU), got {args.slots_per_gpu}")
             spg = args.slots_per_gpu
             if spg is None and model.num_experts % G:
                 spg = -(-model.num_experts // G)  # round up: the extra slots replicate the first experts
@@ -155,7 +173,8 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
         start, stop = parse_steps(args.steps, trace.num_steps)
         config = SimConfig(layout=args.layout, policy=ReplicaPolicy(args.policy, topology.gpus_per_node),
                            dedup=not args.no_dedup, include_dense=not args.no_dense, overlap_comm=args.overlap,
-                           dense_layers=not args.no_dense)
+                           dense_layers=not args.no_dense, comm=args.comm, dispatch_dtype=args.dispatch_dtype,
+                           combine_dtype=args.combine_dtype, fixed=load_fixed(args.fixed))
         if args.context_len < 0:
             raise MoesimError("--context-len must be >= 0")
         cost = _cost(args.cost, trace, model, topology, args.context_len)
@@ -166,7 +185,7 @@ def prepare(args: argparse.Namespace) -> ReplayInputs:
               "topology_name": topology.name, "num_gpus": G, "mapping": mapping_source,
               "slots_per_gpu": mapping.slots_per_gpu, "layout": args.layout, "engine": args.engine,
               "steps": [start, stop], "config": config.to_dict(), "cost_model": cost.to_dict(),
-              "rebalance": args.rebalance}
+              "rebalance": args.rebalance, "trace_truncated": trace.truncated}
     return ReplayInputs(trace, topology, mapping, cost, model, config, start, stop, inputs)
 
 
@@ -194,10 +213,29 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _run(args: argparse.Namespace) -> int:
+def rebalance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The placement keywords of ``--rebalance-*`` (checked: a move budget needs the incremental rebalancer)."""
     from moesim.errors import MoesimError
+
+    n = getattr(args, "rebalance_max_swaps", None)
+    if n is None:
+        return {}
+    if n < 1:
+        raise MoesimError(f"--rebalance-max-swaps must be >= 1, got {n}")
+    if args.rebalance_algo != "incremental":
+        raise MoesimError("--rebalance-max-swaps applies to --rebalance-algo incremental only")
+    return {"max_swaps": n}
+
+
+def execute(args: argparse.Namespace, progress: Any = False) -> dict[str, Any]:
+    """Replay as the options say and write the report into ``args.out``; return the report's summary.
+
+    What ``moesim replay`` runs and what a ``moesim sweep`` cell runs (no printing here).
+    """
+    from moesim.errors import MoesimError
+    from moesim.io import atomic_dir
     from moesim.sim import simulate
-    from moesim.sim.report import format_table, write_report
+    from moesim.sim.report import write_report
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -207,27 +245,38 @@ def _run(args: argparse.Namespace) -> int:
             import moesim.sim.des  # noqa: F401
         except ImportError as exc:
             raise MoesimError(f"the discrete-event engine is not available ({exc})") from None
+    place_kw = rebalance_kwargs(args) if args.rebalance else {}
     r = prepare(args)
-    bar = ProgressBar(args.progress or (sys.stderr.isatty() and not os.environ.get("MOESIM_NO_PROGRESS")))
     try:
         if args.rebalance:
             from moesim.placement.rebalance import replay_with_rebalance
 
             result, schedule = replay_with_rebalance(r.trace, r.topology, r.cost, r.model, r.mapping, args.rebalance,
                                                      args.rebalance_algo, r.config, args.engine, start=r.start,
-                                                     stop=r.stop, blocking=not args.rebalance_overlap)
+                                                     stop=r.stop, blocking=not args.rebalance_overlap,
+                                                     place_kw=place_kw)
             r.inputs["rebalance_algo"] = args.rebalance_algo
+            if place_kw:
+                r.inputs["rebalance_place_kw"] = place_kw
             r.inputs["rebalance_blocking"] = not args.rebalance_overlap
             r.inputs["rebalance_schedule"] = [{"step": int(e.step), "moved_bytes": float(e.moved_bytes),
                                                "seconds": float(e.seconds)} for e in schedule]
         else:
             result = simulate(r.trace, r.topology, r.mapping, r.cost, r.model, r.config, engine=args.engine,
-                              start=r.start, stop=r.stop, progress=bar if bar.enabled else False)
+                              start=r.start, stop=r.stop, progress=progress)
     finally:
         r.trace.close()
-    summary = write_report(result, out, r.inputs, r.topology, plots=not args.no_plots)
+    with atomic_dir(out, previous=("report.json",)) as tmp:  # the folder holds this run alone, or the last one
+        return write_report(result, tmp, r.inputs, r.topology, plots=not args.no_plots)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moesim.sim.report import format_table
+
+    bar = ProgressBar(args.progress or (sys.stderr.isatty() and not os.environ.get("MOESIM_NO_PROGRESS")))
+    summary = execute(args, progress=bar if bar.enabled else False)
     if not args.quiet:
         print(format_table(summary))
-        print(f"wrote {out}/report.json, steps.csv, timeline.json" + ("" if args.no_plots else
-                                                                        ", load_heatmap.png, step_latency.png"))
+        print(f"wrote {args.out}/report.json, steps.csv, timeline.json" + ("" if args.no_plots else
+                                                                             ", load_heatmap.png, step_latency.png"))
     return 0

@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this node")
     add_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: torchrun's default, 1)")
+    p.add_argument("--force", action="store_true", help="replace a recording already in --record DIR")
     p.add_argument("--check-only", action="store_true", help="validate the inputs and exit without running")
     p.set_defaults(func=_run)
 
@@ -32,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     from moesim.runtime.launch import launch
 
     cfg = config_from_args(args, args.nproc)
-    rc = launch(cfg, threads=args.threads, check_only=args.check_only)
+    rc = launch(cfg, threads=args.threads, check_only=args.check_only, force=args.force)
     if rc != 0:
         raise MoesimError(f"the run failed (torchrun exit code {rc}); see the rank errors above")
     if cfg.record and not args.check_only:

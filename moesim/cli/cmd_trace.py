@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moesim.limits import bounded_int
+from moesim.trace.reader import add_allow_truncated
+
 ORDER = 10
 
 IMPORT_FORMATS = ("sglang", "vllm-eplb", "vllm", "megatron", "counts", "parquet", "mixtral-csv", "olmoe", "switch")
@@ -29,17 +32,18 @@ def register(sub: Any) -> None:
                     "routing for DeepSeek-style models; prefill steps then decode steps; tokens spread over ranks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", required=True, help="model preset ('list' prints them with their default skew)")
-    s.add_argument("--steps", type=int, default=16, help="steps to generate")
-    s.add_argument("--tokens", "--tokens-per-step", dest="tokens", type=int, default=4096,
+    s.add_argument("--steps", type=bounded_int(1, 10**7), default=16, help="steps to generate")
+    s.add_argument("--tokens", "--tokens-per-step", dest="tokens", type=bounded_int(1), default=4096,
                    help="tokens of each prefill step")
-    s.add_argument("--decode-tokens", type=int, help="tokens per decode step (default: same as --tokens)")
+    s.add_argument("--decode-tokens", type=bounded_int(1), help="tokens per decode step (default: same as --tokens)")
     s.add_argument("--prefill-steps", type=int, default=1, help="prefill steps before the decode steps")
     s.add_argument("--skew", type=float, help="popularity skew: 0 uniform, ~0.3 Mixtral-like, ~1 DeepSeek/Qwen3-like "
                                               "(default: the preset's calibrated value)")
     s.add_argument("--drift", type=float, default=0.02, help="fraction of the popularity renewed per step")
     s.add_argument("--layer-corr", type=float, default=1.0, help="cross-layer correlation strength (0: none)")
-    s.add_argument("--ranks", type=int, default=8, help="origin (attention) ranks the tokens are spread over")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ranks", type=bounded_int(1, 65535), default=8,
+                   help="origin (attention) ranks the tokens are spread over")
+    s.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0)
     s.add_argument("--no-weights", action="store_true", help="omit router weights (smaller file)")
     s.add_argument("--out", required=True, help="output trace file (.mtrace)")
     s.set_defaults(func=_synth)
@@ -51,6 +55,7 @@ def register(sub: Any) -> None:
                         "the window and per step, normalised entropy, idle experts, hottest experts, drift between "
                         "windows and (token traces) cross-layer correlation.")
         sh.add_argument("trace", help="trace file")
+        add_allow_truncated(sh)
         sh.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sh.add_argument("--full", action="store_true", help="with --json: include the [layers, experts] load")
         sh.add_argument("--start", type=int, default=0, help="first step of the window")
@@ -105,6 +110,7 @@ def register(sub: Any) -> None:
                     "({format: moesim.load, load: [[...]]}), CSV (one row per layer) or .npy.")
     ld.add_argument("trace", help="trace file")
     ld.add_argument("--out", required=True, help="output file: .json, .csv or .npy")
+    add_allow_truncated(ld)
     ld.add_argument("--start", type=int, default=0, help="first step of the window")
     ld.add_argument("--stop", type=int, help="step after the window's last (default: the end)")
     ld.add_argument("--per-step", action="store_true", help=".npy/.json: keep steps, [steps, layers, experts]")
@@ -143,6 +149,7 @@ def _synth(args: argparse.Namespace) -> int:
                   f"{routing_defaults(m)[0]:>5.2f}")
         return 0
     model = _model(args.model)
+    _check_synth_request(args, model)
     cfg = SynthConfig(steps=args.steps, tokens=args.tokens, decode_tokens=args.decode_tokens,
                       prefill_steps=args.prefill_steps, skew=args.skew, drift=args.drift,
                       layer_corr=args.layer_corr, num_ranks=args.ranks, seed=args.seed, weights=not args.no_weights)
@@ -159,13 +166,25 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_synth_request(args: argparse.Namespace, model: Any) -> None:
+    """One line before anything is allocated: an empty --out, or a step too big for the memory budget."""
+    from moesim.errors import MoesimError
+    from moesim.limits import check_memory
+
+    if not str(args.out).strip():
+        raise MoesimError("--out is empty; give the output trace file (.mtrace)")
+    tokens = max(args.tokens, args.decode_tokens or 0)
+    # one step's ids (uint16) + weights (float32) + the generator's float64 scores per token-choice, held at once
+    check_memory(tokens * model.num_layers * (model.top_k * 6 + model.num_experts * 8), f"--tokens {tokens}")
+
+
 def _show(args: argparse.Namespace) -> int:
     import json
 
-    from moesim.trace import Trace
+    from moesim.trace import open_trace
     from moesim.trace.stats import jsonable, trace_stats
 
-    with Trace.open(args.trace) as trace:
+    with open_trace(args.trace, args) as trace:
         start, stop = _window(trace, args.start, args.stop)
         stats = trace_stats(trace, start, stop)
         if args.json:
@@ -241,7 +260,7 @@ def _validate(args: argparse.Namespace) -> int:
     from moesim.errors import TraceError
     from moesim.trace import Trace
 
-    with Trace.open(args.trace, require_steps=False) as trace:
+    with Trace.open(args.trace, require_steps=False, allow_truncated=True) as trace:
         problems = trace.validate()
         if trace.num_steps == 0 and not problems:
             problems = ["the trace holds no complete step"]
@@ -284,7 +303,7 @@ def _load(args: argparse.Namespace) -> int:
 
     from moesim.errors import MoesimError
     from moesim.io import atomic_path, atomic_write_text, write_json
-    from moesim.trace import Trace
+    from moesim.trace import open_trace
 
     out = Path(args.out)
     suffix = out.suffix.lower()
@@ -292,7 +311,7 @@ def _load(args: argparse.Namespace) -> int:
         raise MoesimError(f"--out must end in .json, .csv or .npy, got {out.name!r}")
     if args.per_step and suffix == ".csv":
         raise MoesimError("--per-step needs a .json or .npy output (CSV holds one [layers, experts] table)")
-    with Trace.open(args.trace) as trace:
+    with open_trace(args.trace, args) as trace:
         start, stop = _window(trace, args.start, args.stop)
         per_step = trace.load(start, stop)
         load = per_step if args.per_step else per_step.sum(axis=0)

@@ -30,6 +30,9 @@ def register(sub: Any) -> None:
     p.add_argument("--slots-per-gpu", type=int, help="expert slots per rank (more than experts/nproc: redundant)")
     p.add_argument("--backend", default="all2all", choices=("all2all", "allgather"))
     p.add_argument("--engine", default="analytic", choices=("analytic", "des"))
+    from moesim.cli.cmd_comm import add_comm_argument
+
+    add_comm_argument(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -39,16 +42,19 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from moesim.cli.cmd_comm import check_comm_args
     from moesim.errors import MoesimError
     from moesim.validate import ValidateConfig, print_summary, run_validation
 
+    check_comm_args(args)
     if args.nproc < 1:
         raise MoesimError(f"--nproc must be positive, got {args.nproc}")
     cfg = ValidateConfig(nproc=args.nproc, preset=args.preset, algo=args.algo, steps=args.steps,
                          remap_at=args.remap_at, calibrate_steps=args.calibrate_steps, batch=args.batch,
                          prompt_len=args.prompt_len, seed=args.seed,
                          backend=args.backend, slots_per_gpu=args.slots_per_gpu, engine=args.engine,
-                         device=args.device, threads=args.threads, out=args.out, quiet=args.quiet)
+                         device=args.device, threads=args.threads, out=args.out, quiet=args.quiet,
+                         comm=args.comm, dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype)
     report = run_validation(cfg)
     print_summary(report)
     print(f"report: {args.out}/report.md, {args.out}/report.json")

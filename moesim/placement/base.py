@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import MoesimError
-from moesim.io import check_file
+from moesim.io import check_file, parse_json
 from moesim.mapping import ExpertMapping
 from moesim.models import ModelSpec
 
@@ -60,7 +59,14 @@ def check_load(load: Any, what: str = "load") -> np.ndarray:
     if np.any(arr < 0):
         layer, expert = np.argwhere(arr < 0)[0]
         raise PlacementError(f"{what} has a negative value {arr[layer, expert]:g} at layer {layer}, expert {expert}")
+    if np.any(arr > MAX_LOAD):  # sums of such counts lose integer precision and predict absurd step times
+        layer, expert = np.argwhere(arr > MAX_LOAD)[0]
+        raise PlacementError(f"{what} has the value {arr[layer, expert]:g} at layer {layer}, expert {expert}; "
+                             f"token counts above {MAX_LOAD:g} are refused")
     return arr
+
+
+MAX_LOAD = float(1 << 40)
 
 
 def check_shape(num_experts: int, num_gpus: int, num_slots: int, gpus_per_node: int = 1) -> int:
@@ -199,9 +205,10 @@ def read_load(path: str | Path, model: ModelSpec | None = None) -> np.ndarray:
             raise PlacementError(f"load file {path} is not a readable .npy array: {exc}") from None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise PlacementError(f"load file {path} is not valid JSON") from None
+            data = parse_json(path.read_bytes().decode("utf-8"), f"load file {path}")
+        except (UnicodeDecodeError, MoesimError) as exc:
+            raise PlacementError(f"load file {path} is not valid JSON" + (
+                f" ({exc})" if isinstance(exc, MoesimError) else "")) from None
         if isinstance(data, dict):
             key = next((k for k in ("load", "counts") if k in data), None)
             if key is None:

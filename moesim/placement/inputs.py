@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import MoesimError
+from moesim.limits import finite_float
 from moesim.models import ModelSpec, get_model
 from moesim.placement.base import PlacementError, read_load
+from moesim.trace.reader import add_allow_truncated
 
 
 @dataclass
@@ -35,6 +37,7 @@ class LoadSource:
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", help="routing trace (.moetrace) whose expert counts are the load")
+    add_allow_truncated(p)
     src.add_argument("--load", help="load file [layers × experts]: .json (list of rows), .csv or .npy")
     p.add_argument("--model", help="model preset (checks a load file's shape; default: the trace's model)")
     p.add_argument("--window", help="trace steps A:B (half-open) to fit on; default: all steps")
@@ -43,8 +46,9 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     slots.add_argument("--slots-per-gpu", type=int, help="physical expert slots per GPU")
     slots.add_argument("--redundant", type=int, help="redundant slots in total (slots = experts + R)")
     p.add_argument("--groups", type=int, help="expert groups for eplb (default: the model's, else 1)")
-    p.add_argument("--time-limit", type=float, default=30.0, help="seconds for milp (shared over layers)")
-    p.add_argument("--internode-weight", type=float, default=0.0,
+    p.add_argument("--time-limit", type=finite_float(0.0, 86400.0, open_lo=True), default=30.0,
+                   help="seconds for milp (shared over layers)")
+    p.add_argument("--internode-weight", type=finite_float(0.0), default=0.0,
                    help="milp: weight of co-activated pairs that share no node (needs --trace)")
 
 
@@ -65,9 +69,9 @@ def parse_window(spec: str | None, num_steps: int) -> tuple[int, int]:
 def open_source(args: argparse.Namespace) -> LoadSource:
     model = get_model(args.model) if args.model else None
     if args.trace:
-        from moesim.trace import Trace
+        from moesim.trace import open_trace
 
-        trace = Trace.open(args.trace)
+        trace = open_trace(args.trace, args)
         if model is not None and (model.num_layers, model.num_experts) != (trace.model.num_layers,
                                                                           trace.model.num_experts):
             raise MoesimError(f"--model {model.name} does not match the trace's model {trace.model.name}")
@@ -97,6 +101,10 @@ def resolve_slots(args: argparse.Namespace, num_experts: int, num_gpus: int) -> 
         total = -(-num_experts // num_gpus) * num_gpus
     if total < num_experts:
         raise PlacementError(f"{total} slots ({num_gpus} GPUs × {total // num_gpus}) cannot hold {num_experts} experts")
+    if total > num_experts * num_gpus:  # more would put two copies of an expert on one GPU: no use, only memory
+        flag = "--slots-per-gpu" if args.slots_per_gpu is not None else "--redundant"
+        raise PlacementError(f"{flag} asks for {total} slots per layer; at most {num_experts} experts × {num_gpus} "
+                             f"GPUs = {num_experts * num_gpus} can each hold a different copy")
     return total
 
 

@@ -33,6 +33,8 @@ import scipy.sparse as sp
 from moesim.cost import CostModel
 from moesim.errors import MoesimError
 from moesim.sim.config import SimConfig
+from moesim.sim.fixed import collective_latency, exchange_latency
+from moesim.sim.fixed import step_time as fixed_step_time
 from moesim.sim.result import PHASES, SimResult
 from moesim.sim.workload import Workload
 
@@ -98,6 +100,14 @@ def layout_cost(cost: CostModel, layout: str, num_gpus: int) -> CostModel:
 
 
 # -- communication ---------------------------------------------------------------------------------------------
+def custom_comm(config: Any) -> bool:
+    """True when the ep exchanges need :mod:`moesim.sim.comm` (a backend other than flat, or wire dtypes)."""
+    name = getattr(config, "comm", "flat")
+    fixed = getattr(config, "fixed", None)
+    return (getattr(name, "name", name) != "flat" or getattr(config, "dispatch_dtype", None) is not None
+            or getattr(config, "combine_dtype", None) is not None or (fixed is not None and fixed.collectives))
+
+
 class _CommTables:
     """The routing matrix extended so that one sparse product gives, per exchange, the bytes on every link,
     the bytes of the pairs at each path latency (to find the largest latency in use) and the bytes between GPUs
@@ -264,7 +274,8 @@ def dense_layers_time(workload: Workload, topology: Any, cost: CostModel, model:
     nbytes = np.zeros((S, G, G))
     if config.layout != "ep" and G > 1:
         half = pairwise_half(np.asarray(workload.step_tokens, dtype=float) * model.token_bytes, G)
-        t = t + 4 * comm_time(topology, half)  # attention and FFN outputs, two halves each
+        # attention and FFN outputs, two halves each, plus each all-reduce's fixed latency
+        t = t + 4 * comm_time(topology, half) + 2 * collective_latency(config, G, topology.gpus_per_node)
         nbytes = 4 * half
     return n * t, n * per, n * nbytes
 
@@ -320,7 +331,22 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     link_bytes = np.zeros(int(topology.num_links))
     send = workload.send_tokens  # [S, L, G, G] tokens; priced in bytes (× tb)
     b_intra, b_inter = np.zeros(S), np.zeros(S)
-    if config.layout in ("ep", "ep-tp-attn") and G > 1:
+    if config.layout == "ep" and G > 1 and custom_comm(config):
+        # an all-to-all backend or wire dtypes (moesim.sim.comm): its own bytes per pair, link efficiencies and
+        # fixed per-kernel latencies; the DES charges the same (des.step_stages)
+        from moesim.sim import comm
+
+        ctopo = comm.effective_topology(topology, config.comm)
+        disp_b, comb_b = comm.exchange_bytes(workload, model, config, topology.gpus_per_node)
+        lat_d, lat_c = exchange_latency(config, G, topology.gpus_per_node)
+        t_disp, lb, bi, bo = _comm(ctopo, disp_b)
+        t_comb, lb2, ci, co = _comm(ctopo, comb_b)
+        phase_time[..., 2] = t_disp + lat_d
+        phase_time[..., 4] = t_comb + lat_c
+        link_bytes += lb + lb2
+        b_intra += bi.sum(axis=1) + ci.sum(axis=1)
+        b_inter += bo.sum(axis=1) + co.sum(axis=1)
+    elif config.layout in ("ep", "ep-tp-attn") and G > 1:
         t_disp, lb, bi, bo = _comm(topology, send, scale=tb)
         phase_time[..., 2] = t_disp
         link_bytes += lb
@@ -328,7 +354,9 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         b_intra += bi
         b_inter += bo
     comm_overlappable = phase_time[..., 2].copy()
-    if config.layout == "ep" and G > 1:
+    if config.layout == "ep" and G > 1 and custom_comm(config):
+        comm_overlappable += phase_time[..., 4]
+    elif config.layout == "ep" and G > 1:
         t_comb, lb, _, _ = _comm(topology, send, transpose=True, scale=tb)
         phase_time[..., 4] = t_comb
         link_bytes += lb
@@ -339,9 +367,10 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         half = pairwise_half(np.asarray(workload.step_tokens, dtype=float) * tb, G)  # [S, G, G]
         t_half, lb_half, hi, ho = _comm(topology, half)  # [S]
         n_halves = 4 if config.include_dense else 2
-        phase_time[..., 4] = 2 * t_half[:, None]
+        lat_ar = collective_latency(config, G, topology.gpus_per_node)  # per all-reduce (two halves)
+        phase_time[..., 4] = 2 * t_half[:, None] + lat_ar
         if config.include_dense:
-            phase_time[..., 0] += 2 * t_half[:, None]
+            phase_time[..., 0] += 2 * t_half[:, None] + lat_ar
         link_bytes += lb_half * L * n_halves
         b_intra += hi * L * n_halves
         b_inter += ho * L * n_halves
@@ -358,7 +387,8 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         bi, bo = _split_bytes(topology, d_bytes)
         b_intra += bi
         b_inter += bo
-    step_time = phase_time.sum(axis=(1, 2)) + d_time
+    f_time = fixed_step_time(getattr(config, "fixed", None), workload, model, topology.device)
+    step_time = phase_time.sum(axis=(1, 2)) + d_time + f_time
     moe_time = expert.sum(axis=1)
     gpu_busy = dense_busy + moe_time + d_busy
     gpu_load = workload.slot_tokens.reshape(S, L, G, W).sum(axis=(0, 3))
@@ -366,6 +396,7 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     extra: dict[str, Any] = {
         "engine": "analytic",
         "dense_layer_time": d_time,
+        "fixed_time": f_time,
         "gpu_phase_times": {"steps": n_tl, "attention": att[:n_tl], "gate": gate[:n_tl], "expert": expert[:n_tl],
                             "phase_time": phase_time[:n_tl], "dense_layer_time": d_time[:n_tl],
                             "dense_layer_busy": d_busy[:n_tl]},

@@ -38,14 +38,42 @@ class SimConfig:
     overlap_comm: bool = False
     # charge model.num_dense_layers dense layers (attention + dense FFN) per step (DeepSeek-V3's first 3)
     dense_layers: bool = True
+    # all-to-all backend of the ep dispatch/combine (moesim.sim.comm): flat | hierarchical | low-latency;
+    # low-latency sends one message per (token, expert), so it builds its workload without de-duplication;
+    # hierarchical always de-duplicates (once per node over RDMA, once per GPU over NVLink)
+    comm: Any = "flat"  # a name of moesim.sim.comm.BACKENDS or a BackendSpec (other constants)
+    # wire precision of dispatch and combine (bf16 | fp8 | fp32; None: the model's token_bytes)
+    dispatch_dtype: str | None = None
+    combine_dtype: str | None = None
+    # fixed costs (moesim.sim.fixed.FixedCosts): collective latency, host launches, LM head, sampling, fitted
+    # per-step overhead; None charges none of them
+    fixed: Any = None
 
     def __post_init__(self) -> None:
+        from moesim.sim.comm import BACKENDS, check_dtype
+
         if self.layout not in LAYOUTS:
             raise MoesimError(f"unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
+        from moesim.sim.comm import BackendSpec
+
+        if not isinstance(self.comm, BackendSpec) and self.comm not in BACKENDS:
+            raise MoesimError(f"unknown all-to-all backend {self.comm!r}; known: {', '.join(BACKENDS)}")
+        check_dtype(self.dispatch_dtype, "dispatch")
+        check_dtype(self.combine_dtype, "combine")
+        from moesim.sim.fixed import FixedCosts
+
+        if self.fixed is not None and not isinstance(self.fixed, FixedCosts):
+            raise MoesimError("SimConfig.fixed must be a moesim.sim.fixed.FixedCosts or None")
+        if getattr(self.comm, "per_choice", self.comm == "low-latency"):
+            self.dedup = False
+        elif getattr(self.comm, "per_node", self.comm == "hierarchical"):
+            self.dedup = True  # forwarded inside a node once per destination GPU
         if not isinstance(self.policy, ReplicaPolicy):
             raise MoesimError("SimConfig.policy must be a moesim.replica.ReplicaPolicy")
 
     def to_dict(self) -> dict[str, Any]:
         return {"layout": self.layout, "policy": self.policy.name, "gpus_per_node": self.policy.gpus_per_node,
                 "dedup": self.dedup, "include_dense": self.include_dense, "overlap_comm": self.overlap_comm,
-                "dense_layers": self.dense_layers}
+                "dense_layers": self.dense_layers, "comm": getattr(self.comm, "name", self.comm),
+                "dispatch_dtype": self.dispatch_dtype, "combine_dtype": self.combine_dtype,
+                "fixed": None if self.fixed is None else self.fixed.to_dict()}

@@ -106,7 +106,8 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
 
     ``cost`` must already be adjusted to the layout (:func:`moesim.sim.analytic.layout_cost`).
     """
-    from moesim.sim.analytic import dense_layers_time
+    from moesim.sim.analytic import custom_comm, dense_layers_time
+    from moesim.sim.fixed import collective_latency, exchange_latency
 
     layout = getattr(config, "layout", "ep")
     G = int(topology.num_gpus)
@@ -116,8 +117,24 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
     L = slot_tokens.shape[0]
     W = slot_tokens.shape[1] // G
     send = np.asarray(workload.send_tokens[s], dtype=np.float64) * tb  # [L, G, G]
+    comb = None
+    lat_d = lat_c = 0.0
+    if layout == "ep" and G > 1 and custom_comm(config):  # backend / dtypes: the analytic engine's bytes
+        from moesim.sim import comm
+
+        send, comb = (x[0] for x in comm.exchange_bytes(workload.window(s, s + 1), model, config,
+                                                        topology.gpus_per_node))
+        lat_d, lat_c = exchange_latency(config, G, topology.gpus_per_node)
     tp = layout in ("ep-tp-attn", "tp") and G > 1
     half = _half(float(workload.step_tokens[s]) * tb, G) if tp else None
+    lat_ar = collective_latency(config, G, topology.gpus_per_node) if tp else 0.0
+
+    def allreduce(slot: int, layer: int, names: tuple[str, str]) -> list[_Stage]:
+        """Two pairwise halves and, with fixed costs, the all-reduce's latency (as the analytic engine)."""
+        out = [_Stage("exchange", slot, layer, n, half) for n in names]
+        if lat_ar > 0:
+            out.append(_Stage("compute", slot, layer, "allreduce-latency", np.full(G, lat_ar)))
+        return out
     stages: list[_Stage] = []
     # the model's dense layers (DeepSeek-V3's first three), as the analytic engine prices them
     n_dense = int(getattr(model, "num_dense_layers", 0) or 0) if getattr(config, "dense_layers", True) else 0
@@ -127,8 +144,8 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
         for _ in range(n_dense):
             stages.append(_Stage("compute", 0, DENSE_LAYER, "dense-layer", per))
             if tp:
-                for name in ("attn-reduce-scatter", "attn-all-gather", "ffn-reduce-scatter", "ffn-all-gather"):
-                    stages.append(_Stage("exchange", 0, DENSE_LAYER, name, half))
+                stages += allreduce(0, DENSE_LAYER, ("attn-reduce-scatter", "attn-all-gather"))
+                stages += allreduce(0, DENSE_LAYER, ("ffn-reduce-scatter", "ffn-all-gather"))
     include_dense = getattr(config, "include_dense", True)
     if include_dense:
         ph = np.asarray(workload.phase[s])
@@ -140,17 +157,19 @@ def step_stages(workload: Any, s: int, topology: Any, cost: Any, model: Any, con
         if include_dense:
             stages.append(_Stage("compute", 0, layer, "attention", att[layer]))
             if tp:
-                stages += [_Stage("exchange", 0, layer, "attn-reduce-scatter", half),
-                           _Stage("exchange", 0, layer, "attn-all-gather", half)]
+                stages += allreduce(0, layer, ("attn-reduce-scatter", "attn-all-gather"))
             stages.append(_Stage("compute", 1, layer, "gate", gate[layer]))
+        if lat_d > 0:  # the backend's fixed per-kernel latency, charged to the phase on every GPU
+            stages.append(_Stage("compute", 2, layer, "dispatch-latency", np.full(G, lat_d)))
         if layout in ("ep", "ep-tp-attn"):
             stages.append(_Stage("exchange", 2, layer, "dispatch", send[layer]))
         stages.append(_Stage("compute", 3, layer, "expert", expert[layer]))
+        if lat_c > 0:
+            stages.append(_Stage("compute", 4, layer, "combine-latency", np.full(G, lat_c)))
         if layout == "ep":
-            stages.append(_Stage("exchange", 4, layer, "combine", send[layer].T))
+            stages.append(_Stage("exchange", 4, layer, "combine", send[layer].T if comb is None else comb[layer]))
         elif tp:
-            stages += [_Stage("exchange", 4, layer, "reduce-scatter", half),
-                       _Stage("exchange", 4, layer, "all-gather", half)]
+            stages += allreduce(4, layer, ("reduce-scatter", "all-gather"))
     return stages
 
 
@@ -262,7 +281,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     ``quantum`` / ``rel_quantum``: the flow network's bandwidth hand-over quantum (seconds / fraction of the
     median remaining transmission time; 0 and 0 = exact, slower), see :class:`moesim.sim.network.FlowNetwork`.
     """
-    from moesim.sim.analytic import layout_cost
+    from moesim.sim.analytic import custom_comm, layout_cost
     from moesim.sim.config import SimConfig
     from moesim.sim.result import SimResult
 
@@ -284,6 +303,10 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
         # checked once here: the lanes start their flows without per-call checks
         raise MoesimError("flow sizes must be finite and non-negative (the workload's send_tokens)")
     cost = layout_cost(cost, config.layout, G)
+    if config.layout == "ep" and custom_comm(config):
+        from moesim.sim.comm import effective_topology
+
+        topology = effective_topology(topology, config.comm)  # the backend's achievable link bandwidths
     routes = _route_table(topology, G)
     # the DES only ever sends along these routes, so links that can never bind may be left out of the rates
     ignore = dominated_links([r[r >= 0] for r in routes], topology.edge_bw)
@@ -292,6 +315,9 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     inter = np.asarray(topology.is_inter_node(), dtype=bool)
     intra = ~inter & ~np.eye(G, dtype=bool)
     M = 2 if getattr(config, "overlap_comm", False) else 1
+    from moesim.sim.fixed import step_time as fixed_step_time
+
+    fixed_time = fixed_step_time(getattr(config, "fixed", None), workload, model, topology.device)
     env = simpy.Environment()
     events: list[tuple[int, str, float, float]] = []
     dropped = recomputes = flows = 0
@@ -311,6 +337,8 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
         t_begin = env.now
         procs = [env.process(run.lane(g, m)) for m in range(M) for g in range(G)]
         env.run(until=env.all_of(procs))
+        if fixed_time[s] > 0:  # the step's fixed costs (host launches, LM head, ...) follow its layers
+            env.run(until=env.now + fixed_time[s])
         step_time[s] = env.now - t_begin
         gpu_finish[s] = run.end[:, -1, :].max(axis=0) - t_begin if run.K else 0.0
         dropped += run.dropped
@@ -332,6 +360,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     W = slots // G
     gpu_load = np.asarray(workload.slot_tokens, dtype=np.float64).reshape(S, L, G, W).sum(axis=(0, 3))
     extra = {"engine": "des", "events": events, "events_dropped": dropped, "dense_layer_time": dense_time,
+             "fixed_time": fixed_time,
              "quantum": quantum, "rel_quantum": rel_quantum, "micro_batches": M, "flows": flows,
              "rate_recomputations": recomputes, "gpu_finish": gpu_finish}
     return SimResult(step_time=step_time, phase_time=phase_time, gpu_busy=gpu_busy, moe_time=moe_time,

@@ -144,6 +144,8 @@ class SimResult:
                     extra[k] = v  # timeline detail of the first steps only
                 elif k == "events_dropped":
                     extra[k] = extra.get(k, 0) + int(v)
+                elif k in ("dense_layer_time", "fixed_time"):  # per-step arrays
+                    extra[k] = np.concatenate([extra.get(k, np.zeros(0)), np.asarray(v, dtype=float)])
             offset += float(np.sum(r.step_time))
         cat = np.concatenate
         return SimResult(

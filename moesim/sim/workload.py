@@ -70,6 +70,9 @@ class Workload:
     first_step: int = 0
     layout: str = "ep"
     kv_len: np.ndarray | None = None  # [S] KV positions per token (NaN unknown); None: the cost model's default
+    # [S, L, G, N] tokens from each origin GPU with a choice on each node (the hierarchical backend's RDMA sends);
+    # built only for SimConfig(comm="hierarchical") in the ep layout
+    node_tokens: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -98,7 +101,8 @@ class Workload:
         return replace(self, step_tokens=self.step_tokens[sl], phase=self.phase[sl], slot_tokens=self.slot_tokens[sl],
                        send_tokens=self.send_tokens[sl], gpu_tokens=self.gpu_tokens[sl],
                        first_step=self.first_step + start,
-                       kv_len=None if self.kv_len is None else self.kv_len[sl])
+                       kv_len=None if self.kv_len is None else self.kv_len[sl],
+                       node_tokens=None if self.node_tokens is None else self.node_tokens[sl])
 
     @staticmethod
     def concat(parts: list[Workload]) -> Workload:
@@ -108,9 +112,12 @@ class Workload:
         kv = None
         if any(p.kv_len is not None for p in parts):
             kv = cat([np.full(p.num_steps, np.nan) if p.kv_len is None else p.kv_len for p in parts])
+        nodes = None
+        if all(p.node_tokens is not None for p in parts):
+            nodes = cat([p.node_tokens for p in parts])
         return Workload(cat([p.step_tokens for p in parts]), cat([p.phase for p in parts]),
                         cat([p.slot_tokens for p in parts]), cat([p.send_tokens for p in parts]),
-                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout, kv)
+                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout, kv, nodes)
 
     def kv_broadcast(self, ndim: int) -> np.ndarray | None:
         """kv_len shaped [S, 1, ...] (``ndim`` axes) to broadcast against per-(step, ...) token arrays."""
@@ -243,6 +250,7 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
     step_e = (step_of * E).astype(it)[None, :]
     replicas = mapping.logcnt.max(axis=1)  # [L]
     W = slots // G
+    nodes = _NodeCounter(config, S, L, G, step_of, origin) if layout == "ep" and _per_node(config) else None
     if layout == "ep" and S * G * slots <= max(_COMBINED_BINS_PER_CHOICE * T * k, _COMBINED_MIN_BINS):
         # one bincount per layer over (step, origin GPU, slot): summed over origins it is slot_tokens, over each
         # GPU's slots the (origin, destination) choices; dedup subtracts the repeated choices (exact integers)
@@ -265,7 +273,10 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
                 if keys:
                     pairs -= np.bincount(np.concatenate(keys), minlength=S * G * G).reshape(S, G, G)
             send[:, layer] = pairs
-        return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout)
+            if nodes is not None:
+                nodes.add(layer, np.take(slot_gpu, slot))
+        return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout,
+                        node_tokens=None if nodes is None else nodes.out)
     for layer in range(L):
         ids_t = ids[layer].T  # [k, T]
         if replicas[layer] <= 1:
@@ -284,7 +295,40 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
         if config.dedup and k > 1:
             np.putmask(flat, _dedup_rows(dst), sentinel)
         send[:, layer] = np.bincount(flat.ravel(), minlength=sentinel + 1)[:sentinel].reshape(S, G, G)
-    return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout)
+        if nodes is not None:
+            nodes.add(layer, dst)
+    return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout,
+                    node_tokens=None if nodes is None else nodes.out)
+
+
+def _per_node(config: SimConfig) -> bool:
+    from moesim.sim.comm import get_backend
+
+    return get_backend(config.comm).per_node
+
+
+class _NodeCounter:
+    """Tokens per (step, origin GPU, destination node), one layer at a time (the hierarchical backend's RDMA)."""
+
+    def __init__(self, config: SimConfig, S: int, L: int, G: int, step_of: np.ndarray, origin: np.ndarray) -> None:
+        from moesim.sim.comm import node_tokens_from_dst
+
+        self.first = node_tokens_from_dst
+        self.P = int(config.policy.gpus_per_node)
+        if G % self.P:
+            raise MoesimError(f"the hierarchical backend needs nodes of equal size: {G} GPUs do not split into "
+                              f"nodes of {self.P}")
+        self.N = G // self.P
+        self.S, self.G = S, G
+        self.key = ((step_of * G + origin) * self.N).astype(np.int64)[None, :]
+        self.out = np.zeros((S, L, G, self.N))
+
+    def add(self, layer: int, dst: np.ndarray) -> None:
+        """dst [k, T] destination GPU of every choice."""
+        first = self.first(dst, self.P)
+        keys = (self.key + dst // self.P)[first]
+        n = self.S * self.G * self.N
+        self.out[:, layer] = np.bincount(keys, minlength=n).reshape(self.S, self.G, self.N)
 
 
 def _sum_last(a: np.ndarray) -> np.ndarray:
@@ -376,6 +420,16 @@ def workload_from_counts(counts: np.ndarray, step_tokens: np.ndarray, mapping: E
         received = np.minimum(q, choices, out=q)
     else:
         received = choices
+    node_tokens = None
+    if config.layout == "ep" and _per_node(config):
+        from moesim.sim.comm import node_tokens_estimate
+
+        P = int(config.policy.gpus_per_node)
+        if G % P:
+            raise MoesimError(f"the hierarchical backend needs nodes of equal size: {G} GPUs do not split into "
+                              f"nodes of {P}")
+        per_node = node_tokens_estimate(choices, step_tokens, top_k, P)  # [S, L, N]
+        node_tokens = np.broadcast_to((per_node / G)[:, :, None, :], (S, L, G, G // P))
     if config.layout == "ep":
         send = np.broadcast_to((received / G)[:, :, None, :], (S, L, G, G))
     else:
@@ -383,7 +437,8 @@ def workload_from_counts(counts: np.ndarray, step_tokens: np.ndarray, mapping: E
         idx = np.arange(G)
         send[:, :, idx, idx] = received
     gpu_tokens = np.broadcast_to((step_tokens / G)[:, None, None], (S, L, G))
-    return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, config.layout)
+    return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, config.layout,
+                    node_tokens=node_tokens)
 
 
 def _check_range(trace: Any, start: int, stop: int | None) -> tuple[int, int]:

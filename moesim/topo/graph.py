@@ -36,6 +36,9 @@ TOPOLOGY_FORMAT = "moesim.topology"
 TOPOLOGY_VERSION = 1
 _GPU_ID = re.compile(r"gpu(\d+)\Z")
 MAX_NODES = 256
+MAX_GPUS = 2048  # the largest preset cluster (256 nodes x 8); files are held to the same bound
+MIN_BANDWIDTH, MAX_BANDWIDTH = 1e6, 1e15  # bytes/s: anything outside is a unit mistake, and 1e-300 overflows times
+MAX_LATENCY = 1.0  # seconds per hop
 
 
 def _num(v: Any) -> bool:
@@ -99,6 +102,8 @@ class Topology:
         if not gpus:
             raise self._fail("has no GPU nodes (kind 'gpu')")
         G = len(gpus)
+        if G > MAX_GPUS:  # routes are per GPU pair: memory and time grow with GPUs squared
+            raise self._fail(f"has {G} GPUs; at most {MAX_GPUS} are supported")
         missing = sorted(set(range(G)) - set(gpus))
         if missing:
             raise self._fail(f"GPU indices must be contiguous 0..{G - 1}; index {missing[0]} is missing")
@@ -107,16 +112,19 @@ class Topology:
         for u, v, attrs in g.edges(data=True):
             if u == v:
                 raise self._fail(f"edge {u}->{v} is a self-loop")
-            for key, lo in (("bandwidth", 0.0), ("latency", 0.0)):
+            for key in ("bandwidth", "latency"):
                 x = attrs.get(key)
                 if x is None:
                     raise self._fail(f"edge {u}->{v} has no {key}")
                 if not _num(x) or not math.isfinite(float(x)):
                     raise self._fail(f"edge {u}->{v} has {key} {x!r}; need a finite number")
-                if key == "bandwidth" and not float(x) > lo:
+                if key == "bandwidth" and not float(x) > 0:
                     raise self._fail(f"edge {u}->{v} has non-positive bandwidth {x!r} (bytes/s)")
-                if key == "latency" and float(x) < lo:
-                    raise self._fail(f"edge {u}->{v} has negative latency {x!r} (s)")
+                if key == "bandwidth" and not MIN_BANDWIDTH <= float(x) <= MAX_BANDWIDTH:
+                    raise self._fail(f"edge {u}->{v} has bandwidth {x!r} bytes/s; need {MIN_BANDWIDTH:g}.."
+                                     f"{MAX_BANDWIDTH:g} (1 MB/s .. 1 PB/s)")
+                if key == "latency" and not 0.0 <= float(x) <= MAX_LATENCY:
+                    raise self._fail(f"edge {u}->{v} has latency {x!r} s; need 0..{MAX_LATENCY:g} s")
         # nodes: explicit attrs, else one node of gpus_per_node GPUs per block of indices
         nodes = [g.nodes[self.gpu_names[i]].get("node") for i in range(G)]
         if all(n is None for n in nodes):

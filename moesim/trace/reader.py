@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import math
 import mmap
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import MoesimError, TraceError
+from moesim.io import check_file
 from moesim.models import ModelSpec
 from moesim.trace import format as fmt
 
@@ -103,12 +107,15 @@ class Trace:
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, require_steps: bool = True) -> Trace:
+    def open(cls, path: str | Path, require_steps: bool = True, allow_truncated: bool = False) -> Trace:
+        """Open and check a trace. A file cut short, with trailing bytes or with a gap in its steps is refused
+        unless ``allow_truncated`` (then the complete chunks before the damage are read and :attr:`truncated`
+        says what was cut: a run killed mid-write, or a trace still being written)."""
         path = Path(path)
-        if not path.exists():
-            raise TraceError(f"trace {path} does not exist")
-        if path.is_dir():
-            raise TraceError(f"{path} is a directory, not a trace file")
+        try:
+            check_file(path, "trace")
+        except MoesimError as exc:
+            raise TraceError(str(exc)) from None
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             if size < fmt.FILE_HEAD.size:
@@ -135,6 +142,10 @@ class Trace:
             raise TraceError(f"{path} has a malformed header: {exc}") from None
         offset = start + hlen + fmt.pad(start + hlen)
         chunks, end, truncated = _scan(mm, offset, size, header)
+        if truncated and not allow_truncated and not (require_steps and not any(c["num_steps"] for c in chunks)):
+            mm.close()
+            raise TraceError(f"trace {path} is damaged: {truncated}; pass --allow-truncated to use the complete "
+                             "part (`moesim trace validate` lists every problem)")
         trace = cls(path, mm, header, chunks, end, truncated)
         if require_steps and trace.num_steps == 0:
             trace.close()
@@ -197,10 +208,31 @@ class Trace:
     def _array(self, chunk: dict[str, Any], name: str) -> np.ndarray:
         if self._mm is None:
             raise TraceError(f"trace {self.path} is closed")
+        if not chunk.get("crc_ok"):
+            self._verify(chunk)
         dtype, shape, off = chunk["arrays"][name]
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         return np.frombuffer(self._mm, dtype=np.dtype(dtype), count=count,
                              offset=chunk["payload"] + off).reshape(shape)
+
+    def _verify(self, chunk: dict[str, Any]) -> None:
+        """Check a chunk's CRC32 the first time any of its arrays is used (one pass over its bytes, ~4 GB/s).
+
+        Why on every read, not only in ``trace validate``: a flipped bit in the ids still lies in range and
+        would otherwise feed a replay or a placement unnoticed.
+        """
+        assert self._mm is not None
+        body = memoryview(self._mm)[chunk["dir_start"]:chunk["payload"] + chunk["payload_len"]]
+        try:
+            ok = zlib.crc32(body) == chunk["crc"]
+        finally:
+            body.release()
+        if not ok:
+            last = chunk["first_step"] + chunk["num_steps"] - 1
+            steps = f"steps {chunk['first_step']}..{last}" if chunk["num_steps"] else "timing records"
+            raise TraceError(f"trace {self.path}: the chunk at byte {chunk['dir_start'] - fmt.CHUNK_HEAD.size} "
+                             f"({steps}) fails its checksum; the file is corrupt")
+        chunk["crc_ok"] = True
 
     def _get(self, chunk: dict[str, Any], name: str) -> np.ndarray | None:
         return self._array(chunk, name) if name in chunk["arrays"] else None
@@ -249,6 +281,8 @@ class Trace:
         counts = arrays.get("counts")
         if counts is not None and counts.size and int(counts.min()) < 0:
             raise TraceError(f"{where} holds a negative load count{hint}")
+        if counts is not None and counts.size and int(counts.max()) > MAX_COUNT:
+            raise TraceError(f"{where} holds the load count {int(counts.max())}, above {MAX_COUNT}{hint}")
         kv = arrays.get("kv_len")
         if kv is not None and kv.size and (np.isinf(kv).any() or np.nanmin(kv, initial=0.0) < 0):
             raise TraceError(f"{where} holds a negative or infinite kv_len{hint}")
@@ -333,8 +367,9 @@ class Trace:
         m = self.model
         for i, c in enumerate(self._chunks):
             assert self._mm is not None
-            body = self._mm[c["dir_start"]:c["payload"] + c["payload_len"]]
-            if zlib.crc32(body) != c["crc"]:
+            try:
+                self._verify(c)
+            except TraceError:
                 problems.append(f"chunk {i} (steps {c['first_step']}..) fails its checksum")
                 continue
             arrays = {name: self._array(c, name) for name in c["arrays"]}
@@ -365,8 +400,12 @@ class Trace:
                 if counts.shape != (n, m.num_layers, m.num_experts):
                     problems.append(f"chunk {i}: counts shape {list(counts.shape)} != "
                                     f"[{n}, {m.num_layers}, {m.num_experts}]")
-                elif counts.size and int(counts.min()) < 0:
-                    problems.append(f"chunk {i}: negative load count")
+                elif counts.size and (int(counts.min()) < 0 or int(counts.max()) > MAX_COUNT):
+                    problems.append(f"chunk {i}: a load count outside [0, {MAX_COUNT}]")
+            if "kv_len" in arrays:
+                kv = arrays["kv_len"]
+                if kv.size and (np.isinf(kv).any() or np.nanmin(kv, initial=0.0) < 0):
+                    problems.append(f"chunk {i}: negative or infinite kv_len")
             if "timing_index" in arrays:
                 idx = arrays["timing_index"]
                 if arrays["timing_phases"].shape != (idx.shape[0], len(self.phase_names)):
@@ -376,6 +415,23 @@ class Trace:
                 elif not np.all(np.isfinite(arrays["timing_phases"])) or arrays["timing_phases"].min() < 0:
                     problems.append(f"chunk {i}: timing phases include negative, NaN or inf seconds")
         return problems
+
+
+def add_allow_truncated(parser: argparse.ArgumentParser) -> None:
+    """The one flag every command that reads a trace takes."""
+    parser.add_argument("--allow-truncated", action="store_true",
+                        help="use the complete part of a trace that is cut short, has trailing bytes or a gap in its "
+                             "steps (a warning says what was cut; replay records it in report.json)")
+
+
+def open_trace(path: str | Path, args: argparse.Namespace | None = None, *, require_steps: bool = True) -> Trace:
+    """Open a trace for a command: damage refused unless ``args.allow_truncated``, and then warned about."""
+    allow = bool(getattr(args, "allow_truncated", False))
+    trace = Trace.open(path, require_steps=require_steps, allow_truncated=allow)
+    if trace.truncated:
+        print(f"moesim: warning: trace {path} is damaged ({trace.truncated}); using its {trace.num_steps} "
+              "complete steps", file=sys.stderr)
+    return trace
 
 
 LOAD_BINS = 1 << 16  # bins of one bincount in load(): the counts stay in the CPU cache (measured 3-6x faster)
@@ -407,6 +463,24 @@ def _bincount_steps(ids: np.ndarray, step_tokens: np.ndarray, offsets: np.ndarra
         j += g
 
 
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1 << 20
+MAX_LAYER_EXPERTS = 1 << 22  # layers x experts: a [steps, L, E] int64 load of 8 steps is then at most 256 MiB
+MAX_COUNT = 1 << 40  # token-choices per (step, layer, expert): sums over steps and experts stay far below 2**63
+
+
+def check_model_size(spec: ModelSpec) -> None:
+    """Refuse model shapes no real MoE has, before anything sized by them is allocated (a 400-byte file declaring
+    2**31 experts would otherwise ask for tens of GB)."""
+    if spec.num_layers > MAX_LAYERS:
+        raise MoesimError(f"model has {spec.num_layers} MoE layers; at most {MAX_LAYERS} are supported")
+    if spec.num_experts > MAX_EXPERTS:
+        raise MoesimError(f"model has {spec.num_experts} experts; at most {MAX_EXPERTS} are supported")
+    if spec.num_layers * spec.num_experts > MAX_LAYER_EXPERTS:
+        raise MoesimError(f"model has {spec.num_layers} layers x {spec.num_experts} experts; at most "
+                          f"{MAX_LAYER_EXPERTS} (layer, expert) pairs are supported")
+
+
 def _check_header(header: Any) -> None:
     if not isinstance(header, dict):
         raise MoesimError("header is not a JSON object")
@@ -414,7 +488,11 @@ def _check_header(header: Any) -> None:
         raise MoesimError(f"format is {header.get('format')!r}, not 'moesim.trace'")
     if header.get("kind") not in fmt.KINDS:
         raise MoesimError(f"unknown trace kind {header.get('kind')!r}")
-    ModelSpec.from_dict(header.get("model"))
+    model = header.get("model")
+    if isinstance(model, dict) and not isinstance(model.get("name"), str):
+        raise MoesimError(f"model name must be a string, got {model.get('name')!r}")
+    spec = ModelSpec.from_dict(model)
+    check_model_size(spec)
     phases = header.get("timing_phases")
     if phases is not None and not (isinstance(phases, list) and all(isinstance(p, str) for p in phases)):
         raise MoesimError("timing_phases must be a list of names")
@@ -482,7 +560,7 @@ def _check_directory(d: Any, payload_len: int, header: dict[str, Any]) -> dict[s
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise MoesimError(f"array {name} has a bad shape")
         if not isinstance(off, int) or off < 0 or off % fmt.ALIGN or \
-                off + int(np.prod(shape)) * np.dtype(dtype).itemsize > payload_len:
+                off + math.prod(shape) * np.dtype(dtype).itemsize > payload_len:
             raise MoesimError(f"array {name} lies outside the chunk")
     arrays = d["arrays"]
     if n:
@@ -519,6 +597,8 @@ def _check_shapes(arrays: dict[str, Any], n: int, header: dict[str, Any], mm: mm
         step_tokens = np.frombuffer(mm, dtype=np.dtype(dtype), count=st_shape[0], offset=payload + off)
         if step_tokens.size and int(step_tokens.min()) < 0:
             raise MoesimError("negative token count")
+        if step_tokens.size and int(step_tokens.max()) > MAX_COUNT:
+            raise MoesimError(f"a step's token count {int(step_tokens.max())} exceeds {MAX_COUNT}")
         T = int(step_tokens.sum())
         if shape("ids") != [L, T, k]:
             raise MoesimError(f"ids shape {shape('ids')} is not [layers {L}, tokens {T}, top-k {k}]")

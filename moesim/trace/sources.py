@@ -9,6 +9,7 @@ and none of them imports another.
 from __future__ import annotations
 
 import csv
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +71,12 @@ def load_any(path: Path, what: str) -> Any:
     if suffix in (".npy", ".npz"):
         try:
             data = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
+            if suffix == ".npz":  # members load lazily: an object array is refused only when it is read
+                with data:
+                    return {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise TraceError(f"{what} {path} is not a readable numpy file: {str(exc).splitlines()[0][:200]}") \
                 from None
-        if suffix == ".npz":
-            with data:
-                return {k: data[k] for k in data.files}
         return data
     raise TraceError(f"{what} {path} has an unsupported extension {suffix or '(none)'!r}")
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import TraceError
+from moesim.io import remove_stale_temporaries
 from moesim.models import ModelSpec
 from moesim.trace import format as fmt
 
@@ -62,6 +63,7 @@ class TraceWriter:
         if atomic:
             if not self.path.parent.is_dir():
                 raise TraceError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
+            remove_stale_temporaries(self.path.parent, self.path.name)  # left by a killed writer of this file
             self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         if append and self._final.exists():
             self._open_for_append()
@@ -83,7 +85,7 @@ class TraceWriter:
     def _open_for_append(self) -> None:
         from moesim.trace.reader import Trace
 
-        existing = Trace.open(self.path, require_steps=False)
+        existing = Trace.open(self.path, require_steps=False, allow_truncated=True)
         if existing.model != self.model or existing.kind != self.kind:
             existing.close()
             raise TraceError(f"cannot append to {self.path}: it records {existing.kind} of model "

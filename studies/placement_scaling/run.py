@@ -5,18 +5,17 @@ the cluster grows from one DGX H100 to eight — in balance (busiest GPU / lower
 traffic, predicted step time, and their own running time — for a few-expert model (Mixtral, 8 experts) and a
 many-expert one (DeepSeek-V3, 256 experts)?
 
-Method: per (model, cluster) a synthetic decode trace (moesim.trace.synth, 128 tokens per GPU per step, seed 0);
-each algorithm fitted on the first half of the steps and scored on the second half with
-moesim.placement.compare.compare (the library behind ``moesim compare``): load-only scores and the analytic
-engine's step time and inter-node bytes.
+Method: the grid is ``sweep.toml`` (``sweep-quick.toml`` for --quick), run by ``moesim sweep``'s library: per
+(model, cluster) a synthetic decode trace (moesim.trace.synth, 128 tokens per GPU per step, seed 0; synthesized
+into traces/ when missing) and one ``moesim compare`` cell — each algorithm fitted on the first half of the steps
+and scored on the second half: load-only scores and the analytic engine's step time and inter-node bytes.
 
-    python studies/placement_scaling/run.py [--quick]
+    python studies/placement_scaling/run.py [--quick] [--ray [ADDRESS]]
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _study as S
 
 from moesim.models import get_model
-from moesim.placement.compare import compare
-from moesim.placement.inputs import LoadSource
+from moesim.sweep import load_spec, run_sweep
+from moesim.sweep.spec import read_toml
 from moesim.topo import load_topology
-from moesim.trace import Trace
 from moesim.trace.synth import SynthConfig, synthesize
 
 NAME = "placement_scaling"
+HERE = Path(__file__).resolve().parent
 ALGOS = ("linear", "round_robin", "lpt", "greedy", "eplb", "eplb-global", "milp", "affinity")
 MODELS = ("mixtral-8x7b", "deepseek-v3")
 NODES = (1, 2, 4, 8)
 TOKENS_PER_GPU = 128  # decode tokens per GPU per step (weak scaling: the batch grows with the cluster)
-MILP_SECONDS = 5.0  # milp's time limit, shared over the layers (then greedy stands for the rest)
+STEPS = 6
 
 
 def slots_per_gpu(num_experts: int, num_gpus: int) -> int:
@@ -44,33 +43,41 @@ def slots_per_gpu(num_experts: int, num_gpus: int) -> int:
     return -(-num_experts // num_gpus) + 1
 
 
-def run_case(model_name: str, nodes: int, steps: int, tokens_per_gpu: int, milp_seconds: float,
-             tmp: Path) -> list[dict[str, Any]]:
-    model = get_model(model_name)
-    topo = load_topology("dgx-h100" if nodes == 1 else f"dgx-h100:{nodes}")
-    G = topo.num_gpus
-    T = tokens_per_gpu * G
-    cfg = SynthConfig(steps=steps, tokens=T, decode_tokens=T, prefill_steps=0, num_ranks=G, seed=0)
-    path = synthesize(model, cfg, tmp / f"{model_name}-{nodes}.mtrace")
-    spg = slots_per_gpu(model.num_experts, G)
-    with Trace.open(path) as trace:
-        load = trace.load(0, steps).sum(axis=0).astype(float)
-        src = LoadSource(load, model, trace, (0, steps), f"synth {model_name}")
-        res = compare(src, topo, list(ALGOS), spg * G, holdout=0.5,
-                      algo_kw={"num_groups": model.num_groups, "time_limit": milp_seconds})
-    rows = []
-    fit = {r["algo"]: r for r in res["rows"]}
-    for h in res["holdout_rows"]:
-        f = fit[h["algo"]]
-        rows.append({"model": model_name, "nodes": nodes, "GPUs": G, "slots/GPU": spg, "algo": h["algo"],
-                     "busiest/bound": h["busiest_over_bound"], "balancedness": h["balancedness"],
-                     "inter-node MB/token": h["inter_bytes_per_token"] / 1e6, "step_ms": 1e3 * h["step_time"],
-                     "fit busiest/bound": f["busiest_over_bound"], "algo_s": f["seconds"],
-                     "milp gap": f.get("milp_gap", float("nan"))})
-    best = min(r["step_ms"] for r in rows)
-    for r in rows:
-        r["step / best"] = r["step_ms"] / best
-    return rows
+def make_traces(spec_path: Path, steps: int, tokens_per_gpu: int) -> None:
+    """Synthesize each trace the spec's cases name (if missing): the case's model on its cluster's GPUs, seed 0."""
+    for case in read_toml(spec_path)["axes"]["case"]:
+        path = spec_path.parent / case["trace"]
+        if path.exists():
+            continue
+        model = get_model(case["model"])
+        G = load_topology(case["topology"]).num_gpus
+        assert case["slots-per-gpu"] == slots_per_gpu(model.num_experts, G), case
+        T = tokens_per_gpu * G
+        path.parent.mkdir(exist_ok=True)
+        synthesize(model, SynthConfig(steps=steps, tokens=T, decode_tokens=T, prefill_steps=0, num_ranks=G, seed=0),
+                   path)
+
+
+def rows_of(sweep_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep's table (one row per case, columns ``<algo>.<figure>``, ``holdout.<algo>.<figure>``) as one row
+    per (case, algorithm), scored on the held-out steps."""
+    out = []
+    for c in sweep_rows:
+        if c["status"] != "ok":
+            raise SystemExit(f"cell {c['cell']} ({c['case']}) failed: {c['error']}")
+        G = load_topology(c["topology"]).num_gpus
+        case = []
+        for algo in ALGOS:
+            h = f"holdout.{algo}."
+            case.append({"model": c["model"], "nodes": G // 8, "GPUs": G, "slots/GPU": c["slots-per-gpu"],
+                         "algo": algo, "busiest/bound": c[h + "busiest_over_bound"],
+                         "balancedness": c[h + "balancedness"],
+                         "inter-node MB/token": c[h + "inter_bytes_per_token"] / 1e6,
+                         "step_ms": 1e3 * c[h + "step_time"], "fit busiest/bound": c[f"{algo}.busiest_over_bound"],
+                         "algo_s": c[f"wall.algo_s.{algo}"], "milp gap": c.get(f"{algo}.milp_gap", float("nan"))})
+        best = min(r["step_ms"] for r in case)
+        out += [{**r, "step / best": r["step_ms"] / best} for r in case]
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -105,21 +112,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     clock = S.Clock()
-    args = S.parse_args(NAME, __doc__.split("\n\n")[0], argv)
-    if args.quick:
-        cases, steps, tpg, milp_s = [("mixtral-8x7b", 2)], 4, 16, 0.2
-    else:
-        cases, steps, tpg, milp_s = [(m, n) for m in MODELS for n in NODES], 6, TOKENS_PER_GPU, MILP_SECONDS
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="moesim-study-") as tmp:
-        for model_name, nodes in cases:
-            rows += run_case(model_name, nodes, steps, tpg, milp_s, Path(tmp))
-            print(f"  {model_name} on {nodes} node(s) done ({clock})", file=sys.stderr)
+
+    def extra(p: Any) -> None:
+        p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                       help="run the sweep's cells on Ray (a new local cluster, or the one at ADDRESS)")
+
+    args = S.parse_args(NAME, __doc__.split("\n\n")[0], argv, extra)
+    spec_path = HERE / ("sweep-quick.toml" if args.quick else "sweep.toml")
+    make_traces(spec_path, 4 if args.quick else STEPS, 16 if args.quick else TOKENS_PER_GPU)
+    # one cell at a time (unless on Ray): the algorithms' own wall times are among the figures
+    res = run_sweep(load_spec(spec_path), args.out / "sweep", workers=1, ray=args.ray, progress=sys.stderr.isatty())
+    rows = rows_of(res.rows)
     cols = ["model", "nodes", "GPUs", "slots/GPU", "algo", "busiest/bound", "balancedness", "inter-node MB/token",
             "step_ms", "step / best", "fit busiest/bound", "algo_s", "milp gap"]
     S.write_csv(args.out / "placement_scaling.csv", rows, cols)
     plot(rows, args.out / "placement_scaling.png")
-    text = S.table(rows, cols)
+    text = S.table(rows, cols) + (f"\n{len(res.rows)} sweep cells ({res.ran} run, {res.cached} cached); sweep "
+                                  f"table: {args.out.name}/sweep/results.csv\n")
     S.publish(args, NAME, text, clock)
     return 0
 

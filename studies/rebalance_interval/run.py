@@ -9,17 +9,18 @@ Method: a DeepSeek-V3-shaped model (256 experts, top-8 in 8 groups, expert FFN 2
 instead of 58 so the 16 GPUs hold it and the study runs in minutes) on two DGX H100s (dgx-h100:2, 17 slots per
 GPU). Synthetic routing (moesim.trace.synth) with drift 0.005 / 0.02 / 0.08 per step; per-step expert loads of
 1024 sampled tokens scaled to 16384 tokens per step (1024 per GPU, a chunked-prefill-sized batch) and written
-as a load-only trace. moesim.placement.rebalance.replay_with_rebalance replays it with a static placement and with
-periodic re-placement (window 32 steps) by EPLB from scratch or by the incremental rebalancer (bounded swaps from
-the current mapping), charging every move of expert weights over the topology.
+as a load-only trace. The grid is ``sweep.toml`` (``sweep-quick.toml`` for --quick), run by ``moesim sweep``'s
+library: each cell is ``moesim replay --rebalance periodic:interval=N,window=min(32,N)`` (or ``static``) from an
+initial EPLB placement fitted on steps 0-31, with EPLB from scratch or the incremental rebalancer (bounded swaps
+from the current mapping) re-placing, every move of expert weights charged over the topology as a stall; the
+overlapped variant is the same replay without its stalls.
 
-    python studies/rebalance_interval/run.py [--quick]
+    python studies/rebalance_interval/run.py [--quick] [--ray [ADDRESS]]
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,25 +33,22 @@ import _study as S
 from moesim.cost import CostModel
 from moesim.models import get_model
 from moesim.placement import place
-from moesim.placement.rebalance import replay_with_rebalance
+from moesim.sweep import load_spec, run_sweep
+from moesim.sweep.spec import read_toml
 from moesim.topo import load_topology
 from moesim.trace import Trace
 from moesim.trace.synth import SynthConfig, generate_steps
 from moesim.trace.writer import TraceWriter
 
 NAME = "rebalance_interval"
+HERE = Path(__file__).resolve().parent
 TOPOLOGY = "dgx-h100:2"
 LAYERS = 16  # DeepSeek-V3 has 58 MoE layers; 16 keep the weights within 16 x 80 GB and the study fast
 SAMPLE_TOKENS = 1024  # tokens sampled per step by the synthetic router
 STEP_TOKENS = 16384  # tokens per step the loads are scaled to (1024 per GPU)
 WINDOW = 32  # steps of load each re-placement is fitted to
 ALGO = "eplb"  # the initial placement: DeepSeek's EPLB (hierarchical here: 8 groups over 2 nodes)
-# re-placement algorithms compared: label -> (moesim.placement algorithm, its keywords)
-REBALANCERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "eplb": ("eplb", {}),  # from scratch, as vLLM and SGLang rebalance
-    "incremental": ("incremental", {}),  # from the current mapping, at most 64 swaps per layer (library default)
-    "incremental-4": ("incremental", {"max_swaps": 4}),  # a tight move budget: at most 4 swaps per layer
-}
+REBALANCERS = ("eplb", "incremental", "incremental-4")  # the spec's rebalancer labels, in its order
 
 
 def study_model() -> Any:
@@ -72,47 +70,56 @@ def write_trace(model: Any, path: Path, steps: int, drift: float, sample: int, s
     return path
 
 
-def run_drift(model: Any, topo: Any, cost: CostModel, drift: float, steps: int, intervals: Sequence[int],
-              sample: int, step_tokens: int, tmp: Path, rebalancers: Sequence[str]) -> list[dict[str, Any]]:
+def make_inputs(spec_path: Path, model: Any, topo: Any, steps: int, sample: int) -> None:
+    """Write each trace and initial mapping the spec's cases name (if missing): drift from the case's label,
+    the initial placement EPLB fitted on the first WINDOW steps, one redundant slot per GPU."""
     G = topo.num_gpus
-    slots = model.num_experts + G  # one redundant slot per GPU: 17 per GPU
-    kw = {"num_groups": model.num_groups}
-    path = write_trace(model, tmp / f"drift{drift}.mtrace", steps, drift, sample, step_tokens)
-    rows = []
-    with Trace.open(path) as trace:
-        warm = min(WINDOW, steps)
-        initial = place(trace.load(0, warm).sum(axis=0).astype(float), ALGO, num_gpus=G, num_slots=slots,
-                        gpus_per_node=topo.gpus_per_node, **kw).mapping
-        static, _ = replay_with_rebalance(trace, topo, cost, model, initial, "static", ALGO, place_kw=kw)
-        t_static = float(np.sum(static.step_time))
-        rows.append(row(drift, "-", "static", None, static, [], t_static, t_static, topo))
-        for label in rebalancers:
-            algo, extra = REBALANCERS[label]
-            for interval in intervals:
-                policy = f"periodic:interval={interval},window={min(WINDOW, interval)}"
-                res, sched = replay_with_rebalance(trace, topo, cost, model, initial, policy, algo,
-                                                   place_kw={**kw, **extra}, blocking=True)
-                total = float(np.sum(res.step_time))
-                # overlapped: the same schedule and mappings, the copies hidden behind compute (no stall)
-                rows.append(row(drift, label, "blocking", interval, res, sched, total, t_static, topo))
-                rows.append(row(drift, label, "overlapped", interval, res, sched,
-                                total - float(np.sum(res.stall_time)), t_static, topo))
-    return rows
+    for case in read_toml(spec_path)["axes"]["case"]:
+        trace, mapping = spec_path.parent / case["trace"], spec_path.parent / case["mapping"]
+        trace.parent.mkdir(exist_ok=True)
+        if not trace.exists():
+            write_trace(model, trace, steps, float(case["label"].split()[-1]), sample, STEP_TOKENS)
+        if not mapping.exists():
+            with Trace.open(trace) as t:
+                load = t.load(0, min(WINDOW, steps)).sum(axis=0).astype(float)
+            place(load, ALGO, num_gpus=G, num_slots=model.num_experts + G, gpus_per_node=topo.gpus_per_node,
+                  num_groups=model.num_groups).mapping.save(mapping)
 
 
-def row(drift: float, label: str, mode: str, interval: int | None, res: Any, sched: list, total: float,
-        t_static: float, topo: Any) -> dict[str, Any]:
-    summ = res.summary(topo)
-    moved = sum(e.moved_bytes for e in sched)
-    stall = sum(e.seconds for e in sched) if mode == "blocking" else 0.0
+def rows_of(sweep_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep's table (one row per drift × rebalancer × policy) as the study's rows: per drift one static row,
+    then per rebalancer and interval a blocking row and an overlapped one (the same replay without its stalls)."""
+    out = []
+    for c in sweep_rows:
+        if c["status"] != "ok":
+            raise SystemExit(f"cell {c['cell']} ({c['case']}, {c['rebalancer']}, {c['rebalance']}) failed: "
+                             f"{c['error']}")
+    statics = {c["case"]: c for c in sweep_rows if c["rebalance"] == "static" and c["rebalancer"] == "eplb"}
+    for c in sweep_rows:
+        drift = float(c["case"].split()[-1])
+        t_static = statics[c["case"]]["total_time_s"]
+        if c["rebalance"] == "static":
+            if c["rebalancer"] == "eplb":
+                out.append(row(drift, "-", "static", None, c, t_static))
+            continue
+        interval = int(c["rebalance"].split("interval=")[1].split(",")[0])
+        out.append(row(drift, c["rebalancer"], "blocking", interval, c, t_static))
+        out.append(row(drift, c["rebalancer"], "overlapped", interval, c, t_static))
+    return out
+
+
+def row(drift: float, label: str, mode: str, interval: int | None, c: dict[str, Any],
+        t_static: float) -> dict[str, Any]:
+    n = c.get("rebalances") or 0
+    moved = c.get("rebalance_moved_bytes") or 0.0
+    seconds = c.get("rebalance_seconds") or 0.0
+    no_stalls = c["total_time_s"] - c["stall_time_s"]
+    total = c["total_time_s"] if mode != "overlapped" else no_stalls
     return {"drift": drift, "rebalancer": label, "mode": mode, "interval": interval if interval is not None else "-",
-            "rebalances": len(sched), "moved GB": moved / 1e9,
-            "GB/rebalance": moved / 1e9 / len(sched) if sched else 0.0,
-            "s/rebalance": float(np.mean([e.seconds for e in sched])) if sched else 0.0,
-            "stall s": stall, "total s": total, "vs static": total / t_static,
-            "busiest/mean GPU": summ["busiest_gpu_over_mean_load"],
-            "mean step ms (no stalls)": 1e3 * (float(np.sum(res.step_time)) - float(np.sum(res.stall_time)))
-            / res.num_steps}
+            "rebalances": n, "moved GB": moved / 1e9, "GB/rebalance": moved / 1e9 / n if n else 0.0,
+            "s/rebalance": seconds / n if n else 0.0, "stall s": seconds if mode == "blocking" else 0.0,
+            "total s": total, "vs static": total / t_static, "busiest/mean GPU": c["busiest_gpu_over_mean_load"],
+            "mean step ms (no stalls)": 1e3 * no_stalls / c["steps"]}
 
 
 def crossover(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -174,34 +181,35 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     clock = S.Clock()
-    args = S.parse_args(NAME, __doc__.split("\n\n")[0], argv)
+
+    def extra(p: Any) -> None:
+        p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                       help="run the sweep's cells on Ray (a new local cluster, or the one at ADDRESS)")
+
+    args = S.parse_args(NAME, __doc__.split("\n\n")[0], argv, extra)
     model = study_model()
     topo = load_topology(TOPOLOGY)
-    cost = CostModel.roofline(model, topo.device)
-    if args.quick:
-        drifts, steps, intervals, sample = (0.08,), 40, (10, 20), 128
-        rebalancers: Sequence[str] = ("eplb", "incremental-4")
-    else:
-        drifts, steps, intervals, sample = (0.005, 0.02, 0.08), 300, (10, 20, 50, 100, 150), SAMPLE_TOKENS
-        rebalancers = tuple(REBALANCERS)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="moesim-study-") as tmp:
-        for drift in drifts:
-            rows += run_drift(model, topo, cost, drift, steps, intervals, sample, STEP_TOKENS, Path(tmp), rebalancers)
-            print(f"  drift {drift} done ({clock})", file=sys.stderr)
+    steps, sample = (40, 128) if args.quick else (300, SAMPLE_TOKENS)
+    spec_path = HERE / ("sweep-quick.toml" if args.quick else "sweep.toml")
+    make_inputs(spec_path, model, topo, steps, sample)
+    res = run_sweep(load_spec(spec_path), args.out / "sweep", workers=1 if args.quick else None, ray=args.ray,
+                    progress=sys.stderr.isatty())
+    rows = rows_of(res.rows)
     cols = ["drift", "rebalancer", "mode", "interval", "rebalances", "moved GB", "GB/rebalance", "s/rebalance",
             "stall s", "total s", "vs static", "busiest/mean GPU", "mean step ms (no stalls)"]
     S.write_csv(args.out / "rebalance.csv", rows, cols)
     cross = crossover(rows)
     S.write_csv(args.out / "crossover.csv", cross)
+    cost = CostModel.roofline(model, topo.device)  # what each cell's `--cost roofline` builds
     S.write_json(args.out / "setup.json", {"model": model.to_dict(), "topology": TOPOLOGY, "steps": steps,
                                            "sample_tokens": sample, "step_tokens": STEP_TOKENS, "window": WINDOW,
-                                           "initial": ALGO,
-                                           "rebalancers": {k: [a, kw] for k, (a, kw) in REBALANCERS.items()},
+                                           "initial": ALGO, "sweep": spec_path.name,
                                            "slots_per_gpu": model.num_experts // topo.num_gpus + 1,
                                            "expert_bytes": model.expert_bytes, "cost": cost.to_dict()})
     plot(rows, args.out / "rebalance_interval.png")
-    text = S.table(rows, cols) + "\nCrossover:\n\n" + S.table(cross)
+    text = (S.table(rows, cols) + "\nCrossover:\n\n" + S.table(cross)
+            + f"\n{len(res.rows)} sweep cells ({res.ran} run, {res.cached} cached); sweep table: "
+              f"{args.out.name}/sweep/results.csv\n")
     S.publish(args, NAME, text, clock)
     return 0
 

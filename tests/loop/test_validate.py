@@ -37,7 +37,10 @@ def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> No
     new = ExpertMapping.load(out / "mapping_new.json", model=spec, num_gpus=2)
     assert new.slots_per_gpu == 5 and new.num_redundant == 2
     remap = report["remap"]
-    assert remap["ok"] is True and remap["moved_experts"] >= 0 and remap["awaited_s"] >= 0
+    from moesim.runtime.remap import plan_moves
+
+    initial = ExpertMapping.load(out / "mapping_initial.json", model=spec, num_gpus=2)
+    assert remap["ok"] is True and remap["moved_experts"] == len(plan_moves(initial, new))
     run = json.loads((out / "run" / "run.json").read_text())
     assert [m["from_step"] for m in run["mappings"]] == [0, 16] and run["awaiting"] is None
     assert run["mappings"][1]["phy2log"] == new.phy2log.tolist()  # the run applied the controller's mapping
@@ -53,8 +56,8 @@ def test_validate_runs_the_loop_and_reports_the_prediction_error(tmp_path) -> No
         assert w["busiest_over_mean_load_predicted"] == pytest.approx(w["busiest_over_mean_load_measured"])
         assert all(t > 0 for t in w["moe_time_per_rank_predicted_s"])
         # timing noise on a shared CPU is large; a unit or wiring mistake is larger still
-        assert 0 <= w["median_step_time_rel_error"] < 0.75
-        assert 0 <= w["step_time_median_rel_error"] < 0.75
+        assert w["median_step_time_rel_error"] < 0.75
+        assert w["step_time_median_rel_error"] < 0.75
     assert len(v["per_step"]) == 32 and all(s["predicted_s"] > 0 for s in v["per_step"])
     assert report["fit"]["network"]["samples"] > 0 and report["fit"]["cost_fit"]["records"] > 0
     # the runtime records the KV length of every step; the fit uses it for attention

@@ -49,8 +49,31 @@ def test_compare_trace_holdout(tmp_path, small_trace, capsys):
     data = json.loads((out / "compare.json").read_text())
     assert data["fit_steps"] == [0, 6] and data["holdout_steps"] == [6, 8]
     assert len(data["holdout_rows"]) == 4
-    assert all(r["inter_bytes_per_token"] >= 0 for r in data["rows"])
+    # tokens cross the 2 nodes (flat: once per destination GPU, there and back): more than nothing, at most
+    # top_k copies each way of the token's hidden state
+    from moesim.models import get_model
+
+    spec = get_model("tiny-deepseek")
+    for r in data["rows"]:
+        assert 0 < r["inter_bytes_per_token"] <= 2 * spec.top_k * spec.token_bytes
     assert "held-out steps 6:8" in capsys.readouterr().out
+
+
+def test_compare_comm_backend(tmp_path, small_trace, capsys):
+    """--comm hierarchical sends a token once per destination node: never more inter-node bytes than flat."""
+    inter = {}
+    for comm in ("flat", "hierarchical"):
+        out = tmp_path / comm
+        assert main(["compare", "--trace", str(small_trace), "--topology", "dgx-h100:2", "--algos", "linear,greedy",
+                     "--comm", comm, "--out", str(out)]) == 0
+        rows = json.loads((out / "compare.json").read_text())["rows"]
+        inter[comm] = {r["algo"]: r["inter_bytes_per_token"] for r in rows}
+    for algo in ("linear", "greedy"):
+        assert 0 < inter["hierarchical"][algo] < inter["flat"][algo]
+    capsys.readouterr()
+    rc = main(["compare", "--trace", str(small_trace), "--topology", "dgx-h100:2", "--comm", "ring"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--comm" in err and err.count("\n") == 1
 
 
 def test_compare_window_holds_out_following_steps(tmp_path, small_trace):

@@ -175,8 +175,10 @@ def test_await_mapping_that_never_comes_or_does_not_fit_keeps_the_old_mapping(tm
     """The paused run gives up after --await-timeout, or refuses a mapping for another shape; either way it
     records a failed remap, finishes on the initial mapping and exits 0."""
     ExpertMapping.linear(2, 8, 4).save(tmp_path / "four.json")  # tiny's shape, but for 4 ranks
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # crashed both ranks once (RecursionError)
     for label, target, error in (("late", tmp_path / "never.json", "no mapping appeared"),
-                                 ("wrong", tmp_path / "four.json", "4 GPUs")):
+                                 ("wrong", tmp_path / "four.json", "4 GPUs"),
+                                 ("deep", tmp_path / "deep.json", "nested too deeply")):
         rec = tmp_path / label
         cmd = [sys.executable, "-m", "moesim", "run", "--nproc", "2", "--preset", "tiny", "--steps", "4",
                "--record", str(rec), "--await-mapping", f"2:{target}", "--await-timeout", "1"]

@@ -201,7 +201,8 @@ def test_quantum_keeps_every_byte(case, quantum):
     for i, (route, nb) in enumerate(flows):
         floor = starts[i] + sum(lat[e] for e in route) + (nb / min(bw[e] for e in route) if route else 0.0)
         assert done[i] >= floor * (1 - 1e-9) - 1e-12
-    assert max(done.values()) == pytest.approx(max(exact), rel=0.5)
+    # each start and hand-over waits at most one quantum: the last arrival moves by less than one per flow
+    assert abs(max(done.values()) - max(exact)) <= quantum * len(flows) + 1e-9
 
 
 @given(flow_sets())

@@ -81,8 +81,11 @@ def test_validate_reports_a_truncated_trace_with_exit_1(tmp_path, capsys):
     assert main(["trace", "validate", str(cut)]) == 2
     err = capsys.readouterr().err
     assert "cut short" in err and "2 complete chunks" in err
-    assert main(["trace", "show", str(cut)]) == 0  # the complete steps still read
-    assert "cut short" in capsys.readouterr().out
+    assert main(["trace", "show", str(cut)]) == 2  # damage is refused by every command ...
+    assert "--allow-truncated" in capsys.readouterr().err
+    assert main(["trace", "show", "--allow-truncated", str(cut)]) == 0  # ... unless asked: the complete steps read
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "cut short" in captured.out
     flipped = bytearray(data)
     flipped[-3] ^= 0xFF
     bad = tmp_path / "crc.mtrace"
@@ -157,7 +160,11 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, synth_trace, capsys, argv):
             a = a.replace(k, v)
         args.append(a)
     capsys.readouterr()
-    _one_line_error(capsys, main(args))
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # a flag argparse refuses (one line, exit 2)
+        rc = exc.code
+    _one_line_error(capsys, rc)
     assert not (tmp_path / "x.mtrace").exists() and not (tmp_path / "x.json").exists()
     assert not list(tmp_path.glob(".*.tmp"))
 

@@ -86,13 +86,17 @@ def test_truncated_inside_a_chunk_keeps_the_complete_chunks(tmp_path, good, caps
     end = last + inside if inside > 0 else starts[-1] + inside
     cut = tmp_path / "cut.mtrace"
     cut.write_bytes(data[:end])
-    with Trace.open(cut) as t:
+    with pytest.raises(TraceError, match="--allow-truncated"):
+        Trace.open(cut)  # damage is refused unless asked for
+    with Trace.open(cut, allow_truncated=True) as t:
         assert t.num_steps == 2 and t.num_chunks == 2
         assert "chunk 2" in t.truncated and "cut short" in t.truncated and "2 complete chunks" in t.truncated
         for step, ids in zip(t.steps(), _steps()[:2]):
             assert np.array_equal(step.ids, ids)
-    assert main(["trace", "show", str(cut)]) == 0  # the complete steps still read, the cut is reported
-    assert "cut short" in capsys.readouterr().out
+    _error(capsys, main(["trace", "show", str(cut)]), "cut short", "--allow-truncated")
+    assert main(["trace", "show", "--allow-truncated", str(cut)]) == 0  # the complete steps read, the cut reported
+    captured = capsys.readouterr()
+    assert "cut short" in captured.out and "warning" in captured.err
     assert main(["trace", "validate", str(cut)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cut short" in err[0]
