@@ -26,6 +26,7 @@ Measured on the project's shared 2-core box (load ~1-3; per-token figures vary Â
   load-only, 8 GPUs: Mixtral-8x7B 2.4-2.7 M layer-steps/s; DeepSeek-V3 ~0.35-0.43 M
   DeepSeek-V3 by GPUs (8 -> 256): per-token sel/s 1.0 -> 0.2x; load-only layer-steps/s 1.0 -> 0.04x (link
       products grow with the GÂ² GPU pairs); DES per step 0.2 s -> 65-80 s (est.), 5.7-7.1 s measured at 64 GPUs
+      (numpy flow network; with numba, issue 16's compiled one: 1.6 s at 64 GPUs, 32 s at 256, see bench_des.py)
 """
 
 from __future__ import annotations

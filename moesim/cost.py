@@ -36,37 +36,66 @@ ATTENTION_LAUNCHES = 6
 GATE_LAUNCHES = 2
 # FlashAttention re-reads K/V once per query tile; 128-row tiles on Hopper (FlashAttention-3 paper).
 PREFILL_QUERY_TILE = 128
-# DeepSeek-V3 MLA (deepseek-ai/DeepSeek-V3 config.json): q_lora_rank 1536, kv_lora_rank 512, qk_nope_head_dim 128,
-# qk_rope_head_dim 64, v_head_dim 128. The KV cache holds the 512 latent + 64 rope dims per token.
-_MLA = {"deepseek-v3": {"q_lora": 1536, "kv_lora": 512, "nope": 128, "rope": 64, "v": 128}}
 DECODE, PREFILL = 0, 1  # trace phase codes (moesim.trace.format.PHASES)
 
 
 def attention_shape(model: ModelSpec) -> dict[str, float]:
-    """Per-layer attention numbers: weight params, FLOPs per token per context position, KV elements per position.
+    """Per-layer attention numbers from the model's fields: weight params, FLOPs per token per context position
+    (decode, and prefill where it differs), KV-cache elements per position, activation elements per token.
 
-    GQA from the ModelSpec heads; DeepSeek-V3's multi-head latent attention from its config (absorbed form:
-    scores over the 576-dim compressed KV, values over the 512-dim latent).
+    Grouped-query attention from the heads. Multi-head latent attention (``model.kv_lora_rank`` > 0; DeepSeek-V2/V3
+    modelling code): weights q_a (H×q_lora) and q_b (q_lora×heads·(nope+rope)), or one H×heads·(nope+rope) query
+    projection without a q LoRA; kv_a (H×(kv_lora+rope)), kv_b (kv_lora×heads·(nope+v)), o (heads·v×H). The cache
+    holds the latent and the rope key (kv_lora+rope per position, FlashMLA's 576 for DeepSeek-V3). Decode runs the
+    absorbed form (scores over kv_lora+rope dims, values over the kv_lora latent, per head); prefill the
+    non-absorbed multi-head form (scores over nope+rope, values over v), as SGLang and vLLM do. Every weight is used
+    once per token in either form, so projection FLOPs are 2·params per token.
     """
     H, nh = model.hidden_size, model.num_attention_heads
-    mla = _MLA.get(model.name)
-    if mla:
-        params = (H * mla["q_lora"] + mla["q_lora"] * nh * (mla["nope"] + mla["rope"])
-                  + H * (mla["kv_lora"] + mla["rope"]) + mla["kv_lora"] * nh * (mla["nope"] + mla["v"])
-                  + nh * mla["v"] * H)
-        kv = mla["kv_lora"] + mla["rope"]
-        return {"params": params, "attn_flops_per_pos": 2.0 * nh * (kv + mla["kv_lora"]), "kv_elems_per_pos": kv,
-                "act_elems": 2 * H + nh * (mla["nope"] + mla["rope"]) + kv}
+    if model.is_mla:
+        qk, rope, lat, v = model.qk_nope_head_dim + model.qk_rope_head_dim, model.qk_rope_head_dim, \
+            model.kv_lora_rank, model.v_head_dim
+        ql = model.q_lora_rank
+        q_params = H * ql + ql * nh * qk if ql else H * nh * qk
+        params = q_params + H * (lat + rope) + lat * nh * (model.qk_nope_head_dim + v) + nh * v * H
+        kv = lat + rope
+        return {"params": float(params), "attn_flops_per_pos": 2.0 * nh * (kv + lat),
+                "attn_flops_per_pos_prefill": 2.0 * nh * (qk + v), "kv_elems_per_pos": float(kv),
+                "act_elems": float(2 * H + ql + nh * qk + kv + nh * v)}
     q, kv = nh * model.head_dim, model.num_kv_heads * model.head_dim
-    return {"params": 2 * H * q + 2 * H * kv, "attn_flops_per_pos": 4.0 * q, "kv_elems_per_pos": 2 * kv,
-            "act_elems": 2 * H + 2 * q + 2 * kv}
+    return {"params": float(2 * H * q + 2 * H * kv), "attn_flops_per_pos": 4.0 * q, "kv_elems_per_pos": float(2 * kv),
+            "act_elems": float(2 * H + 2 * q + 2 * kv)}
 
 
 # --------------------------------------------------------------------------------------------------------
 # component evaluators: each takes its parameter dict and token arrays, returns seconds
 # --------------------------------------------------------------------------------------------------------
+def _efficiency(p: dict[str, Any], flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """Achieved fraction of the roofline at each kernel's arithmetic intensity (FLOPs per HBM byte), interpolated
+    in log10(intensity) on the component's measured curve (``eff_x``, ``eff_y``), flat beyond its ends."""
+    inten = np.divide(flops, nbytes, out=np.ones_like(flops, dtype=float), where=nbytes > 0)
+    x = np.log10(np.maximum(inten, 1e-6))
+    return np.interp(x, np.asarray(p["eff_x"], dtype=float), np.asarray(p["eff_y"], dtype=float))
+
+
+def _curve_time(p: dict[str, Any], flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """max(FLOPs / peak, bytes / peak) / efficiency(intensity): the roofline at the achievable rate."""
+    return np.maximum(flops / p["flops_rate"], nbytes / p["byte_rate"]) / _efficiency(p, flops, nbytes)
+
+
 def _expert_roofline(p: dict[str, Any], t: np.ndarray) -> np.ndarray:
     bm = int(p.get("block_m", 1))
+    if "eff_x" in p:  # achievable-efficiency curve: FLOPs and bytes separately (no in-place fast path)
+        if p.get("grouped", True):
+            n, u = _sum_and_used(t) if t.ndim >= 1 else (t, (t > 0).astype(float))
+            padded = (np.ceil(t / bm) * bm).sum(axis=-1) if bm > 1 else n
+            busy = _curve_time(p, padded * p["flops_per_choice"],
+                               u * p["bytes_per_expert"] + n * p["bytes_per_choice"]) + p["launch"]
+            return np.where(n > 0, busy, 0.0)
+        used = t > 0
+        padded = np.ceil(t / bm) * bm if bm > 1 else t
+        busy = _curve_time(p, padded * p["flops_per_choice"], used * p["bytes_per_expert"] + t * p["bytes_per_choice"])
+        return np.where(used, busy + p["launch"], 0.0).sum(axis=-1)
     if p.get("grouped", True):  # one kernel: totals over the GPU's slots decide (reduce first: fast on big arrays)
         if t.ndim < 2:  # one GPU's slots: as a batch of one (in-place arithmetic needs arrays)
             return _expert_roofline(p, t.reshape(1, -1)).reshape(t.shape[:-1])
@@ -134,6 +163,7 @@ def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None,
     per_tok: Any = p["bytes_per_token"]
     flops_tok: Any = p["flops_per_token"]
     prefill: Any = p.get("bytes_per_token_prefill")
+    flops_pre: Any = p.get("flops_per_token_prefill")  # MLA: prefill runs the non-absorbed form
     kv_eff = _kv_or(kv, p.get("context_len", 0.0), p.get("window", 0.0)) if "kv_bytes_per_pos" in p else None
     if kv_eff is not None:  # the KV positions actually attended, instead of the fixed context_len
         delta = kv_eff - p["context_len"]
@@ -141,9 +171,18 @@ def _dense_roofline(p: dict[str, Any], n: np.ndarray, phase: np.ndarray | None,
         flops_tok = flops_tok + delta * p["attn_flops_per_pos"]
         if prefill is not None:
             prefill = prefill + delta * p["kv_bytes_per_pos"] / PREFILL_QUERY_TILE
+        if flops_pre is not None:
+            flops_pre = flops_pre + delta * p.get("attn_flops_per_pos_prefill", p["attn_flops_per_pos"])
     if phase is not None and prefill is not None:
         per_tok = np.where(np.asarray(phase) == PREFILL, prefill, per_tok)
-    busy = np.maximum(n * (flops_tok / p["flops_rate"]), (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
+    if phase is not None and flops_pre is not None:
+        flops_tok = np.where(np.asarray(phase) == PREFILL, flops_pre, flops_tok)
+    if "eff_x" in p:
+        flops, nbytes = np.broadcast_arrays(np.asarray(n * flops_tok, dtype=float),
+                                            np.asarray(p["bytes_fixed"] + n * per_tok, dtype=float))
+        busy = _curve_time(p, flops, nbytes)
+    else:
+        busy = np.maximum(n * (flops_tok / p["flops_rate"]), (p["bytes_fixed"] + n * per_tok) / p["byte_rate"])
     busy = np.asarray(busy, dtype=float)
     busy += p["launch"]
     busy[np.broadcast_to(n <= 0, busy.shape)] = 0.0
@@ -227,40 +266,56 @@ class CostModel:
     # -- constructors --------------------------------------------------------------------------------
     @classmethod
     def roofline(cls, model: ModelSpec, device: DeviceSpec, *, mfu: float = 0.6, mbu: float = 0.8,
-                 context_len: int = 1024, grouped: bool = True, block_m: int = 1) -> CostModel:
+                 context_len: int = 1024, grouped: bool = True, block_m: int = 1,
+                 efficiency: dict[str, Any] | None = None) -> CostModel:
         """Roofline costs of ``model`` on ``device`` with efficiency factors; see the module docstring.
 
         ``context_len``: tokens each query attends to (capped by the model's sliding window). ``block_m`` > 1
         pads each expert's rows to a multiple of the GEMM tile (fused_moe's BLOCK_M) for the FLOP count.
+        ``efficiency``: an achievable-efficiency curve (:func:`efficiency_curve`, ``{"x": log10 FLOPs/byte,
+        "y": fraction of the roofline}``) replacing the constant ``mfu``/``mbu``: every kernel runs at
+        peak × efficiency(its arithmetic intensity).
+        Bytes from the model's precisions: weights ``bytes_per_param`` (fractional with FP8 block scales),
+        activations ``act_bytes``, KV cache ``kv_bytes``; attention (GQA or MLA) and shared experts from its fields.
         """
         for name, v in (("mfu", mfu), ("mbu", mbu)):
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise MoesimError(f"{name} must be in (0, 1], got {v!r}")
         if not isinstance(context_len, int) or context_len < 0:
             raise MoesimError(f"context_len must be an integer >= 0, got {context_len!r}")
-        H, F, b = model.hidden_size, model.ffn_size, model.bytes_per_param
+        if efficiency is not None:
+            mfu = mbu = 1.0
+        H, F = model.hidden_size, model.ffn_size
+        wb, ab, kb = float(model.bytes_per_param), float(model.act_bytes), float(model.kv_bytes)
         fr, br = device.peak_flops * mfu, device.hbm_bw * mbu
-        expert = {"kind": "roofline", "flops_per_choice": 2.0 * 3 * H * F, "bytes_per_expert": 3.0 * H * F * b,
-                  "bytes_per_choice": 2.0 * H * b, "flops_rate": fr, "byte_rate": br,
+        expert = {"kind": "roofline", "flops_per_choice": 2.0 * 3 * H * F, "bytes_per_expert": 3.0 * H * F * wb,
+                  "bytes_per_choice": 2.0 * H * ab, "flops_rate": fr, "byte_rate": br,
                   "launch": device.kernel_launch, "grouped": bool(grouped), "block_m": int(block_m)}
         a = attention_shape(model)
         ctx = min(context_len, model.sliding_window) if model.sliding_window else context_len
-        shared_params = 3.0 * H * F * model.num_shared_experts  # shared experts run on every token (DeepSeek-V3)
-        kv_bytes = ctx * a["kv_elems_per_pos"] * b
-        act = (a["act_elems"] + 6 * H) * b  # projections' in/out + norms and residual reads/writes
-        attention = {"kind": "roofline", "flops_per_token": 2.0 * (a["params"] + shared_params)
-                     + ctx * a["attn_flops_per_pos"],
-                     "bytes_fixed": (a["params"] + shared_params) * b, "bytes_per_token": act + kv_bytes,
+        shared_params = 3.0 * H * model.shared_expert_ffn  # shared experts run on every token (DeepSeek-V3, Qwen2)
+        kv_bytes = ctx * a["kv_elems_per_pos"] * kb
+        act = (a["act_elems"] + 6 * H) * ab  # projections' in/out + norms and residual reads/writes
+        proj_flops = 2.0 * (a["params"] + shared_params)
+        attention = {"kind": "roofline", "flops_per_token": proj_flops + ctx * a["attn_flops_per_pos"],
+                     "bytes_fixed": (a["params"] + shared_params) * wb, "bytes_per_token": act + kv_bytes,
                      "bytes_per_token_prefill": act + kv_bytes / PREFILL_QUERY_TILE,
                      "flops_rate": fr, "byte_rate": br, "launch": ATTENTION_LAUNCHES * device.kernel_launch,
                      "context_len": float(ctx), "window": float(model.sliding_window or 0),
-                     "kv_bytes_per_pos": a["kv_elems_per_pos"] * b, "attn_flops_per_pos": a["attn_flops_per_pos"]}
+                     "kv_bytes_per_pos": a["kv_elems_per_pos"] * kb, "attn_flops_per_pos": a["attn_flops_per_pos"]}
+        if "attn_flops_per_pos_prefill" in a:
+            attention["attn_flops_per_pos_prefill"] = a["attn_flops_per_pos_prefill"]
+            attention["flops_per_token_prefill"] = proj_flops + ctx * a["attn_flops_per_pos_prefill"]
         E = model.num_experts
-        gate = {"kind": "roofline", "flops_per_token": 2.0 * H * E, "bytes_fixed": float(H * E * b),
-                "bytes_per_token": float(H * b + 8 * E), "flops_rate": fr, "byte_rate": br,
+        gate = {"kind": "roofline", "flops_per_token": 2.0 * H * E, "bytes_fixed": float(H * E * ab),
+                "bytes_per_token": float(H * ab + 8 * E), "flops_rate": fr, "byte_rate": br,
                 "launch": GATE_LAUNCHES * device.kernel_launch}
         info = {"source": "roofline", "model": model.name, "device": device.to_dict(), "mfu": mfu, "mbu": mbu,
                 "context_len": ctx}
+        if efficiency is not None:
+            for comp in (expert, attention, gate):
+                comp["eff_x"], comp["eff_y"] = list(efficiency["x"]), list(efficiency["y"])
+            info["efficiency"] = {k: v for k, v in efficiency.items() if k not in ("x", "y")}
         return cls(expert, attention, gate, info)
 
     @classmethod
@@ -295,9 +350,24 @@ class CostModel:
 
     @classmethod
     def from_calibration(cls, path: Any, model: ModelSpec, device: DeviceSpec, **roofline_kw: Any) -> CostModel:
-        """Expert kernel from a ``moesim.kernel-calibration`` JSON (kernels/calibrate.py); the rest roofline."""
-        table, info = _read_calibration_table(path, model)
-        base = cls.roofline(model, device, **roofline_kw)
+        """Costs from a ``moesim.kernel-calibration`` JSON (kernels/calibrate.py).
+
+        The expert kernel: the measured table where the file holds the model's (hidden, FFN) shape, else the
+        roofline. Everything else (attention, shared experts, gate, and the expert without a table): the roofline
+        at the achievable efficiency the file measured at each arithmetic intensity (:func:`efficiency_curve`),
+        instead of peak × constant mfu/mbu.
+        """
+        doc = read_calibration(path)
+        curve = efficiency_curve(doc, device, source=str(path))
+        base = cls.roofline(model, device, efficiency=curve, **roofline_kw)
+        try:
+            table, info = _read_calibration_table(path, model, doc)
+        except MoesimError as exc:
+            if "has no entries for" not in str(exc):
+                raise
+            return cls(base.expert, base.attention, base.gate,
+                       {**base.info, "source": "calibration", "calibration": str(path),
+                        "calibration_device": doc.get("device"), "expert": "roofline (no entries for the shape)"})
         return cls(table, base.attention, base.gate, {**base.info, "source": "calibration", **info})
 
     # -- serialisation -------------------------------------------------------------------------------
@@ -333,6 +403,12 @@ def _check_component(name: str, p: Any, keys: dict[str, tuple[str, ...]]) -> Non
     for k in ("flops_rate", "byte_rate"):
         if k in p and not float(p[k]) > 0:
             raise MoesimError(f"cost model {name}: {k} must be positive")
+    if "eff_x" in p or "eff_y" in p:
+        ex = np.asarray(p.get("eff_x", []), dtype=float).ravel()
+        ey = np.asarray(p.get("eff_y", []), dtype=float).ravel()
+        if (ex.size < 1 or ex.shape != ey.shape or not np.isfinite(ex).all() or (np.diff(ex) <= 0).any()
+                or not ((ey > 0) & (ey <= 1)).all()):
+            raise MoesimError(f"cost model {name}: eff_x (increasing) and eff_y (in (0, 1]) must be equally long")
     if p["kind"] == "table":
         x, y = np.asarray(p["x"], dtype=float).ravel(), np.asarray(p["y"], dtype=float).ravel()
         if x.size < 1 or x.shape != y.shape or (np.diff(x) <= 0).any() or (x <= 0).any() or (y < 0).any():
@@ -506,8 +582,12 @@ def _fit_timings(cls: Any, timings: Any, model: ModelSpec, device: DeviceSpec | 
 CALIBRATION_FORMAT = "moesim.kernel-calibration"
 
 
-def _read_calibration_table(path: Any, model: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(expert table component, info): seconds per active expert against token-choices per active expert."""
+_NEED = ("hidden_size", "ffn_size", "num_experts", "top_k", "tokens", "seconds")
+_DTYPE_BYTES = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0}
+
+
+def read_calibration(path: Any) -> dict[str, Any]:
+    """The checked calibration file: format, version, and every entry's fields (one-line errors)."""
     from moesim.io import read_json
 
     doc = read_json(path, "kernel calibration")
@@ -518,24 +598,77 @@ def _read_calibration_table(path: Any, model: ModelSpec) -> tuple[dict[str, Any]
     entries = doc.get("entries")
     if not isinstance(entries, list) or not entries:
         raise MoesimError(f"{path}: 'entries' must be a non-empty list")
-    need = ("hidden_size", "ffn_size", "num_experts", "top_k", "tokens", "seconds")
-    pts: dict[float, list[float]] = {}
-    shapes = set()
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or any(k not in e for k in need):
-            raise MoesimError(f"{path}: entry {i} needs {', '.join(need)}")
-        vals = [e[k] for k in need]
+        if not isinstance(e, dict) or any(k not in e for k in _NEED):
+            raise MoesimError(f"{path}: entry {i} needs {', '.join(_NEED)}")
+        vals = [e[k] for k in _NEED]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals):
             raise MoesimError(f"{path}: entry {i} has a non-numeric or non-finite value")
-        if e["seconds"] <= 0 or e["tokens"] < 1 or e["num_experts"] < 1 or e["top_k"] < 1:
-            raise MoesimError(f"{path}: entry {i} needs seconds > 0, tokens >= 1, num_experts >= 1, top_k >= 1")
+        if (e["seconds"] <= 0 or e["tokens"] < 1 or e["num_experts"] < 1 or e["top_k"] < 1 or e["hidden_size"] < 1
+                or e["ffn_size"] < 1):
+            raise MoesimError(f"{path}: entry {i} needs seconds > 0 and tokens, num_experts, top_k, hidden_size, "
+                              "ffn_size >= 1")
+        choices = float(e["tokens"]) * e["top_k"]
+        active = e.get("active_experts") or min(e["num_experts"], choices)
+        if isinstance(active, bool) or not isinstance(active, (int, float)) or not 0 < active <= e["num_experts"]:
+            raise MoesimError(f"{path}: entry {i} has active_experts {active!r} outside 1..num_experts")
+    return doc
+
+
+def _calibration_peaks(doc: dict[str, Any], device: DeviceSpec) -> tuple[DeviceSpec, bool]:
+    """The measured device's peaks (by the file's device name, e.g. "NVIDIA H200"), else ``device``'s (False)."""
+    from moesim.topo.devices import DEVICES
+
+    name = str(doc.get("device") or "").lower()
+    for key in sorted(DEVICES, key=len, reverse=True):  # "h100-pcie" before "h100"
+        if key != "cpu" and all(part in name for part in key.split("-")):
+            return DEVICES[key], True
+    return device, False
+
+
+def efficiency_curve(doc: dict[str, Any], device: DeviceSpec, source: str = "calibration",
+                     bin_decades: float = 0.25) -> dict[str, Any]:
+    """Achievable efficiency against arithmetic intensity, from the fused-MoE timings of a calibration file.
+
+    Each entry: FLOPs = 2·3·H·F·token-choices, bytes = active experts' weights + choices' activations in and
+    out (the roofline's own counts); efficiency = max(FLOPs / peak FLOP/s, bytes / peak HBM) / measured seconds,
+    capped at 1; intensity = FLOPs / bytes. Points are grouped in bins of ``bin_decades`` of log10(intensity),
+    median per bin. Returns ``{"x": [log10 intensity], "y": [efficiency], "device", "points", "source"}``.
+    Peaks are the measured device's (matched by name), else ``device``'s.
+    """
+    peaks, matched = _calibration_peaks(doc, device)
+    b = _DTYPE_BYTES.get(str(doc.get("dtype", "bfloat16")), 2.0)
+    xs, ys = [], []
+    for e in doc["entries"]:
+        H, F = float(e["hidden_size"]), float(e["ffn_size"])
+        choices = float(e["tokens"]) * e["top_k"]
+        active = float(e.get("active_experts") or min(e["num_experts"], choices))
+        flops = 2.0 * 3 * H * F * choices
+        nbytes = active * 3 * H * F * b + choices * 2 * H * b
+        ideal = max(flops / peaks.peak_flops, nbytes / peaks.hbm_bw)
+        xs.append(math.log10(flops / nbytes))
+        ys.append(min(1.0, ideal / float(e["seconds"])))
+    x, y = np.asarray(xs), np.asarray(ys)
+    key = np.floor(x / bin_decades)
+    bins = np.unique(key)
+    bx = np.array([float(np.median(x[key == k])) for k in bins])
+    by = np.array([float(np.median(y[key == k])) for k in bins])
+    return {"x": bx.tolist(), "y": by.tolist(), "device": doc.get("device"), "peaks_of": peaks.name,
+            "peaks_matched": matched, "points": int(x.size), "source": source}
+
+
+def _read_calibration_table(path: Any, model: ModelSpec,
+                            doc: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(expert table component, info): seconds per active expert against token-choices per active expert."""
+    doc = doc if doc is not None else read_calibration(path)
+    pts: dict[float, list[float]] = {}
+    shapes = set()
+    for e in doc["entries"]:
         shapes.add((int(e["hidden_size"]), int(e["ffn_size"])))
         if (e["hidden_size"], e["ffn_size"]) != (model.hidden_size, model.ffn_size):
             continue
         choices = float(e["tokens"]) * e["top_k"]
         active = float(e.get("active_experts") or min(e["num_experts"], choices))
-        if not 0 < active <= e["num_experts"]:
-            raise MoesimError(f"{path}: entry {i} has active_experts {active!r} outside 1..num_experts")
         pts.setdefault(choices / active, []).append(float(e["seconds"]) / active)
     if not pts:
         have = ", ".join(f"H={h} F={f}" for h, f in sorted(shapes))

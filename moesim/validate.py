@@ -11,6 +11,12 @@ step K (``--await-mapping``) while this controller works on what it recorded so 
 4. **Predict** every step with the simulator (initial mapping before K, the new one after), from the run's own
    routing, and compare with what was measured: step time, per-rank MoE time, busiest/mean load, in the windows
    ``before`` (C..K-1) and ``after`` (K..S-1) — neither fitted on — and ``calibration`` (0..C-1, in sample).
+   Beside it, the **uncalibrated** roofline (the device's datasheet peaks, nothing fitted, no overhead) predicts
+   the same steps, so the report shows what calibration buys.
+
+Warm-up never reaches the fit: the runtime compiles kernels and captures graphs before step 0 (its time is
+run.json's ``warmup``); a step the run flags ``"warmup": true``, and step 0 of a CUDA run that reports no warm-up
+(it compiled inside step 0), are left out of the fit too (:func:`warmup_steps`).
 
 One session rather than two runs: the fitted overhead and network describe the machine as it is *now*; a second
 process start on a shared machine lands on another spell of it (the run-to-run spread measured in
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +62,7 @@ class ValidateConfig:
     device: str = "cpu"
     threads: int = 1
     await_timeout_s: float = 600.0  # how long the paused run waits for this controller's mapping
+    roofline_device: str | None = None  # datasheet of the uncalibrated roofline; None: cpu, or the GPU's own name
     out: str = "moesim-validate"
     quiet: bool = False
     comm: str = "flat"  # all-to-all backend the simulator prices the exchanges with (moesim.sim.comm)
@@ -90,6 +98,10 @@ def check_config(cfg: ValidateConfig) -> None:
         raise MoesimError(f"--calibrate-steps {cfg.calibration_steps} must be at least 4 (the prefill and three "
                           f"decode steps: one alone is no median) and leave 2 held-out steps before the remap at "
                           f"{cfg.remap_step}")
+    if cfg.roofline_device is not None:
+        from moesim.topo import get_device
+
+        get_device(cfg.roofline_device)
     if cfg.engine not in ("analytic", "des"):
         raise MoesimError(f"--engine must be analytic or des, got {cfg.engine!r}")
     out = Path(cfg.out)
@@ -142,6 +154,7 @@ class Measured:
     moe_time: np.ndarray  # [S, G] expert compute per rank, summed over layers
     rank_load: np.ndarray  # [S, G] token-choices computed per rank, summed over layers
     phase_time: np.ndarray  # [S, L, G, P] seconds per recorded phase
+    timed: np.ndarray | None = None  # [S] bool: the step carries per-phase records (CUDA-graph replays do not)
 
 
 def measure(run_dir: Path, trace: Trace, stop: int | None = None) -> Measured:
@@ -162,9 +175,11 @@ def measure(run_dir: Path, trace: Trace, stop: int | None = None) -> Measured:
     phase_time[idx[keep, 0], idx[keep, 1], idx[keep, 2]] = tm.phases[keep]
     np.add.at(load, (idx[keep, 0], idx[keep, 2]), tm.tokens[keep].sum(axis=1))
     expert = phase_time[..., tm.phase_names.index("expert")]
+    timed = np.zeros(S, dtype=bool)
+    timed[np.unique(idx[keep, 0])] = True  # a replayed CUDA graph records routing but no phases: not 0 s, unknown
     return Measured(step_time=np.array([s["wall_s"] for s in steps[:S]]), phase=[s["phase"] for s in steps[:S]],
                     tokens=np.array([s["tokens"] for s in steps[:S]], dtype=float),
-                    moe_time=np.nansum(expert, axis=1), rank_load=load, phase_time=phase_time)
+                    moe_time=np.nansum(expert, axis=1), rank_load=load, phase_time=phase_time, timed=timed)
 
 
 # -- the simulator's side ---------------------------------------------------------------------------------
@@ -178,56 +193,116 @@ def busiest_link_bytes(workload: Any, model: ModelSpec, num_gpus: int) -> tuple[
     return dispatch, dispatch  # combine sends the same rows back: the same busiest link, reversed
 
 
+def warmup_steps(run_doc: dict[str, Any]) -> int:
+    """Leading steps of a run record that hold warm-up (compiling, capturing): never fitted on.
+
+    Steps flagged ``"warmup": true`` (or phase ``warmup``); and step 0 of a CUDA run whose record reports no
+    warm-up of its own: a runtime that does not warm up before step 0 JIT-compiles its Triton kernels inside it
+    (1.75 s in layer 0's gate on an H200, issue 13)."""
+    n = 0
+    for s in run_doc.get("steps") or []:
+        if not s.get("warmup", False) and s.get("phase") != "warmup":
+            break
+        n += 1
+    reported = any(k.startswith("warmup") for d in (run_doc, run_doc.get("summary") or {}) for k in d)
+    if n == 0 and not reported and (run_doc.get("config") or {}).get("device") == "cuda":
+        return 1
+    return n
+
+
 def fit_all(trace: Trace, measured: Measured, mapping: ExpertMapping, model: ModelSpec, config: Any,
-            engine: str) -> tuple[Any, Any, NetworkFit, OverheadFit, dict[str, Any]]:
-    """Fit cost model, network and overhead on steps 0..S-1 (S: the steps ``measured`` holds)."""
+            engine: str, start: int = 0) -> tuple[Any, Any, NetworkFit, OverheadFit, dict[str, Any]]:
+    """Fit cost model, network and overhead on steps start..S-1 (S: the steps ``measured`` holds) only."""
     from moesim.cost import CostModel, dense_tokens_from_trace, kv_len_of_records
     from moesim.sim import simulate
     from moesim.sim.workload import build_workload
     from moesim.topo import DEVICES, Topology
 
     S = len(measured.step_time)
-    tm = trace.timings().in_steps(0, S)
+    if not 0 <= start < S:
+        raise MoesimError(f"the fit window {start}..{S - 1} holds no step (warm-up: {start} steps)")
+    tm = trace.timings().in_steps(start, S)
     cost, cost_info = CostModel.fit(tm, model, dense_tokens=dense_tokens_from_trace(trace, tm),
                                     kv_len=kv_len_of_records(trace, tm))
-    workload = build_workload(trace, mapping, config, 0, S)
+    workload = build_workload(trace, mapping, config, start, S)
     disp_b, comb_b = busiest_link_bytes(workload, model, mapping.num_gpus)
     world = mapping.num_gpus
-    disp_t = fastest_rank_phase(tm, "dispatch", S, model.num_layers, world)
-    comb_t = fastest_rank_phase(tm, "combine", S, model.num_layers, world)
+    with warnings.catch_warnings():  # the rows before ``start`` are all-NaN on purpose
+        warnings.simplefilter("ignore", RuntimeWarning)
+        disp_t = fastest_rank_phase(tm, "dispatch", S, model.num_layers, world)[start:]
+        comb_t = fastest_rank_phase(tm, "combine", S, model.num_layers, world)[start:]
     net = fit_network(np.concatenate([disp_t.ravel(), comb_t.ravel()]),
                       np.concatenate([disp_b.ravel(), comb_b.ravel()]))
     topology = Topology.flat(world, net.bandwidth, net.latency, DEVICES["cpu"], name=f"fitted-{world}rank")
     result = simulate(workload, topology, mapping, cost, model, config, engine=engine)
-    residual = measured.step_time - result.step_time
-    overhead = fit_overhead(measured.phase, measured.tokens, residual)
+    residual = measured.step_time[start:] - result.step_time
+    overhead = fit_overhead(measured.phase[start:], measured.tokens[start:], residual)
     return cost, topology, net, overhead, cost_info
 
 
 def predict(trace: Trace, segments: list[tuple[int, int, ExpertMapping]], topology: Any, cost: Any,
-            model: ModelSpec, config: Any, engine: str, overhead: OverheadFit,
+            model: ModelSpec, config: Any, engine: str, overhead: OverheadFit | None,
             measured: Measured) -> dict[str, np.ndarray]:
     """Simulate each (start, stop, mapping) segment of the trace with the fitted per-step overhead charged as the
-    simulator's fixed costs (:func:`moesim.sim.fixed.from_overhead`: the same per-step term any replay can take)."""
+    simulator's fixed costs (:func:`moesim.sim.fixed.from_overhead`: the same per-step term any replay can take);
+    ``overhead`` None: no per-step term (the uncalibrated roofline)."""
     from dataclasses import replace
 
     from moesim.sim import simulate
     from moesim.sim.fixed import from_overhead
     from moesim.sim.workload import build_workload
 
-    config = replace(config, fixed=from_overhead(overhead))
+    if overhead is not None:
+        config = replace(config, fixed=from_overhead(overhead))
     step_time, layer_time, moe_time, load = [], [], [], []
     for start, stop, mapping in segments:
         wl = build_workload(trace, mapping, config, start, stop)
         res = simulate(wl, topology, mapping, cost, model, config, engine=engine)
         step_time.append(res.step_time)
-        layer_time.append(res.step_time - res.extra["fixed_time"])
+        layer_time.append(res.step_time - res.extra.get("fixed_time", 0.0))
         moe_time.append(res.moe_time)
         slot_gpu = mapping.slot_gpu()
         per_slot = wl.slot_tokens.sum(axis=1)  # [S, slots]
         load.append(np.stack([per_slot[:, slot_gpu == g].sum(axis=1) for g in range(mapping.num_gpus)], axis=1))
     return {"layers": np.concatenate(layer_time), "step_time": np.concatenate(step_time),
             "moe_time": np.concatenate(moe_time), "rank_load": np.concatenate(load)}
+
+
+# The uncalibrated network between GPUs of one node: NVLink 4 (H100/H200: 450 GB/s each way per GPU) and a few µs;
+# between CPU ranks (gloo over loopback) a guess of the same kind. Datasheet figures, not fitted.
+UNCALIBRATED_LINK = {"gpu": (450e9, 5e-6), "cpu": (10e9, 20e-6)}
+GPU_NAMES = (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100"), ("h800", "h800"), ("a100", "a100"))
+
+
+def roofline_device(cfg: ValidateConfig) -> str:
+    """The datasheet the uncalibrated roofline uses: ``cfg.roofline_device``, else cpu or this machine's GPU."""
+    if cfg.roofline_device is not None:
+        return cfg.roofline_device.lower()
+    if cfg.device == "cpu":
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else ""
+    for key, dev in GPU_NAMES:
+        if key in name:
+            return dev
+    raise MoesimError(f"no datasheet for GPU {name!r}; give --roofline-device (one of h100, h200, h800, a100)")
+
+
+def roofline_cost(cfg: ValidateConfig, model: ModelSpec, world: int) -> tuple[Any, Any]:
+    """(cost model, topology) of the uncalibrated roofline: datasheet peaks of the device, nothing fitted."""
+    from moesim.cost import CostModel
+    from moesim.topo import Topology, get_device
+
+    name = roofline_device(cfg)
+    bw, lat = UNCALIBRATED_LINK["cpu" if name == "cpu" else "gpu"]
+    topology = Topology.flat(world, bw, lat, get_device(name), name=f"roofline-{name}-{world}")
+    return CostModel.roofline(model, topology.device, context_len=cfg.prompt_len), topology
+
+
+def _mean0(a: np.ndarray) -> np.ndarray:
+    """Mean over axis 0; NaN (null in JSON) where there are no rows."""
+    return a.mean(axis=0) if len(a) else np.full(a.shape[1:], np.nan)
 
 
 def _rel(pred: Any, meas: Any) -> Any:
@@ -238,16 +313,19 @@ WINDOWS = ("calibration", "before", "after", "held_out")
 
 
 def compare(measured: Measured, predicted: dict[str, np.ndarray], calibration: int,
-            remap_step: int) -> dict[str, Any]:
-    """Measured vs predicted per window (see :data:`WINDOWS`) and per step."""
+            remap_step: int, roofline: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Measured vs predicted per window (see :data:`WINDOWS`) and per step; ``roofline``: the uncalibrated
+    prediction, reported beside the calibrated one."""
     S = len(measured.step_time)
     windows = {"calibration": slice(0, calibration), "before": slice(calibration, remap_step),
                "after": slice(remap_step, S), "held_out": slice(calibration, S)}
     out: dict[str, Any] = {}
     for name, w in windows.items():
         m_step, p_step = measured.step_time[w], predicted["step_time"][w]
-        m_moe, p_moe = measured.moe_time[w].mean(axis=0), predicted["moe_time"][w].mean(axis=0)
-        m_load, p_load = measured.rank_load[w].sum(axis=0), predicted["rank_load"][w].sum(axis=0)
+        # per-rank MoE time and load: only steps with per-phase records, on both sides (graph replays have none)
+        t = np.ones(w.stop - w.start, bool) if measured.timed is None else measured.timed[w]
+        m_moe, p_moe = _mean0(measured.moe_time[w][t]), _mean0(predicted["moe_time"][w][t])
+        m_load, p_load = measured.rank_load[w][t].sum(axis=0), predicted["rank_load"][w][t].sum(axis=0)
         out[name] = {
             "steps": [int(w.start), int(w.stop)],
             "step_time_measured_median_s": float(np.median(m_step)),
@@ -262,9 +340,21 @@ def compare(measured: Measured, predicted: dict[str, np.ndarray], calibration: i
             "rank_load_measured": m_load.tolist(),
             "rank_load_predicted": p_load.tolist(),
         }
+        if roofline is not None:
+            r_step = roofline["step_time"][w]
+            out[name].update({
+                "roofline_step_time_predicted_median_s": float(np.median(r_step)),
+                "roofline_median_step_time_rel_error": float(_rel(np.median(r_step), np.median(m_step))),
+                "roofline_step_time_median_rel_error": float(np.median(_rel(r_step, m_step))),
+            })
+            if "moe_time" in roofline:  # [S, G]: the datasheet's expert time per rank beside the measured one
+                r_moe = _mean0(roofline["moe_time"][w][t])  # the same steps as the measured MoE time
+                out[name].update({"roofline_moe_time_per_rank_predicted_s": r_moe.tolist(),
+                                  "roofline_moe_time_rel_error": _rel(r_moe, m_moe).tolist()})
     out["per_step"] = [{"step": i, "phase": measured.phase[i], "measured_s": float(measured.step_time[i]),
                         "predicted_s": float(predicted["step_time"][i]),
-                        "rel_error": float(_rel(predicted["step_time"][i:i + 1], measured.step_time[i:i + 1])[0])}
+                        "rel_error": float(_rel(predicted["step_time"][i:i + 1], measured.step_time[i:i + 1])[0]),
+                        **({} if roofline is None else {"roofline_s": float(roofline["step_time"][i])})}
                        for i in range(S)]
     return out
 
@@ -293,7 +383,8 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     K, C = cfg.remap_step, cfg.calibration_steps
     config = SimConfig(layout="ep", policy=ReplicaPolicy("round_robin", cfg.nproc), dedup=True, comm=cfg.comm,
                        dispatch_dtype=cfg.dispatch_dtype, combine_dtype=cfg.combine_dtype)
-    smodel = model.with_(bytes_per_param=4 if cfg.device == "cpu" else 2)  # float32 on CPU, bfloat16 on GPUs
+    b = 4 if cfg.device == "cpu" else 2  # float32 on CPU, bfloat16 on GPUs: weights, activations and KV cache
+    smodel = model.with_(bytes_per_param=b, act_bytes=b, kv_bytes=b)
 
     if not cfg.quiet:
         print(f"moesim validate: live run of {cfg.steps} steps; fit on steps 0..{C - 1}, remap before step {K}",
@@ -303,7 +394,7 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
     try:
         _wait_until_paused(proc, run_dir / "run.json", K)
         with Trace.open(run_dir / "trace.mtrace", allow_truncated=True) as trace:  # steps 0..K-1, flushed
-            fit = fit_all(trace, measure(run_dir, trace, stop=C), initial, smodel, config, cfg.engine)
+            fit, W = fit_calibration(run_dir, trace, cfg, initial, smodel, config)
             load = trace.load(0, K).sum(axis=0).astype(float)  # [L, E] the expert load the rebalancer sees
         placed = place_new(load, cfg, initial)
         placed.mapping.save(new_path)  # atomic: the run sees the whole file or none
@@ -314,7 +405,18 @@ def run_validation(cfg: ValidateConfig) -> dict[str, Any]:
             proc.wait()
     if rc != 0:
         raise MoesimError(f"the live run failed after the remap (torchrun exit code {rc}); see the rank errors above")
-    return _report(cfg, out, fit, placed, initial, smodel, config, load)
+    return _report(cfg, out, fit, placed, initial, smodel, config, load, W)
+
+
+def fit_calibration(run_dir: Path, trace: Trace, cfg: ValidateConfig, mapping: ExpertMapping, model: ModelSpec,
+                    config: Any) -> tuple[tuple[Any, ...], int]:
+    """:func:`fit_all` on the calibration window only: steps W..C-1 (W: flagged warm-up steps). Returns (fit, W)."""
+    W = warmup_steps(read_json(run_dir / "run.json", "run record"))
+    C = cfg.calibration_steps
+    if W >= C - 1:
+        raise MoesimError(f"the run flagged {W} warm-up steps: none of the calibration steps 0..{C - 1} is left to "
+                          "fit on; raise --calibrate-steps")
+    return fit_all(trace, measure(run_dir, trace, stop=C), mapping, model, config, cfg.engine, start=W), W
 
 
 def place_new(load: np.ndarray, cfg: ValidateConfig, initial: ExpertMapping) -> Any:
@@ -325,7 +427,7 @@ def place_new(load: np.ndarray, cfg: ValidateConfig, initial: ExpertMapping) -> 
 
 
 def _report(cfg: ValidateConfig, out: Path, fit: tuple[Any, ...], placed: Any, initial: ExpertMapping,
-            smodel: ModelSpec, config: Any, load: np.ndarray) -> dict[str, Any]:
+            smodel: ModelSpec, config: Any, load: np.ndarray, warmup: int = 0) -> dict[str, Any]:
     from moesim.placement import lower_bound
 
     cost, topology, net, overhead, cost_info = fit
@@ -339,18 +441,24 @@ def _report(cfg: ValidateConfig, out: Path, fit: tuple[Any, ...], placed: Any, i
         m = measure(run_dir, trace)
         if len(m.step_time) < cfg.steps:
             raise MoesimError(f"the live run recorded {len(m.step_time)} of {cfg.steps} steps")
-        pred = predict(trace, [(0, K, initial), (K, cfg.steps, placed.mapping)], topology, cost, smodel, config,
-                       cfg.engine, overhead, m)
+        segments = [(0, K, initial), (K, cfg.steps, placed.mapping)]
+        pred = predict(trace, segments, topology, cost, smodel, config, cfg.engine, overhead, m)
+        roof_cost, roof_topo = roofline_cost(cfg, smodel, cfg.nproc)
+        roof = predict(trace, segments, roof_topo, roof_cost, smodel, config, cfg.engine, None, m)
     bound = lower_bound(load, cfg.nproc, initial.num_slots)
     report = {
         "format": "moesim.validate", "version": 2, "config": asdict(cfg),
         "model": smodel.to_dict(), "engine": cfg.engine,
-        "fit": {"steps": [0, C], "cost_model": cost.to_dict(), "cost_fit": _jsonable(cost_info),
-                "network": net.to_dict(), "overhead_s": overhead.to_dict()},
+        "fit": {"steps": [warmup, C], "warmup_steps": warmup, "cost_model": cost.to_dict(),
+                "cost_fit": _jsonable(cost_info), "network": net.to_dict(), "overhead_s": overhead.to_dict()},
+        "roofline": {"device": roof_topo.device.to_dict(), "link_bw": UNCALIBRATED_LINK[
+            "cpu" if roof_topo.device.name == "cpu" else "gpu"][0], "cost_model": roof_cost.to_dict()},
+        "warmup": _jsonable({"seconds": doc["warmup_s"], "execution": doc.get("execution")}
+                            if "warmup_s" in doc else doc.get("warmup")),
         "placement": {"algo": cfg.algo, "seconds": placed.seconds, "info": _jsonable(placed.info),
                       "load_steps": [0, K], "lower_bound_busiest_load": float(np.sum(bound))},
         "remap": remaps[0],
-        "windows": compare(m, pred, C, K),
+        "windows": compare(m, pred, C, K, roof),
     }
     from moesim.sim.fixed import from_overhead
 
@@ -371,24 +479,36 @@ def render_markdown(report: dict[str, Any]) -> str:
     net, remap = report["fit"]["network"], report["remap"]
     bw = (f"{net['bandwidth'] / 1e9:.2f} GB/s per rank link" if net["bandwidth"] < 1e14
           else "no measurable bandwidth term (latency-bound)")
-    C, K = report["fit"]["steps"][1], report["placement"]["load_steps"][1]
+    W, C = report["fit"]["steps"]
+    K = report["placement"]["load_steps"][1]
+    roof = report.get("roofline", {}).get("device", {}).get("name", "?")
+    warm = report.get("warmup")
+    warm_txt = (f" Warm-up before step 0 (not measured, not fitted): {json.dumps(warm)}." if warm else "")
     lines = [f"# moesim validate: {cfg['preset']} on {cfg['nproc']} ranks ({cfg['device']}), algorithm "
              f"`{cfg['algo']}`, engine `{report['engine']}`", "",
-             f"One live run of {cfg['steps']} steps × {cfg['batch']} sequences per rank. Fitted on steps 0..{C - 1}: "
+             f"One live run of {cfg['steps']} steps × {cfg['batch']} sequences per rank. Fitted on steps {W}..{C - 1}: "
              f"the cost model, a network of latency {net['latency'] * 1e6:.0f} µs and {bw} (median fit error "
              f"{net['median_rel_error']:.0%}), and the per-step overhead. `{cfg['algo']}` placed the load of steps "
              f"0..{K - 1} in {report['placement']['seconds']:.2f} s while the run waited "
              f"({remap.get('awaited_s', 0):.2f} s); the runtime applied it live before step {K} "
              f"({remap.get('moved_experts', '?')} experts, {remap.get('moved_bytes', 0) / 2**20:.1f} MiB moved in "
-             f"{remap.get('seconds', 0) * 1e3:.0f} ms). Windows `before`, `after` and `held_out` were not fitted on.",
+             f"{remap.get('seconds', 0) * 1e3:.0f} ms). Windows `before`, `after` and `held_out` were not fitted on."
+             + warm_txt,
+             "", f"Beside the calibrated prediction, the uncalibrated roofline of `{roof}` (datasheet peaks, nothing "
+             "fitted, no per-step overhead) predicts the same steps.",
              "", "| window | steps | step time measured (median) | predicted (median) | error of the median | "
-             "median per-step error | busiest/mean load measured | predicted |", "|---|---|---|---|---|---|---|---|"]
+             "median per-step error | uncalibrated roofline (median) | its error of the median | "
+             "its median per-step error | busiest/mean load measured | predicted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in WINDOWS:
         w = v[name]
+        r = (f"{w['roofline_step_time_predicted_median_s'] * 1e3:.2f} ms | "
+             f"{w['roofline_median_step_time_rel_error']:.1%} | {w['roofline_step_time_median_rel_error']:.1%}"
+             if "roofline_step_time_predicted_median_s" in w else "– | – | –")
         lines.append(f"| {name} | {w['steps'][0]}..{w['steps'][1] - 1} | "
                      f"{w['step_time_measured_median_s'] * 1e3:.2f} ms | "
                      f"{w['step_time_predicted_median_s'] * 1e3:.2f} ms | {w['median_step_time_rel_error']:.1%} | "
-                     f"{w['step_time_median_rel_error']:.1%} | "
+                     f"{w['step_time_median_rel_error']:.1%} | {r} | "
                      f"{w['busiest_over_mean_load_measured']:.3f} | {w['busiest_over_mean_load_predicted']:.3f} |")
     lines += ["", "Per-rank MoE (expert compute) time per step, mean over the window:", "",
               "| window | rank | measured | predicted | rel. error |", "|---|---|---|---|---|"]
@@ -416,6 +536,8 @@ def plot(report: dict[str, Any], out: Path) -> None:
     ax.axvspan(-0.5, C - 0.5, color="0.9", label="fitted on")
     ax.plot(steps, [r["measured_s"] * 1e3 for r in rows], "o-", ms=3, label="measured")
     ax.plot(steps, [r["predicted_s"] * 1e3 for r in rows], "s--", ms=3, label="predicted (simulator)")
+    if rows and "roofline_s" in rows[0]:
+        ax.plot(steps, [r["roofline_s"] * 1e3 for r in rows], ":", lw=1, label="uncalibrated roofline")
     ax.axvline(K - 0.5, color="grey", lw=1, ls=":", label="live remap")
     ax.set_xlabel("step")
     ax.set_ylabel("step time (ms)")
@@ -430,14 +552,17 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
 def print_summary(report: dict[str, Any], file: Any = sys.stdout) -> None:
     v = report["windows"]
-    print("step time (median over the window's steps), measured vs predicted by the simulator:", file=file)
+    print("step time (median over the window's steps), measured vs predicted by the simulator (calibrated) and by "
+          "the uncalibrated roofline:", file=file)
     print(f"{'window':12s} {'steps':>7s} {'measured':>10s} {'predicted':>10s} {'error':>7s} {'per-step':>9s} "
-          f"{'load max/mean meas/pred':>24s}", file=file)
+          f"{'roofline':>10s} {'error':>7s} {'load max/mean meas/pred':>24s}", file=file)
     for name in WINDOWS:
         w = v[name]
         span = f"{w['steps'][0]}..{w['steps'][1] - 1}"
+        roof = w.get("roofline_step_time_predicted_median_s", float("nan"))
         print(f"{name:12s} {span:>7s} {w['step_time_measured_median_s'] * 1e3:8.2f}ms "
               f"{w['step_time_predicted_median_s'] * 1e3:8.2f}ms"
               f" {w['median_step_time_rel_error']:7.1%} {w['step_time_median_rel_error']:9.1%}"
+              f" {roof * 1e3:8.2f}ms {w.get('roofline_median_step_time_rel_error', float('nan')):7.1%}"
               f" {w['busiest_over_mean_load_measured']:17.3f}"
               f"/{w['busiest_over_mean_load_predicted']:.3f}", file=file)

@@ -65,7 +65,7 @@ def build_rank(cfg: RunConfig, rank: int, world: int, device: torch.device) -> t
     """This rank's model (its experts only, expert-parallel layers) inside an :class:`Engine`; not warmed up."""
     spec, mapping, _ = validate(cfg)
     dtype = resolve_dtype(cfg, device)
-    source = weight_source(spec, cfg.checkpoint, cfg.seed)
+    source = weight_source(spec, cfg.checkpoint, cfg.seed, device=device)  # drawn on the device: fast start
     backend = make_backend(cfg.backend)
     policy = ReplicaPolicy(cfg.policy, cfg.gpus_per_node)
     moes: list[EPMoE] = []

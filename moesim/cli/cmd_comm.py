@@ -51,6 +51,9 @@ def register(sub: Any) -> None:
                     "bytes sent per rank across nodes, every selection for low-latency; own rank counted).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--topology", required=True, metavar="P", help="preset, NAME:N (e.g. hgx-h800:2) or JSON file")
+    from moesim.cli.topology_args import add_topology_flags
+
+    add_topology_flags(p)  # --gpus N: EP = the first N GPUs
     p.add_argument("--backend", default="hierarchical", metavar="B", help="flat | hierarchical | low-latency")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=7168, help="hidden size (values per token)")
@@ -68,11 +71,11 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
     from moesim.sim import ENGINES
     from moesim.sim.comm import BACKENDS, DTYPES
     from moesim.sim.commbench import run_comm
-    from moesim.topo import load_topology
 
     if args.backend not in BACKENDS:
         raise MoesimError(f"--backend {args.backend!r}: known backends are {', '.join(BACKENDS)}")
@@ -81,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     for flag, v in (("--dispatch-dtype", args.dispatch_dtype), ("--combine-dtype", args.combine_dtype)):
         if v not in DTYPES:
             raise MoesimError(f"{flag} {v!r}: known dtypes are {', '.join(DTYPES)}")
-    topology = load_topology(args.topology)
+    topology = topology_from_args(args)
     r = run_comm(topology, args.backend, engine=args.engine, tokens=args.tokens, hidden=args.hidden,
                  top_k=args.top_k, experts=args.experts, topk_groups=args.topk_groups,
                  dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype, seed=args.seed)

@@ -51,6 +51,7 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     from pathlib import Path
 
     from moesim.cli.cmd_comm import check_comm_args
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
     from moesim.io import atomic_dir, atomic_write_text, write_json
     from moesim.placement.compare import COLUMNS, HOLDOUT_COLUMNS, compare, format_markdown, format_table, plot
@@ -58,14 +59,13 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
     from moesim.sim.fixed import load_fixed
-    from moesim.topo import load_topology
 
     check_comm_args(args)
     algos = algo_list(args.algos)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise MoesimError(f"--out {out} exists and is not a directory")
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     src = open_source(args)
     try:
         slots = resolve_slots(args, src.load.shape[1], topo.num_gpus)

@@ -40,15 +40,15 @@ def check_algo(algo: str) -> None:
 
 def execute(args: argparse.Namespace) -> dict[str, Any]:
     """Place, write the mapping (and the SGLang file); return the placement's figures (``info`` and ``seconds``)."""
+    from moesim.cli.topology_args import topology_from_args
     from moesim.placement import PlacementError, place
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
-    from moesim.topo import load_topology
 
     check_algo(args.algo)
     if args.sglang and not args.sglang.lower().endswith((".json", ".pt")):
         raise PlacementError(f"--sglang must end in .json or .pt (what SGLang's --init-expert-location reads), got "
                              f"{args.sglang!r}")
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     src = open_source(args)
     try:
         E = src.load.shape[1]

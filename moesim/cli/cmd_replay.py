@@ -26,7 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_allow_truncated(p)
     p.add_argument("--topology", required=True, metavar="P",
                    help="cluster: a preset (dgx-h100, dgx-h200, hgx-h800, pcie-8gpu), NAME:N for N nodes "
-                        "(e.g. dgx-h100:8), or a topology JSON file")
+                        "(e.g. dgx-h100:8; options as dgx-h100:8,nics=4,nic-bw=25), or a topology JSON file")
+    from moesim.cli.topology_args import add_topology_flags
+
+    add_topology_flags(p)
     p.add_argument("--mapping", metavar="M.json",
                    help="expert mapping (moesim or SGLang JSON); default: linear placement over the topology's GPUs")
     p.add_argument("--slots-per-gpu", type=int, default=None,
@@ -46,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cost model: roofline of the topology's device, fit to the trace's recorded timings, a "
                         "kernels/calibrate.py JSON, or a saved cost model JSON")
     p.add_argument("--context-len", type=int, default=1024, help="attention context of the roofline cost model")
+    p.add_argument("--weight-dtype", metavar="D", help="weights stored as D for the cost model and expert moves: bf16, "
+                                                     "fp8 (per-tensor scale), fp8-block (128x128 float32 scales), "
+                                                     "fp16, fp32 (default: the trace's model)")
+    p.add_argument("--kv-dtype", metavar="D", help="KV cache stored as D (bf16, fp8, ...; default: the trace's model)")
     p.add_argument("--steps", metavar="A:B", help="replay steps A..B-1 only (either side may be empty)")
     p.add_argument("--no-dedup", action="store_true",
                    help="dispatch a token once per chosen expert instead of once per destination GPU")
@@ -140,23 +147,25 @@ def _cost(spec: str, trace: Any, model: Any, topology: Any, context_len: int) ->
 def prepare(args: argparse.Namespace) -> ReplayInputs:
     """Open and check every input; one-line MoesimError for anything wrong. The caller closes ``trace``."""
     from moesim.cli.cmd_comm import check_comm_args
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
     from moesim.mapping import ExpertMapping
     from moesim.placement import ALGORITHMS
     from moesim.replica import ReplicaPolicy
     from moesim.sim.config import SimConfig
     from moesim.sim.fixed import load_fixed
-    from moesim.topo import load_topology
     from moesim.trace import open_trace
 
     check_comm_args(args)
     if args.rebalance_algo not in ALGORITHMS:
         raise MoesimError(f"--rebalance-algo {args.rebalance_algo!r} is not a placement algorithm; known: "
                           f"{', '.join(ALGORITHMS)}")
-    topology = load_topology(args.topology)
+    topology = topology_from_args(args)
     trace = open_trace(args.trace, args)
     try:
-        model = trace.model
+        from moesim.models import with_dtypes
+
+        model = with_dtypes(trace.model, getattr(args, "weight_dtype", None), getattr(args, "kv_dtype", None))
         G = topology.num_gpus
         if args.mapping:
             mapping = ExpertMapping.load(args.mapping, model=model, num_gpus=G)

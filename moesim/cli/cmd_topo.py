@@ -23,12 +23,19 @@ def register(sub: Any) -> None:
                                     "bandwidth, the uniform all-to-all bandwidth per GPU (busiest link decides), "
                                     "and path latencies.")
     s.add_argument("topology", help="preset, NAME:N or topology JSON file")
+    from moesim.cli.topology_args import add_topology_flags
+
+    add_topology_flags(s)
     s.add_argument("--png", metavar="OUT.png", help="also draw the topology to this PNG")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--route", nargs=2, type=int, metavar=("SRC", "DST"), help="also print the route SRC->DST")
     s.add_argument("--model", help="also print the roofline cost of this model preset on the topology's device "
                                    "(expert kernel and dense part against tokens)")
     s.add_argument("--context-len", type=int, default=1024, help="with --model: context each token attends to")
+    s.add_argument("--weight-dtype", metavar="D", help="with --model: weights as D (bf16, fp8, fp8-block, ...)")
+    s.add_argument("--kv-dtype", metavar="D", help="with --model: KV cache as D (bf16, fp8, ...)")
+    s.add_argument("--cost", metavar="CALIB.json", help="with --model: the roofline at the achievable efficiency of a "
+                                                         "kernels/calibrate.py file instead of constant mfu/mbu")
     s.set_defaults(func=_show)
     v = tsub.add_parser("validate", help="check a topology JSON file (exit 0 when valid, 2 with the problem)")
     v.add_argument("topology", help="topology JSON file (or a preset)")
@@ -37,15 +44,16 @@ def register(sub: Any) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("topology", help="preset, NAME:N or topology JSON file")
     e.add_argument("--out", required=True, help="output JSON file")
+    add_topology_flags(e)
     e.set_defaults(func=_export)
 
 
 def _show(args: argparse.Namespace) -> int:
+    from moesim.cli.topology_args import topology_from_args
     from moesim.errors import MoesimError
-    from moesim.topo import load_topology
     from moesim.topo.summary import format_summary
 
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     summary = topo.summary()
     if args.route:
         s, d = args.route
@@ -55,7 +63,7 @@ def _show(args: argparse.Namespace) -> int:
                             "latency": float(topo.path_latency()[s, d]),
                             "bottleneck_bw": float(min((topo.edge_bw[e] for e in topo.route(s, d)), default=0.0))}
     if args.model:
-        summary["cost"] = _cost_table(topo, args.model, args.context_len)
+        summary["cost"] = _cost_table(topo, args.model, args.context_len, args)
     if args.png:
         from moesim.topo.draw import draw_png
 
@@ -70,7 +78,8 @@ def _show(args: argparse.Namespace) -> int:
                   f"bottleneck {r['bottleneck_bw'] / 1e9:,.1f} GB/s)")
         if args.model:
             c = summary["cost"]
-            print(f"cost         {c['model']} on {c['device']} (roofline, mfu {c['mfu']}, mbu {c['mbu']}, context "
+            how = f"efficiency curve of {c['efficiency']}" if c["efficiency"] else f"mfu {c['mfu']}, mbu {c['mbu']}"
+            print(f"cost         {c['model']} on {c['device']} (roofline, {how}, context "
                   f"{c['context_len']}); one expert turns compute-bound at ~{c['knee_tokens']:.0f} tokens")
             print(f"  {'tokens':>8} {'1 expert µs':>12} {'bound':>8} {'dense decode µs':>16} {'dense prefill µs':>17}")
             for r in c["rows"]:
@@ -81,14 +90,20 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cost_table(topo: Any, model_name: str, context_len: int) -> dict[str, Any]:
+def _cost_table(topo: Any, model_name: str, context_len: int, args: Any = None) -> dict[str, Any]:
     import numpy as np
 
     from moesim.cost import CostModel
-    from moesim.models import get_model
+    from moesim.models import get_model, with_dtypes
 
-    model = get_model(model_name)
-    cost = CostModel.roofline(model, topo.device, context_len=context_len)
+    model = with_dtypes(get_model(model_name), getattr(args, "weight_dtype", None), getattr(args, "kv_dtype", None))
+    if getattr(args, "cost", None):
+        from moesim.cost import efficiency_curve, read_calibration
+
+        curve = efficiency_curve(read_calibration(args.cost), topo.device, source=str(args.cost))
+        cost = CostModel.roofline(model, topo.device, context_len=context_len, efficiency=curve)
+    else:
+        cost = CostModel.roofline(model, topo.device, context_len=context_len)
     e = cost.expert
     knee = e["bytes_per_expert"] / e["byte_rate"] / (e["flops_per_choice"] / e["flops_rate"]
                                                      - e["bytes_per_choice"] / e["byte_rate"])
@@ -101,7 +116,8 @@ def _cost_table(topo: Any, model_name: str, context_len: int) -> dict[str, Any]:
                      "dense_decode_us": float(cost.dense_time(np.array(n), np.array(0))) * 1e6,
                      "dense_prefill_us": float(cost.dense_time(np.array(n), np.array(1))) * 1e6})
     return {"model": model.name, "device": topo.device.name, "mfu": cost.info["mfu"], "mbu": cost.info["mbu"],
-            "context_len": cost.info["context_len"], "knee_tokens": knee, "rows": rows}
+            "context_len": cost.info["context_len"], "knee_tokens": knee, "rows": rows,
+            "efficiency": getattr(args, "cost", None)}
 
 
 def _nan_none(x: Any) -> Any:
@@ -119,10 +135,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from moesim.cli.topology_args import topology_from_args
     from moesim.io import write_json
-    from moesim.topo import load_topology
 
-    topo = load_topology(args.topology)
+    topo = topology_from_args(args)
     write_json(args.out, topo.to_json())
     print(f"wrote {args.out} ({topo.num_gpus} GPUs, {topo.num_links} links)", file=sys.stderr)
     return 0

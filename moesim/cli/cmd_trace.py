@@ -31,12 +31,16 @@ def register(sub: Any) -> None:
                     "hot set per layer), drift over steps, token domains, cross-layer correlation, group-limited "
                     "routing for DeepSeek-style models; prefill steps then decode steps; tokens spread over ranks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model", required=True, help="model preset ('list' prints them with their default skew)")
+    s.add_argument("--model", required=True, help="model preset or Hugging Face config.json ('list' prints the "
+                                                   "presets with their default skew)")
     s.add_argument("--steps", type=bounded_int(1, 10**7), default=16, help="steps to generate")
     s.add_argument("--tokens", "--tokens-per-step", dest="tokens", type=bounded_int(1), default=4096,
                    help="tokens of each prefill step")
     s.add_argument("--decode-tokens", type=bounded_int(1), help="tokens per decode step (default: same as --tokens)")
     s.add_argument("--prefill-steps", type=int, default=1, help="prefill steps before the decode steps")
+    s.add_argument("--routing", choices=("model", "uniform"), default="model",
+                   help="model: skewed, drifting, domain- and layer-correlated routing (the knobs below); uniform: "
+                        "every expert equally likely (group limits kept)")
     s.add_argument("--skew", type=float, help="popularity skew: 0 uniform, ~0.3 Mixtral-like, ~1 DeepSeek/Qwen3-like "
                                               "(default: the preset's calibrated value)")
     s.add_argument("--drift", type=float, default=0.02, help="fraction of the popularity renewed per step")
@@ -45,7 +49,7 @@ def register(sub: Any) -> None:
                    help="origin (attention) ranks the tokens are spread over")
     s.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0)
     s.add_argument("--no-weights", action="store_true", help="omit router weights (smaller file)")
-    s.add_argument("--out", required=True, help="output trace file (.mtrace)")
+    s.add_argument("--out", help="output trace file (.mtrace); required unless --model list")
     s.set_defaults(func=_synth)
 
     for name, aliases in (("show", ["info"]),):
@@ -148,11 +152,18 @@ def _synth(args: argparse.Namespace) -> int:
             print(f"{m.name:18} {m.num_layers:>6} {m.num_experts:>7} {m.top_k:>5} {groups:>6} "
                   f"{routing_defaults(m)[0]:>5.2f}")
         return 0
+    from moesim.errors import MoesimError
+
+    if not args.out:
+        raise MoesimError("trace synth needs --out FILE.mtrace (only --model list runs without it)")
     model = _model(args.model)
+    if args.routing == "uniform" and args.skew:
+        raise MoesimError("--routing uniform has no skew; drop --skew")
     _check_synth_request(args, model)
     cfg = SynthConfig(steps=args.steps, tokens=args.tokens, decode_tokens=args.decode_tokens,
                       prefill_steps=args.prefill_steps, skew=args.skew, drift=args.drift,
-                      layer_corr=args.layer_corr, num_ranks=args.ranks, seed=args.seed, weights=not args.no_weights)
+                      layer_corr=args.layer_corr, num_ranks=args.ranks, seed=args.seed, weights=not args.no_weights,
+                      routing=args.routing)
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
 

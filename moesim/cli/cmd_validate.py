@@ -34,6 +34,8 @@ def register(sub: Any) -> None:
 
     add_comm_argument(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--roofline-device", help="datasheet of the uncalibrated roofline reported beside the calibrated "
+                   "prediction (h100, h200, ...; default: cpu, or this machine's GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--quiet", action="store_true", help="hide the runs' per-step output")
@@ -53,7 +55,8 @@ def _run(args: argparse.Namespace) -> int:
                          remap_at=args.remap_at, calibrate_steps=args.calibrate_steps, batch=args.batch,
                          prompt_len=args.prompt_len, seed=args.seed,
                          backend=args.backend, slots_per_gpu=args.slots_per_gpu, engine=args.engine,
-                         device=args.device, threads=args.threads, out=args.out, quiet=args.quiet,
+                         device=args.device, roofline_device=args.roofline_device, threads=args.threads,
+                         out=args.out, quiet=args.quiet,
                          comm=args.comm, dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype)
     report = run_validation(cfg)
     print_summary(report)

@@ -42,6 +42,9 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model preset (checks a load file's shape; default: the trace's model)")
     p.add_argument("--window", help="trace steps A:B (half-open) to fit on; default: all steps")
     p.add_argument("--topology", required=True, help="preset (dgx-h100), NAME:N nodes (hgx-h800:4) or JSON file")
+    from moesim.cli.topology_args import add_topology_flags
+
+    add_topology_flags(p)
     slots = p.add_mutually_exclusive_group()
     slots.add_argument("--slots-per-gpu", type=int, help="physical expert slots per GPU")
     slots.add_argument("--redundant", type=int, help="redundant slots in total (slots = experts + R)")

@@ -46,6 +46,8 @@ awaited flow was sent, and the path continues on its sender; a compute stage inc
 compute stream), so the parts plus the dense layers sum to the step time exactly, as in the analytic engine.
 ``extra["events"]``: per-GPU timeline slices ``(gpu, name, start, end)`` for the Chrome trace (capped at
 ``max_events``; ``extra["events_dropped"]`` counts the rest; names get ``/mb1`` for the second micro-batch).
+``extra["sim_events"]``: simpy events scheduled (for events/s); ``flows``, ``rate_recomputations``: the flow
+network's work.
 """
 
 from __future__ import annotations
@@ -271,6 +273,16 @@ class _StepRun:
         return per, dense
 
 
+class _CountingEnv(simpy.Environment):
+    """A simpy environment that counts the events it schedules (``extra["sim_events"]``, for events/s)."""
+
+    scheduled = 0
+
+    def schedule(self, event: Any, priority: int = simpy.core.NORMAL, delay: float = 0) -> None:
+        self.scheduled += 1
+        super().schedule(event, priority, delay)
+
+
 def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = None,
             progress: Callable[[int, int], None] | bool | None = None, *,
             quantum: float = DEFAULT_QUANTUM, rel_quantum: float = DEFAULT_REL_QUANTUM,
@@ -318,7 +330,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     from moesim.sim.fixed import step_time as fixed_step_time
 
     fixed_time = fixed_step_time(getattr(config, "fixed", None), workload, model, topology.device)
-    env = simpy.Environment()
+    env = _CountingEnv()
     events: list[tuple[int, str, float, float]] = []
     dropped = recomputes = flows = 0
     step_time, dense_time = np.zeros(S), np.zeros(S)
@@ -362,7 +374,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     extra = {"engine": "des", "events": events, "events_dropped": dropped, "dense_layer_time": dense_time,
              "fixed_time": fixed_time,
              "quantum": quantum, "rel_quantum": rel_quantum, "micro_batches": M, "flows": flows,
-             "rate_recomputations": recomputes, "gpu_finish": gpu_finish}
+             "rate_recomputations": recomputes, "sim_events": env.scheduled, "gpu_finish": gpu_finish}
     return SimResult(step_time=step_time, phase_time=phase_time, gpu_busy=gpu_busy, moe_time=moe_time,
                      bytes_intra=bytes_intra, bytes_inter=bytes_inter, link_bytes=link_bytes, gpu_load=gpu_load,
                      step_tokens=np.asarray(workload.step_tokens), phase=np.asarray(workload.phase),

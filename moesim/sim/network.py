@@ -34,6 +34,9 @@ incidence matrix, link loads by ``bincount``), in rounds that each freeze every 
 :func:`maxmin_rates`; ~10 rounds for a 64-GPU all-to-all, the later ones small), over the links that can bind
 only (:func:`dominated_links`). A 64-GPU all-to-all of 4032 flows costs ~0.5 ms per recomputation on one core;
 the number of recomputations is at most (time with flows in flight) / quantum plus the distinct start times.
+With numba installed (``pip install moesim[fast]``) each batch point — advance, retire, take in, solve, arm the
+next hand-over — is one compiled call (:mod:`moesim.sim.maxmin_jit`) doing the same float operations in the same
+order: bit-identical results, a DES step 2-3x faster at 64 GPUs (``benchmarks/bench_des.py``).
 """
 
 from __future__ import annotations
@@ -45,14 +48,26 @@ import numpy as np
 import simpy
 
 from moesim.errors import MoesimError
+from moesim.sim import maxmin_jit as _jit
 
 # Relative float tolerance on the simulated clock when deciding that a flow's projected end has come.
 _TIME_EPS = 1e-15
 # Relative tolerance when deciding which links are saturated at the current fair-share level.
 _LEVEL_RTOL = 1e-9
+# no new flows, for the compiled batch point: croutes [0, 1], remaining, latency, group, flow id
+_NO_FLOWS = (np.empty((0, 1), dtype=np.int64), np.empty(0), np.empty(0), np.empty(0, dtype=np.int64),
+             np.empty(0, dtype=np.int64))
 
 
 def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Max-min fair rates (see :func:`maxmin_rates_numpy`): the compiled solve where numba is installed
+    (:mod:`moesim.sim.maxmin_jit`, bit-identical results), else numpy."""
+    if _jit.load():
+        return _jit.maxmin_rates_jit(routes, capacity, _LEVEL_RTOL)
+    return maxmin_rates_numpy(routes, capacity)
+
+
+def maxmin_rates_numpy(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates (the allocation progressive filling reaches), computed in parallel rounds.
 
     routes [F, H] int: link indices of each flow, padded with ``len(capacity) - 1`` (a pad link whose
@@ -163,6 +178,7 @@ class FlowNetwork:
         if not (quantum >= 0 and np.isfinite(quantum)):
             raise MoesimError(f"quantum must be a non-negative number of seconds, got {quantum!r}")
         self.env = env
+        _jit.load()  # compiled batch points where numba is installed (first use: compile or load its cache)
         if not (0 <= rel_quantum < 1):
             raise MoesimError(f"rel_quantum must be in [0, 1), got {rel_quantum!r}")
         self.quantum = float(quantum)
@@ -204,9 +220,9 @@ class FlowNetwork:
         self._end = np.empty(1024)
         self.num_flows = 0
         # groups: pending count, latest arrival, event
-        self._g_pending: list[int] = []
-        self._g_latest: list[float] = []
-        self._g_last: list[int] = []  # id of the flow that arrived last (-1: none yet)
+        self._g_pending = np.zeros(64, dtype=np.int64)
+        self._g_latest = np.zeros(64)
+        self._g_last = np.full(64, -1, dtype=np.int64)  # id of the flow that arrived last (-1: none yet)
         self._g_event: list[simpy.Event] = []
         self._g_value: list[Any] = []
         self.recomputations = 0
@@ -218,22 +234,29 @@ class FlowNetwork:
         The event's value is the group id."""
         if nflows < 0:
             raise MoesimError("a group cannot expect a negative number of flows")
-        gid = len(self._g_event)
-        ev = self.env.event()
-        self._g_pending.append(int(nflows))
-        self._g_latest.append(self.env.now)
-        self._g_last.append(-1)
-        self._g_event.append(ev)
-        self._g_value.append(gid)
-        if nflows == 0:
-            ev.succeed(gid)
-        return gid, ev
+        gids, evs = self.group_many([nflows])
+        return int(gids[0]), evs[0]
 
     def group_many(self, counts: Any) -> tuple[np.ndarray, list[simpy.Event]]:
         """Several groups at once: (group ids [n], their events)."""
         cnt = np.asarray(counts, dtype=np.int64).ravel()
-        pairs = [self.group(int(c)) for c in cnt]
-        return np.array([p[0] for p in pairs], dtype=np.int64), [p[1] for p in pairs]
+        if cnt.size and cnt.min() < 0:
+            raise MoesimError("a group cannot expect a negative number of flows")
+        g0 = len(self._g_event)
+        gids = np.arange(g0, g0 + cnt.size)
+        while g0 + cnt.size > self._g_pending.size:
+            n = self._g_pending.size
+            self._g_pending = np.concatenate([self._g_pending, np.zeros(n, dtype=np.int64)])
+            self._g_latest = np.concatenate([self._g_latest, np.zeros(n)])
+            self._g_last = np.concatenate([self._g_last, np.full(n, -1, dtype=np.int64)])
+        self._g_pending[gids] = cnt
+        self._g_latest[gids] = self.env.now
+        evs = [self.env.event() for _ in range(cnt.size)]
+        self._g_event.extend(evs)
+        self._g_value.extend(gids.tolist())
+        for g in np.flatnonzero(cnt == 0).tolist():
+            evs[g].succeed(g0 + g)
+        return gids, evs
 
     def transfer(self, route_edges: Sequence[int], nbytes: float) -> simpy.Event:
         """Start one flow now; the event fires (value: the flow id) once all its bytes arrived."""
@@ -320,7 +343,7 @@ class FlowNetwork:
 
     def group_last(self, gid: int) -> tuple[int, float]:
         """(id of the flow that arrived last in group ``gid`` or -1 if none, its arrival time)."""
-        return self._g_last[gid], self._g_latest[gid]
+        return int(self._g_last[gid]), float(self._g_latest[gid])
 
     def flow_record(self) -> dict[str, np.ndarray]:
         """Per flow ever started: requested and delivered bytes, start and arrival time (nan while in flight)."""
@@ -368,21 +391,31 @@ class FlowNetwork:
 
     def _arrive(self, groups: np.ndarray, when: np.ndarray, fids: np.ndarray) -> None:
         """Count flows (arriving at ``when``) towards their groups; fire completed groups at their latest arrival."""
+        if _jit.active:
+            done, bad = _jit.arrive_core(groups, when, fids, self._g_pending, self._g_latest, self._g_last)
+        else:
+            done, bad = [], -1
+            pending, latest, last = self._g_pending, self._g_latest, self._g_last
+            for g, t, f in zip(groups.tolist(), when.tolist(), fids.tolist()):
+                if t >= latest[g]:
+                    latest[g] = t
+                    last[g] = f
+                pending[g] -= 1
+                if pending[g] == 0:
+                    done.append(g)
+                elif pending[g] < 0:
+                    bad = g
+                    break
         now = self.env.now
-        for g, t, f in zip(groups.tolist(), when.tolist(), fids.tolist()):
-            if t >= self._g_latest[g]:
-                self._g_latest[g] = t
-                self._g_last[g] = f
-            self._g_pending[g] -= 1
-            if self._g_pending[g] == 0:
-                ev, val = self._g_event[g], self._g_value[g]
-                delay = self._g_latest[g] - now
-                if delay <= 0:
-                    ev.succeed(val)
-                else:
-                    self.env.timeout(delay).callbacks.append(lambda _e, ev=ev, val=val: ev.succeed(val))
-            elif self._g_pending[g] < 0:
-                raise MoesimError(f"group {g} received more flows than it expected")
+        for g in (done.tolist() if isinstance(done, np.ndarray) else done):
+            ev, val = self._g_event[g], self._g_value[g]
+            delay = float(self._g_latest[g]) - now
+            if delay <= 0:
+                ev.succeed(val)
+            else:
+                self.env.timeout(delay).callbacks.append(lambda _e, ev=ev, val=val: ev.succeed(val))
+        if bad >= 0:
+            raise MoesimError(f"group {bad} received more flows than it expected")
 
     def _advance(self) -> None:
         """Move every active flow forward to now at its current rate."""
@@ -421,13 +454,25 @@ class FlowNetwork:
         self._arrive(groups, arrival, fid)
 
     def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        """Route tables [F_i, H_i] stacked into one [sum F_i, max H_i], padded with the pad link."""
+        if len(parts) == 1:
+            return parts[0]
         H = max(p.shape[1] for p in parts)
-        return np.concatenate([p if p.shape[1] == H else
-                               np.pad(p, ((0, 0), (0, H - p.shape[1])), constant_values=self._pad) for p in parts])
+        if all(p.shape[1] == H for p in parts):
+            return np.concatenate(parts)
+        out = np.full((sum(p.shape[0] for p in parts), H), self._pad, dtype=np.int64)
+        i = 0
+        for p in parts:
+            out[i:i + p.shape[0], :p.shape[1]] = p
+            i += p.shape[0]
+        return out
 
     def _update(self, _event: Any = None) -> None:
         """Batch point: take in new flows, retire finished ones, recompute rates, arm the next timer."""
         self._update_pending = False
+        if _jit.active:
+            self._update_compiled()
+            return
         self._advance()
         self._complete_due()
         if self._pending_adds:
@@ -462,6 +507,35 @@ class FlowNetwork:
             delay = first
         gen = self._gen
         self._timer_at = self.env.now + delay
+        self.env.timeout(delay).callbacks.append(lambda _e: self._on_timer(gen))
+
+    def _update_compiled(self) -> None:
+        """:meth:`_update` with its numeric part in one compiled call (:func:`moesim.sim.maxmin_jit.update_core`:
+        the same operations, bit-identical results)."""
+        now = self.env.now
+        dt = now - self._last
+        self._last = now
+        if self._pending_adds:
+            adds = self._pending_adds
+            self._pending_adds = []
+            new = (self._stack([a[5] for a in adds]), *(np.concatenate([a[i] for a in adds]) for i in (1, 2, 3, 4)))
+        else:
+            new = _NO_FLOWS
+        (self._croutes, self._remaining, self._rate, self._finish, self._lat, self._group, self._fid, fid, groups,
+         arrival, delay) = _jit.update_core(self._croutes, self._remaining, self._rate, self._finish, self._lat,
+                                       self._group, self._fid, dt, now, _TIME_EPS, *new, self._cap, _LEVEL_RTOL,
+                                       self.quantum, self.rel_quantum)
+        if fid.size:
+            self._deliv[fid] = self._req[fid]
+            self._end[fid] = arrival
+            self._arrive(groups, arrival, fid)
+        self._gen += 1
+        self._timer_at = np.inf
+        if delay < 0:
+            return
+        self.recomputations += 1
+        gen = self._gen
+        self._timer_at = now + delay
         self.env.timeout(delay).callbacks.append(lambda _e: self._on_timer(gen))
 
     def _on_timer(self, gen: int) -> None:

@@ -154,6 +154,7 @@ class Topology:
         self._gpu_node = np.asarray(nodes, dtype=np.int64)
         self.num_nodes = len(node_ids)
         self.gpus_per_node = gpn
+        self.num_rails = gpn  # NICs per node; rail-routed clusters read it from the GPUs' rails (_check_rails)
         self._check_reachable()
         if self.routing != "shortest":
             self._check_rails()
@@ -187,9 +188,15 @@ class Topology:
             except (KeyError, TypeError, ValueError):
                 raise self._fail(f"routing {self.routing} needs integer 'node'/'rail' on nic and 'rail' on leaf "
                                  f"nodes; {v} lacks them") from None
+        rails = [g.nodes[v].get("rail") for v in self.gpu_names]
+        ok = all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r >= 0 for r in rails)
+        self.num_rails = int(max(rails)) + 1 if ok else self.gpus_per_node  # NICs per node
+        if not ok:
+            for i, v in enumerate(self.gpu_names):
+                g.nodes[v]["rail"] = i % self.gpus_per_node
         if self.num_nodes > 1:
             for n in range(self.num_nodes):
-                for r in range(self.gpus_per_node):
+                for r in range(self.num_rails):
                     if (n, r) not in self._nic:
                         raise self._fail(f"routing {self.routing}: node {n} has no NIC on rail {r}")
                     if (self._node_pod[n], r) not in self._leaf:
@@ -363,34 +370,121 @@ def _natural(s: str) -> tuple[Any, ...]:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
-def load_topology(spec: str | Topology) -> Topology:
+_OPTION_KEYS = {"gpus": "gpus", "nics": "nics", "nic-bw": "nic_bw", "nvlink-bw": "nvlink_bw"}
+
+
+def _parse_options(spec: str, text: str) -> dict[str, float]:
+    """``gpus=12,nics=4,nic-bw=25,nvlink-bw=300`` (bandwidths in GB/s) -> keyword arguments (bytes/s)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or key.strip().lower() not in _OPTION_KEYS:
+            raise MoesimError(f"topology {spec!r}: option {part.strip()!r} is not KEY=VALUE with KEY one of "
+                              f"{', '.join(_OPTION_KEYS)}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise MoesimError(f"topology {spec!r}: {key.strip()} must be a number, got {value!r}") from None
+        name = _OPTION_KEYS[key.strip().lower()]
+        out[name] = v * 1e9 if name.endswith("_bw") else v
+    return out
+
+
+def _check_count(spec: str, what: str, v: float | None) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not float(v).is_integer() or v < 1:
+        raise MoesimError(f"topology {spec}: {what} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def load_topology(spec: str | Topology, *, gpus: int | None = None, nics: int | None = None,
+                  nic_bw: float | None = None, nvlink_bw: float | None = None) -> Topology:
     """A preset (``dgx-h100``), a cluster of preset nodes (``dgx-h100:8``) or a topology JSON file.
 
-    ``NAME:1`` is the single node (no InfiniBand). A :class:`Topology` is returned as it is.
+    ``NAME:1`` is the single node (no InfiniBand). A :class:`Topology` is returned as it is (or its first
+    ``gpus``). Presets take ``nics`` (NICs per node), ``nic_bw`` and ``nvlink_bw`` (bytes/s), also written in the
+    spec: ``hgx-h800:2,nics=4,nic-bw=25,nvlink-bw=300`` (GB/s there). ``gpus``: only the first N GPUs
+    (:func:`first_gpus`), for any topology.
     """
     if isinstance(spec, Topology):
-        return spec
+        return first_gpus(spec, gpus) if gpus is not None else spec
     if not isinstance(spec, str) or not spec.strip():
         raise MoesimError("topology must be a preset name, NAME:N or a JSON file path")
     spec = spec.strip()
     key = spec.lower()
-    if key in NODE_PRESETS:
-        graph, node = build_preset(key)
-        return Topology(graph, key, node.device, gpus_per_node=node.gpus)
-    m = re.fullmatch(r"([a-z0-9-]+):(\S+)", key)
+    base, _, opt_text = key.partition(",")
+    opts: dict[str, Any] = _parse_options(spec, opt_text) if opt_text and base.split(":")[0] in NODE_PRESETS else {}
+    for name, v in (("gpus", gpus), ("nics", nics), ("nic_bw", nic_bw), ("nvlink_bw", nvlink_bw)):
+        if v is not None:
+            opts[name] = v
+    n_gpus = _check_count(spec, "gpus", opts.pop("gpus", None))
+    n_nics = _check_count(spec, "nics", opts.get("nics"))
+    for name in ("nic_bw", "nvlink_bw"):
+        v = opts.get(name)
+        if v is not None and (not _num(v) or not math.isfinite(float(v)) or float(v) <= 0):
+            raise MoesimError(f"topology {spec}: {name.replace('_', '-')} must be a positive number, got {v!r}")
+    node_opts = {"nics": n_nics, "nic_bw": opts.get("nic_bw"), "nvlink_bw": opts.get("nvlink_bw")}
+    label = key if not any(v is not None for v in node_opts.values()) or opt_text else key + "," + ",".join(
+        f"{k.replace('_', '-')}={v / 1e9 if k.endswith('_bw') else v:g}" for k, v in node_opts.items() if v is not None)
+    m = re.fullmatch(r"([a-z0-9-]+)(?::(\S+))?", base)
+    topo: Topology | None = None
     if m and m.group(1) in NODE_PRESETS and not Path(spec).exists():
         count = m.group(2)
-        if not count.isdigit() or int(count) < 1:
+        if count is not None and (not count.isdigit() or int(count) < 1):
             raise MoesimError(f"topology {spec!r}: the node count after ':' must be a positive integer")
-        if int(count) > MAX_NODES:  # routes are per GPU pair: memory grows with GPUs squared
+        if count is not None and int(count) > MAX_NODES:  # routes are per GPU pair: memory grows with GPUs squared
             raise MoesimError(f"topology {spec!r}: at most {MAX_NODES} nodes are supported")
-        graph, node = build_preset(m.group(1), int(count))
-        return Topology(graph, key, node.device, gpus_per_node=node.gpus)
-    path = Path(spec)
-    if path.exists() or spec.endswith(".json"):
-        from moesim.io import read_json
+        try:
+            graph, node = build_preset(m.group(1), None if count is None else int(count), **node_opts)
+        except ValueError as exc:
+            raise MoesimError(f"topology {spec}: {exc}") from None
+        topo = Topology(graph, label, node.device, gpus_per_node=node.gpus)
+    else:
+        if any(v is not None for v in node_opts.values()):
+            raise MoesimError(f"topology {spec}: --nics, --nic-bw and --nvlink-bw apply to preset topologies "
+                              "(NAME or NAME:N) only; edit the JSON file instead")
+        path = Path(spec)
+        if path.exists() or spec.endswith(".json"):
+            from moesim.io import read_json
 
-        return Topology.from_json(read_json(path, "topology file"), source=str(path))
-    raise MoesimError(f"unknown topology {spec!r}; use a preset ({', '.join(PRESETS)}), NAME:N for a cluster "
-                      "of N such nodes (e.g. dgx-h100:8), or a topology JSON file")
+            topo = Topology.from_json(read_json(path, "topology file"), source=str(path))
+    if topo is None:
+        raise MoesimError(f"unknown topology {spec!r}; use a preset ({', '.join(PRESETS)}), NAME:N for a cluster "
+                          "of N such nodes (e.g. dgx-h100:8, options as dgx-h100:8,nics=4,nic-bw=25), or a topology "
+                          "JSON file")
+    return first_gpus(topo, n_gpus) if n_gpus is not None else topo
 
+
+def first_gpus(topo: Topology, n: int) -> Topology:
+    """The sub-cluster of GPUs ``0..n-1``: whole nodes (n a multiple of the GPUs per node) or part of the first
+    node (n below it). Switches, NICs and hosts of nodes left without GPUs go too; so do the NICs of the GPUs
+    removed. Links keep their bandwidths (the fabric a job on part of a cluster sees)."""
+    G, gpn = topo.num_gpus, topo.gpus_per_node
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise MoesimError(f"--gpus must be a positive integer, got {n!r}")
+    if n > G:
+        raise MoesimError(f"--gpus {n}: topology {topo.name} has only {G} GPUs")
+    if n == G:
+        return topo
+    if n > gpn and n % gpn:
+        raise MoesimError(f"--gpus {n}: topology {topo.name} has nodes of {gpn} GPUs; take at most {gpn} or a "
+                          f"multiple of {gpn}")
+    g = topo.graph.copy()
+    keep = set(topo.gpu_names[:n])
+    nodes_kept = {int(g.nodes[v]["node"]) for v in keep}
+    drop = []
+    for v, a in g.nodes(data=True):
+        if a.get("kind") == "gpu":
+            if v not in keep:
+                drop.append(v)
+        elif a.get("node") is not None and int(a["node"]) not in nodes_kept:
+            drop.append(v)
+    g.remove_nodes_from(drop)
+    orphan = [v for v, a in g.nodes(data=True) if a.get("kind") == "nic"
+              and not any(g.nodes[u].get("kind") in ("gpu", "pcie_switch") for u in g.successors(v))]
+    g.remove_nodes_from(orphan)
+    if len(nodes_kept) == 1:  # one node: no scale-out fabric left to use
+        g.remove_nodes_from([v for v, a in g.nodes(data=True) if a.get("kind") in ("nic", "leaf", "spine")])
+    name = f"{topo.name}[gpus={n}]"
+    return Topology(g, name, topo.device, gpus_per_node=min(n, gpn), routing=topo.routing, source=name)

@@ -21,7 +21,13 @@ Constants (per GPU, per direction unless said; see also ../shared/DESIGN.md "Fac
   DESIGN.md's 2–5 µs (order of magnitude; calibrate from a run).
 - Pods: 32 nodes per scalable unit (DGX SuperPOD SU of 32 DGX H100), one leaf switch per rail per pod
   (a 64-port Quantum-2 QM9700: 32 ports down, 32 up), 8 spine switches; each leaf's 32 uplinks are spread
-  evenly over the spines, so the fabric is non-blocking.
+  evenly over the spines (4 ports, 4 × the NIC rate, per leaf–spine pair), so the fabric is non-blocking. The
+  leaf is the same switch however few nodes are attached: a 2-node cluster's leaf→spine links are still
+  4 × 50 GB/s, never narrower than the NICs behind them.
+- Knobs of ``NAME:N`` clusters (:func:`build_preset` keywords; ``NAME:N,nics=4,nic-bw=25,nvlink-bw=300`` or the
+  CLI flags): ``nics`` NICs (rails) per node, GPU ``i`` of a node using NIC ``i // (gpus / nics)`` (e.g. 4 × 400G
+  per 8-GPU node, two GPUs per NIC); ``nic_bw`` bytes/s per NIC (and per leaf port); ``nvlink_bw`` bytes/s per GPU
+  per direction into the node's switch.
 
 Routing between nodes (graph attribute ``routing``):
 - ``rail-pxn`` (default, what NCCL does with PXN and what DeepEP does): traffic to a GPU on rail j first moves
@@ -35,7 +41,7 @@ Where several spines could carry a flow, spine ``(src + dst) % num_spines`` does
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 
@@ -83,11 +89,13 @@ def _link(g: nx.DiGraph, a: str, b: str, bw: float, lat: float, kind: str) -> No
     g.add_edge(b, a, bandwidth=bw, latency=lat, kind=kind)
 
 
-def build_node(g: nx.DiGraph, spec: NodeSpec, n: int, pod: int = 0) -> None:
-    """Add node ``n`` (GPUs ``n*gpus .. n*gpus+gpus-1`` and its internal switches) to ``g``."""
+def build_node(g: nx.DiGraph, spec: NodeSpec, n: int, pod: int = 0, nics: int | None = None) -> None:
+    """Add node ``n`` (GPUs ``n*gpus .. n*gpus+gpus-1`` and its internal switches) to ``g``; GPU ``r`` sits on
+    rail ``r // (gpus / nics)``."""
     base = n * spec.gpus
+    per_nic = spec.gpus // (nics or spec.gpus)
     for r in range(spec.gpus):
-        g.add_node(f"gpu{base + r}", kind="gpu", index=base + r, node=n, rail=r, pod=pod)
+        g.add_node(f"gpu{base + r}", kind="gpu", index=base + r, node=n, rail=r // per_nic, pod=pod)
     if spec.fabric == "nvswitch":
         sw = f"nvswitch{n}"
         g.add_node(sw, kind="nvswitch", node=n)
@@ -104,39 +112,52 @@ def build_node(g: nx.DiGraph, spec: NodeSpec, n: int, pod: int = 0) -> None:
                 _link(g, f"gpu{base + r}", sw, spec.intra_bw, PCIE_EDGE_LATENCY, "pcie")
 
 
-def build_preset(name: str, num_nodes: int | None = None) -> tuple[nx.DiGraph, NodeSpec]:
-    """The graph of a preset node (``num_nodes`` None) or of a cluster of ``num_nodes`` of them."""
+def build_preset(name: str, num_nodes: int | None = None, *, nics: int | None = None, nic_bw: float | None = None,
+                 nvlink_bw: float | None = None) -> tuple[nx.DiGraph, NodeSpec]:
+    """The graph of a preset node (``num_nodes`` None) or of a cluster of ``num_nodes`` of them.
+
+    ``nics`` (NICs per node, dividing its GPUs; default one per GPU), ``nic_bw`` (bytes/s per NIC) and
+    ``nvlink_bw`` (bytes/s per GPU into the node fabric) override the preset's; see the module docstring.
+    """
     spec = NODE_PRESETS[name]
+    if nvlink_bw is not None:
+        spec = replace(spec, intra_bw=float(nvlink_bw))
+    rails = nics or spec.gpus
+    if spec.gpus % rails:
+        raise ValueError(f"{rails} NICs do not divide the {spec.gpus} GPUs of a {name} node")
+    ib = IB_NDR_BW if nic_bw is None else float(nic_bw)
     g = nx.DiGraph()
     nodes = 1 if num_nodes is None else num_nodes
     pods = (nodes + POD_NODES - 1) // POD_NODES
     for n in range(nodes):
-        build_node(g, spec, n, pod=n // POD_NODES)
+        build_node(g, spec, n, pod=n // POD_NODES, nics=rails)
     if num_nodes is None or num_nodes < 2:
         g.graph.update(routing="shortest")
         return g, spec
-    rails = spec.gpus
     for s in range(NUM_SPINES):
         g.add_node(f"spine{s}", kind="spine")
     for p in range(pods):
-        down = min(POD_NODES, nodes)  # uplink capacity sized for a full pod: non-blocking
         for r in range(rails):
             leaf = f"leaf{p * rails + r}"
             g.add_node(leaf, kind="leaf", rail=r, pod=p)
-            for s in range(NUM_SPINES):
-                _link(g, leaf, f"spine{s}", down * IB_NDR_BW / NUM_SPINES, IB_EDGE_LATENCY, "ib")
+            for s in range(NUM_SPINES):  # the leaf's POD_NODES uplink ports spread over the spines: non-blocking
+                _link(g, leaf, f"spine{s}", POD_NODES * ib / NUM_SPINES, IB_EDGE_LATENCY, "ib")
+    per_nic = spec.gpus // rails
     for n in range(nodes):
         p = n // POD_NODES
         for r in range(rails):
             i = n * rails + r
             nic = f"nic{i}"
+            gpu = n * spec.gpus + r * per_nic  # the first GPU of the NIC's PCIe switch
             g.add_node(nic, kind="nic", index=i, node=n, rail=r, pod=p)
-            if spec.fabric == "nvswitch":  # NIC and GPU share a PCIe Gen5 switch; GPUDirect RDMA
-                _link(g, f"gpu{i}", nic, PCIE5_X16_BW, PCIE_EDGE_LATENCY, "pcie")
+            if spec.fabric == "nvswitch":  # NIC and GPUs share a PCIe Gen5 switch; GPUDirect RDMA
+                for k in range(per_nic):
+                    _link(g, f"gpu{gpu + k}", nic, PCIE5_X16_BW, PCIE_EDGE_LATENCY, "pcie")
             else:  # on a PCIe box the NIC sits on the GPU's PCIe switch
-                _link(g, f"pcie{n}_{r // PCIE_GPUS_PER_SWITCH}", nic, PCIE5_X16_BW, PCIE_EDGE_LATENCY, "pcie")
-            _link(g, nic, f"leaf{p * rails + r}", IB_NDR_BW, IB_EDGE_LATENCY, "ib")
-    g.graph.update(routing="rail-pxn")
+                _link(g, f"pcie{n}_{(r * per_nic) // PCIE_GPUS_PER_SWITCH}", nic, PCIE5_X16_BW, PCIE_EDGE_LATENCY,
+                      "pcie")
+            _link(g, nic, f"leaf{p * rails + r}", ib, IB_EDGE_LATENCY, "ib")
+    g.graph.update(routing="rail-pxn", rails=rails)
     return g, spec
 
 

@@ -47,9 +47,17 @@ class _NodeLegs:
                     self.eid[(self.idx[v], self.idx[u])] = e
         m = len(members)
         graph = sp.csr_matrix((w, (rows, cols)), shape=(m, m))
+        # a NIC is an end point, never a transit hop (two GPUs sharing a NIC's PCIe switch talk over NVLink)
+        is_nic = np.array([topo.graph.nodes[v].get("kind") == "nic" for v in members])
+        transit = np.array([not is_nic[r] for r in rows], dtype=bool)
+        no_nic = sp.csr_matrix((np.asarray(w)[transit], (np.asarray(rows)[transit], np.asarray(cols)[transit])),
+                               shape=(m, m)) if rows else graph
         self.src_row = {v: k for k, v in enumerate(sources)}
-        _, self.pred = dijkstra(graph, directed=True, indices=[self.idx[v] for v in sources],
-                                return_predecessors=True)
+        self.pred = np.empty((len(sources), m), dtype=np.int32)
+        for k, v in enumerate(sources):
+            g = graph if is_nic[self.idx[v]] else no_nic
+            _, pred = dijkstra(g, directed=True, indices=[self.idx[v]], return_predecessors=True)
+            self.pred[k] = pred[0]
 
     def leg(self, a: str, b: str) -> list[int] | None:
         """Edge indices from member a (a source) to member b, or None when b is unreachable inside the node."""
@@ -68,10 +76,10 @@ class _NodeLegs:
 def rail_route_table(topo: Any) -> np.ndarray:
     """[G*G, H] edge indices of every pair's route under ``topo.routing`` (rail-pxn / rail-spine), padded with -1
     anywhere (drop the -1 entries of a row, in order, to get the route)."""
-    G, R = topo.num_gpus, topo.gpus_per_node
+    G, R, NR = topo.num_gpus, topo.gpus_per_node, topo.num_rails  # GPUs per node, NICs (rails) per node
     g = topo.graph
     node = topo._gpu_node
-    rail = np.array([int(g.nodes[v].get("rail", i % R)) for i, v in enumerate(topo.gpu_names)], dtype=np.int64)
+    rail = np.array([int(g.nodes[v]["rail"]) for v in topo.gpu_names], dtype=np.int64)
     pod_of = np.array([topo._node_pod.get(n, 0) for n in range(topo.num_nodes)], dtype=np.int64)
     members: dict[int, list[str]] = {}
     for v, a in g.nodes(data=True):
@@ -92,22 +100,22 @@ def rail_route_table(topo: Any) -> np.ndarray:
             raise topo._fail(f"routing {topo.routing}: no path inside node {n} from {a} to {b}")
         return out
 
-    up: list[list[int]] = []  # [G, R]: GPU -> its node's NIC on rail r -> that rail's leaf
+    up: list[list[int]] = []  # [G, NR]: GPU -> its node's NIC on rail r -> that rail's leaf
     down: list[list[int]] = []  # [G]: its rail's leaf -> its NIC -> the GPU
     intra: list[list[int]] = []  # [G, gpn]: GPU -> k-th GPU of its node
     for n in range(topo.num_nodes):
         gpus = [topo.gpu_names[i] for i in range(n * R, (n + 1) * R)]
-        nics = [topo._nic[(n, r)] for r in range(R)]
+        nics = [topo._nic[(n, r)] for r in range(NR)]
         legs = _NodeLegs(topo, members[n], gpus + nics)
         pod = int(pod_of[n])
         for s in gpus:
-            for r in range(R):
+            for r in range(NR):
                 up.append(leg(legs, n, s, nics[r]) + [edge(nics[r], topo._leaf[(pod, r)])])
             intra.extend(leg(legs, n, s, d) for d in gpus)
         for k, d in enumerate(gpus):
             r = int(rail[n * R + k])
             down.append([edge(topo._leaf[(pod, r)], topo._nic[(n, r)])] + leg(legs, n, topo._nic[(n, r)], d))
-    UP, DOWN, INTRA = _pad(up, (G, R)), _pad(down, (G,)), _pad(intra, (G, R))
+    UP, DOWN, INTRA = _pad(up, (G, NR)), _pad(down, (G,)), _pad(intra, (G, R))
     spines = topo._spines
     S = max(len(spines), 1)
     LS = np.full((len(leaves), S), -1, dtype=np.int64)  # leaf -> spine edge, spine -> leaf edge
@@ -119,7 +127,7 @@ def rail_route_table(topo: Any) -> np.ndarray:
     src = np.arange(G)[:, None]
     dst = np.arange(G)[None, :]
     r_out = np.broadcast_to(rail[None, :] if topo.routing == "rail-pxn" else rail[:, None], (G, G))
-    leaf_of = np.array([[leaf_id[topo._leaf[(p, r)]] for r in range(R)] for p in range(int(pod_of.max()) + 1)])
+    leaf_of = np.array([[leaf_id[topo._leaf[(p, r)]] for r in range(NR)] for p in range(int(pod_of.max()) + 1)])
     leaf_up = leaf_of[pod_of[node][:, None], r_out]
     leaf_dn = np.broadcast_to(leaf_of[pod_of[node], rail][None, :], (G, G))
     cross = leaf_up != leaf_dn

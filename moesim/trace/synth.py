@@ -27,13 +27,23 @@ parallelism, each behind one knob of :class:`SynthConfig`:
   (data-parallel attention); a decode sequence stays on its rank.
 
 Sampling is exact Gumbel-top-k (top-k of logits plus Gumbel noise samples k experts without replacement with
-probabilities proportional to softmax(logits), Kool et al. 2019), vectorised over the tokens of a layer, so
-top-k ids are distinct per token. Router weights: softmax routers (Mixtral, Qwen3) renormalise the softmax over
-the chosen k; sigmoid routers (DeepSeek-V3) normalise the chosen sigmoid scores (norm_topk_prob).
+probabilities proportional to softmax(logits), Kool et al. 2019), in its exponential-race form: top-k of
+exp(logit) / Exp(1) (the same ranking: its log is logit + Gumbel), one log per candidate from raw random bits;
+vectorised over the tokens of a layer, so top-k ids are distinct per token. The chosen experts' perturbed logits
+(a token's own router logits) give the router weights: softmax routers (Mixtral, Qwen3) renormalise the softmax
+over the chosen k; sigmoid routers (DeepSeek-V3) normalise the chosen sigmoid scores (norm_topk_prob).
+Tokens are routed in chunks of ``CHUNK_TOKENS``, each with its own random stream, on a thread pool over the chunks
+of every step (numpy releases the GIL): one large step uses every core, and the result does not depend on the
+thread count.
+``routing="uniform"`` (``--routing uniform``): every expert equally likely — no popularity, domains or
+cross-layer bonus; group limits kept (groups drawn uniformly) — so each token's k experts are a uniform random
+k-subset of its groups and every expert's expected load is tokens·k/E. (``--skew 0`` alone keeps the domains and
+the cross-layer bonus, so it is not uniform.)
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -100,9 +110,12 @@ class SynthConfig:
     seed: int = 0
     weights: bool = True
     origin: bool = True
+    routing: str = "model"  # "model": the knobs above; "uniform": every expert equally likely
 
     def check(self) -> None:
         problems = []
+        if self.routing not in ("model", "uniform"):
+            problems.append(f"routing must be 'model' or 'uniform', got {self.routing!r}")
         for name in ("steps", "tokens", "num_ranks", "num_domains", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -131,9 +144,7 @@ class SynthConfig:
         return asdict(self)
 
 
-# Gumbel(0, 1) quantiles at 65536 evenly spaced probabilities: a table lookup with 16-bit uniforms replaces two
-# logarithms per (token, expert) — the bulk of the generator's time. The quantisation is far below sampling noise.
-_GUMBEL = (-np.log(-np.log((np.arange(1 << 16) + 0.5) / (1 << 16)))).astype(np.float32)
+CHUNK_TOKENS = 16384  # tokens routed together (cache-sized); each chunk has its own random stream
 
 
 class _Router:
@@ -145,6 +156,9 @@ class _Router:
         skew, strength = routing_defaults(model)
         self.skew = float(skew if cfg.skew is None else cfg.skew)
         self.domain_strength = float(strength if cfg.domain_strength is None else cfg.domain_strength)
+        self.layer_corr = float(cfg.layer_corr)
+        if cfg.routing == "uniform":
+            self.skew = self.domain_strength = self.layer_corr = 0.0
         self.rng = np.random.default_rng(cfg.seed)
         L, E = model.num_layers, model.num_experts
         setup = np.random.default_rng([cfg.seed, 1])  # layout independent of the per-step stream
@@ -184,37 +198,37 @@ class _Router:
         return self.decode_domain, self.decode_rank
 
     # -- routing ------------------------------------------------------------------------------------
-    def route(self, step: int, domain: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ids [L, T, k] uint16 (best first) and router weights [L, T, k] float32 of one step.
+    def route(self, step: int, domain: np.ndarray, base: np.ndarray, chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """ids [L, T, k] uint16 (best first) and router weights [L, T, k] float32 of the tokens ``domain`` [T]
+        (chunk ``chunk`` of step ``step``).
 
-        A pure function of its inputs and the step's own random stream, so steps can be routed in parallel.
+        A pure function of its inputs and the chunk's own random stream, so chunks and steps route in parallel.
         """
         m, cfg = self.model, self.cfg
         L, E, k = m.num_layers, m.num_experts, m.top_k
         T = len(domain)
-        rng = np.random.default_rng([cfg.seed, 2, step])
+        rng = np.random.default_rng([cfg.seed, 2, step, chunk])
         ids = np.empty((L, T, k), dtype=np.uint16)
         weights = np.empty((L, T, k), dtype=np.float32)
         prev: np.ndarray | None = None
         grouped = m.num_groups > 1
+        per = E // m.num_groups
         for layer in range(L):
             logits = self.domains[layer] + base[layer]  # [domains, E]
+            shift = logits.max()
+            w = np.exp(np.maximum(logits - shift, -80.0))  # [domains, E] float32 weights exp(logit - shift)
             if grouped:
-                cand, scores = _group_candidates(logits, domain, m.num_groups, m.topk_groups, rng)
+                chosen, scores = _group_candidates(w, domain, m.num_groups, m.topk_groups, rng)
             else:
-                cand, scores = None, np.take(logits, domain, axis=0)  # [T, E]
-            if prev is not None and cfg.layer_corr > 0:
-                _add_successor_bonus(scores, self.succ[layer][prev], cand, E // m.num_groups, cfg.layer_corr)
-            scores += np.take(_GUMBEL, rng.integers(0, _GUMBEL.size, size=scores.shape, dtype=np.uint16))
-            top = _top_k(scores, k)
-            top_scores = _pick(scores, top)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            top = _pick(top, order)
-            top_scores = _pick(top_scores, order)
-            if cand is not None:
-                top = _pick(cand, top)
+                chosen, scores = None, np.take(w, domain, axis=0)  # [T, E]
+            if prev is not None and self.layer_corr > 0:
+                _add_successor_bonus(scores, self.succ[layer][prev], chosen, per, math.exp(self.layer_corr))
+            scores /= _exponential(rng, scores.shape)  # w / Exp(1): ranks as logit + Gumbel
+            top, top_scores = _top_k(scores, k)  # best first
+            if chosen is not None:  # candidate column -> expert id
+                top = _pick(chosen, top // per) * per + top % per
             ids[layer] = top
-            weights[layer] = _router_weights(top_scores, m.router)
+            weights[layer] = _router_weights(np.log(top_scores) + shift, m.router)  # the perturbed logits
             prev = top
         return ids, weights
 
@@ -234,87 +248,120 @@ class _Router:
             yield step, domain.copy(), origin.copy(), self.skew * self.latent, phase
 
     def steps(self, threads: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-        """Route the steps on a thread pool (numpy releases the GIL), yielding them in order."""
+        """Route every step's token chunks on a thread pool (numpy releases the GIL), yielding steps in order."""
         workers = threads or min(os.cpu_count() or 1, 8)
+
+        def chunks(step: int, domain: np.ndarray, base: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+            return [(step, domain[a:a + CHUNK_TOKENS], base, a // CHUNK_TOKENS)
+                    for a in range(0, max(len(domain), 1), CHUNK_TOKENS)]
+
+        def join(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+            if len(parts) == 1:
+                return parts[0]
+            return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
+
         if workers <= 1:
             for step, domain, origin, base, phase in self.inputs():
-                yield (*self.route(step, domain, base), origin, phase)
+                yield (*join([self.route(*c) for c in chunks(step, domain, base)]), origin, phase)
             return
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque[tuple[Future, np.ndarray, str]] = deque()
+            pending: deque[tuple[list[Future], np.ndarray, str]] = deque()
+            queued = 0
             for step, domain, origin, base, phase in self.inputs():
-                pending.append((pool.submit(self.route, step, domain, base), origin, phase))
-                if len(pending) >= 2 * workers:
-                    fut, o, ph = pending.popleft()
-                    yield (*fut.result(), o, ph)
+                futs = [pool.submit(self.route, *c) for c in chunks(step, domain, base)]
+                pending.append((futs, origin, phase))
+                queued += len(futs)
+                while pending and queued - len(pending[0][0]) >= 2 * workers:  # keep the pool fed, memory bounded
+                    futs, o, ph = pending.popleft()
+                    queued -= len(futs)
+                    yield (*join([f.result() for f in futs]), o, ph)
             while pending:
-                fut, o, ph = pending.popleft()
-                yield (*fut.result(), o, ph)
+                futs, o, ph = pending.popleft()
+                yield (*join([f.result() for f in futs]), o, ph)
 
 
-def _group_candidates(logits: np.ndarray, domain: np.ndarray, num_groups: int, topk_groups: int,
+def _exponential(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Exp(1) float32 samples of ``shape`` as −log(U), U in (0, 1) built from the generator's raw bits (23 random
+    mantissa bits, the lowest forced to 1: never 0 or 1) — several times faster than Generator.standard_exponential.
+    """
+    n = int(np.prod(shape))
+    r = rng.bit_generator.random_raw(-(-n // 2)).view(np.uint32)[:n].reshape(shape)
+    r >>= np.uint32(9)
+    r |= np.uint32(0x3F800001)  # 1.m with m's last bit set: (1, 2)
+    u = r.view(np.float32)
+    u -= np.float32(1.0)
+    np.log(u, out=u)
+    np.negative(u, out=u)
+    return u
+
+
+def _group_candidates(w: np.ndarray, domain: np.ndarray, num_groups: int, topk_groups: int,
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """DeepSeek-style group-limited routing: each token keeps ``topk_groups`` of ``num_groups`` expert groups.
 
     Groups are drawn without replacement in proportion to their softmax mass (Gumbel-top-k over the groups'
-    log-sum-exp logits), then experts are chosen only inside them. Returns the candidate experts
-    ``cand [T, topk_groups * per_group]`` (ascending) and their logits ``[T, same]``.
-    DeepSeek-V3 picks groups by the sum of each group's two best scores; sampling groups by mass keeps the
-    same structure (a token's experts lie in at most ``topk_groups`` groups, i.e. nodes) at a fraction of
-    the cost, and skips the noise of the groups not chosen.
+    mass), then experts are chosen only inside them. ``w`` [C, E]: expert weights exp(logit) per domain. Returns the
+    kept groups ``chosen [T, topk_groups]`` and their experts' weights ``[T, topk_groups * per]`` (column ``j`` is
+    expert ``chosen[:, j // per] * per + j % per``). DeepSeek-V3 picks groups by the sum of each group's two best
+    scores; sampling groups by mass keeps the same structure (a token's experts lie in at most ``topk_groups``
+    groups, i.e. nodes) at a fraction of the cost, and skips the noise of the groups not chosen.
     """
     T = len(domain)
-    C, E = logits.shape
+    C, E = w.shape
     per = E // num_groups
-    g = logits.reshape(C, num_groups, per)
-    peak = g.max(axis=2, keepdims=True)
-    group_logit = (peak[:, :, 0] + np.log(np.exp(g - peak).sum(axis=2)))  # [C, G] log-sum-exp
-    gscore = np.take(group_logit, domain, axis=0) + rng.gumbel(size=(T, num_groups)).astype(np.float32)
-    chosen = np.sort(np.argpartition(-gscore, topk_groups - 1, axis=1)[:, :topk_groups], axis=1)
-    cand = (chosen[:, :, None] * per + np.arange(per)).reshape(T, topk_groups * per)
-    scores = np.take(logits.reshape(-1), cand + (domain * E)[:, None])
-    return cand, scores
+    mass = w.reshape(C, num_groups, per).sum(axis=2)  # [C, G]
+    gscore = np.take(mass, domain, axis=0) / _exponential(rng, (T, num_groups))  # mass / Exp(1): Gumbel-top-k
+    rows = np.arange(T)
+    chosen = np.empty((T, topk_groups), dtype=np.int64)
+    for j in range(topk_groups):  # rounds of argmax: no per-row partition
+        best = gscore.argmax(axis=1)
+        chosen[:, j] = best
+        gscore[rows, best] = -np.inf
+    rowsel = (domain * num_groups)[:, None] + chosen  # rows of the [C*G, per] logits: one contiguous copy each
+    scores = np.take(w.reshape(C * num_groups, per), rowsel, axis=0).reshape(T, topk_groups * per)
+    return chosen, scores
 
 
-def _add_successor_bonus(scores: np.ndarray, succ: np.ndarray, cand: np.ndarray | None, per: int,
-                         bonus: float) -> None:
-    """Add ``bonus`` to the logits of the successor experts ``succ [T, k]`` of a token's previous experts.
-
-    With group-limited candidates, successors outside the token's chosen groups are skipped.
+def _add_successor_bonus(scores: np.ndarray, succ: np.ndarray, chosen: np.ndarray | None, per: int,
+                         factor: float) -> None:
+    """Multiply the weights of the successor experts ``succ [T, k]`` of a token's previous experts by ``factor``
+    (exp(layer_corr): the logit bonus). With group-limited candidates, successors outside the token's kept groups
+    are skipped.
     """
     T, W = scores.shape
     flat = scores.reshape(-1)
-    if cand is None:
-        flat[succ + (np.arange(T) * W)[:, None]] += np.float32(bonus)  # distinct per row: no lost updates
-        return
-    chosen = cand[:, ::per] // per  # [T, groups kept], ascending
-    group = succ // per
-    slot = np.empty_like(succ)
-    found = np.zeros(succ.shape, dtype=bool)
-    for j in range(chosen.shape[1]):
-        hit = group == chosen[:, j:j + 1]
-        slot[hit] = j
-        found |= hit
-    pos = slot * per + succ % per + (np.arange(T) * W)[:, None]
-    flat[pos[found]] += np.float32(bonus)
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """[T, k] column indices of the k largest scores of each row (unordered).
-
-    k rounds of argmax: much faster in numpy than argpartition for k << E, and exact.
-    """
-    T, E = scores.shape
-    if k * 4 >= E:
-        return np.argpartition(scores, E - k, axis=1)[:, E - k:]
-    work = scores.copy()
-    out = np.empty((T, k), dtype=np.int64)
     rows = np.arange(T)
+    if chosen is None:
+        flat[succ + (rows * W)[:, None]] *= np.float32(factor)  # distinct per row: no lost updates
+        return
+    group = succ // per
+    width = int(max(chosen.max(initial=0), group.max(initial=0))) + 1
+    slot_of = np.full((T, width), -1, dtype=np.int64)  # [T, groups]: the group's candidate slot, or -1
+    slot_of[rows[:, None], chosen] = np.arange(chosen.shape[1])
+    slot = np.take_along_axis(slot_of, group, axis=1)
+    found = slot >= 0
+    pos = slot * per + succ % per + (rows * W)[:, None]
+    flat[pos[found]] *= np.float32(factor)
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """([T, k] column indices, [T, k] values) of the k largest scores of each row, largest first.
+
+    k rounds of argmax (each row's best, then the next): much faster in numpy than a per-row partition and sort.
+    ``scores`` is overwritten.
+    """
+    T = scores.shape[0]
+    out = np.empty((T, k), dtype=np.int64)
+    val = np.empty((T, k), dtype=scores.dtype)
+    flat = scores.reshape(-1)
+    base = np.arange(T) * scores.shape[1]
     for j in range(k):
-        best = work.argmax(axis=1)
+        best = scores.argmax(axis=1)
         out[:, j] = best
-        work[rows, best] = -np.inf
-    return out
+        pos = base + best
+        val[:, j] = flat[pos]
+        flat[pos] = -np.inf
+    return out, val
 
 
 def _pick(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -361,6 +408,8 @@ def synthesize(model: ModelSpec, cfg: SynthConfig | None, path: str | Path,
     skew, strength = routing_defaults(model)
     resolved = {"skew": skew if cfg.skew is None else cfg.skew,
                 "domain_strength": strength if cfg.domain_strength is None else cfg.domain_strength}
+    if cfg.routing == "uniform":
+        resolved = {"skew": 0.0, "domain_strength": 0.0, "layer_corr": 0.0}
     meta = {"source": "moesim.trace.synth", "synth": {**cfg.to_dict(), **resolved}}
     with TraceWriter(path, model, kind="tokens", weights=cfg.weights, origin=cfg.origin,
                      num_ranks=cfg.num_ranks if cfg.origin else None, meta=meta, atomic=True) as writer:

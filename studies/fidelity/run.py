@@ -14,12 +14,18 @@ out. The table is computed with the constants in moesim/sim/comm.py (what a user
 them and prints both, so a drift shows. The ``flat`` column is the simulator's original all-to-all (once per
 destination GPU, full link bandwidth, no kernel latency) on the same draws.
 
-    python studies/fidelity/run.py [--quick]
+The live runtime's rows (studies/fidelity/live.py): fresh ``moesim validate`` runs on this machine (2 gloo ranks,
+CPU), the validate_loop study's recorded run and the project's one recorded H200 run: measured vs predicted median
+step time and MoE (expert) time; validate's fit window is ``calibration``, the steps after it ``held out``; beside
+them the uncalibrated roofline's prediction where there is one.
+
+    python studies/fidelity/run.py [--quick] [--live-runs N]
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _study as S
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import live
 
 from moesim.sim.comm import BACKEND_PRESETS, BackendSpec
 from moesim.sim.commbench import CommCase, prepare_comm, price_comm
@@ -50,6 +59,13 @@ ROWS: tuple[tuple[str, int, str, float, float, str], ...] = (
     ("low-latency", 256, "us", 194.0, 360.0, "held out"),
 )
 GOAL = 0.15
+LIVE = {"steps": 64, "batch": 32}  # one fresh validate run: ~25-35 s on the shared 2-core machine
+LIVE_QUICK = {"steps": 24, "batch": 8}
+
+
+def _extra(p: Any) -> None:
+    p.add_argument("--live-runs", type=int, default=3,
+                   help="fresh moesim validate runs on this machine (seeds 0..N-1; 0: recorded live rows only)")
 
 
 def _case(kind: str, ep: int, quick: bool) -> CommCase:
@@ -95,7 +111,9 @@ def fit(cases: dict[tuple[str, int], CommCase]) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = S.parse_args(NAME, __doc__ or "", argv)
+    args = S.parse_args(NAME, __doc__ or "", argv, extra=_extra)
+    if args.live_runs < 0:
+        raise SystemExit("--live-runs must be >= 0")
     clock = S.Clock()
     rows_in = [r for r in ROWS if not (args.quick and r[1] > 32)]
     cases = {(k, ep): _case(k, ep, args.quick) for k, ep, *_ in rows_in}
@@ -114,56 +132,87 @@ def main(argv: Sequence[str] | None = None) -> int:
             fr = price_comm(flat_cases[ep])
             fd, fc = fr["dispatch_bw_gbs"], fr["combine_bw_gbs"]
         for phase, pub, pred, flat in (("dispatch", pd, d, fd), ("combine", pc, c, fc)):
-            table.append({"kernels": kind, "EP": ep, "phase": phase, "metric": metric, "published": pub,
-                          "predicted": round(pred, 1), "error": f"{pred / pub - 1:+.1%}",
+            table.append({"system": f"DeepEP {kind}", "EP": ep, "phase": phase, "metric": metric,
+                          "reference": pub, "predicted": round(pred, 1), "error": f"{pred / pub - 1:+.1%}",
+                          "by": f"comm {'hierarchical' if kind == 'normal' else 'low-latency'}",
                           "flat (before)": "" if np.isnan(flat) else f"{flat:.1f} ({flat / pub - 1:+.0%})",
-                          "row": role})
-    held = [abs(float(r["predicted"]) / r["published"] - 1) for r in table if r["row"] == "held out"]
-    cal = [abs(float(r["predicted"]) / r["published"] - 1) for r in table if r["row"] == "calibration"]
+                          "row": role, "source": "DeepEP docs/legacy.md"})
+    held = [_err(r) for r in table if r["row"] == "held out"]
+    cal = [_err(r) for r in table if r["row"] == "calibration"]
+    runs = 1 if args.quick and args.live_runs else args.live_runs
+    shape = LIVE_QUICK if args.quick else LIVE
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = live.live_rows(runs, shape["steps"], shape["batch"], Path(tmp)) if runs else []
+    live_table = fresh + live.recorded_cpu_rows() + live.recorded_gpu_rows()
+    table += live_table
     S.write_csv(args.out / "fidelity.csv", table)
     S.write_json(args.out / "constants.json", {"fitted": dict(zip(("nvlink_eff", "rdma_eff", "ll_dispatch_us",
                                                                    "ll_combine_us"), x.tolist())),
                                                "preset": dict(zip(("nvlink_eff", "rdma_eff", "ll_dispatch_us",
                                                                    "ll_combine_us"), preset.tolist()))})
     _plot(table, args.out / "fidelity.png")
-    text = [f"# moesim comm vs DeepEP ({SOURCE}); hgx-h800:N, analytic engine",
+    text = [f"# moesim comm vs DeepEP ({SOURCE}; hgx-h800:N, analytic engine) and moesim validate vs the live "
+            "runtime (ms; reference = measured)",
             "", S.table(table), "",
             f"constants used (moesim/sim/comm.py): hierarchical nvlink_eff {preset[0]:.3f}, rdma_eff {preset[1]:.3f}; "
             f"low-latency dispatch {preset[2]:.1f} us, combine {preset[3]:.1f} us per kernel, rdma_eff "
             f"{ll.rdma_eff:.3f}",
             f"refitted now on the calibration rows: nvlink_eff {x[0]:.3f}, rdma_eff {x[1]:.3f}, dispatch {x[2]:.1f} "
             f"us, combine {x[3]:.1f} us",
-            f"calibration rows: max |error| {max(cal):.1%}; held-out rows: max |error| {max(held):.1%}, "
-            f"{sum(e <= GOAL for e in held)} of {len(held)} within {GOAL:.0%}"]
+            f"DeepEP calibration rows: max |error| {max(cal):.1%}; held-out rows: max |error| {max(held):.1%}, "
+            f"{sum(e <= GOAL for e in held)} of {len(held)} within {GOAL:.0%}",
+            "live runtime, held-out rows, |error| (validate fit / uncalibrated roofline):"]
+    for system in dict.fromkeys(r["system"] for r in live_table):
+        for by in ("validate fit", "roofline (uncalibrated)"):
+            errs = {r["phase"].split(",")[0]: [] for r in live_table}
+            for r in live_table:
+                if r["system"] == system and r["by"] == by and r["row"] == "held out":
+                    errs[r["phase"].split(",")[0]].append(_err(r))
+            parts = [f"{k} {', '.join(f'{e:.1%}' for e in v)}" for k, v in errs.items() if v]
+            if parts:
+                text.append(f"- {system}, {by}: " + "; ".join(parts))
     S.publish(args, NAME, "\n".join(text), clock)
     return 0
 
 
+def _err(row: dict[str, Any]) -> float:
+    return abs(float(row["predicted"]) / float(row["reference"]) - 1)
+
+
+def _group(row: dict[str, Any]) -> tuple[str, str]:
+    """(legend label, colour) of a row of the table."""
+    if row["system"].startswith("DeepEP"):
+        kind = row["system"].split(" ", 1)[1]
+        return f"DeepEP {kind} ({'GB/s' if kind == 'normal' else 'µs'})", "tab:blue" if kind == "normal" else "tab:red"
+    where = "H200" if "H200" in row["system"] else "CPU"
+    if row["by"].startswith("roofline"):
+        return f"live {where} (ms), roofline uncalibrated", "0.35" if where == "CPU" else "black"
+    return f"live {where} (ms), validate fit", "tab:green" if where == "CPU" else "tab:purple"
+
+
 def _plot(table: list[dict[str, Any]], path: Path) -> None:
+    """Predicted against published/measured, log-log, one colour per system; filled: calibration, open: held out."""
     plt = S.pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    xs = np.geomspace(30, 420, 50)
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    vals = [float(r[k]) for r in table for k in ("reference", "predicted")]
+    xs = np.geomspace(min(vals) / 1.5, max(vals) * 1.5, 50)
     ax.fill_between(xs, xs * (1 - GOAL), xs * (1 + GOAL), color="0.9", label=f"±{GOAL:.0%}", zorder=1)
     ax.plot(xs, xs, color="0.3", lw=1, zorder=2)
+    groups = dict.fromkeys(_group(r) for r in table)
     for role, marker in (("calibration", "o"), ("held out", "s")):
-        rows = [r for r in table if r["row"] == role]
-        for kind, color in (("normal", "tab:blue"), ("low-latency", "tab:red")):
-            sel = [r for r in rows if r["kernels"] == kind]
+        for label, color in groups:
+            sel = [r for r in table if r["row"] == role and _group(r) == (label, color)]
             if sel:
-                ax.scatter([r["published"] for r in sel], [r["predicted"] for r in sel], marker=marker, s=28,
+                ax.scatter([float(r["reference"]) for r in sel], [float(r["predicted"]) for r in sel],
+                           marker="^" if "roofline" in label and role == "held out" else marker, s=28,
                            edgecolors=color, facecolors="none" if role == "held out" else color, zorder=3,
-                           label=f"{kind} ({'GB/s' if kind == 'normal' else 'µs'}), {role}")
+                           label=f"{label}, {role}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    from matplotlib.ticker import ScalarFormatter
-
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(ScalarFormatter())
-    ax.set_xlabel("published by DeepEP (H800)")
-    ax.set_ylabel("predicted by moesim comm")
-    ax.set_title("all-to-all fidelity: normal kernels (bandwidth), low-latency (latency)")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("published (DeepEP, H800) or measured (live runtime)")
+    ax.set_ylabel("predicted by moesim")
+    ax.set_title("fidelity: all-to-all vs DeepEP; step and MoE time vs the live runtime")
+    ax.legend(fontsize=6.5, loc="upper left")
     S.save_fig(fig, path)
 
 

@@ -257,3 +257,61 @@ def test_route_table_fast_path_matches_transfer_many():
     assert ta == pytest.approx(tb, rel=1e-12)
     np.testing.assert_allclose(la, lb)
     assert ta[2] == 0.0  # empty route: arrives at once
+
+
+# -- the compiled code (moesim.sim.maxmin_jit, needs numba) gives the numpy code's results bit for bit ------------
+def _needs_jit():
+    from moesim.sim import maxmin_jit
+
+    maxmin_jit.load()
+    if not maxmin_jit._available:
+        pytest.skip("compiled flow network unavailable (numba not installed, or MOESIM_NO_JIT set)")
+    return maxmin_jit
+
+
+@given(flow_sets(), st.integers(0, 3))
+def test_compiled_maxmin_is_bit_identical(case, extra_pad):
+    jit = _needs_jit()
+    from moesim.sim.network import _LEVEL_RTOL, maxmin_rates_numpy
+
+    bw, _, flows, _ = case
+    pad = len(bw)
+    H = max([len(r) for r, _ in flows] + [1]) + extra_pad
+    routes = np.full((len(flows), H), pad)
+    for i, (r, _) in enumerate(flows):
+        routes[i, :len(r)] = r
+    cap = np.append(bw, np.inf)
+    got = jit.maxmin_rates_jit(routes, cap, _LEVEL_RTOL)
+    want = maxmin_rates_numpy(routes, cap)
+    assert np.array_equal(got, want), (got, want)
+
+
+@given(flow_sets(), st.sampled_from([0.0, 0.3]), st.sampled_from([0.0, 0.05]))
+def test_compiled_network_is_bit_identical(case, quantum, rel_quantum):
+    jit = _needs_jit()
+    bw, lat, flows, starts = case
+
+    def run(compiled: bool):
+        before = jit.set_active(compiled)
+        try:
+            env = simpy.Environment()
+            net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum)
+            arrived = {}
+
+            def starter(i, route, nb, t0):
+                yield env.timeout(t0)
+                arrived[i] = (yield net.transfer(route, nb))
+                arrived[i] = env.now
+
+            for i, ((route, nb), t0) in enumerate(zip(flows, starts)):
+                env.process(starter(i, route, nb, t0))
+            env.run()
+            return arrived, net.flow_record(), net.link_bytes, net.recomputations
+        finally:
+            jit.set_active(before)
+
+    a, b = run(True), run(False)
+    assert a[0] == b[0] and a[3] == b[3]
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k])
+    np.testing.assert_array_equal(a[2], b[2])

@@ -1,0 +1,54 @@
+"""Compiled max-min solve for the DES's flow network (optional: needs ``numba``, ``pip install moesim[fast]``).
+
+:func:`maxmin_rates_jit` runs the same algorithm as :func:`moesim.sim.network.maxmin_rates` (parallel rounds
+that freeze every link that is a local minimum of the fair share) with the same floating-point operations in
+the same order, so both give bit-identical rates (tested); numpy spends ~100 calls of fixed overhead per solve,
+which dominates the DES at 64+ GPUs (thousands of solves per step, a few hundred flows each).
+
+:func:`update_core` is the numeric part of one batch point of :class:`moesim.sim.network.FlowNetwork` (move the
+flows forward, retire the finished ones, take in new ones, solve, find the next hand-over), the same operations as
+the numpy code there, in one call.
+
+Without numba, all are None and the numpy code runs (:func:`set_active` switches between the two);
+``MOESIM_NO_JIT=1`` disables the compiled code.
+The first use compiles (about a second; cached on disk by numba afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+maxmin_rates_jit: Any = None
+update_core: Any = None
+arrive_core: Any = None
+active = False  # whether the flow network uses the compiled code (loaded, and not switched off)
+_loaded = False
+_available = False  # numba imported and the kernels defined
+
+
+def load() -> bool:
+    """Compile (or load numba's cache) on first use, so that importing the simulator never imports numba;
+    returns whether the compiled code is in use."""
+    global _loaded, _available, active, maxmin_rates_jit, update_core, arrive_core
+    if not _loaded:
+        _loaded = True
+        if os.environ.get("MOESIM_NO_JIT"):
+            return False
+        try:
+            from moesim.sim import _maxmin_kernels as k
+        except ImportError:  # numba missing: an optional accelerator, the numpy code runs instead
+            return False
+        maxmin_rates_jit, update_core, arrive_core = k.maxmin_rates_jit, k.update_core, k.arrive_core
+        _available = active = True
+    return active
+
+
+def set_active(on: bool) -> bool:
+    """Use the compiled code (if numba is installed) or the numpy code; returns the previous setting. For
+    benchmarks and tests that compare the two: results are bit-identical, only the speed differs."""
+    global active
+    before = active
+    load()
+    active = _available and bool(on)
+    return before
