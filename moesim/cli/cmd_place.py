@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_source_arguments(p)
     p.add_argument("--algo", default="greedy", help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--out", required=True, help="mapping JSON to write (moesim format)")
-    p.add_argument("--sglang", help="also write SGLang's --init-expert-location JSON here")
+    p.add_argument("--sglang", help="also write SGLang's --init-expert-location file here (.json or .pt; one row per "
+                                    "decoder layer, dense layers included, as SGLang indexes it)")
 
 
 def register(sub: Any) -> None:
@@ -38,13 +39,15 @@ def check_algo(algo: str) -> None:
 
 
 def execute(args: argparse.Namespace) -> dict[str, Any]:
-    """Place, write the mapping (and the SGLang JSON); return the placement's figures (``info`` and ``seconds``)."""
+    """Place, write the mapping (and the SGLang file); return the placement's figures (``info`` and ``seconds``)."""
     from moesim.cli.topology_args import topology_from_args
-    from moesim.io import atomic_write_text
-    from moesim.placement import place
+    from moesim.placement import PlacementError, place
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
 
     check_algo(args.algo)
+    if args.sglang and not args.sglang.lower().endswith((".json", ".pt")):
+        raise PlacementError(f"--sglang must end in .json or .pt (what SGLang's --init-expert-location reads), got "
+                             f"{args.sglang!r}")
     topo = topology_from_args(args)
     src = open_source(args)
     try:
@@ -68,9 +71,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     # write both outputs only once everything is computed (each atomically)
     mapping.save(args.out)
     if args.sglang:
-        import json
-
-        atomic_write_text(args.sglang, json.dumps(mapping.to_sglang()) + "\n")
+        mapping.save_sglang(args.sglang, src.model.num_dense_layers if src.model is not None else 0)
     figures = {k: v for k, v in res.info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"num_gpus": topo.num_gpus, "num_slots": slots, "redundant": slots - E, **figures,
             "seconds": res.seconds}

@@ -105,13 +105,14 @@ def slot_loads(load: np.ndarray, mapping: ExpertMapping) -> np.ndarray:
 def gpu_loads(load: np.ndarray, mapping: ExpertMapping, policy: Any = None) -> np.ndarray:
     """[L, G] expected token-choices per GPU.
 
-    ``policy`` None or round_robin: replicas share evenly. A ``local`` ReplicaPolicy: tokens are assumed to
-    originate evenly on all GPUs and go to the replicas that policy makes eligible from their origin.
+    ``policy`` None or one whose tables every origin shares (``vllm``, ``position``): replicas share evenly.
+    A ``local`` ReplicaPolicy: tokens are assumed to originate evenly on all GPUs and go to the replicas that
+    policy makes eligible from their origin.
     """
     load = np.asarray(load, dtype=np.float64)
     _check_fit(load, mapping)
     G, S = mapping.num_gpus, mapping.slots_per_gpu
-    if policy is None or getattr(policy, "name", "round_robin") == "round_robin":
+    if policy is None or getattr(policy, "shared", True):
         return slot_loads(load, mapping).reshape(load.shape[0], G, S).sum(axis=2)
     out = np.zeros((mapping.num_layers, G))
     slot_gpu = mapping.slot_gpu()
