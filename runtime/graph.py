@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from moesim.runtime.model import Decoder, KVCache, NullTimer, StepContext, rms_norm, rotary
+from moesim.runtime.model import Decoder, KVCache, NullTimer, StepContext, rotary
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -79,18 +79,9 @@ def forward_static(model: Decoder, tokens: torch.Tensor, cache: KVCache, ctx: St
     """tokens [B, T] (B <= the cache's rows) → logits [B, T, V] float32; advances ``cache.lens[:B]`` by T on the
     device. Routing lands in ``ctx`` as in :meth:`Decoder.forward`; ``kv_limit`` as in :func:`static_attention`."""
     B, T = tokens.shape
-    h = model.embed[tokens]
-    for i, lay in enumerate(model.layers):
-        with ctx.timer.region(i, "attention"):
-            h = h + static_attention(model, i, rms_norm(h, lay.ln1), cache, kv_limit)
-            x = rms_norm(h, lay.ln2).reshape(B * T, -1)
-        with ctx.timer.region(i, "gate"):
-            weights, ids = lay.router(x)
-        ctx.routing.append(ids)
-        ctx.router_weights.append(weights)
-        h = h + lay.experts(x, weights, ids, i, ctx).view(B, T, -1)
+    logits = model.run_layers(tokens, lambda i, x: static_attention(model, i, x, cache, kv_limit), ctx)
     cache.lens[:B] += T
-    return (rms_norm(h, model.norm) @ model.lm_head.t()).float()
+    return logits
 
 
 def prefill_chunks(prompt_len: int, chunk: int) -> list[tuple[int, int]]:

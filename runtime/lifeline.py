@@ -5,8 +5,8 @@ the workers; a parent-death signal set after ``import torch`` leaves a window of
 SIGKILLed launcher orphans them, and they then wait for a rendezvous that never comes. So, as the very first
 thing a worker does (this module is imported by the package ``__init__``, before torch): set PR_SET_PDEATHSIG
 to SIGKILL, and start a watchdog thread that exits the process once the launcher (``MOESIM_LAUNCHER_PID``) is
-gone — which also covers a launcher that died before the signal could be set. Imports nothing but the standard
-library; does nothing unless the launcher set the variable.
+gone — which also covers a launcher that died before the signal could be set. Imports nothing heavy (the standard
+library and moesim.io); does nothing unless the launcher set the variable.
 """
 
 from __future__ import annotations
@@ -18,21 +18,10 @@ import signal
 import threading
 import time
 
+from moesim.io import pid_alive as alive  # standard library only: safe before torch
+
 ENV = "MOESIM_LAUNCHER_PID"
 POLL_S = 0.5
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def _watch(pid: int) -> None:

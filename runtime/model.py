@@ -179,20 +179,28 @@ class Decoder:
     def forward(self, tokens: torch.Tensor, cache: KVCache, ctx: StepContext | None = None) -> torch.Tensor:
         """tokens [B, T] int64 → logits [B, T, V] float32; the cache grows by T. Routing lands in ``ctx``."""
         ctx = ctx or StepContext()
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if cache.length + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length} + {T} do not fit")
+        logits = self.run_layers(tokens, lambda i, x: self.attention(i, x, cache), ctx)
+        cache.length += T
+        return logits
+
+    def run_layers(self, tokens: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor],
+                   ctx: StepContext) -> torch.Tensor:
+        """tokens [B, T] → logits [B, T, V] float32 through every layer; ``attend(i, x [B, T, H])`` is layer i's
+        attention (the reference's growing cache, or the graph-ready static cache): the rest is shared."""
+        B, T = tokens.shape
         h = self.embed[tokens]
         for i, lay in enumerate(self.layers):
             with ctx.timer.region(i, "attention"):
-                h = h + self.attention(i, rms_norm(h, lay.ln1), cache)
+                h = h + attend(i, rms_norm(h, lay.ln1))
                 x = rms_norm(h, lay.ln2).reshape(B * T, -1)
             with ctx.timer.region(i, "gate"):
                 weights, ids = lay.router(x)
             ctx.routing.append(ids)
             ctx.router_weights.append(weights)
             h = h + lay.experts(x, weights, ids, i, ctx).view(B, T, -1)
-        cache.length += T
         return (rms_norm(h, self.norm) @ self.lm_head.t()).float()
 
 
