@@ -72,6 +72,9 @@ class Workload:
     # [S, L, G, N] tokens from each origin GPU with a choice on each node (the hierarchical backend's RDMA sends);
     # built only for SimConfig(comm="hierarchical") in the ep layout
     node_tokens: np.ndarray | None = None
+    # send_tokens aggregated per GPU and node-local rank (see :class:`SendCells`); per-token ep workloads of many
+    # GPUs carry these instead of the G² pairs, which are then computed on first access of ``send_tokens``
+    cells: SendCells | None = None
 
     @property
     def num_steps(self) -> int:
@@ -83,7 +86,8 @@ class Workload:
 
     @property
     def num_gpus(self) -> int:
-        return int(self.send_tokens.shape[-1])
+        send = self._send
+        return send.num_gpus if isinstance(send, LazySend) else int(send.shape[-1])
 
     @property
     def slots_per_gpu(self) -> int:
@@ -97,11 +101,13 @@ class Workload:
     def window(self, start: int, stop: int) -> Workload:
         """Steps ``start .. stop-1`` counted from this workload's first step (views, no copy)."""
         sl = slice(start, stop)
+        send = self._send
         return replace(self, step_tokens=self.step_tokens[sl], phase=self.phase[sl], slot_tokens=self.slot_tokens[sl],
-                       send_tokens=self.send_tokens[sl], gpu_tokens=self.gpu_tokens[sl],
-                       first_step=self.first_step + start,
+                       send_tokens=send.window(start, stop) if isinstance(send, LazySend) else send[sl],
+                       gpu_tokens=self.gpu_tokens[sl], first_step=self.first_step + start,
                        kv_len=None if self.kv_len is None else self.kv_len[sl],
-                       node_tokens=None if self.node_tokens is None else self.node_tokens[sl])
+                       node_tokens=None if self.node_tokens is None else self.node_tokens[sl],
+                       cells=None if self.cells is None else self.cells.window(start, stop))
 
     @staticmethod
     def concat(parts: list[Workload]) -> Workload:
@@ -114,13 +120,74 @@ class Workload:
         nodes = None
         if all(p.node_tokens is not None for p in parts):
             nodes = cat([p.node_tokens for p in parts])
+        cells = None
+        if all(p.cells is not None for p in parts) and len({p.cells.gpus_per_node for p in parts}) == 1:
+            cells = SendCells(cat([p.cells.src for p in parts]), cat([p.cells.dst for p in parts]),
+                              parts[0].cells.gpus_per_node)
+        send: np.ndarray | LazySend
+        if all(isinstance(p._send, LazySend) for p in parts):
+            send = LazySend(lambda: cat([p.send_tokens for p in parts]), sum(p.num_steps for p in parts),
+                            parts[0].num_gpus)
+        else:
+            send = cat([p.send_tokens for p in parts])
         return Workload(cat([p.step_tokens for p in parts]), cat([p.phase for p in parts]),
-                        cat([p.slot_tokens for p in parts]), cat([p.send_tokens for p in parts]),
-                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout, kv, nodes)
+                        cat([p.slot_tokens for p in parts]), send,
+                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout, kv, nodes, cells)
 
     def kv_broadcast(self, ndim: int) -> np.ndarray | None:
         """kv_len shaped [S, 1, ...] (``ndim`` axes) to broadcast against per-(step, ...) token arrays."""
         return None if self.kv_len is None else np.asarray(self.kv_len, dtype=float).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _get_send(self: Workload) -> np.ndarray:
+    send = self._send
+    if isinstance(send, LazySend):
+        send = self._send = send.get()
+    return send
+
+
+def _set_send(self: Workload, value: np.ndarray | LazySend) -> None:
+    self._send = value
+
+
+# ``send_tokens`` stays a constructor field; stored in ``_send`` as an array or a LazySend computed on first access
+Workload.send_tokens = property(_get_send, _set_send)  # type: ignore[assignment]
+
+
+class LazySend:
+    """``send_tokens [S, L, G, G]`` computed on first use (``make()``), for workloads whose engines use cells."""
+
+    def __init__(self, make: Any, num_steps: int, num_gpus: int) -> None:
+        self.make, self.num_steps, self.num_gpus = make, int(num_steps), int(num_gpus)
+        self.value: np.ndarray | None = None
+
+    def get(self) -> np.ndarray:
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+    def window(self, start: int, stop: int) -> LazySend:
+        return LazySend(lambda: self.get()[start:stop], len(range(start, stop)[:self.num_steps]), self.num_gpus)
+
+
+@dataclass
+class SendCells:
+    """``send_tokens`` summed into cells of (GPU, node-local rank, same node or not), ``P`` = ``gpus_per_node``.
+
+    ``src [S, L, G, 2P]``: tokens source GPU ``g`` sends to GPU ``node(g)·P + j`` (``[j]``, ``j < P``; ``j`` =
+    ``g mod P`` is its own copy) and to the GPUs of local rank ``j`` in every other node (``[P + j]``).
+    ``dst [S, L, G, 2P]``: tokens destination GPU ``d`` receives from ``node(d)·P + j`` (``[j]``) and from the GPUs
+    of local rank ``j`` in other nodes (``[P + j]``). On topologies whose links each carry the bytes of whole cells
+    (rails: NVLink, per-GPU NICs) the analytic engine prices an exchange from these G·2P numbers per side instead
+    of the G² pairs (:class:`moesim.sim.analytic._CommTables`).
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    gpus_per_node: int
+
+    def window(self, start: int, stop: int) -> SendCells:
+        return SendCells(self.src[start:stop], self.dst[start:stop], self.gpus_per_node)
 
 
 def check_mapping(mapping: ExpertMapping, model: Any) -> None:
@@ -191,11 +258,13 @@ class _LayerChooser:
 def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertMapping,
                       config: SimConfig | None = None, origin: np.ndarray | None = None,
                       phase: np.ndarray | None = None, first_step: int = 0,
-                      tables: tuple[np.ndarray, np.ndarray] | None = None) -> Workload:
+                      tables: tuple[np.ndarray, np.ndarray] | None = None, *, cells: bool | None = None) -> Workload:
     """Workload from per-token choices: ``ids [L, T, k]`` of consecutive steps of ``step_tokens [S]`` tokens.
 
     ``origin [T]``: origin GPU of each token (None: contiguous equal blocks per step, see the module docstring).
     ``tables``: ``config.policy.all_tables(mapping)`` when the caller already has them (they cost O(L²) to make).
+    ``cells``: build :class:`SendCells` and leave ``send_tokens`` to first use (None: when the ep layout's G² pairs
+    per step outnumber the token-choices and the flat all-to-all prices them; False: never; True: where possible).
     """
     config = config or SimConfig()
     ids = np.asarray(ids)
@@ -249,6 +318,25 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
     replicas = mapping.logcnt.max(axis=1)  # [L]
     W = slots // G
     nodes = _NodeCounter(config, S, L, G, step_of, origin) if layout == "ep" and _per_node(config) else None
+    P = int(config.policy.gpus_per_node)
+    if cells is None:
+        cells = T * k < S * G * G and not _custom_comm(config)
+    if cells and layout == "ep" and nodes is None and G % P == 0:
+        def dense() -> np.ndarray:
+            return workload_from_ids(ids, step_tokens, mapping, config, origin, phase, first_step,
+                                     (tables, counts_t), cells=False).send_tokens
+
+        cell = _SendCellCounter(S, L, G, P, step_of, origin, slot_gpu, config.dedup and k > 1)
+        for layer in range(L):
+            ids_t = ids[layer].T  # [k, T]
+            if replicas[layer] <= 1:
+                slot = np.take(tables[layer, 0, :, 0].astype(it), ids_t)
+            else:
+                slot = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)(ids_t, origin_i, key)
+            slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
+            cell.add(layer, slot)
+        return Workload(step_tokens, phase, slot_tokens, LazySend(dense, S, G), gpu_tokens, first_step, layout,
+                        cells=SendCells(cell.src, cell.dst, P))
     if layout == "ep" and S * G * slots <= max(_COMBINED_BINS_PER_CHOICE * T * k, _COMBINED_MIN_BINS):
         # one bincount per layer over (step, origin GPU, slot): summed over origins it is slot_tokens, over each
         # GPU's slots the (origin, destination) choices; dedup subtracts the repeated choices (exact integers)
@@ -297,6 +385,49 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             nodes.add(layer, dst)
     return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout,
                     node_tokens=None if nodes is None else nodes.out)
+
+
+def _custom_comm(config: SimConfig) -> bool:
+    from moesim.sim.analytic import custom_comm
+
+    return custom_comm(config)
+
+
+class _SendCellCounter:
+    """SendCells of a per-token ep workload, one layer at a time: two bincounts over the (de-duplicated) choices
+    keyed (step, source GPU, cell of the destination) and (step, destination GPU, cell of the source)."""
+
+    def __init__(self, S: int, L: int, G: int, P: int, step_of: np.ndarray, origin: np.ndarray,
+                 slot_gpu: np.ndarray, dedup: bool) -> None:
+        it = slot_gpu.dtype
+        self.S, self.G, self.P, self.dedup = S, G, P, dedup
+        self.n = S * G * 2 * P
+        slots = len(slot_gpu)
+        # per (origin node, slot): the destination's cell of the source row and the destination row + cell
+        node = np.arange(G // P)[:, None]
+        inter = (slot_gpu // P)[None, :] != node  # [N, slots]
+        self.cell_of = (inter * P + (slot_gpu % P)[None, :]).astype(it).ravel()
+        self.dst_of = (slot_gpu[None, :] * 2 * P + inter * P).astype(it).ravel()
+        self.o_slot = ((origin // P) * slots).astype(it)[None, :]
+        self.row_src = ((step_of * G + origin) * 2 * P).astype(it)[None, :]
+        self.row_dst = ((step_of * G) * 2 * P + origin % P).astype(it)[None, :]
+        self.slot_gpu = slot_gpu
+        self.src = np.zeros((S, L, G, 2 * P))
+        self.dst = np.zeros((S, L, G, 2 * P))
+
+    def add(self, layer: int, slot: np.ndarray) -> None:
+        """slot [k, T] physical slot of every choice."""
+        at = slot + self.o_slot
+        ks = np.take(self.cell_of, at)
+        ks += self.row_src
+        kd = np.take(self.dst_of, at)
+        kd += self.row_dst
+        shape = (self.S, self.G, 2 * self.P)
+        if self.dedup:
+            keep = ~_dedup_rows(np.take(self.slot_gpu, slot))
+            ks, kd = ks[keep], kd[keep]
+        self.src[:, layer] = np.bincount(ks.ravel(), minlength=self.n).reshape(shape)
+        self.dst[:, layer] = np.bincount(kd.ravel(), minlength=self.n).reshape(shape)
 
 
 def _per_node(config: SimConfig) -> bool:
@@ -475,5 +606,7 @@ def build_workload(trace: Any, mapping: ExpertMapping, config: SimConfig | None 
             origin = chunk.origin[t0:t1] if use_origin and chunk.origin is not None else None
             part = workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo, tables)
         kv = getattr(chunk, "kv_len", None)
-        parts.append(part if kv is None else replace(part, kv_len=np.asarray(kv[a:b], dtype=float)))
+        if kv is not None:
+            part.kv_len = np.asarray(kv[a:b], dtype=float)  # (not dataclasses.replace: it would compute send_tokens)
+        parts.append(part)
     return parts[0] if len(parts) == 1 else Workload.concat(parts)
