@@ -179,18 +179,19 @@ class _CommTables:
         out = self._sparse(flat, m)  # [K + levels + 2, N]: rows are contiguous, reductions over them elementwise
         return self._finish(out, np.asarray(links @ flat.sum(axis=0)).ravel())
 
-    def run_cells(self, src: np.ndarray, dst: np.ndarray, transpose: bool
+    def run_cells(self, src_t: np.ndarray, dst_t: np.ndarray, transpose: bool, scale: float
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """SendCells src, dst [N, G*2P] (bytes) -> as :meth:`run` gives for their exchanges (``cell_t`` set).
-
-        The combine (``transpose``) sends every pair back: its source cells are the dispatch's destination cells.
-        """
+        """SendCells as columns, src_t, dst_t [G*2P, N] tokens -> as :meth:`run` gives for their exchanges in
+        bytes (× ``scale``; ``cell_t`` set). The combine (``transpose``) sends every pair back: its source cells
+        are the dispatch's destination cells."""
         assert self.cell_t is not None
         cs, cd, ls, ld = self.cell_t
-        a, b = (dst, src) if transpose else (src, dst)
-        out = self._sparse(a, cs)
-        out += self._sparse(b, cd)
-        return self._finish(out, ls @ a.sum(axis=0) + ld @ b.sum(axis=0))
+        a, b = (dst_t, src_t) if transpose else (src_t, dst_t)
+        out = cs @ a
+        out += cd @ b
+        out *= scale  # linear in the bytes; the latency test (> 0) does not change
+        total = (ls @ a.sum(axis=1) + ld @ b.sum(axis=1)) * scale
+        return self._finish(out, total)
 
     def _finish(self, out: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """out [K + levels + 2, N] per-exchange column sums -> (seconds, link bytes, intra-node, inter-node)."""
@@ -300,10 +301,8 @@ def _comm_cells(topology: Any, cells: Any, transpose: bool = False, scale: float
     if cells is None or t.cell_t is None or cells.gpus_per_node != t.cell_p:
         return None
     lead = cells.src.shape[:-2]
-    n = cells.src.shape[-2] * cells.src.shape[-1]
-    src = cells.src.reshape(-1, n) * scale
-    dst = cells.dst.reshape(-1, n) * scale
-    sec, link, intra, inter = t.run_cells(src, dst, transpose)
+    src_t, dst_t = cells.columns()
+    sec, link, intra, inter = t.run_cells(src_t, dst_t, transpose, scale)
     return sec.reshape(lead), link, intra.reshape(lead), inter.reshape(lead)
 
 

@@ -40,6 +40,7 @@ tokens a GPU receives are estimated as if a token's top_k choices fell independe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -189,6 +190,16 @@ class SendCells:
     def window(self, start: int, stop: int) -> SendCells:
         return SendCells(self.src[start:stop], self.dst[start:stop], self.gpus_per_node)
 
+    def columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) as contiguous [G*2P, S*L] columns (one exchange per column; computed once): the engine's
+        sparse products read them so, for the dispatch and again for the combine."""
+        cached = self.__dict__.get("_columns")
+        if cached is None:
+            n = self.src.shape[-2] * self.src.shape[-1]
+            cached = self._columns = (np.ascontiguousarray(self.src.reshape(-1, n).T),
+                                      np.ascontiguousarray(self.dst.reshape(-1, n).T))
+        return cached
+
 
 def check_mapping(mapping: ExpertMapping, model: Any) -> None:
     """One-line errors when a mapping does not fit the model (layers, experts)."""
@@ -215,6 +226,13 @@ def policy_tables(policy: Any, mapping: ExpertMapping) -> tuple[np.ndarray, np.n
     (``ExpertMapping.log2phy`` is recomputed on every access and ``ReplicaPolicy.tables`` reads it per layer, so
     ``all_tables`` costs O(L²); a frozen copy holding the derived tables gives identical results in O(L).)
     """
+    if policy.name == "round_robin":
+        # the same table for every origin GPU (ReplicaPolicy.tables copies it G times): read-only broadcast views,
+        # O(L·E) instead of O(L·G·E) (at 256 GPUs the copies cost more than replaying the tokens)
+        l2p, cnt = mapping.log2phy, mapping.logcnt
+        L, E, R = l2p.shape
+        G = mapping.num_gpus
+        return np.broadcast_to(l2p[:, None], (L, G, E, R)), np.broadcast_to(cnt[:, None], (L, G, E))
     cached = _FrozenTables(mapping)
     return policy.all_tables(cached)  # type: ignore[arg-type]
 
@@ -229,6 +247,12 @@ class _FrozenTables:
 
     def slot_gpu(self) -> np.ndarray:
         return self._slot_gpu
+
+
+def _chooser(tables: np.ndarray, counts: np.ndarray, layer: int, it: type, round_robin: bool) -> _LayerChooser:
+    """The layer's chooser; round-robin tables are the same for every origin: only origin 0's are converted."""
+    n = 1 if round_robin else tables.shape[1]
+    return _LayerChooser(tables[layer, :n].astype(it), counts[layer, :n].astype(it), round_robin)
 
 
 class _LayerChooser:
@@ -326,15 +350,14 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             return workload_from_ids(ids, step_tokens, mapping, config, origin, phase, first_step,
                                      (tables, counts_t), cells=False).send_tokens
 
-        cell = _SendCellCounter(S, L, G, P, step_of, origin, slot_gpu, config.dedup and k > 1)
+        cell = _SendCellCounter(S, L, G, P, step_of, origin, slot_gpu, config.dedup and k > 1, step_slots)
         for layer in range(L):
             ids_t = ids[layer].T  # [k, T]
             if replicas[layer] <= 1:
                 slot = np.take(tables[layer, 0, :, 0].astype(it), ids_t)
             else:
-                slot = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)(ids_t, origin_i, key)
-            slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
-            cell.add(layer, slot)
+                slot = _chooser(tables, counts_t, layer, it, rr)(ids_t, origin_i, key)
+            slot_tokens[:, layer] = cell.add(layer, slot)
         return Workload(step_tokens, phase, slot_tokens, LazySend(dense, S, G), gpu_tokens, first_step, layout,
                         cells=SendCells(cell.src, cell.dst, P))
     if layout == "ep" and S * G * slots <= max(_COMBINED_BINS_PER_CHOICE * T * k, _COMBINED_MIN_BINS):
@@ -347,7 +370,7 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             if replicas[layer] <= 1:
                 slot = np.take(tables[layer, 0, :, 0], ids_t)  # [k, T]: expert e's only slot, whatever the policy
             else:
-                chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
+                chooser = _chooser(tables, counts_t, layer, it, rr)
                 slot = chooser(ids_t, origin_i, key)
             c = np.bincount((base + slot).ravel(), minlength=S * G * slots).reshape(S, G, slots)
             slot_tokens[:, layer] = c.sum(axis=1)
@@ -373,7 +396,7 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             slot_tokens[:, layer, only] = per_e
             dst = np.take(slot_gpu[only], ids_t)
         else:
-            chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
+            chooser = _chooser(tables, counts_t, layer, it, rr)
             slot = chooser(ids_t, origin_i, key)  # [k, T]
             slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
             dst = np.take(slot_gpu, slot)
@@ -393,16 +416,36 @@ def _custom_comm(config: SimConfig) -> bool:
     return custom_comm(config)
 
 
+def _cells_kernel() -> Any:
+    """The compiled SendCells count (moesim.sim._cells_kernels) or None: numba missing or MOESIM_NO_JIT set."""
+    global _CELLS_KERNEL
+    if _CELLS_KERNEL is None:
+        _CELLS_KERNEL = False
+        if not os.environ.get("MOESIM_NO_JIT"):
+            try:
+                from moesim.sim._cells_kernels import count_layer
+            except ImportError:  # numba is optional (the ``fast`` extra): the numpy code counts the same
+                pass
+            else:
+                _CELLS_KERNEL = count_layer
+    return _CELLS_KERNEL or None
+
+
+_CELLS_KERNEL: Any = None
+
+
 class _SendCellCounter:
-    """SendCells of a per-token ep workload, one layer at a time: two bincounts over the (de-duplicated) choices
-    keyed (step, source GPU, cell of the destination) and (step, destination GPU, cell of the source)."""
+    """slot_tokens and SendCells of a per-token ep workload, one layer at a time: the choices counted per
+    (step, slot), and the de-duplicated ones per (step, source GPU, cell of the destination) and (step,
+    destination GPU, cell of the source); compiled where numba is installed, else gathers and bincounts."""
 
     def __init__(self, S: int, L: int, G: int, P: int, step_of: np.ndarray, origin: np.ndarray,
-                 slot_gpu: np.ndarray, dedup: bool) -> None:
+                 slot_gpu: np.ndarray, dedup: bool, step_slots: np.ndarray) -> None:
         it = slot_gpu.dtype
         self.S, self.G, self.P, self.dedup = S, G, P, dedup
         self.n = S * G * 2 * P
         slots = len(slot_gpu)
+        self.slots = slots
         # per (origin node, slot): the destination's cell of the source row and the destination row + cell
         node = np.arange(G // P)[:, None]
         inter = (slot_gpu // P)[None, :] != node  # [N, slots]
@@ -411,23 +454,34 @@ class _SendCellCounter:
         self.o_slot = ((origin // P) * slots).astype(it)[None, :]
         self.row_src = ((step_of * G + origin) * 2 * P).astype(it)[None, :]
         self.row_dst = ((step_of * G) * 2 * P + origin % P).astype(it)[None, :]
+        self.step_slots = step_slots
         self.slot_gpu = slot_gpu
         self.src = np.zeros((S, L, G, 2 * P))
         self.dst = np.zeros((S, L, G, 2 * P))
+        self.kernel = _cells_kernel()
 
-    def add(self, layer: int, slot: np.ndarray) -> None:
-        """slot [k, T] physical slot of every choice."""
+    def add(self, layer: int, slot: np.ndarray) -> np.ndarray:
+        """slot [k, T] physical slot of every choice -> the layer's slot_tokens [S, slots]."""
+        shape = (self.S, self.G, 2 * self.P)
+        if self.kernel is not None:
+            per_slot, src, dst = np.zeros(self.S * self.slots), np.zeros(self.n), np.zeros(self.n)
+            self.kernel(slot, self.step_slots[0], self.o_slot[0], self.row_src[0], self.row_dst[0], self.cell_of,
+                        self.dst_of, self.slot_gpu, self.dedup, per_slot, src, dst)
+            self.src[:, layer] = src.reshape(shape)
+            self.dst[:, layer] = dst.reshape(shape)
+            return per_slot.reshape(self.S, self.slots)
+        per_slot = np.bincount((self.step_slots + slot).ravel(), minlength=self.S * self.slots)
         at = slot + self.o_slot
         ks = np.take(self.cell_of, at)
         ks += self.row_src
         kd = np.take(self.dst_of, at)
         kd += self.row_dst
-        shape = (self.S, self.G, 2 * self.P)
         if self.dedup:
             keep = ~_dedup_rows(np.take(self.slot_gpu, slot))
             ks, kd = ks[keep], kd[keep]
         self.src[:, layer] = np.bincount(ks.ravel(), minlength=self.n).reshape(shape)
         self.dst[:, layer] = np.bincount(kd.ravel(), minlength=self.n).reshape(shape)
+        return per_slot.reshape(self.S, self.slots)
 
 
 def _per_node(config: SimConfig) -> bool:
