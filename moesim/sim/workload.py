@@ -6,6 +6,10 @@ One :class:`Workload` holds, for consecutive steps ``S``, MoE layers ``L`` and G
   ``g`` owns the block ``g*W .. g*W+W-1``). Summed over slots: tokens × top_k of the step, in every layout.
 - ``send_tokens [S, L, G, G]`` tokens (or token-choices, ``dedup=False``) sent from source GPU to destination GPU
   by the dispatch; the diagonal is the part that stays on its GPU (no bytes move). Combine sends it back.
+- ``cells`` (:class:`SendCells`, per-token ``ep`` workloads whose G² pairs per step outnumber the token-choices,
+  e.g. DeepSeek-V3 with 16 tokens per GPU on 256 GPUs): ``send_tokens`` summed per (GPU, node-local rank, same or
+  other node), 2·G·P numbers per side instead of G²; ``send_tokens`` itself is then computed on first access
+  (the analytic engine prices the flat all-to-all from the cells and never needs it).
 - ``gpu_tokens [S, L, G]`` tokens whose attention/norm/gate each GPU computes (summed over GPUs: the step's
   tokens, in every layout; in the TP layouts each GPU does 1/G of every token: T/G token-equivalents).
 
@@ -56,6 +60,11 @@ UNKNOWN_PHASE = 255
 # this many per token-choice (or this minimum); beyond, two bincounts over (step, slot) and (step, origin, dest)
 _COMBINED_BINS_PER_CHOICE = 4
 _COMBINED_MIN_BINS = 1 << 16
+# per-token ep workloads carry SendCells (and compute send_tokens only when asked) when the G² pairs per step
+# times this outnumber the token-choices: measured break-even of build + engine (DeepSeek-V3, 4 x 4096 tokens:
+# cells win at 128 GPUs with the compiled count, lose at 64; the numpy count is slower, so later)
+_CELLS_PAIRS_FACTOR = 3.0
+_CELLS_PAIRS_FACTOR_NUMPY = 1.5
 
 
 @dataclass
@@ -344,7 +353,8 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
     nodes = _NodeCounter(config, S, L, G, step_of, origin) if layout == "ep" and _per_node(config) else None
     P = int(config.policy.gpus_per_node)
     if cells is None:
-        cells = T * k < S * G * G and not _custom_comm(config)
+        factor = _CELLS_PAIRS_FACTOR if _cells_kernel() is not None else _CELLS_PAIRS_FACTOR_NUMPY
+        cells = T * k < S * G * G * factor and G > P and not _custom_comm(config)
     if cells and layout == "ep" and nodes is None and G % P == 0:
         def dense() -> np.ndarray:
             return workload_from_ids(ids, step_tokens, mapping, config, origin, phase, first_step,

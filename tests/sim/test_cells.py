@@ -82,8 +82,11 @@ def test_cells_by_default_only_when_pairs_outnumber_choices():
     G, L, E, k = 32, 2, 32, 4
     mapping = ExpertMapping.linear(L, E, G, 1)
     few = workload_from_ids(_ids(rng, L, 64, E, k), np.array([64]), mapping)  # 1024 pairs > 256 choices
-    many = workload_from_ids(_ids(rng, L, 512, E, k), np.array([512]), mapping)  # 1024 pairs < 2048 choices
+    many = workload_from_ids(_ids(rng, L, 2048, E, k), np.array([2048]), mapping)  # 1024 pairs, 8192 choices
     assert few.cells is not None and many.cells is None
+    assert wmod._CELLS_PAIRS_FACTOR_NUMPY <= wmod._CELLS_PAIRS_FACTOR < 8
+    one_node = ExpertMapping.linear(L, 8, 8, 1)  # cells of one node are the pairs themselves
+    assert workload_from_ids(_ids(rng, L, 4, 8, k), np.array([4]), one_node).cells is None
     tp = workload_from_ids(_ids(rng, L, 64, E, k), np.array([64]), mapping, SimConfig(layout="ep-tp-attn"))
     ll = workload_from_ids(_ids(rng, L, 64, E, k), np.array([64]), mapping, SimConfig(comm="low-latency"))
     assert tp.cells is None and ll.cells is None
