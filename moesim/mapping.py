@@ -5,8 +5,9 @@ slot ``slot``; slots are split evenly over GPUs in order (GPU ``g`` holds slots 
 More slots than logical experts means redundant replicas. ``log2phy`` and ``logcnt`` are derived.
 
 On disk: JSON ``{"format": "moesim.mapping", "version": 1, "num_gpus", "num_experts", "phy2log", ...}``,
-written atomically and validated on load. SGLang's ``--init-expert-location`` JSON
-(``{"physical_to_logical_map": [[...]]}``) is exported and imported too.
+written atomically and validated on load. SGLang's ``--init-expert-location`` file
+(``{"physical_to_logical_map": [[...]]}``, JSON or a torch ``.pt``; one row per decoder layer) is exported and
+imported too.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from moesim.errors import MappingError
-from moesim.io import atomic_write_text, read_json
+from moesim.errors import MappingError, MoesimError
+from moesim.io import atomic_path, atomic_write_text, check_file, read_json
 from moesim.models import ModelSpec
 
 FORMAT = "moesim.mapping"
@@ -205,13 +206,15 @@ class ExpertMapping:
 
     @classmethod
     def load(cls, path: str | Path, model: ModelSpec | None = None, num_gpus: int | None = None) -> ExpertMapping:
-        """Read a moesim mapping (or an SGLang expert-location JSON, detected by its key) and validate it."""
-        data = read_json(path, "mapping")
+        """Read a moesim mapping (or an SGLang expert-location ``.json`` / ``.pt``, detected by its key) and
+        validate it."""
+        data = _read_pt(path) if str(path).lower().endswith(".pt") else read_json(path, "mapping")
         try:
             if isinstance(data, dict) and "physical_to_logical_map" in data and "format" not in data:
                 if model is None or num_gpus is None:
                     raise MappingError(f"{path}: an SGLang mapping needs the model and GPU count to be read")
-                mapping = cls.from_sglang(data, num_gpus=num_gpus, num_experts=model.num_experts)
+                mapping = cls.from_sglang(data, num_gpus=num_gpus, num_experts=model.num_experts,
+                                          num_layers=model.num_layers, num_dense_layers=model.num_dense_layers)
             else:
                 mapping = cls.from_dict(data, str(path))
             if model is not None:
@@ -223,16 +226,77 @@ class ExpertMapping:
             raise MappingError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
         return mapping
 
-    def to_sglang(self) -> dict[str, Any]:
-        """SGLang's ``--init-expert-location`` JSON: ``physical_to_logical_map`` [layers, physical experts]."""
-        return {"physical_to_logical_map": self.phy2log.tolist()}
+    def to_sglang(self, num_dense_layers: int = 0) -> dict[str, Any]:
+        """SGLang's ``--init-expert-location`` dict: ``physical_to_logical_map`` [decoder layers, physical experts].
+
+        SGLang indexes the map by decoder layer (``ModelConfigForExpertLocation.num_layers`` is the HF config's
+        ``num_hidden_layers``; DeepSeek-V3: 61 rows), so the ``num_dense_layers`` leading dense layers get rows too,
+        filled as SGLang's ``ExpertLocationMetadata.init_trivial`` fills every layer (``arange(P) % E``; they hold
+        no experts, the rows only have to be valid). The dict has that one key: SGLang passes it as keyword
+        arguments to ``init_by_mapping`` (python/sglang/srt/eplb/expert_location.py)."""
+        trivial = np.arange(self.num_slots) % self.num_experts
+        rows = np.concatenate([np.tile(trivial, (num_dense_layers, 1)), self.phy2log]) if num_dense_layers \
+            else self.phy2log
+        return {"physical_to_logical_map": rows.tolist()}
+
+    def save_sglang(self, path: str | Path, num_dense_layers: int = 0) -> None:
+        """Write :meth:`to_sglang` as SGLang reads ``--init-expert-location``: ``.json`` (json.loads) or ``.pt``
+        (``torch.load(weights_only=True)`` of a dict holding an int64 tensor); any other suffix is refused, as SGLang
+        would parse the path itself as JSON text."""
+        path = Path(path)
+        data = self.to_sglang(num_dense_layers)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            atomic_write_text(path, json.dumps(data) + "\n")
+        elif suffix == ".pt":
+            try:
+                import torch
+            except ImportError:
+                raise MappingError(f"writing {path.name} (a torch .pt file) needs torch; write a .json instead "
+                                   "(SGLang reads both)") from None
+            with atomic_path(path) as tmp:
+                torch.save({"physical_to_logical_map": torch.tensor(data["physical_to_logical_map"],
+                                                                    dtype=torch.int64)}, str(tmp))
+        else:
+            raise MappingError(f"SGLang's --init-expert-location reads .json or .pt files, not {path.name!r}")
 
     @classmethod
-    def from_sglang(cls, data: Any, num_gpus: int, num_experts: int) -> ExpertMapping:
+    def from_sglang(cls, data: Any, num_gpus: int, num_experts: int, num_layers: int | None = None,
+                    num_dense_layers: int = 0) -> ExpertMapping:
+        """An SGLang expert-location dict → mapping. A map over all decoder layers (``num_dense_layers +
+        num_layers`` rows, as SGLang writes it) loses its leading dense rows; ``num_layers`` rows are taken as is."""
         if not isinstance(data, dict) or "physical_to_logical_map" not in data:
             raise MappingError("SGLang expert location must be a JSON object with 'physical_to_logical_map'")
-        return cls(_table(data["physical_to_logical_map"], "physical_to_logical_map"), num_gpus, num_experts,
-                   {"source": "sglang"})
+        raw = data["physical_to_logical_map"]
+        if hasattr(raw, "detach") and hasattr(raw, "numpy"):  # a torch tensor from a .pt file
+            raw = raw.detach().cpu().numpy()
+        table = _table(raw, "physical_to_logical_map")
+        meta: dict[str, Any] = {"source": "sglang"}
+        if num_layers is not None and num_dense_layers and len(table) == num_layers + num_dense_layers:
+            table = table[num_dense_layers:]
+            meta["dropped_dense_rows"] = num_dense_layers
+        elif num_layers is not None and len(table) != num_layers:
+            want = f"{num_layers} MoE layers" + (f" ({num_layers + num_dense_layers} decoder layers)"
+                                                 if num_dense_layers else "")
+            raise MappingError(f"physical_to_logical_map has {len(table)} layers (rows); the model has {want}")
+        return cls(table, num_gpus, num_experts, meta)
+
+
+def _read_pt(path: str | Path) -> Any:
+    """An SGLang ``.pt`` expert-location dict, read with ``torch.load(weights_only=True)`` only."""
+    try:
+        path = check_file(path, "mapping")
+    except MoesimError as exc:
+        raise MappingError(str(exc)) from None
+    try:
+        import torch
+    except ImportError:
+        raise MappingError(f"reading {Path(path).name} (a torch .pt file) needs torch") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ...
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MappingError(f"{path} is not a readable torch file (weights_only): {msg[:200]}") from None
 
 
 def _slots(num_experts: int, num_gpus: int, slots_per_gpu: int | None) -> int:

@@ -26,7 +26,7 @@ KERNELS = ("auto", "torch", "triton")
 
 @dataclass
 class RunConfig:
-    preset: str = "tiny"
+    preset: str | None = "tiny"  # None: the shape comes from the checkpoint's config.json
     nproc: int = 1
     backend: str = "all2all"
     mapping: str | None = None  # path of a moesim mapping JSON; None → linear placement
@@ -37,10 +37,10 @@ class RunConfig:
     record: str | None = None  # output directory for trace.mtrace + run.json
     remap_at: list[tuple[int, str]] = field(default_factory=list)  # (step, mapping path)
     profile: bool = False
-    checkpoint: str | None = None  # local Hugging Face safetensors folder (Mixtral tensor names)
+    checkpoint: str | None = None  # local Hugging Face safetensors folder (classic or fused Mixtral tensor names)
     dtype: str | None = None  # None → float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    policy: str = "round_robin"  # replica policy (moesim.replica)
+    policy: str = "position"  # replica policy (moesim.replica): vllm | position (old name round_robin) | local
     gpus_per_node: int = 8
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch reference on CPU) | "torch" | "triton"
     remap_transport: str = "p2p"  # how a live remap moves weights: "p2p" (batch_isend_irecv) | "all2all"
@@ -68,6 +68,12 @@ class RunConfig:
 
     @property
     def model(self) -> ModelSpec:
+        if self.preset is None:
+            if self.checkpoint is None:
+                raise MoesimError("give --preset or a --checkpoint folder with a config.json")
+            from moesim.runtime.checkpoint import spec_from_checkpoint
+
+            return spec_from_checkpoint(self.checkpoint)
         return get_model(self.preset)
 
 
@@ -224,18 +230,30 @@ def checkpoint_index(folder: str | Path) -> dict[str, Path]:
 
 
 def check_checkpoint(folder: str | Path, model: ModelSpec) -> dict[str, Path]:
-    """Every tensor the model needs is present with the right shape; one line naming the first problem."""
+    """Every tensor the model needs is present with the right shape, under its classic Mixtral name or in the
+    fused (transformers 5) layout (:mod:`moesim.runtime.checkpoint`); one line naming the first problem."""
+    from moesim.runtime.checkpoint import fused_location, fused_shapes
+
     where = checkpoint_index(folder)
     headers: dict[Path, dict[str, Any]] = {}
-    missing = []
-    for name, shape in expected_tensors(model).items():
-        if name not in where:
-            missing.append(name)
-            continue
+
+    def shape_of(name: str) -> tuple[int, ...]:
         path = where[name]
         if path not in headers:
             headers[path] = read_safetensors_header(path)
-        got = tuple(headers[path][name].get("shape", ()))
+        return tuple(headers[path][name].get("shape", ()))
+
+    missing = []
+    fused = fused_shapes(model)
+    for name, shape in expected_tensors(model).items():
+        if name not in where:
+            loc = fused_location(name, model.ffn_size)
+            if loc is not None and loc[0] in where:
+                name, shape = loc[0], fused.get(loc[0], shape)
+            else:
+                missing.append(name)
+                continue
+        got = shape_of(name)
         if got != shape:
             raise MoesimError(f"checkpoint {folder}: tensor {name} has shape {list(got)}, model {model.name!r} "
                               f"needs {list(shape)}")
@@ -249,8 +267,8 @@ def check_checkpoint(folder: str | Path, model: ModelSpec) -> dict[str, Path]:
 
 def add_arguments(p: Any) -> None:
     """Options common to the launcher and the worker (the launcher adds ``--nproc``)."""
-    p.add_argument("--preset", default="tiny", help="model preset (moesim.models): tiny, small, tiny-deepseek, ..., "
-                   "mixtral-8x7b (default tiny)")
+    p.add_argument("--preset", help="model preset (moesim.models): tiny, small, tiny-deepseek, ..., mixtral-8x7b "
+                   "(default: the --checkpoint folder's config.json where it has one, else tiny)")
     p.add_argument("--backend", default="all2all", choices=BACKENDS, help="dispatch/combine backend")
     p.add_argument("--mapping", help="expert mapping JSON (moesim or SGLang format); default: linear placement")
     p.add_argument("--steps", type=int, default=8, help="steps to run: one prefill, then decode (default 8)")
@@ -261,10 +279,12 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--remap-at", action="append", default=[], metavar="STEP:MAPPING.json",
                    help="apply a new expert mapping live before STEP (repeatable)")
     p.add_argument("--profile", action="store_true", help="write a torch profiler Chrome trace per rank into --record")
-    p.add_argument("--checkpoint", metavar="FOLDER", help="Hugging Face safetensors folder with Mixtral tensor names")
+    p.add_argument("--checkpoint", metavar="FOLDER", help="Hugging Face safetensors folder (Mixtral, classic or "
+                   "transformers-5 fused expert tensors); its config.json gives the shape unless --preset is given")
     p.add_argument("--dtype", choices=DTYPES, help="dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--policy", default="round_robin", help="replica policy: round_robin | local (moesim.replica)")
+    p.add_argument("--policy", default="position", help="replica policy (moesim.replica): vllm (vLLM's hash of the "
+                   "token index) | position (old name round_robin) | local")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for the 'local' replica policy (default 8)")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="MoE kernels: auto = Triton on CUDA, torch on CPU; triton on CPU runs the interpreter")
@@ -284,7 +304,9 @@ def add_arguments(p: Any) -> None:
 
 
 def config_from_args(args: Any, nproc: int) -> RunConfig:
-    return RunConfig(preset=args.preset, nproc=nproc, backend=args.backend, mapping=args.mapping, steps=args.steps,
+    from_config = args.checkpoint is not None and (Path(args.checkpoint) / "config.json").is_file()
+    preset = args.preset if args.preset is not None else (None if from_config else "tiny")
+    return RunConfig(preset=preset, nproc=nproc, backend=args.backend, mapping=args.mapping, steps=args.steps,
                      batch=args.batch, prompt_len=args.prompt_len, seed=args.seed, record=args.record,
                      remap_at=[parse_remap(s) for s in args.remap_at], profile=args.profile,
                      checkpoint=args.checkpoint, dtype=args.dtype, device=args.device, policy=args.policy,

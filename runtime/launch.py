@@ -49,15 +49,15 @@ def free_port() -> int:
 
 def worker_args(cfg: RunConfig) -> list[str]:
     """The worker's command-line options for ``cfg`` (everything but ``--nproc``)."""
-    args = ["--preset", cfg.preset, "--backend", cfg.backend, "--steps", str(cfg.steps), "--batch", str(cfg.batch),
+    args = ["--backend", cfg.backend, "--steps", str(cfg.steps), "--batch", str(cfg.batch),
             "--prompt-len", str(cfg.prompt_len), "--seed", str(cfg.seed), "--device", cfg.device,
             "--policy", cfg.policy, "--gpus-per-node", str(cfg.gpus_per_node), "--kernels", cfg.kernels,
             "--remap-transport", cfg.remap_transport, "--prefill-chunk", str(cfg.prefill_chunk),
             "--profile-every", str(cfg.profile_every)]
     if not cfg.graphs:
         args.append("--no-graphs")
-    for flag, value in (("--mapping", cfg.mapping), ("--record", cfg.record), ("--checkpoint", cfg.checkpoint),
-                        ("--dtype", cfg.dtype)):
+    for flag, value in (("--preset", cfg.preset), ("--mapping", cfg.mapping), ("--record", cfg.record),
+                        ("--checkpoint", cfg.checkpoint), ("--dtype", cfg.dtype)):
         if value is not None:
             args += [flag, str(value)]
     for step, path in cfg.remap_at:

@@ -6,8 +6,9 @@ when the slot lives elsewhere). The indirection is what lets a live remap leave 
 rank in the very same storage even when its slot number changes (``moesim.runtime.remap``), and lets two slots of
 one rank share one row.
 
-Replica choice is ``moesim.replica``'s policy — the object the simulator uses — with key = the token's
-position in the step (ranks' tokens concatenated in rank order, as the trace stores them), origin = this rank.
+Replica choice is ``moesim.replica``'s policy — the object the simulator uses — with key =
+``policy.key(position in the step (ranks' tokens concatenated in rank order, as the trace stores them), index in
+this rank's batch)``, origin = this rank.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class EPMoE:
         T = x.shape[0]
         S, pad = self.mapping.slots_per_gpu, self.mapping.num_slots
         with ctx.timer.region(layer, "gate"):
-            key = ctx.keys[:T] if ctx.keys is not None else ctx.key_offset + torch.arange(T, device=x.device)
+            local = torch.arange(T, device=x.device)  # index in this rank's batch (the vllm policy's key)
+            pos = ctx.keys[:T] if ctx.keys is not None else ctx.key_offset + local  # position in the step
+            key = self.policy.key(pos, local)
             origin = torch.zeros(T, dtype=torch.int64, device=x.device)  # row 0 of the table is this rank's
             slots = choose_slots(self.table, self.count, ids, origin, key)  # [T, k] physical slots
             if ctx.valid is not None:

@@ -79,15 +79,25 @@ class SafetensorsWeights(WeightSource):
         self._open: dict[Path, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
+        from moesim.runtime.checkpoint import fused_location
         from safetensors import safe_open
 
-        path = self.where.get(name)
-        if path is None:
-            raise MoesimError(f"checkpoint {self.folder} has no tensor {name}")
+        stored, expert, rows = name, None, None
+        if name not in self.where:  # transformers-5 fused experts: one expert's rows of a [E, ...] tensor
+            loc = fused_location(name, self.model.ffn_size)
+            if loc is None or loc[0] not in self.where:
+                raise MoesimError(f"checkpoint {self.folder} has no tensor {name}")
+            stored, expert, rows = loc
+        path = self.where[stored]
         if path not in self._open:
             self._open[path] = safe_open(str(path), framework="pt", device=str(self.device))
-        sl = self._open[path].get_slice(name)  # type: ignore[attr-defined]
-        t = sl[:]  # reads only this tensor's bytes
+        sl = self._open[path].get_slice(stored)  # type: ignore[attr-defined]
+        if expert is None:
+            t = sl[:]  # reads only this tensor's bytes
+        elif rows is None:
+            t = sl[expert:expert + 1][0]
+        else:
+            t = sl[expert:expert + 1, rows[0]:rows[1]][0]
         if tuple(t.shape) != self.shapes[name]:
             raise MoesimError(f"checkpoint tensor {name} has shape {list(t.shape)}, expected {list(self.shapes[name])}")
         return t.to(torch.float32)

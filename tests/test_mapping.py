@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from moesim.errors import MappingError
 from moesim.mapping import FORMAT, VERSION, ExpertMapping
-from moesim.models import ModelSpec
+from moesim.models import ModelSpec, get_model
 
 
 @st.composite
@@ -176,3 +176,68 @@ def test_missing_field_and_model_checks(tmp_path):
         ExpertMapping.load(path, model=other.with_(num_layers=2, num_experts=8))
     with pytest.raises(MappingError, match="for 2 GPUs but the cluster has 8"):
         ExpertMapping.load(path, num_gpus=8)
+
+
+# -- SGLang: maps indexed by decoder layer ------------------------------------------------------------------
+DSV3 = get_model("deepseek-v3")  # 3 dense + 58 MoE decoder layers, 256 experts
+
+
+def _dsv3_mapping(seed: int = 0) -> ExpertMapping:
+    rng = np.random.default_rng(seed)
+    rows = [np.concatenate([rng.permutation(256), rng.integers(0, 256, 32)]) for _ in range(58)]
+    return ExpertMapping(np.array(rows), 32, 256)  # 288 slots: DeepSeek's prefill EP32 layout
+
+
+def test_sglang_export_has_one_row_per_decoder_layer(tmp_path):
+    """DeepSeek-V3: 61 rows as SGLang's ModelConfigForExpertLocation(num_layers=num_hidden_layers) expects; the
+    dense layers' rows as init_trivial fills them (arange(P) % E)."""
+    m = _dsv3_mapping()
+    rows = np.array(m.to_sglang(DSV3.num_dense_layers)["physical_to_logical_map"])
+    assert rows.shape == (61, 288)
+    assert np.array_equal(rows[:3], np.tile(np.arange(288) % 256, (3, 1)))
+    assert np.array_equal(rows[3:], m.phy2log)
+    m.save_sglang(tmp_path / "sg.json", 3)
+    assert ExpertMapping.load(tmp_path / "sg.json", model=DSV3, num_gpus=32) == m  # dense rows dropped
+    # a 58-row map (per MoE layer) still loads
+    (tmp_path / "moe.json").write_text(json.dumps(m.to_sglang()))
+    assert ExpertMapping.load(tmp_path / "moe.json", model=DSV3, num_gpus=32) == m
+    (tmp_path / "bad.json").write_text(json.dumps({"physical_to_logical_map": rows[:60].tolist()}))
+    with pytest.raises(MappingError, match=r"60 layers \(rows\); the model has 58 MoE layers \(61 decoder"):
+        ExpertMapping.load(tmp_path / "bad.json", model=DSV3, num_gpus=32)
+    with pytest.raises(MappingError, match=r"reads \.json or \.pt"):
+        m.save_sglang(tmp_path / "sg.txt", 3)
+
+
+def test_sglang_pt_export_loads_as_sglang_loads_it(tmp_path):
+    """compute_initial_expert_location_metadata: torch.load(path, weights_only=True) → dict → init_by_mapping(**d)."""
+    torch = pytest.importorskip("torch")
+    m = _dsv3_mapping(1)
+    m.save_sglang(tmp_path / "sg.pt", 3)
+    data = torch.load(str(tmp_path / "sg.pt"), weights_only=True)
+    assert list(data) == ["physical_to_logical_map"]  # init_by_mapping(server_args, model_config, **data)
+    t = data["physical_to_logical_map"]
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.int64 and tuple(t.shape) == (61, 288)
+    assert np.array_equal(t.numpy()[3:], m.phy2log)
+    assert ExpertMapping.load(tmp_path / "sg.pt", model=DSV3, num_gpus=32) == m
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(MappingError, match="not a readable torch file"):
+        ExpertMapping.load(tmp_path / "junk.pt", model=DSV3, num_gpus=32)
+
+
+def test_place_cli_writes_sglang_rows_for_every_decoder_layer(tmp_path, capsys):
+    from moesim.cli import main
+
+    load = np.random.default_rng(2).integers(0, 100, (58, 256))
+    np.save(tmp_path / "load.npy", load)
+    out, sg = tmp_path / "m.json", tmp_path / "sg.json"
+    assert main(["place", "--load", str(tmp_path / "load.npy"), "--model", "deepseek-v3", "--topology",
+                 "dgx-h100:4", "--slots-per-gpu", "9", "--algo", "linear", "--out", str(out),
+                 "--sglang", str(sg)]) == 0
+    rows = json.loads(sg.read_text())["physical_to_logical_map"]
+    assert len(rows) == 61 and rows[3:] == ExpertMapping.load(out).phy2log.tolist()
+    capsys.readouterr()
+    assert main(["place", "--load", str(tmp_path / "load.npy"), "--model", "deepseek-v3", "--topology",
+                 "dgx-h100:4", "--slots-per-gpu", "9", "--algo", "linear", "--out", str(tmp_path / "n.json"),
+                 "--sglang", str(tmp_path / "sg.txt")]) == 2
+    err = capsys.readouterr().err
+    assert ".json or .pt" in err and err.count("\n") == 1 and not (tmp_path / "n.json").exists()

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 MODULES = ["moesim", "moesim.sim", "moesim.sim.des", "moesim.placement", "moesim.placement.rebalance",
            "moesim.topo",  "moesim.cost", "moesim.trace.synth", "moesim.trace.importers", "moesim.trace.stats",
-           "moesim.validate", "moesim.calibration"]
+           "moesim.validate", "moesim.calibration", "moesim.trace.megatron", "moesim.trace.parquet", "moesim.timeline"]
 
 
 def test_simulator_side_imports_without_torch() -> None:

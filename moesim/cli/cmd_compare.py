@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", type=float, default=0.25,
                    help="fraction of a trace's steps (after the fit) to score on; with --window A:B, the steps "
                         "after B are held out")
+    p.add_argument("--holdout-domains", metavar="NAMES",
+                   help="comma-separated domains (or step indices) of a trace whose steps are domains, e.g. an "
+                        "OLMoE import: fit on the other steps, score on these (replaces --holdout)")
     from moesim.cli.cmd_comm import add_comm_argument, add_fixed_argument
 
     add_comm_argument(p)
@@ -65,6 +68,9 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise MoesimError(f"--out {out} exists and is not a directory")
+    domains = [d.strip() for d in args.holdout_domains.split(",") if d.strip()] if args.holdout_domains else None
+    if args.holdout_domains is not None and not domains:
+        raise MoesimError("--holdout-domains is empty")
     topo = topology_from_args(args)
     src = open_source(args)
     try:
@@ -73,18 +79,22 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                            dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype,
                            fixed=load_fixed(args.fixed))
         res = compare(src, topo, algos, slots, holdout=args.holdout, algo_kw=algo_kwargs(args, src.model),
-                      config=config)
+                      config=config, holdout_domains=domains)
     finally:
         if src.trace is not None:
             src.trace.close()
     head = (f"{res['source']} on {topo.name}: {topo.num_gpus} GPUs × {slots // topo.num_gpus} slots "
             f"({slots - src.load.shape[1]} redundant)")
-    fit = f" (fitted on steps {res['fit_steps'][0]}:{res['fit_steps'][1]})" if res["fit_steps"] else ""
+    if res["split"] == "domain":
+        fit = f" (fitted on {', '.join(res['fit_steps'])})"
+        held = f"held-out {', '.join(res['holdout_steps'])} (mappings fitted on the other domains)"
+    else:
+        fit = f" (fitted on steps {res['fit_steps'][0]}:{res['fit_steps'][1]})" if res["fit_steps"] else ""
+        held = (f"held-out steps {res['holdout_steps'][0]}:{res['holdout_steps'][1]} (mappings fitted on the "
+                "window before them)" if res["holdout_steps"] else "")
     text = [head + fit, format_table(res["rows"], COLUMNS)]
     if res["holdout_rows"]:
-        a, b = res["holdout_steps"]
-        text += ["", f"held-out steps {a}:{b} (mappings fitted on the window before them)",
-                 format_table(res["holdout_rows"], HOLDOUT_COLUMNS)]
+        text += ["", held, format_table(res["holdout_rows"], HOLDOUT_COLUMNS)]
     if src.model is None:
         text.append("(no model: give --model for predicted step time and inter-node bytes)")
     if out is not None:
@@ -94,8 +104,7 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
             data = {k: v for k, v in res.items() if k != "mappings"}
             md = [f"# {head}{fit}", "", format_markdown(res["rows"], COLUMNS)]
             if res["holdout_rows"]:
-                md += ["", f"Held-out steps {res['holdout_steps'][0]}:{res['holdout_steps'][1]}", "",
-                       format_markdown(res["holdout_rows"], HOLDOUT_COLUMNS)]
+                md += ["", held[0].upper() + held[1:], "", format_markdown(res["holdout_rows"], HOLDOUT_COLUMNS)]
             plot(res, d / "compare.png")
             atomic_write_text(d / "compare.md", "\n".join(md) + "\n")
             write_json(d / "compare.json", data)

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_source_arguments(p)
     p.add_argument("--algo", default="greedy", help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--out", required=True, help="mapping JSON to write (moesim format)")
-    p.add_argument("--sglang", help="also write SGLang's --init-expert-location JSON here")
+    p.add_argument("--sglang", help="also write SGLang's --init-expert-location file here (.json or .pt; one row per "
+                                    "decoder layer, dense layers included, as SGLang indexes it)")
 
 
 def register(sub: Any) -> None:
@@ -38,21 +39,24 @@ def check_algo(algo: str) -> None:
 
 
 def execute(args: argparse.Namespace) -> dict[str, Any]:
-    """Place, write the mapping (and the SGLang JSON); return the placement's figures (``info`` and ``seconds``)."""
+    """Place, write the mapping (and the SGLang file); return the placement's figures (``info`` and ``seconds``)."""
     from moesim.cli.topology_args import topology_from_args
-    from moesim.io import atomic_write_text
-    from moesim.placement import place
+    from moesim.placement import PlacementError, place
     from moesim.placement.inputs import algo_kwargs, open_source, resolve_slots
 
     check_algo(args.algo)
+    if args.sglang and not args.sglang.lower().endswith((".json", ".pt")):
+        raise PlacementError(f"--sglang must end in .json or .pt (what SGLang's --init-expert-location reads), got "
+                             f"{args.sglang!r}")
     topo = topology_from_args(args)
     src = open_source(args)
     try:
         E = src.load.shape[1]
         slots = resolve_slots(args, E, topo.num_gpus)
         co = src.coactivation() if args.algo in ("affinity", "colocate", "milp") else None
+        extra = {"windows": src.windows()} if args.algo == "robust" else {}
         res = place(src.load, args.algo, num_gpus=topo.num_gpus, num_slots=slots,
-                    gpus_per_node=topo.gpus_per_node, coactivation=co, **algo_kwargs(args, src.model))
+                    gpus_per_node=topo.gpus_per_node, coactivation=co, **algo_kwargs(args, src.model), **extra)
     finally:
         if src.trace is not None:
             src.trace.close()
@@ -61,13 +65,13 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
                  **{k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))}})
     if src.model is not None:
         meta["model"] = src.model.name
+    if "gap_per_layer" in res.info:  # the MILP's proven gap of each layer
+        meta["gap_per_layer"] = [round(float(g), 6) for g in res.info["gap_per_layer"]]
     mapping = type(res.mapping)(res.mapping.phy2log, res.mapping.num_gpus, res.mapping.num_experts, meta)
     # write both outputs only once everything is computed (each atomically)
     mapping.save(args.out)
     if args.sglang:
-        import json
-
-        atomic_write_text(args.sglang, json.dumps(mapping.to_sglang()) + "\n")
+        mapping.save_sglang(args.sglang, src.model.num_dense_layers if src.model is not None else 0)
     figures = {k: v for k, v in res.info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"num_gpus": topo.num_gpus, "num_slots": slots, "redundant": slots - E, **figures,
             "seconds": res.seconds}
@@ -75,7 +79,9 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     r = execute(args)
-    extra = f", MILP gap {r['gap']:.2%}" if "gap" in r else ""
+    extra = f", MILP gap {r['gap']:.2%} (per layer in the mapping's meta)" if "gap" in r else ""
+    if args.algo == "robust":
+        extra += f", {r.get('windows', 0)} windows"
     print(f"{args.algo}: {r['num_gpus']} GPUs × {r['num_slots'] // r['num_gpus']} slots ({r['redundant']} redundant), "
           f"balancedness {r['balancedness']:.4f}, busiest/mean {r['imbalance']:.4f}, "
           f"busiest/bound {r['busiest_over_bound']:.4f}, {r['seconds']:.3f} s{extra} → {args.out}")

@@ -40,8 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "attention (reduce-scatter/all-gather); tp: every expert sharded, all-reduce")
     p.add_argument("--engine", choices=("analytic", "des"), default="analytic",
                    help="analytic (vectorised, busiest link/GPU) or des (discrete-event, flow-level network)")
-    p.add_argument("--policy", choices=("round_robin", "local"), default="round_robin",
-                   help="which replica of a redundant expert serves a token (same policy as the runtime)")
+    p.add_argument("--policy", choices=("vllm", "position", "local", "round_robin"), default="position",
+                   help="which replica of a redundant expert serves a token (moesim.replica; the runtime's "
+                        "policies): vllm (vLLM today: hash of the token's index in its rank's batch), position "
+                        "(token position in the step mod replicas; 'round_robin' is its old name), local (nearest "
+                        "replicas)")
     p.add_argument("--cost", default="roofline", metavar="roofline|fit|CALIB.json",
                    help="cost model: roofline of the topology's device, fit to the trace's recorded timings, a "
                         "kernels/calibrate.py JSON, or a saved cost model JSON")
@@ -62,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebalance", metavar="POLICY",
                    help="re-place experts while replaying: static | periodic:interval=N,window=W | "
                         "threshold:balancedness=X,window=W (moesim.placement.rebalance)")
-    p.add_argument("--rebalance-algo", default="greedy", metavar="ALGO", help="placement algorithm for --rebalance")
+    p.add_argument("--rebalance-algo", default="robust", metavar="ALGO",
+                   help="placement algorithm for --rebalance (robust: drift-aware, fitted against the window's steps)")
     p.add_argument("--rebalance-max-swaps", type=int, default=None, metavar="N",
                    help="with --rebalance-algo incremental: at most N swaps per layer at each rebalance (a move "
                         "budget; default: the algorithm's, 64)")

@@ -36,4 +36,10 @@ def _run(args: argparse.Namespace) -> int:
     rc = launch(cfg, threads=args.threads, check_only=args.check_only, force=args.force)
     if rc != 0:
         raise MoesimError(f"the run failed (torchrun exit code {rc}); see the rank errors above")
+    if cfg.record and not args.check_only:
+        from moesim.timeline import write_run_timeline
+
+        path = write_run_timeline(cfg.record)  # from the recorded timings, after the run (Perfetto)
+        if path is not None:
+            print(f"timeline: {path} (open in https://ui.perfetto.dev)")
     return 0

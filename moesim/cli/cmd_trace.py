@@ -13,7 +13,8 @@ from moesim.trace.reader import add_allow_truncated
 
 ORDER = 10
 
-IMPORT_FORMATS = ("sglang", "vllm-eplb", "vllm", "megatron", "counts", "mixtral-csv", "olmoe", "switch")
+IMPORT_FORMATS = ("sglang", "vllm-eplb", "vllm", "megatron", "counts", "parquet", "mixtral-csv", "olmoe", "switch")
+EXPORT_FORMATS = ("parquet",)
 
 
 def register(sub: Any) -> None:
@@ -76,18 +77,36 @@ def register(sub: Any) -> None:
         description="Formats: sglang (expert-distribution recorder dump: stat / per_pass / per_token, .pt or .json; "
                     "several per-rank files may be given), vllm-eplb (alias vllm: expert_load_window + "
                     "physical_to_logical_map, .pt/.json/.npz, or a bare .npy with --mapping), megatron "
-                    "(router trace JSONL, one line per iteration and layer), counts (a [layers, experts] or [steps, "
-                    "layers, experts] table: .json/.csv/.npy), mixtral-csv, olmoe, switch (the real statistics in "
-                    "shared/data/routing). Token-level inputs give token traces; the rest give load-only traces.",
+                    "(Megatron-Core's --moe-routing-trace-path directory or its router_trace_rank*.jsonl files; all "
+                    "ranks merged; --select mtp for the MTP heads), counts (a [layers, experts] or [steps, "
+                    "layers, experts] table: .json/.csv/.npy), parquet (from 'trace export'), mixtral-csv, olmoe, "
+                    "switch (the real statistics in shared/data/routing). Token-level inputs give token traces; "
+                    "the rest give load-only traces.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     im.add_argument("--format", required=True, choices=IMPORT_FORMATS)
-    im.add_argument("files", nargs="+", metavar="FILE", help="input file(s)")
+    im.add_argument("files", nargs="+", metavar="FILE", help="input file(s) (megatron: or the trace directory)")
     im.add_argument("--model", help="model preset the data belongs to (default: inferred where the format says)")
     im.add_argument("--mapping", help="phy2log for physical-expert counts (moesim or SGLang mapping JSON)")
     im.add_argument("--select", help="olmoe: which entry, e.g. 'olmoe/expert_counts/arxiv' (default: the first "
-                                     "'<model>/expert_counts/*' entry)")
+                                     "'<model>/expert_counts/*' entry); megatron: 'decoder' (default), 'mtp' or "
+                                     "'mtp:I' (one MTP head)")
+    im.add_argument("--buffer-start", type=int, help="sglang stat dump with a full circular buffer: the row of "
+                                                     "the oldest pass (passes recorded modulo the buffer size)")
     im.add_argument("--out", required=True, help="output trace file (.mtrace)")
     im.set_defaults(func=_import)
+
+    ex = tsub.add_parser(
+        "export", help="write a trace as a Parquet table (polars, DuckDB, pandas open it)",
+        description="Parquet: token traces one row per (step, layer, token) with columns step, layer, token, "
+                    "expert_ids (list), weights (list), origin, phase, kv_len; load-only traces one row per (step, "
+                    "layer, expert) with count. 'moesim trace import --format parquet' reads it back. Needs pyarrow "
+                    "(pip install 'moesim[parquet]').")
+    ex.add_argument("trace", help="trace file")
+    ex.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    ex.add_argument("--out", required=True, help="output file (.parquet)")
+    ex.add_argument("--start", type=int, default=0, help="first step of the window")
+    ex.add_argument("--stop", type=int, help="step after the window's last (default: the end)")
+    ex.set_defaults(func=_export)
 
     ld = tsub.add_parser(
         "load", help="export the [layers, experts] load of a trace (for placement)",
@@ -270,11 +289,23 @@ def _import(args: argparse.Namespace) -> int:
     model = _model(args.model) if args.model else None
     t0 = time.perf_counter()
     path, info = import_trace(args.format, [Path(f) for f in args.files], args.out, model=model,
-                              mapping=args.mapping, select=args.select)
+                              mapping=args.mapping, select=args.select, buffer_start=args.buffer_start)
     print(f"wrote {path}: {info['kind']} trace of {info['model']}, {info['steps']} steps, {info['tokens']:,} tokens "
           f"({time.perf_counter() - t0:.1f} s)")
     for note in info.get("notes", []):
         print(f"  note: {note}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from moesim.trace import Trace
+    from moesim.trace.parquet import export_parquet
+
+    with Trace.open(args.trace) as trace:
+        start, stop = _window(trace, args.start, args.stop)
+        info = export_parquet(trace, args.out, start, stop)
+        kind = trace.kind
+    print(f"wrote {args.out}: {info['rows']:,} rows ({kind} trace, steps {start}..{stop - 1})")
     return 0
 
 

@@ -18,8 +18,10 @@ from moesim.placement.base import (
     PlacementError,
     PlacementResult,
     balancedness,
+    check_cap,
     check_load,
     check_shape,
+    enforce_cap,
     gpu_loads,
     imbalance,
     lower_bound,
@@ -50,6 +52,14 @@ def _lpt(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, **kw: Any)
     return ExpertMapping(m.phy2log, G, m.num_experts, {"algo": "lpt"}), {}
 
 
+def _robust(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, windows: Any = None, beta: float = 0.5,
+            delta: float = 0.09, **kw: Any) -> tuple[ExpertMapping, dict]:
+    from moesim.placement.robust import robust
+    from moesim.placement.simple import spread_nodes
+    m, info = robust(load, G, N, windows, beta=beta, delta=delta)
+    return spread_nodes(load, m, gpus_per_node), info
+
+
 def _incremental(load: np.ndarray, G: int, N: int, *, previous: ExpertMapping | None = None,
                  max_swaps: int = 64, gpus_per_node: int = 8, **kw: Any) -> tuple[ExpertMapping, dict]:
     from moesim.placement.simple import incremental
@@ -63,9 +73,9 @@ def _incremental(load: np.ndarray, G: int, N: int, *, previous: ExpertMapping | 
 def _eplb_with(policy: str) -> Callable[..., tuple[ExpertMapping, dict]]:
     def run(load: np.ndarray, G: int, N: int, *, gpus_per_node: int = 8, num_groups: int = 1,
             **kw: Any) -> tuple[ExpertMapping, dict]:
-        from moesim.placement.eplb import eplb
-        m = eplb(load, G, N, gpus_per_node, num_groups, policy)
-        return m, {"policy": m.meta["policy"]}
+        from moesim.placement.eplb import eplb_with_log2phy
+        m, log2phy = eplb_with_log2phy(load, G, N, gpus_per_node, num_groups, policy)
+        return m, {"policy": m.meta["policy"], "log2phy": log2phy}
     return run
 
 
@@ -114,7 +124,11 @@ ALGORITHMS: dict[str, Callable[..., tuple[ExpertMapping, dict]]] = {
     "incremental": _incremental,
     "affinity": _affinity,
     "colocate": _colocate,
+    "robust": _robust,
 }
+# this project's own algorithms: they keep the replica cap (≤ G replicas per expert, never two on one GPU);
+# linear/round_robin (vLLM) and eplb (DeepSeek's reference) are reproduced as their authors wrote them
+CAPPED = frozenset({"lpt", "greedy", "milp", "incremental", "affinity", "colocate", "robust"})
 
 
 def place(load: np.ndarray, algo: str, *, num_gpus: int, num_slots: int, gpus_per_node: int = 8, seed: int = 0,
@@ -129,20 +143,28 @@ def place(load: np.ndarray, algo: str, *, num_gpus: int, num_slots: int, gpus_pe
         raise PlacementError(f"unknown placement algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
     load = check_load(load)
     check_shape(load.shape[1], num_gpus, num_slots, gpus_per_node)
+    if not (isinstance(time_limit, (int, float)) and np.isfinite(time_limit) and time_limit > 0):
+        raise PlacementError(f"time limit must be a positive number of seconds, got {time_limit!r}")
+    own = algo in CAPPED
+    if own:
+        check_cap(load.shape[1], num_gpus, num_slots)
     t0 = time.perf_counter()
     mapping, info = ALGORITHMS[algo](load, num_gpus, num_slots, gpus_per_node=gpus_per_node,
                                      time_limit=time_limit, coactivation=coactivation, seed=seed, **kw)
+    info = dict(info)
+    log2phy = info.pop("log2phy", None)
+    if own:  # safety net; the algorithms themselves keep the cap (tests check they need no repair)
+        mapping, info["cap_repaired_layers"] = enforce_cap(load, mapping)
     seconds = time.perf_counter() - t0
     meta = dict(mapping.meta)
     meta.update({"algo": algo, "seed": seed})
     mapping = ExpertMapping(mapping.phy2log, num_gpus, load.shape[1], meta)
     lb = lower_bound(load, num_gpus, num_slots)
     busiest = gpu_loads(load, mapping).max(axis=1)
-    info = dict(info)
     info.update({"lower_bound": float(lb.mean()),
                  "busiest_over_bound": float(busiest.sum() / lb.sum()) if lb.sum() > 0 else 1.0,
                  "balancedness": balancedness(load, mapping), "imbalance": imbalance(load, mapping)})
-    return PlacementResult(mapping, seconds, info)
+    return PlacementResult(mapping, seconds, info, log2phy)
 
 
 __all__ = ["ALGORITHMS", "PlacementError", "PlacementResult", "balancedness", "gpu_loads", "imbalance",

@@ -96,8 +96,10 @@ def affinity(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int
     L, E = load.shape
     G, S = num_gpus, num_slots // num_gpus
     M = G // gpus_per_node if G % gpus_per_node == 0 else 1
-    if M <= 1 or E % M or num_slots % M:
-        m = greedy(load, G, num_slots)  # one node (or experts not divisible by nodes): plain balance
+    if M <= 1 or E % M or num_slots % M or num_slots // M > (E // M) * gpus_per_node:
+        # one node, experts not divisible by nodes, or a node's slots cannot hold its experts without two
+        # replicas of one on a GPU (the replica cap): plain balance
+        m = greedy(load, G, num_slots)
         return ExpertMapping(m.phy2log, G, E, {"algo": "affinity", "nodes": 1})
     per_node = E // M
     cap = num_slots // M  # slots per node
@@ -128,9 +130,9 @@ def affinity(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int
         prev_part = part
     # replicas within each node (water-filling on the node's experts), then GPUs within the node
     node_load = np.take_along_axis(np.repeat(load[:, None, :], M, axis=1), rows_e, axis=2).reshape(L * M, per_node)
-    counts = replica_counts(node_load, cap)
+    counts = replica_counts(node_load, cap, gpus_per_node)
     expert_local, weight = replica_items(node_load, counts)
-    bins = lpt_pack(weight, gpus_per_node, S)
+    bins = lpt_pack(weight, gpus_per_node, S, keys=expert_local)
     bins = refine_swaps(weight, bins, gpus_per_node, item_key=expert_local)
     local = layout(expert_local, bins)  # [L*M, cap] local expert index within the node
     phy2log = np.take_along_axis(rows_e.reshape(L * M, per_node), local, axis=1).reshape(L, num_slots)
@@ -171,7 +173,7 @@ def _spill_layer(w: np.ndarray, home: np.ndarray, G: int, num_slots: int, gpus_p
     M = G // gpus_per_node
     cap = num_slots // M
     S = num_slots // G
-    counts = replica_counts(w[None], num_slots)[0]
+    counts = replica_counts(w[None], num_slots, G)[0]
     per = w / counts
     node_items: list[list[int]] = [[] for _ in range(M)]
     fill = np.zeros(M)
@@ -193,7 +195,7 @@ def _spill_layer(w: np.ndarray, home: np.ndarray, G: int, num_slots: int, gpus_p
     ww = per[ee]
     order = np.argsort(-ww, axis=1, kind="stable")
     ee, ww = np.take_along_axis(ee, order, axis=1), np.take_along_axis(ww, order, axis=1)
-    bins = refine_swaps(ww, lpt_pack(ww, gpus_per_node, S), gpus_per_node, item_key=ee)
+    bins = refine_swaps(ww, lpt_pack(ww, gpus_per_node, S, keys=ee), gpus_per_node, item_key=ee)
     return layout(ee, bins).reshape(-1)
 
 
@@ -330,7 +332,8 @@ def colocate(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int
         if num_groups > 1 and E % num_groups == 0:
             grown = _group_bins(w, expert // (E // num_groups), G, S)
             grown = _repair_cap(w, expert, A, grown, G, E, cap)
-            if np.bincount(grown, weights=w, minlength=G).max() <= cap:
+            no_dup = np.bincount(grown * E + expert, minlength=G * E).max() <= 1  # the replica cap
+            if no_dup and np.bincount(grown, weights=w, minlength=G).max() <= cap:
                 grown, n2 = _colocate_swaps(w, expert, A, grown, G, E, cap, max_swaps, candidates)
                 if _intra_bins(A, grown) > best_val * (1 + 1e-12):
                     best_bins, n = grown, n2

@@ -37,11 +37,23 @@ class PlacementError(MoesimError):
 
 @dataclass
 class PlacementResult:
-    """A mapping plus how it was obtained: ``seconds`` of algorithm time and ``info`` (gap, bound, ...)."""
+    """A mapping plus how it was obtained: ``seconds`` of algorithm time and ``info`` (gap, bound, ...).
+
+    ``log2phy`` [L, E, max count] (−1 padded): each expert's slots in *replica-rank* order — for ``eplb`` the
+    order DeepSeek's reference returns (rank = the order replicate_experts created the replicas, eplb.py
+    ``log2phy.scatter_(-1, phy2log * maxlogcnt + phyrank, ...)``), so a consumer that picks replica i by
+    position gets the reference's slot; for the other algorithms replicas are ranked in slot order
+    (``ExpertMapping.log2phy``).
+    """
 
     mapping: ExpertMapping
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    log2phy: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.log2phy is None:
+            self.log2phy = self.mapping.log2phy
 
 
 # -- checks -------------------------------------------------------------------------------------------
@@ -93,13 +105,14 @@ def slot_loads(load: np.ndarray, mapping: ExpertMapping) -> np.ndarray:
 def gpu_loads(load: np.ndarray, mapping: ExpertMapping, policy: Any = None) -> np.ndarray:
     """[L, G] expected token-choices per GPU.
 
-    ``policy`` None or round_robin: replicas share evenly. A ``local`` ReplicaPolicy: tokens are assumed to
-    originate evenly on all GPUs and go to the replicas that policy makes eligible from their origin.
+    ``policy`` None or one whose tables every origin shares (``vllm``, ``position``): replicas share evenly.
+    A ``local`` ReplicaPolicy: tokens are assumed to originate evenly on all GPUs and go to the replicas that
+    policy makes eligible from their origin.
     """
     load = np.asarray(load, dtype=np.float64)
     _check_fit(load, mapping)
     G, S = mapping.num_gpus, mapping.slots_per_gpu
-    if policy is None or getattr(policy, "name", "round_robin") == "round_robin":
+    if policy is None or getattr(policy, "shared", True):
         return slot_loads(load, mapping).reshape(load.shape[0], G, S).sum(axis=2)
     out = np.zeros((mapping.num_layers, G))
     slot_gpu = mapping.slot_gpu()
@@ -137,6 +150,7 @@ def lower_bound(load: np.ndarray, num_gpus: int, num_slots: int) -> np.ndarray:
     placement's busiest GPU carries T*, expert e sits on d_e ≥ 1 distinct GPUs with Σ d_e ≤ num_slots, and
     some GPU takes ≥ load_e / d_e of it, so d_e ≥ load_e / T*; the mean bound is averaging. It dominates the
     trivial max(mean, max_e load_e / min(G, slots − E + 1)) and the LP relaxation of the MILP in milp.py.
+    It is at least max_e load_e / G: an expert sits on at most G distinct GPUs (the replica cap).
     """
     load = check_load(load)
     E = load.shape[1]
@@ -158,7 +172,7 @@ def lower_bound(load: np.ndarray, num_gpus: int, num_slots: int) -> np.ndarray:
                 hi = mid
             else:
                 lo = mid + 1
-        out[layer] = cand[lo]
+        out[layer] = max(cand[lo], row.max() / num_gpus)
     return out
 
 
@@ -167,19 +181,107 @@ def _need(row: np.ndarray, t: float) -> int:
     return int(np.maximum(1, np.ceil(row / t - 1e-12)).sum())
 
 
-def replica_counts(load: np.ndarray, num_slots: int) -> np.ndarray:
+def replica_counts(load: np.ndarray, num_slots: int, max_count: int | None = None) -> np.ndarray:
     """[L, E] replica counts minimising the heaviest replica load (greedy water-filling, exact for that goal).
 
-    Each extra slot goes to the expert with the largest load per replica (ties: lowest expert id).
+    Each extra slot goes to the expert with the largest load per replica (ties: lowest expert id) among those
+    with fewer than ``max_count`` replicas (the replica cap: no more replicas than GPUs to hold them).
     """
     load = np.asarray(load, dtype=np.float64)
     L, E = load.shape
     cnt = np.ones((L, E), dtype=np.int64)
     rows = np.arange(L)
+    if max_count is not None and num_slots > E * max_count:
+        raise PlacementError(f"{num_slots} slots for {E} experts would give some expert more than "
+                             f"{max_count} replicas")
     for _ in range(num_slots - E):
-        best = np.argmax(load / cnt, axis=1)
+        per = load / cnt
+        if max_count is not None:
+            per = np.where(cnt < max_count, per, -np.inf)
+        best = np.argmax(per, axis=1)
         cnt[rows, best] += 1
     return cnt
+
+
+def check_cap(num_experts: int, num_gpus: int, num_slots: int) -> None:
+    """The replica cap is satisfiable only with at most E × G slots (else some GPU holds an expert twice)."""
+    if num_slots > num_experts * num_gpus:
+        raise PlacementError(f"{num_slots} slots on {num_gpus} GPUs for {num_experts} experts: some GPU would "
+                             f"hold two replicas of one expert (at most {num_experts * num_gpus} slots)")
+
+
+def cap_violations(mapping: ExpertMapping) -> int:
+    """(layer, GPU, expert) entries holding more than one replica (0 when the replica cap holds)."""
+    L, G = mapping.num_layers, mapping.num_gpus
+    key = (np.arange(L)[:, None] * G + mapping.slot_gpu()[None, :]) * mapping.num_experts + mapping.phy2log
+    c = np.bincount(key.ravel(), minlength=L * G * mapping.num_experts)
+    return int(np.maximum(c - 1, 0).sum())
+
+
+def enforce_cap(load: np.ndarray, mapping: ExpertMapping) -> tuple[ExpertMapping, int]:
+    """(mapping satisfying the replica cap, layers repaired): no expert on more than G slots, no GPU holding
+    one expert twice. The safety net ``place`` runs after every algorithm of this project's own.
+
+    Per violating layer: excess replicas of an expert held more than G times are handed to the expert with the
+    largest load per replica that has fewer than G and is absent from that GPU; then each duplicate replica is
+    swapped with a replica on another GPU (lacking this expert, and whose expert the first GPU lacks), the swap
+    that leaves the pair's heavier GPU lightest. A layer where no such swap exists is dealt afresh
+    (``simple.deal_bins``: always feasible) and improved by ``simple.refine_swaps``.
+    """
+    from moesim.placement.simple import deal_bins, layout, refine_swaps
+
+    G, E = mapping.num_gpus, mapping.num_experts
+    check_cap(E, G, mapping.num_slots)
+    phy = mapping.phy2log.copy()
+    gpu = mapping.slot_gpu()
+    repaired = 0
+    for layer in range(mapping.num_layers):
+        row = phy[layer]
+        has = np.zeros((G, E), dtype=np.int64)
+        np.add.at(has, (gpu, row), 1)
+        if has.max() <= 1:
+            continue
+        repaired += 1
+        cnt = np.bincount(row, minlength=E)
+        for x in np.nonzero(cnt > G)[0]:
+            while cnt[x] > G:
+                s = next(s for s in range(len(row)) if row[s] == x and has[gpu[s], x] > 1)
+                per = np.where((cnt < G) & (has[gpu[s]] == 0), load[layer] / np.maximum(cnt, 1), -np.inf)
+                y = int(np.argmax(per))
+                has[gpu[s], x] -= 1
+                has[gpu[s], y] += 1
+                cnt[x] -= 1
+                cnt[y] += 1
+                row[s] = y
+        w = load[layer] / np.maximum(cnt, 1)
+        fill = np.bincount(gpu, weights=w[row], minlength=G)
+        stuck = False
+        while has.max() > 1 and not stuck:
+            b, x = np.unravel_index(int(np.argmax(has)), has.shape)
+            s = int(np.nonzero((row == x) & (gpu == b))[0][0])
+            ok = (gpu != b) & (has[gpu, x] == 0) & (has[b, row] == 0)
+            if not ok.any():
+                stuck = True
+                break
+            d = w[row] - w[x]  # GPU b gains w[row[t]] − w[x]; GPU of t the opposite
+            worst = np.maximum(fill[b] + d, fill[gpu] - d)
+            t = int(np.argmin(np.where(ok, worst, np.inf)))
+            c, y = gpu[t], row[t]
+            has[b, x] -= 1
+            has[b, y] += 1
+            has[c, y] -= 1
+            has[c, x] += 1
+            fill[b] += w[y] - w[x]
+            fill[c] += w[x] - w[y]
+            row[s], row[t] = y, x
+        if stuck:
+            items = np.repeat(np.arange(E), cnt)[None]
+            bins = refine_swaps(w[items], deal_bins(items, G), G, item_key=items)
+            row[:] = layout(items, bins)[0]
+        phy[layer] = row
+    if not repaired:
+        return mapping, 0
+    return ExpertMapping(phy, G, E, dict(mapping.meta)), repaired
 
 
 def _check_fit(load: np.ndarray, mapping: ExpertMapping) -> None:
@@ -194,6 +296,9 @@ def read_load(path: str | Path, model: ModelSpec | None = None) -> np.ndarray:
 
     JSON: a list of rows, or an object with a ``load`` (or ``counts``) list of rows. CSV: one row per layer,
     numbers only (a first row of names is skipped). .npy: a 2-D numeric array (never unpickled).
+    Values are non-negative weights: token-choice counts or fractional shares (averages, normalised loads) alike;
+    ``moesim trace import --format counts`` stores token counts and refuses fractions, naming this command. An
+    all-zero table is refused (nothing to place by); an all-zero *layer* is legal (placed like any other).
     """
     path = check_file(path, "load file")
     suffix = path.suffix.lower()
@@ -229,6 +334,8 @@ def read_load(path: str | Path, model: ModelSpec | None = None) -> np.ndarray:
     else:
         raise PlacementError(f"load file {path}: unknown format {suffix!r} (use .json, .csv or .npy)")
     load = check_load(arr, f"load file {path}")
+    if load.sum() <= 0:
+        raise PlacementError(f"load file {path} is all zero: nothing to place by")
     if model is not None and load.shape != (model.num_layers, model.num_experts):
         raise PlacementError(f"load file {path} has shape {load.shape[0]}×{load.shape[1]} but model "
                              f"{model.name!r} has {model.num_layers} layers × {model.num_experts} experts")

@@ -1,6 +1,7 @@
 """Placement benchmark on the real statistics in ../shared/data/routing and synthetic DeepSeek-V3 traces.
 
     python -m moesim.placement.bench [--out DIR] [--milp-time 30] [--quick]
+    python -m moesim.placement.bench --drift [--splits all] [--out DIR]   # fitted vs held-out domains
 
 Cases (issue 4's acceptance list): Mixtral-8x7B counts on 8 GPUs × 2 slots; OLMoE (layers 0, 7, 15, all
 domains summed) and Switch-base-128 (6 encoder MoE layers) on 8–64 GPUs with 0–25 % redundant slots; synthetic
@@ -115,13 +116,82 @@ def run(out: Path | None, milp_time: float, quick: bool, data: Path = DATA, tmp:
     return results
 
 
+DRIFT_SHAPES = ((8, 9), (32, 3), (64, 3), (64, 2))  # (GPUs, slots per GPU) on OLMoE's 64 experts
+DRIFT_ALGOS = ("linear", "eplb", "greedy", "robust")
+
+
+def drift(out: Path | None, splits: str = "main", data: Path = DATA) -> list[dict[str, Any]]:
+    """The in-repo drift case: OLMoE per-domain counts, fitted on some domains, scored on the others.
+
+    ``main``: fit on arxiv, book, c4, wikipedia; score on github and tulu (code and chat: the largest shift).
+    ``all``: every split of the six domains into four fitted and two held out (15), reported as means and as
+    the number of splits where robust's held-out busiest/mean is below EPLB's. Columns: busiest/mean on the
+    fitted load and on the held-out load, their ratio, and greedy fitted on the held-out load itself (what a
+    placement that knew the future would reach). ``robust`` gets one window per fitted domain.
+    """
+    from itertools import combinations
+
+    from moesim.placement import imbalance, place
+    from moesim.trace.datasets import read_olmoe
+
+    path = data / "olmoe-routing-analysis" / "expert_counts_all.json"
+    imp = read_olmoe(path)
+    names = [k.rsplit("/", 1)[-1] for k in imp.meta["steps"]]
+    counts = imp.counts.astype(np.float64)  # [6 domains, 3 layers, 64 experts]
+    main_test = (names.index("github"), names.index("tulu"))
+    tests = [main_test] if splits == "main" else list(combinations(range(len(names)), 2))
+    rows: list[dict[str, Any]] = []
+    for test in tests:
+        fit = [i for i in range(len(names)) if i not in test]
+        fl, tl = counts[fit].sum(axis=0), counts[list(test)].sum(axis=0)
+        for G, S in DRIFT_SHAPES:
+            oracle = place(tl, "greedy", num_gpus=G, num_slots=G * S).info["imbalance"]
+            for algo in DRIFT_ALGOS:
+                kw = {"windows": counts[fit]} if algo == "robust" else {}
+                r = place(fl, algo, num_gpus=G, num_slots=G * S, **kw)
+                a, b = imbalance(fl, r.mapping), imbalance(tl, r.mapping)
+                rows.append({"held_out": "+".join(names[i] for i in test), "gpus": G, "slots": S, "algo": algo,
+                             "fitted": a, "held_out_imbalance": b, "ratio": b / a, "oracle": oracle,
+                             "seconds": r.seconds})
+    md = [f"# OLMoE drift ({splits} split{'s' if splits != 'main' else ''}; busiest/mean, mean over layers)", "",
+          "| GPUs × slots | algorithm | fitted | held out | held-out ÷ fitted | vs eplb held out | "
+          "greedy on held-out | splits robust < eplb |", "|---|---|---|---|---|---|---|---|"]
+    for G, S in DRIFT_SHAPES:
+        sel = [r for r in rows if r["gpus"] == G and r["slots"] == S]
+        eplb = np.mean([r["held_out_imbalance"] for r in sel if r["algo"] == "eplb"])
+        for algo in DRIFT_ALGOS:
+            mine = [r for r in sel if r["algo"] == algo]
+            f, h = np.mean([r["fitted"] for r in mine]), np.mean([r["held_out_imbalance"] for r in mine])
+            wins = ""
+            if algo == "robust":
+                e = {r["held_out"]: r["held_out_imbalance"] for r in sel if r["algo"] == "eplb"}
+                wins = f"{sum(r['held_out_imbalance'] < e[r['held_out']] for r in mine)} of {len(mine)}"
+            md.append(f"| {G} × {S} | {algo} | {f:.4f} | {h:.4f} | {h / f:.3f} | {h / eplb - 1:+.1%} | "
+                      f"{np.mean([r['oracle'] for r in mine]):.4f} | {wins} |")
+    text = "\n".join(md)
+    print(text)
+    if out is not None:
+        from moesim.io import atomic_write_text, write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / f"drift-{splits}.md", text + "\n")
+        write_json(out / f"drift-{splits}.json", rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moesim.placement.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="directory for bench.md and bench.json")
     p.add_argument("--milp-time", type=float, default=30.0, help="MILP time limit per case (seconds)")
     p.add_argument("--quick", action="store_true", help="fewer cases and steps, no MILP")
     p.add_argument("--data", type=Path, default=DATA, help="the shared routing data folder")
+    p.add_argument("--drift", action="store_true", help="only the OLMoE drift table: fitted vs held-out domains")
+    p.add_argument("--splits", choices=("main", "all"), default="main",
+                   help="--drift: github+tulu held out (main) or all 15 four/two splits of the six domains")
     args = p.parse_args(argv)
+    if args.drift:
+        drift(args.out, args.splits, args.data)
+        return 0
     run(args.out, args.milp_time, args.quick, args.data)
     return 0
 

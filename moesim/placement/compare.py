@@ -5,7 +5,10 @@ base.lower_bound), balancedness (vLLM's Σ mean / Σ max) and imbalance (mean ov
 with a model, the analytic engine's predicted mean step time and inter-node bytes per token; the algorithm's
 own seconds. On a trace with several steps, the mapping is fitted on a window and *also* scored on the steps
 that follow it (``holdout``), as a live rebalancer would experience it: a placement fitted to the very load
-it is scored on flatters every algorithm.
+it is scored on flatters every algorithm. ``holdout_domains`` splits by domain instead: on a trace whose steps are
+domains or sources (an OLMoE per-domain import: trace meta ``steps``), fit on the other steps and score on the
+named ones — traffic of a kind the placement has not seen. Held-out rows carry ``ratio`` = held-out ÷ fitted
+busiest/mean. ``robust`` gets the fit steps as its windows (one per domain, or runs of steps).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ COLUMNS = [("algo", "algorithm", "{}"), ("busiest_over_bound", "busiest/bound", 
            ("seconds", "algo time (s)", "{:.3g}")]
 HOLDOUT_COLUMNS = [("algo", "algorithm", "{}"), ("busiest_over_bound", "busiest/bound", "{:.4f}"),
                    ("balancedness", "balancedness", "{:.4f}"), ("imbalance", "busiest/mean", "{:.4f}"),
+                   ("ratio", "held-out ÷ fitted", "{:.3f}"),
                    ("inter_bytes_per_token", "IB bytes/token", "{:.4g}"), ("step_time", "step time (s)", "{:.4g}")]
 
 
@@ -57,9 +61,36 @@ def predict(source: Any, mapping: ExpertMapping, topology: Any, model: Any, cost
             "inter_bytes_per_token": float(np.sum(res.bytes_inter)) / tokens if tokens > 0 else 0.0}
 
 
+def step_names(trace: Any) -> list[str]:
+    """A name per trace step: the last part of the trace meta's ``steps`` entries (OLMoE: arxiv, book, ...), else
+    the step index."""
+    names = trace.meta.get("steps") if isinstance(trace.meta, dict) else None
+    if isinstance(names, list) and len(names) == trace.num_steps and all(isinstance(n, str) for n in names):
+        return [n.rsplit("/", 1)[-1] for n in names]
+    return [str(i) for i in range(trace.num_steps)]
+
+
+def domain_split(trace: Any, holdout: list[str]) -> tuple[list[int], list[int]]:
+    """(fit steps, held-out steps) for held-out domain names (or step indices); one-line errors otherwise."""
+    names = step_names(trace)
+    test = []
+    for h in holdout:
+        if h in names:
+            test.append(names.index(h))
+        elif h.isdigit() and int(h) < trace.num_steps:
+            test.append(int(h))
+        else:
+            raise MoesimError(f"--holdout-domains: no step or domain {h!r} in the trace (it has: {', '.join(names)})")
+    test = sorted(set(test))
+    fit = [i for i in range(trace.num_steps) if i not in test]
+    if not fit:
+        raise MoesimError("--holdout-domains holds out every step: nothing left to fit on")
+    return fit, test
+
+
 def compare(src: Any, topology: Any, algos: list[str], num_slots: int, *, holdout: float = 0.25,
             algo_kw: dict[str, Any] | None = None, config: Any = None, cost: Any = None,
-            progress: Any = None) -> dict[str, Any]:
+            progress: Any = None, holdout_domains: list[str] | None = None) -> dict[str, Any]:
     """Run every algorithm on ``src`` (placement.inputs.LoadSource); return {"rows", "holdout_rows", ...}."""
     unknown = [a for a in algos if a not in ALGORITHMS]
     if unknown:
@@ -73,7 +104,17 @@ def compare(src: Any, topology: Any, algos: list[str], num_slots: int, *, holdou
     fit_load, test_load = src.load, None
     fit_range = test_range = None
     trace = src.trace
-    if trace is not None:
+    fit_steps = test_steps = None
+    if holdout_domains:
+        if trace is None:
+            raise MoesimError("--holdout-domains needs a --trace whose steps are domains (e.g. an OLMoE import)")
+        if src.window != (0, trace.num_steps):
+            raise MoesimError("--holdout-domains and --window cannot be combined")
+        fit_steps, test_steps = domain_split(trace, holdout_domains)
+        per_step = trace.load().astype(np.float64)
+        fit_load, test_load = per_step[fit_steps].sum(axis=0), per_step[test_steps].sum(axis=0)
+        windows = per_step[fit_steps]
+    elif trace is not None:
         start, stop = src.window
         if holdout > 0 and src.window == (0, trace.num_steps) and trace.num_steps >= 2:
             cut = max(1, min(trace.num_steps - 1, round(trace.num_steps * (1 - holdout))))
@@ -82,14 +123,23 @@ def compare(src: Any, topology: Any, algos: list[str], num_slots: int, *, holdou
             fit_range, test_range = (start, stop), (stop, trace.num_steps)
         else:
             fit_range = (start, stop)
-        fit_load = trace.load(*fit_range).sum(axis=0).astype(np.float64)
+        per_step = trace.load(*fit_range).astype(np.float64)
+        fit_load = per_step.sum(axis=0)
+        windows = per_step
         if test_range is not None:
             test_load = trace.load(*test_range).sum(axis=0).astype(np.float64)
+    if fit_load.sum() <= 0:
+        raise MoesimError("the fitted load is all zero: nothing to place by")
     co = None
-    if trace is not None and any(a in ("affinity", "colocate", "milp") for a in algos):
+    if trace is not None and fit_range is not None and any(a in ("affinity", "colocate", "milp") for a in algos):
         from moesim.placement.affinity import coactivation_from_trace
 
         co = coactivation_from_trace(trace, *fit_range)
+    kw_robust: dict[str, Any] = {}
+    if trace is not None and "robust" in algos:
+        from moesim.placement.robust import split_windows
+
+        kw_robust["windows"] = split_windows(windows)
     sim_ok = model is not None
     if sim_ok and cost is None:
         from moesim.cost import CostModel
@@ -103,25 +153,32 @@ def compare(src: Any, topology: Any, algos: list[str], num_slots: int, *, holdou
     rows, hrows, mappings = [], [], {}
     for algo in algos:
         res = place(fit_load, algo, num_gpus=G, num_slots=num_slots, gpus_per_node=topology.gpus_per_node,
-                    coactivation=co, **(algo_kw or {}))
+                    coactivation=co, **(algo_kw or {}), **(kw_robust if algo == "robust" else {}))
         mappings[algo] = res.mapping
         row: dict[str, Any] = {"algo": algo, "seconds": res.seconds, **score(fit_load, res.mapping, num_slots)}
         if "gap" in res.info:
             row["milp_gap"] = res.info["gap"]
         if sim_ok:
-            if trace is not None:
+            if trace is not None and fit_range is not None:
                 row.update(predict(trace, res.mapping, topology, model, cost, config, *fit_range))
             else:
                 row.update(predict(None, res.mapping, topology, model, cost, config, 0, 1, counts=fit_load[None]))
         rows.append(row)
         if test_load is not None:
             hrow: dict[str, Any] = {"algo": algo, **score(test_load, res.mapping, num_slots)}
-            if sim_ok:
+            hrow["ratio"] = hrow["imbalance"] / row["imbalance"]
+            if sim_ok and test_range is not None:
                 hrow.update(predict(trace, res.mapping, topology, model, cost, config, *test_range))
+            elif sim_ok:
+                hrow.update(predict(None, res.mapping, topology, model, cost, config, 0, 1, counts=test_load[None]))
             hrows.append(hrow)
         if progress is not None:
             progress(algo)
+    if test_steps is not None:
+        names = step_names(trace)
+        fit_range, test_range = [names[i] for i in fit_steps], [names[i] for i in test_steps]
     return {"rows": rows, "holdout_rows": hrows, "fit_steps": fit_range, "holdout_steps": test_range,
+            "split": "domain" if test_steps is not None else "steps",
             "num_gpus": G, "num_slots": num_slots, "gpus_per_node": topology.gpus_per_node,
             "model": None if model is None else model.name, "topology": topology.name, "source": src.label,
             "mappings": mappings}

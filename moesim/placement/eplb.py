@@ -281,10 +281,20 @@ def check_eplb(num_experts: int, num_slots: int, num_groups: int, num_nodes: int
 
 def eplb(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int = 8, num_groups: int = 1,
          policy: str = "auto") -> ExpertMapping:
-    """DeepSeek EPLB's mapping for ``load`` [L, E] (nodes = GPUs / gpus_per_node, at least one)."""
+    """DeepSeek EPLB's mapping for ``load`` [L, E] (nodes = GPUs / gpus_per_node, at least one).
+
+    Like the reference, it may give an expert more replicas than GPUs, two of them on one GPU (replicate_experts
+    water-fills without a cap): kept, so that it stays equal to DeepSeek's output; this project's own algorithms
+    never do (``placement.CAPPED``)."""
+    return eplb_with_log2phy(load, num_gpus, num_slots, gpus_per_node, num_groups, policy)[0]
+
+
+def eplb_with_log2phy(load: np.ndarray, num_gpus: int, num_slots: int, gpus_per_node: int = 8, num_groups: int = 1,
+                      policy: str = "auto") -> tuple[ExpertMapping, np.ndarray]:
+    """(``eplb``'s mapping, the reference's log2phy [L, E, max count]: slots in replica-rank order)."""
     E = load.shape[1]
     num_nodes = max(1, num_gpus // gpus_per_node) if num_gpus % gpus_per_node == 0 else 1
     used = check_eplb(E, num_slots, num_groups, num_nodes, num_gpus, policy)
-    phy2log, _, _ = rebalance_experts(load, num_slots, num_groups, num_nodes, num_gpus, used)
+    phy2log, log2phy, _ = rebalance_experts(load, num_slots, num_groups, num_nodes, num_gpus, used)
     return ExpertMapping(phy2log, num_gpus, E, {"algo": "eplb", "policy": used, "num_groups": num_groups,
-                                                 "num_nodes": num_nodes})
+                                                "num_nodes": num_nodes}), log2phy

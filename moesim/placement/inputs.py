@@ -25,6 +25,16 @@ class LoadSource:
     window: tuple[int, int] | None = None
     label: str = ""
 
+    def windows(self, num_windows: int = 8) -> np.ndarray | None:
+        """[W, L, E] the fit window's steps in up to ``num_windows`` runs (``robust``'s scenarios); None for a
+        load file (one table: nothing to be robust against)."""
+        if self.trace is None:
+            return None
+        from moesim.placement.robust import split_windows
+
+        start, stop = self.window or (0, self.trace.num_steps)
+        return split_windows(self.trace.load(start, stop), num_windows)
+
     def coactivation(self) -> Any:
         if self.trace is None:
             return None
@@ -50,7 +60,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     slots.add_argument("--redundant", type=int, help="redundant slots in total (slots = experts + R)")
     p.add_argument("--groups", type=int, help="expert groups for eplb (default: the model's, else 1)")
     p.add_argument("--time-limit", type=finite_float(0.0, 86400.0, open_lo=True), default=30.0,
-                   help="seconds for milp (shared over layers)")
+                   help="seconds for milp (layers run in parallel, each with limit ÷ rounds of layers)")
     p.add_argument("--internode-weight", type=finite_float(0.0), default=0.0,
                    help="milp: weight of co-activated pairs that share no node (needs --trace)")
 
@@ -80,6 +90,8 @@ def open_source(args: argparse.Namespace) -> LoadSource:
             raise MoesimError(f"--model {model.name} does not match the trace's model {trace.model.name}")
         start, stop = parse_window(args.window, trace.num_steps)
         load = trace.load(start, stop).sum(axis=0).astype(np.float64)
+        if load.sum() <= 0:
+            raise PlacementError(f"trace {args.trace} steps {start}:{stop} route no tokens: nothing to place by")
         return LoadSource(load, trace.model, trace, (start, stop), f"{args.trace} steps {start}:{stop}")
     if args.window:
         raise MoesimError("--window applies to --trace only")

@@ -4,13 +4,14 @@ The busiest GPU's load under an even split over replicas, Σ_e load_e · n_eg / 
 linear. We make it linear by enumerating each expert's replica count (per-expert split is then fixed):
 
     z_ek ∈ {0,1}     expert e has exactly k replicas            Σ_k z_ek = 1
-    u_egk ∈ ℤ≥0      replicas of e on GPU g if e has k of them  Σ_g u_egk = k · z_ek   (so u_egk = 0 unless z_ek)
+    u_egk ∈ {0,1}    a replica of e on GPU g if e has k of them Σ_g u_egk = k · z_ek   (so u_egk = 0 unless z_ek)
     slots            Σ_e Σ_k u_egk = S                           for every GPU g
     load             Σ_e Σ_k (load_e / k) · u_egk ≤ T            for every GPU g
     minimise T (+ the inter-node term below); GPU loads sorted (load_g ≥ load_g+1) to cut GPU symmetry.
 
-This is exact: any placement maps to one feasible point with the same busiest load and back. k runs over
-1 .. N − E + 1 (N slots) when the model is small; on large layers (E·G·K above ``full_limit`` variables) each
+k ≤ G and u ≤ 1 are the replica cap (no GPU holds an expert twice). This is exact: any capped placement maps
+to one feasible point with the same busiest load and back. k runs over
+1 .. min(N − E + 1, G) (N slots) when the model is small; on large layers (E·G·K above ``full_limit`` variables) each
 expert's k is restricted to a window around its water-filling count, which the result's info records
 ("restricted": the optimum is then the optimum of that restricted model, and the gap is measured against the
 global lower bound of base.lower_bound, which stays valid).
@@ -22,7 +23,7 @@ and the objective adds λ · mean_load · Σ c_ij d_ij / Σ c_ij: a token that u
 within one node only when they share one.
 
 Small layers are solved exactly another way, free of the GPU symmetry that makes the model above weak: a
-GPU's content is a *pattern* (a multiset of S replicas (e, k), one k per expert); x_p ∈ ℤ≥0 GPUs use pattern
+GPU's content is a *pattern* (a set of S replicas (e, k) of distinct experts); x_p ∈ ℤ≥0 GPUs use pattern
 p; Σ_p x_p = G; Σ_p mult_p(e, k) · x_p = k · z_ek; Σ_k z_ek = 1. For a target T only patterns of load ≤ T are
 allowed, and a bisection over the sorted pattern loads finds the least feasible T (the exact optimum) in about
 log2(#patterns) small feasibility MILPs. Used when the patterns number at most ``pattern_limit``.
@@ -48,14 +49,17 @@ from moesim.placement.simple import greedy
 def milp_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_limit: float = 10.0,
                kmax: np.ndarray | None = None, kmin: np.ndarray | None = None, gpus_per_node: int = 8,
                coactivation: np.ndarray | None = None, internode_weight: float = 0.0,
-               max_pairs: int = 32) -> dict[str, Any]:
-    """Solve one layer. Returns {"phy2log" [N] or None, "busiest", "bound", "status", "gap"} (loads unscaled)."""
+               max_pairs: int = 32, upper: float = np.inf) -> dict[str, Any]:
+    """Solve one layer. Returns {"phy2log" [N] or None, "busiest", "bound", "status", "gap"} (loads unscaled).
+
+    ``upper``: a known placement's busiest load (greedy's): T ≤ upper cuts off everything worse."""
     E, G, S = len(load), num_gpus, slots_per_gpu
     N = G * S
     scale = max(float(load.sum()) / G, 1e-12)
     w = load / scale
     kmin = np.ones(E, dtype=np.int64) if kmin is None else np.maximum(kmin, 1)
-    kmax = np.full(E, N - E + 1, dtype=np.int64) if kmax is None else np.minimum(kmax, N - E + 1)
+    top = min(N - E + 1, G)  # the replica cap: at most one replica of an expert per GPU
+    kmax = np.full(E, top, dtype=np.int64) if kmax is None else np.minimum(kmax, top)
     pairs = [(e, k) for e in range(E) for k in range(int(kmin[e]), int(kmax[e]) + 1)]
     P = len(pairs)
     pe = np.array([p[0] for p in pairs])
@@ -92,7 +96,8 @@ def milp_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_limi
         add(np.concatenate([np.arange(P) * G + g, [iT]]), np.concatenate([coef, [-1.0]]), -np.inf, 0)
     c = np.zeros(nvar)
     c[iT] = 1.0
-    ub = np.concatenate([np.minimum(pk, S).repeat(G), np.ones(P), [np.inf]])
+    t_max = upper / scale * (1 + 1e-9) if np.isfinite(upper) else np.inf
+    ub = np.concatenate([np.ones(P * G), np.ones(P), [t_max]])  # u_egk ≤ 1: never two replicas on one GPU
     integrality = np.concatenate([np.ones(n_u + P), [0]])
     extra = 0
     if internode_weight > 0 and coactivation is not None and gpus_per_node < G and G % gpus_per_node == 0:
@@ -154,26 +159,27 @@ def milp_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_limi
 def pattern_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_limit: float = 10.0,
                   upper: float = np.inf, lower: float = 0.0, pattern_limit: int = 20000) -> dict[str, Any] | None:
     """Exact optimum of one layer by patterns + bisection (see the module docstring); None if too many patterns."""
-    from itertools import combinations_with_replacement
+    from itertools import combinations
 
     E, G, S = len(load), num_gpus, slots_per_gpu
     N = G * S
-    K = N - E + 1
-    opts = [(e, k) for e in range(E) for k in range(1, min(K, N) + 1)]
+    K = min(N - E + 1, G)  # the replica cap
+    opts = [(e, k) for e in range(E) for k in range(1, K + 1)]
     n_opt = len(opts)
     from math import comb
 
-    if comb(n_opt + S - 1, S) > 50 * pattern_limit:
+    if comb(n_opt, S) > 50 * pattern_limit:
         return None
     pats, loads = [], []
-    for combo in combinations_with_replacement(range(n_opt), S):
-        ks: dict[int, int] = {}
+    for combo in combinations(range(n_opt), S):
+        seen: set[int] = set()
         ok = True
-        for o in combo:
-            e, k = opts[o]
-            if ks.setdefault(e, k) != k:
+        for o in combo:  # a GPU holds an expert at most once (so one k per expert, too)
+            e = opts[o][0]
+            if e in seen:
                 ok = False
                 break
+            seen.add(e)
         if ok:
             pats.append(combo)
             loads.append(sum(load[opts[o][0]] / opts[o][1] for o in combo))
@@ -246,45 +252,74 @@ def pattern_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, *, time_l
             "status": 0 if proven else 1, "gap": 0.0 if proven else None}
 
 
+def _solve_layer(job: dict[str, Any]) -> dict[str, Any]:
+    """One layer's exact solve (a process pool's unit of work): the pattern model, else the u-model."""
+    res = None
+    if job["internode_weight"] <= 0:
+        res = pattern_layer(job["load"], job["G"], job["S"], time_limit=job["time_limit"], upper=job["upper"],
+                            lower=job["lower"], pattern_limit=job["pattern_limit"])
+    if res is None:
+        res = milp_layer(job["load"], job["G"], job["S"], time_limit=job["time_limit"], kmin=job["kmin"],
+                         kmax=job["kmax"], gpus_per_node=job["gpus_per_node"], coactivation=job["co"],
+                         internode_weight=job["internode_weight"], max_pairs=job["max_pairs"], upper=job["upper"])
+    return res
+
+
 def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: float = 30.0,
                gpus_per_node: int = 8, coactivation: np.ndarray | None = None, internode_weight: float = 0.0,
                full_limit: int = 20000, window: int = 2, max_pairs: int = 32,
-               pattern_limit: int = 20000) -> tuple[ExpertMapping, dict[str, Any]]:
-    """Per-layer MILP placement; returns the mapping and info (gap per layer, status, restricted, bound)."""
+               pattern_limit: int = 20000, workers: int | None = None) -> tuple[ExpertMapping, dict[str, Any]]:
+    """Per-layer MILP placement; returns the mapping and info (gap per layer, status, restricted, bound).
+
+    Warm start: greedy's placement is the incumbent — its busiest load caps T (a cutoff; scipy's HiGHS interface
+    takes no initial solution) and it stands wherever the MILP does not *strictly* improve on it (ties go to
+    greedy, so equal solutions never flip with the time limit). Every layer gets the same budget,
+    ``time_limit / ceil(L / workers)`` (never what earlier layers left over), and layers are solved in ``workers``
+    processes (default: up to 8, the CPU count): a layer's result depends only on its own load and budget, and
+    a layer solved to optimality (gap 0) gives the same mapping on every run. ``info["gap_per_layer"]`` is the
+    proven gap (busiest − best bound) ÷ busiest of each layer.
+    """
+    import os
+
+    if not (np.isfinite(time_limit) and time_limit > 0):
+        raise ValueError(f"time_limit must be positive, got {time_limit}")
     L, E = load.shape
     S = num_slots // num_gpus
-    t0 = time.perf_counter()
     base = greedy(load, num_gpus, num_slots)
     base_busy = (load / np.maximum(base.logcnt, 1))
     base_busy = np.take_along_axis(base_busy, base.phy2log, axis=1).reshape(L, num_gpus, S).sum(2).max(1)
     lb = lower_bound(load, num_gpus, num_slots)
-    water = replica_counts(load, num_slots)
-    K = num_slots - E + 1
+    water = replica_counts(load, num_slots, num_gpus)
+    K = min(num_slots - E + 1, num_gpus)
     restricted = E * num_gpus * K > full_limit
-    phy2log = base.phy2log.copy()
-    gaps, statuses, sources = [], [], []
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(L, workers if workers is not None else min(8, cpus)))
+    per = time_limit / -(-L // workers)  # ceil(L / workers) rounds of layers share the time limit
+    jobs = []
     for layer in range(L):
-        left = time_limit - (time.perf_counter() - t0)
-        if left <= 0:  # out of time: the greedy placement stands for the remaining layers
-            statuses.append(1)
-            sources.append("greedy")
-            gaps.append(0.0 if base_busy[layer] <= 0 else max(0.0, (base_busy[layer] - lb[layer]) / base_busy[layer]))
-            continue
-        per = left / (L - layer)
         kmin = kmax = None
         if restricted:
             kmin, kmax = water[layer] - window, water[layer] + window
-        co = None if coactivation is None else np.asarray(coactivation)[layer]
-        res = None
-        if internode_weight <= 0:
-            res = pattern_layer(load[layer], num_gpus, S, time_limit=per, upper=base_busy[layer], lower=lb[layer],
-                                pattern_limit=pattern_limit)
-        if res is None:
-            res = milp_layer(load[layer], num_gpus, S, time_limit=per, kmin=kmin, kmax=kmax,
-                         gpus_per_node=gpus_per_node, coactivation=co, internode_weight=internode_weight,
-                         max_pairs=max_pairs)
+        jobs.append({"load": load[layer], "G": num_gpus, "S": S, "time_limit": per, "upper": float(base_busy[layer]),
+                     "lower": float(lb[layer]), "pattern_limit": pattern_limit, "kmin": kmin, "kmax": kmax,
+                     "gpus_per_node": gpus_per_node, "internode_weight": internode_weight, "max_pairs": max_pairs,
+                     "co": None if coactivation is None else np.asarray(coactivation)[layer]})
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_solve_layer, jobs))
+    else:
+        results = [_solve_layer(j) for j in jobs]
+    phy2log = base.phy2log.copy()
+    gaps, statuses, sources = [], [], []
+    for layer, res in enumerate(results):
         statuses.append(res["status"])
-        use_milp = res["phy2log"] is not None and (res["busiest"] <= base_busy[layer] * (1 + 1e-9)
+        if res["phy2log"] is not None:  # the solution's busiest GPU recomputed from its layout, not the model's T
+            phy = np.asarray(res["phy2log"])
+            cnt = np.bincount(phy, minlength=E)
+            res["busiest"] = float((load[layer][phy] / cnt[phy]).reshape(num_gpus, S).sum(axis=1).max())
+        use_milp = res["phy2log"] is not None and (res["busiest"] < base_busy[layer] * (1 - 1e-9)
                                                      or internode_weight > 0)
         if use_milp:
             phy2log[layer] = res["phy2log"]
@@ -296,6 +331,6 @@ def milp_place(load: np.ndarray, num_gpus: int, num_slots: int, *, time_limit: f
         bound = lb[layer] if restricted else max(lb[layer], res["bound"])
         gaps.append(0.0 if busiest <= 0 else max(0.0, (busiest - bound) / busiest))
     info = {"gap": float(max(gaps)), "gap_per_layer": [float(g) for g in gaps], "status": statuses,
-            "restricted": bool(restricted), "source": sources,
+            "restricted": bool(restricted), "source": sources, "workers": workers, "layer_time_limit": per,
             "optimal_layers": int(sum(1 for s in statuses if s == 0)), "internode_weight": internode_weight}
     return ExpertMapping(phy2log, num_gpus, E, {"algo": "milp"}), info

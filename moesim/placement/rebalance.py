@@ -213,13 +213,17 @@ def _check_pair(old: ExpertMapping, new: ExpertMapping) -> None:
                           f"{new.phy2log.shape} on {new.num_gpus} GPUs")
 
 
+ROBUST_WINDOWS = 4  # runs of steps a rebalance window is split into for the default `robust` re-placement
+
+
 # -- when to rebalance --------------------------------------------------------------------------------
 def plan(step_load: np.ndarray, initial: ExpertMapping, policy: RebalancePolicy,
-         replace: Callable[[np.ndarray, ExpertMapping], ExpertMapping],
-         gpus_per_node: int = 8) -> list[tuple[int, ExpertMapping]]:
+         replace: Callable[..., ExpertMapping], gpus_per_node: int = 8,
+         with_steps: bool = False) -> list[tuple[int, ExpertMapping]]:
     """Walk the steps; return [(step, aligned new mapping)] where ``policy`` rebalances.
 
-    step_load [S, L, E] token-choices per step; ``replace(window_load [L, E], current)`` computes a new mapping.
+    step_load [S, L, E] token-choices per step; ``replace(window_load [L, E], current)`` computes a new mapping
+    (``with_steps``: ``replace(window_load, current, (lo, t))``, the window's steps, for ``robust``).
     """
     S = len(step_load)
     out: list[tuple[int, ExpertMapping]] = []
@@ -239,7 +243,8 @@ def plan(step_load: np.ndarray, initial: ExpertMapping, policy: RebalancePolicy,
             due = window.sum() > 0 and balancedness(window, current) < policy.balancedness
         if not due:
             continue
-        new = align(current, match_gpus(current, replace(csum[t] - csum[lo], current), gpus_per_node))
+        fresh = replace(csum[t] - csum[lo], current, (lo, t)) if with_steps else replace(csum[t] - csum[lo], current)
+        new = align(current, match_gpus(current, fresh, gpus_per_node))
         if new != current:
             out.append((t, new))
             current = new
@@ -248,12 +253,15 @@ def plan(step_load: np.ndarray, initial: ExpertMapping, policy: RebalancePolicy,
 
 
 def replay_with_rebalance(trace: Any, topology: Any, cost: Any, model: Any, initial: ExpertMapping,
-                          policy: RebalancePolicy | str, algo: str = "greedy", config: Any = None,
+                          policy: RebalancePolicy | str, algo: str = "robust", config: Any = None,
                           engine: str = "analytic", blocking: bool = True, start: int = 0, stop: int | None = None,
                           place_kw: dict[str, Any] | None = None) -> tuple[Any, list[ScheduleEntry]]:
     """Simulate ``trace`` steps start..stop-1, re-placing with ``algo`` as ``policy`` says, charging migration.
 
     Returns (SimResult of all steps, with stalls added where blocking; the schedule of mapping changes).
+    The default ``robust`` is drift-aware: each re-placement is fitted against the window's steps in up to
+    ``ROBUST_WINDOWS`` runs (placement.robust), not only their sum, since the placement is judged on the steps
+    that follow the window.
     """
     from moesim.placement import place
     from moesim.sim import simulate
@@ -271,12 +279,16 @@ def replay_with_rebalance(trace: Any, topology: Any, cost: Any, model: Any, init
     gpn = getattr(topology, "gpus_per_node", 8)
     step_load = trace.load(start, stop)
 
-    def replace(window_load: np.ndarray, current: ExpertMapping) -> ExpertMapping:
-        extra = {"previous": current} if algo == "incremental" else {}
+    def replace(window_load: np.ndarray, current: ExpertMapping, steps: tuple[int, int]) -> ExpertMapping:
+        extra: dict[str, Any] = {"previous": current} if algo == "incremental" else {}
+        if algo == "robust":
+            from moesim.placement.robust import split_windows
+
+            extra["windows"] = split_windows(step_load[steps[0]:steps[1]], ROBUST_WINDOWS)
         return place(window_load, algo, num_gpus=initial.num_gpus, num_slots=initial.num_slots,
                      gpus_per_node=gpn, **kw, **extra).mapping
 
-    changes = plan(step_load, initial, policy, replace, gpn)
+    changes = plan(step_load, initial, policy, replace, gpn, with_steps=True)
     kwargs = {} if config is None else {"config": config}
     results, schedule = [], []
     bounds = [0] + [t for t, _ in changes] + [stop - start]
@@ -306,7 +318,9 @@ def add_rebalance_arguments(parser: Any) -> None:
     """Options for a replay command: --rebalance POLICY, --rebalance-algo A, --rebalance-overlap."""
     parser.add_argument("--rebalance", default=None, metavar="POLICY",
                         help="static | periodic:interval=N,window=W | threshold:balancedness=X,window=W[,cooldown=C]")
-    parser.add_argument("--rebalance-algo", default="greedy", help="placement algorithm used at each rebalance")
+    parser.add_argument("--rebalance-algo", default="robust",
+                        help="placement algorithm used at each rebalance (default robust: drift-aware, fitted "
+                             "against the window's steps in runs)")
     parser.add_argument("--rebalance-overlap", action="store_true",
                         help="expert moves overlap compute (no stall); default: blocking, charged as a stall")
 
@@ -318,7 +332,7 @@ def replay_from_args(args: Any, trace: Any, topology: Any, cost: Any, model: Any
     from moesim.placement import ALGORITHMS, PlacementError
 
     policy = parse_policy(args.rebalance)
-    algo = getattr(args, "rebalance_algo", "greedy")
+    algo = getattr(args, "rebalance_algo", "robust")
     if algo not in ALGORITHMS:
         raise PlacementError(f"unknown placement algorithm {algo!r} for --rebalance-algo; known: "
                              f"{', '.join(ALGORITHMS)}")

@@ -49,21 +49,46 @@ def replica_items(load: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.
     return np.take_along_axis(expert, order, axis=1), np.take_along_axis(weight, order, axis=1)
 
 
-def lpt_pack(weight: np.ndarray, num_bins: int, per_bin: int) -> np.ndarray:
+def lpt_pack(weight: np.ndarray, num_bins: int, per_bin: int, keys: np.ndarray | None = None) -> np.ndarray:
     """[L, N] bin of each item: items in the given order (heaviest first) to the lightest bin with room.
 
-    Ties go to the lowest bin index. Vectorised over rows.
+    Ties go to the lowest bin index. Vectorised over rows. With ``keys`` [L, N] (the expert of each replica,
+    each key at most ``num_bins`` times per row) no bin gets two items of one key: an item goes to the lightest
+    bin with room that lacks its key; a row where none is left is dealt instead (``deal_bins``) — always
+    feasible — and improved by the caller's swaps.
     """
     L, N = weight.shape
     bins = np.empty((L, N), dtype=np.int64)
     fill = np.zeros((L, num_bins))
     used = np.zeros((L, num_bins), dtype=np.int64)
     rows = np.arange(L)
+    if keys is not None:
+        K = int(keys.max(initial=0)) + 1
+        has = np.zeros((L, num_bins, K), dtype=bool)
+        failed = np.zeros(L, dtype=bool)
     for t in range(N):
-        b = np.where(used < per_bin, fill, np.inf).argmin(axis=1)
+        ok = used < per_bin
+        if keys is not None:
+            ok_key = ok & ~has[rows, :, keys[:, t]]
+            failed |= ~ok_key.any(axis=1)
+            ok = np.where(ok_key.any(axis=1)[:, None], ok_key, ok)
+        b = np.where(ok, fill, np.inf).argmin(axis=1)
         bins[:, t] = b
         fill[rows, b] += weight[:, t]
         used[rows, b] += 1
+        if keys is not None:
+            has[rows, b, keys[:, t]] = True
+    if keys is not None and failed.any():
+        bins[failed] = deal_bins(keys[failed], num_bins)
+    return bins
+
+
+def deal_bins(keys: np.ndarray, num_bins: int) -> np.ndarray:
+    """[R, N] bins dealing items grouped by key round the bins (0, 1, .., B−1, 0, ...): each bin gets N / B items
+    and a key with at most B items never lands twice in one bin."""
+    order = np.argsort(keys, axis=1, kind="stable")
+    bins = np.empty_like(keys)
+    np.put_along_axis(bins, order, np.broadcast_to(np.arange(keys.shape[1]) % num_bins, keys.shape), axis=1)
     return bins
 
 
@@ -73,7 +98,8 @@ def refine_swaps(weight: np.ndarray, bins: np.ndarray, num_bins: int, max_iter: 
 
     Every bin holds the same number of items. An accepted swap leaves both bins strictly below the old
     busiest load, so the sorted load vector falls lexicographically and the loop ends (``max_iter`` caps it).
-    Items with equal ``item_key`` (replicas of one expert) are never swapped with each other.
+    Items with equal ``item_key`` (replicas of one expert) are never swapped with each other, nor into a bin
+    that already holds their key (the replica cap: a swap never puts two replicas of one expert on one GPU).
     """
     bins = bins.copy()
     L, N = weight.shape
@@ -97,7 +123,13 @@ def refine_swaps(weight: np.ndarray, bins: np.ndarray, num_bins: int, max_iter: 
         skip = (b == a[:, None])[:, None, :]
         if item_key is not None:
             k = item_key[active]
-            skip = skip | (np.take_along_axis(k, idx_a, axis=1)[:, :, None] == k[:, None, :])
+            ka = np.take_along_axis(k, idx_a, axis=1)  # [n, S] keys on the busiest bin
+            nk = int(k.max(initial=0)) + 1
+            has = np.zeros((n, num_bins, nk), dtype=bool)
+            has[rows[:, None], b, k] = True
+            skip = (skip | (ka[:, :, None] == k[:, None, :])
+                    | has[rows[:, None, None], b[:, None, :], ka[:, :, None]]  # i's key already in j's bin
+                    | has[rows, a][rows[:, None], k][:, None, :])  # j's key already in the busiest bin
         worst = np.where(skip, np.inf, worst)
         flat = worst.reshape(n, -1).argmin(axis=1)
         best = worst.reshape(n, -1)[rows, flat]
@@ -121,14 +153,18 @@ def layout(expert: np.ndarray, bins: np.ndarray) -> np.ndarray:
     return np.take_along_axis(expert, np.argsort(key, axis=1, kind="stable"), axis=1)
 
 
-def fill_counts(load: np.ndarray, counts: np.ndarray, num_slots: int) -> np.ndarray:
-    """Complete replica counts [R, E] (each row summing to ≤ num_slots) by water-filling the free slots."""
+def fill_counts(load: np.ndarray, counts: np.ndarray, num_slots: int, max_count: int | None = None) -> np.ndarray:
+    """Complete replica counts [R, E] (each row summing to ≤ num_slots) by water-filling the free slots
+    (never past ``max_count`` replicas of one expert)."""
     counts = counts.copy()
     rows = np.arange(len(counts))
     free = num_slots - counts.sum(axis=1)
     for _ in range(int(free.max(initial=0))):
         todo = free > 0
-        best = np.argmax(load / counts, axis=1)
+        per = load / counts
+        if max_count is not None:
+            per = np.where(counts < max_count, per, -np.inf)
+        best = np.argmax(per, axis=1)
         counts[rows[todo], best[todo]] += 1
         free[todo] -= 1
     return counts
@@ -139,7 +175,7 @@ def pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, refine: boo
     """(phy2log [R, N], busiest [R]) for given replica counts: LPT with equal slots, then improving swaps."""
     N = int(counts[0].sum())
     expert, weight = replica_items(load, counts)
-    bins = lpt_pack(weight, num_gpus, N // num_gpus)
+    bins = lpt_pack(weight, num_gpus, N // num_gpus, keys=expert)
     if refine:
         bins = refine_swaps(weight, bins, num_gpus, item_key=expert)
     R = len(load)
@@ -167,7 +203,7 @@ def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
     within ``done`` (relative) of the lower bound skip both searches.
     """
     E = load.shape[1]
-    water = replica_counts(load, num_slots)
+    water = replica_counts(load, num_slots, num_gpus)
     phy2log, busiest = pack_counts(load, water, num_gpus, refine)
     if num_slots <= E or (len(slack) <= 1 and move_limit < E * (E - 1)):
         return ExpertMapping(phy2log, num_gpus, E, {"algo": "greedy"})
@@ -180,10 +216,10 @@ def greedy(load: np.ndarray, num_gpus: int, num_slots: int, refine: bool = True,
     cands = []
     for s in slack[1:]:
         t = np.maximum(lb[todo] * (1 + s), 1e-12)[:, None]
-        r = np.maximum(1, np.ceil(sub / t - 1e-9)).astype(np.int64)
+        r = np.clip(np.ceil(sub / t - 1e-9), 1, num_gpus).astype(np.int64)
         over = r.sum(axis=1) > num_slots
         r[over] = counts[over]  # target unreachable: fall back to water-filling
-        cands.append(fill_counts(sub, r, num_slots))
+        cands.append(fill_counts(sub, r, num_slots, num_gpus))
     best_phy = phy2log[todo]
     if cands:
         J, n = len(cands), len(todo)
@@ -231,7 +267,7 @@ def fast_lower_bound(load: np.ndarray, num_gpus: int, num_slots: int) -> np.ndar
     todo = mean > 0
     todo[todo] = _need_rows(load[todo], mean[todo]) > num_slots
     if not todo.any():
-        return out
+        return np.maximum(out, load.max(axis=1) / num_gpus)
     rows = load[todo]
     lo, hi = mean[todo].copy(), rows.max(axis=1)
     for _ in range(200):
@@ -250,7 +286,7 @@ def fast_lower_bound(load: np.ndarray, num_gpus: int, num_slots: int) -> np.ndar
     if bad.any():
         best[bad] = lower_bound(rows[bad], num_gpus, num_slots)
     out[todo] = best
-    return out
+    return np.maximum(out, load.max(axis=1) / num_gpus)
 
 
 def _need_rows(rows: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -266,6 +302,7 @@ def _all_counts(load: np.ndarray, phy2log: np.ndarray, busiest: np.ndarray, num_
     bounds = np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts,
                              np.full((len(cuts), 1), num_slots, np.int64)], axis=1)
     comps = np.diff(bounds, axis=1)  # [C, E]
+    comps = comps[(comps <= num_gpus).all(axis=1)]  # the replica cap
     phy2log, busiest = phy2log.copy(), busiest.copy()
     C = len(comps)
     for layer in range(L):
@@ -289,7 +326,7 @@ def _move_replicas(load: np.ndarray, counts: np.ndarray, phy2log: np.ndarray, bu
         cand = np.repeat(counts[active], M, axis=0).reshape(len(active), M, E)
         cand[:, np.arange(M), a_idx] -= 1
         cand[:, np.arange(M), b_idx] += 1
-        ok = cand[:, np.arange(M), a_idx] >= 1  # [n, M]
+        ok = (cand[:, np.arange(M), a_idx] >= 1) & (cand[:, np.arange(M), b_idx] <= num_gpus)  # [n, M]
         cand = np.where(ok[:, :, None], cand, counts[active][:, None, :])
         phy, busy = pack_counts(np.repeat(load[active], M, axis=0), cand.reshape(-1, E), num_gpus, refine)
         busy = np.where(ok.ravel(), busy, np.inf).reshape(len(active), M)

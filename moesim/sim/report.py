@@ -4,11 +4,12 @@ Every file is written atomically and holds no wall-clock data, so the same input
 
 - ``report.json``: ``{"format": "moesim.replay-report", "summary": SimResult.summary(), "inputs": {...}}``.
 - ``steps.csv``: one row per step: latency, the phase split summed over layers, stall, bytes, busiest GPU.
-- ``timeline.json``: Chrome trace (open in https://ui.perfetto.dev or chrome://tracing): one track per GPU,
-  phases as slices. The discrete-event engine's own events (``result.extra["events"]``, ``(gpu, name, start,
-  end)`` seconds) are drawn when present; for the analytic engine each layer's phases are laid out one after
-  another from the critical-path times, each GPU's compute slice lasting its own time (the idle gap to the next
-  phase is the wait for the slowest GPU). Only the first steps are drawn (``TIMELINE_STEPS`` of the analytic
+- ``timeline.json``: Chrome trace (open in https://ui.perfetto.dev or chrome://tracing; written by
+  :mod:`moesim.timeline`, integer microseconds, adjacent slices never overlap): one track per GPU, phases as
+  slices. The discrete-event engine's own events (``result.extra["events"]``, ``(gpu, name, start, end)``
+  seconds) are drawn when present; for the analytic engine each layer's phases are laid out one after another
+  from the critical-path times, each GPU's compute slice lasting its own time (the idle gap to the next phase is
+  the wait for the slowest GPU). Only the first steps are drawn (``TIMELINE_STEPS`` of the analytic
   engine, at most ``MAX_EVENTS`` slices).
 - ``load_heatmap.png``: token-choices per GPU and layer over the replay, relative to the layer's mean.
 - ``step_latency.png``: step latency over the steps (stalls marked).
@@ -27,6 +28,7 @@ import numpy as np
 from moesim.errors import MoesimError
 from moesim.io import atomic_path, atomic_write_text, write_json
 from moesim.sim.result import PHASES, SimResult
+from moesim.timeline import chrome_trace as chrome_trace_events
 
 REPORT_FORMAT = "moesim.replay-report"
 MAX_EVENTS = 200_000
@@ -142,28 +144,20 @@ def _analytic_events(result: SimResult) -> list[tuple[int, str, float, float]]:
 
 
 def chrome_trace(result: SimResult, label: str = "moesim replay") -> dict[str, Any]:
-    """Chrome trace-event JSON: pid 0, one thread (track) per GPU, complete events ("X") in microseconds."""
+    """Chrome trace-event JSON (:func:`moesim.timeline.chrome_trace`): one track per GPU, integer microseconds,
+    slices that touch in time touch exactly."""
     events = result.extra.get("events")
     source = "des" if events else "analytic"
     ev = list(events)[:MAX_EVENTS] if events else _analytic_events(result)
     G = result.num_gpus
-    out: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": label}}]
     # overlapped runs (DES --overlap) name the second micro-batch's slices ".../mb1": they get a track of their own
     second = any(str(name).endswith("/mb1") for _, name, _, _ in ev)
-    for g in range(G):
-        out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": g, "args": {"name": f"GPU {g}"}})
-        out.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": g, "args": {"sort_index": 2 * g}})
-        if second:
-            out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": G + g,
-                        "args": {"name": f"GPU {g} micro-batch 2"}})
-            out.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": G + g,
-                        "args": {"sort_index": 2 * g + 1}})
-    for g, name, a, b in ev:
-        tid = int(g) + (G if str(name).endswith("/mb1") else 0)
-        out.append({"name": str(name), "cat": "phase", "ph": "X", "pid": 0, "tid": tid,
-                    "ts": round(float(a) * 1e6, 4), "dur": round(max(float(b) - float(a), 0.0) * 1e6, 4)})
-    return {"traceEvents": out, "displayTimeUnit": "ms",
-            "otherData": {"source": source, "first_step": int(result.first_step), "slices": len(ev)}}
+    tracks = [f"GPU {g}" for g in range(G)] + ([f"GPU {g} micro-batch 2" for g in range(G)] if second else [])
+    order = [2 * g for g in range(G)] + ([2 * g + 1 for g in range(G)] if second else [])
+    slices = [(int(g) + (G if str(name).endswith("/mb1") else 0), str(name), float(a), float(b))
+              for g, name, a, b in ev]
+    return chrome_trace_events(slices, tracks, label, order=order,
+                               other={"source": source, "first_step": int(result.first_step), "slices": len(ev)})
 
 
 # -- plots -----------------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ over layers, and ``send_tokens`` over sources in load-only ``ep`` workloads. The
 axis once; copy (``np.array``) before writing into them.
 
 Which replica computes a token's choice: ``config.policy`` compiled by :meth:`ReplicaPolicy.tables` and applied
-with :func:`choose_slots`, the same object the live runtime uses, with ``key`` = the token's position in its step
-(ranks' tokens concatenated in rank order, as the runtime records them).
+with :func:`choose_slots`, the same object the live runtime uses, with ``key`` = :meth:`ReplicaPolicy.key` of the
+token's position in its step (ranks' tokens concatenated in rank order, as the runtime records them) and of its
+index among its origin rank's tokens of the step (``vllm``).
 
 Origin GPU of a token (where its attention runs in the ``ep`` layout): the trace's recorded origin rank when the
 trace has origins and its ``num_ranks`` equals the mapping's GPU count; otherwise each step's tokens are split
@@ -52,7 +53,7 @@ import numpy as np
 
 from moesim.errors import MappingError, MoesimError
 from moesim.mapping import ExpertMapping
-from moesim.replica import choose_slots
+from moesim.replica import choose_slots, local_index
 from moesim.sim.config import SimConfig
 
 UNKNOWN_PHASE = 255
@@ -267,14 +268,14 @@ def _chooser(tables: np.ndarray, counts: np.ndarray, layer: int, it: type, round
 class _LayerChooser:
     """choose_slots for one layer, with fast paths that give exactly the same slots."""
 
-    def __init__(self, table: np.ndarray, count: np.ndarray, round_robin: bool) -> None:
+    def __init__(self, table: np.ndarray, count: np.ndarray, shared: bool) -> None:
         self.table, self.count = table, count
-        self.shared = round_robin  # tables identical for every origin
+        self.shared = shared  # tables identical for every origin
         self.single = bool(count.max() <= 1)
         _G, E, _ = table.shape
         self.E = E
         if self.single:
-            self.first = np.ascontiguousarray(table[0, :, 0] if round_robin else table[:, :, 0].ravel())
+            self.first = np.ascontiguousarray(table[0, :, 0] if shared else table[:, :, 0].ravel())
 
     def __call__(self, ids_t: np.ndarray, origin: np.ndarray, key: np.ndarray) -> np.ndarray:
         """ids_t [k, T] (transposed choices) -> physical slots [k, T]."""
@@ -334,7 +335,8 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
         return _tp_workload(counts, step_tokens, phase, G, k, config.dedup, first_step)
     slot_gpu = mapping.slot_gpu()
     tables, counts_t = tables if tables is not None else policy_tables(config.policy, mapping)
-    rr = config.policy.name == "round_robin"
+    rr = config.policy.shared
+    key = config.policy.key(key, local_index(step_of, origin) if config.policy.name == "vllm" else None)
     # 32-bit keys where they fit (half the memory traffic of int64): this loop is the replay's hot path
     it = np.int32 if max(S * slots, S * G * G + 1) < 2**31 and T < 2**31 else np.int64
     slot_gpu = slot_gpu.astype(it)

@@ -1,7 +1,7 @@
 """Readers for the real routing statistics in ``shared/data/routing`` (see its README.md).
 
 Why: real load is the yardstick for synthetic traces and placement studies. Each reader returns an
-:class:`~moesim.trace.importers.Imported` load-only trace with the matching model preset:
+:class:`~moesim.trace.sources.Imported` load-only trace with the matching model preset:
 
 - ``mixtral-csv``: Mixtral-8x7B-Instruct ``expert_activation_count.csv`` / ``.npy`` [32 layers, 8 experts],
   119,010 assignments per layer (59,505 tokens): one step.
@@ -25,7 +25,7 @@ import numpy as np
 
 from moesim.errors import TraceError
 from moesim.models import ModelSpec, get_model
-from moesim.trace.importers import Imported, _array, _check_totals, _field, _load_any, read_counts
+from moesim.trace.sources import Imported, as_array, check_totals, get_field, load_any, read_counts
 
 OLMOE_MODELS = {"olmoe": "olmoe-1b-7b", "olmoe-sft": "olmoe-1b-7b", "olmoe-dpo": "olmoe-1b-7b",
                 "mistral": "mixtral-8x7b"}
@@ -56,7 +56,7 @@ def read_mixtral_csv(path: Path, model: ModelSpec | None = None) -> Imported:
 def read_olmoe(path: Path, select: str | None = None, model: ModelSpec | None = None) -> Imported:
     """allenai/OLMoE routing analysis expert_counts_all.json: each domain of the selection becomes one step."""
     path = Path(path)
-    data = _load_any(path, "OLMoE routing statistics")
+    data = load_any(path, "OLMoE routing statistics")
     if not isinstance(data, dict) or not data:
         raise TraceError(f"{path.name} is not the OLMoE expert_counts_all.json object")
     select = select or "olmoe/expert_counts"
@@ -80,8 +80,8 @@ def read_olmoe(path: Path, select: str | None = None, model: ModelSpec | None = 
     steps, layers0 = [], None
     for key in keys:
         entry = data[key]
-        layers = _field(entry, "layers", f"{path.name}: {key}")
-        counts = _array(_field(entry, "counts", f"{path.name}: {key}"), f"{key}: counts", (2,))
+        layers = get_field(entry, "layers", f"{path.name}: {key}")
+        counts = as_array(get_field(entry, "counts", f"{path.name}: {key}"), f"{key}: counts", (2,))
         if layers0 is None:
             layers0 = layers
         elif layers != layers0:
@@ -105,15 +105,15 @@ def read_olmoe(path: Path, select: str | None = None, model: ModelSpec | None = 
     meta["steps"] = keys
     if len(keys) > 1:
         notes.append(f"one step per entry: {', '.join(k.rsplit('/', 1)[-1] for k in keys)}")
-    _check_totals(arr, model, notes)
+    check_totals(arr, model, notes)
     return Imported(model, counts=arr, phases=["prefill"] * len(keys), meta=meta, notes=notes)
 
 
 def read_switch(path: Path, model: ModelSpec | None = None) -> Imported:
     """specMoE's expert_statistics_3d.json of google/switch-base-128: one counts step over its MoE layers."""
     path = Path(path)
-    data = _load_any(path, "Switch routing statistics")
-    usage = _field(data, "expert_usage_by_layer", f"{path.name}")
+    data = load_any(path, "Switch routing statistics")
+    usage = get_field(data, "expert_usage_by_layer", f"{path.name}")
     layers = data.get("layers") or sorted(int(k) for k in usage)
     model = model or get_model("switch-base-128")
     E = int(data.get("num_experts", model.num_experts))
@@ -138,5 +138,5 @@ def read_switch(path: Path, model: ModelSpec | None = None) -> Imported:
         raise TraceError(f"{path.name} has {len(layers)} layers, model {model.name!r} {model.num_layers}")
     model = _subset_model(model, [int(x) for x in layers], notes, meta)
     arr = counts[None]
-    _check_totals(arr, model, notes)
+    check_totals(arr, model, notes)
     return Imported(model, counts=arr, phases=["prefill"], meta=meta, notes=notes)

@@ -109,3 +109,67 @@ def test_compare_colocate_end_to_end(tmp_path, small_trace):
     assert rows["colocate"]["inter_bytes_per_token"] > 0
     m = ExpertMapping.load(out / "mapping-colocate.json")
     assert m.num_slots == 32 and np.all(m.logcnt >= 1)
+
+
+def _domain_trace(tmp_path):
+    """Four 'domains' as trace steps (a [steps, layers, experts] counts table, imported): the held-out one moves
+    its load onto experts that are cold in the others."""
+    rng = np.random.default_rng(5)
+    E, L = 8, 4
+    base = rng.integers(50, 150, (L, E))
+    steps = [base + rng.integers(0, 20, (L, E)) for _ in range(3)]
+    drift = base.copy()
+    drift[:, :2] *= 6
+    table = tmp_path / "domains.json"
+    table.write_text(json.dumps({"load": [s.tolist() for s in steps + [drift]]}))
+    trace = tmp_path / "domains.mtrace"
+    assert main(["trace", "import", "--format", "counts", str(table), "--model", "small", "--out", str(trace)]) == 0
+    return trace
+
+
+def test_compare_holdout_domains(tmp_path, capsys):
+    trace = _domain_trace(tmp_path)
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert main(["compare", "--trace", str(trace), "--holdout-domains", "3", "--topology", "dgx-h100",
+                 "--slots-per-gpu", "2", "--algos", "eplb,greedy,robust", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out 3 (mappings fitted on the other domains)" in text and "held-out ÷ fitted" in text
+    data = json.loads((out / "compare.json").read_text())
+    assert data["split"] == "domain" and data["fit_steps"] == ["0", "1", "2"] and data["holdout_steps"] == ["3"]
+    from moesim.placement import imbalance
+    from moesim.trace import Trace
+
+    per_step = Trace.open(trace).load().astype(float)
+    for row, hrow in zip(data["rows"], data["holdout_rows"]):
+        m = ExpertMapping.load(out / f"mapping-{row['algo']}.json")
+        assert row["imbalance"] == pytest.approx(imbalance(per_step[:3].sum(0), m))
+        assert hrow["imbalance"] == pytest.approx(imbalance(per_step[3], m))
+        assert hrow["ratio"] == pytest.approx(hrow["imbalance"] / row["imbalance"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--holdout-domains", "physics"], "no step or domain 'physics'"),
+    (["--holdout-domains", "0,1,2,3"], "nothing left to fit on"),
+    (["--holdout-domains", "1", "--window", "0:2"], "cannot be combined"),
+    (["--holdout-domains", ","], "--holdout-domains is empty"),
+])
+def test_compare_holdout_domains_bad(tmp_path, capsys, args, needle):
+    trace = _domain_trace(tmp_path)
+    capsys.readouterr()
+    rc = main(["compare", "--trace", str(trace), "--topology", "dgx-h100", "--algos", "greedy", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1
+
+
+def test_compare_olmoe_domains(tmp_path, shared_data, capsys):
+    """The in-repo drift case: OLMoE fitted on four domains, scored on github and tulu (names from the import)."""
+    trace = tmp_path / "olmoe.mtrace"
+    assert main(["trace", "import", "--format", "olmoe", str(shared_data / "olmoe-routing-analysis" /
+                                                             "expert_counts_all.json"), "--out", str(trace)]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", "--trace", str(trace), "--holdout-domains", "github,tulu", "--topology", "dgx-h100",
+                 "--slots-per-gpu", "9", "--algos", "eplb,greedy", "--out", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert data["fit_steps"] == ["arxiv", "book", "c4", "wikipedia"] and data["holdout_steps"] == ["github", "tulu"]
+    assert all(h["ratio"] > 1.2 for h in data["holdout_rows"])  # the drift: fitted balance is lost held out

@@ -71,6 +71,8 @@ def test_place_real_mixtral_counts(tmp_path, shared_data):
     ("1,2\n3,-4\n", "csv", "negative"),
     ("1,2\nx,y\n", "csv", "not all numbers"),
     ("{\"foo\": 1}", "json", "'load'"),
+    ("[[0, 0], [0, 0]]", "json", "all zero"),
+    ("0,0\n0,0\n", "csv", "all zero"),
     ("1,2,3\n", "txt", None),
 ])
 def test_bad_load_files(tmp_path, capsys, content, fmt, needle):
@@ -91,6 +93,7 @@ def test_bad_load_files(tmp_path, capsys, content, fmt, needle):
     (["--redundant", "3"], "do not divide"),
     (["--model", "deepseek-v3"], "has shape"),
     (["--algo", "eplb", "--groups", "3"], "groups"),
+    (["--algo", "greedy", "--slots-per-gpu", "9"], "at most 8 experts × 8 GPUs"),
 ])
 def test_bad_requests_exit_2(tmp_path, capsys, args, needle):
     path = _load_file(tmp_path, "npy", np.ones((4, 8)))
@@ -112,3 +115,21 @@ def test_impossible_slots(tmp_path, capsys):
     rc = main(["place", "--load", str(path), "--topology", "dgx-h100", "--slots-per-gpu", "2",
                "--out", str(tmp_path / "m.json")])
     assert rc == 2 and "cannot hold" in capsys.readouterr().err
+
+
+def test_fractional_loads_mean_the_same_in_place_and_import(tmp_path, capsys):
+    """A load file is weights: fractional shares place exactly like the same shares scaled to counts; the trace
+    importer stores token counts and refuses fractions with one line naming `moesim place --load`."""
+    frac = np.array([[0.5, 0.25, 0.125, 0.125, 1.0, 0.75, 0.25, 1.0]])
+    a = _load_file(tmp_path, "json", frac)
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps((frac * 8).tolist()))
+    for src, out in ((a, tmp_path / "a.json"), (whole, tmp_path / "b.json")):
+        assert main(["place", "--load", str(src), "--topology", "dgx-h100:1", "--slots-per-gpu", "2",
+                     "--algo", "greedy", "--out", str(out)]) == 0
+    assert ExpertMapping.load(tmp_path / "a.json") == ExpertMapping.load(tmp_path / "b.json")
+    capsys.readouterr()
+    rc = main(["trace", "import", "--format", "counts", str(a), "--model", "small",
+               "--out", str(tmp_path / "t.mtrace")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fractional" in err and "moesim place --load" in err and err.count("\n") == 1

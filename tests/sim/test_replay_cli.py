@@ -227,3 +227,14 @@ def test_progress_bar(capsys) -> None:
     ProgressBar(False)(1, 2)
     assert capsys.readouterr().err == ""
     assert parse_steps("2:", 10) == (2, 10) and parse_steps(":-3", 10) == (0, 7) and parse_steps(None, 4) == (0, 4)
+
+
+@pytest.mark.parametrize("policy,name", [("vllm", "vllm"), ("round_robin", "position"), ("position", "position")])
+def test_replay_replica_policies(trace_path, tmp_path, capsys, policy, name) -> None:
+    """--policy vllm (vLLM's hash of the token index) and the old position policy under both its names."""
+    out = tmp_path / "r"
+    rc, _, err = run(["replay", "--trace", str(trace_path), "--topology", "dgx-h100:2", "--slots-per-gpu", "1",
+                      "--policy", policy, "--out", str(out), "--quiet"], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "report.json").read_text())
+    assert json.dumps(doc["inputs"]).count(f'"policy": "{name}"') >= 1

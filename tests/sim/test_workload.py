@@ -48,7 +48,8 @@ def cases(draw):
     st_ = np.array(steps, dtype=np.int64)
     ids = random_ids(rng, L, int(st_.sum()), E, k)
     origin = rng.integers(0, G, int(st_.sum())) if draw(st.booleans()) else None
-    policy = ReplicaPolicy(draw(st.sampled_from(["round_robin", "local"])), gpus_per_node=draw(st.sampled_from([1, 2])))
+    policy = ReplicaPolicy(draw(st.sampled_from(["vllm", "position", "local", "round_robin"])),
+                           gpus_per_node=draw(st.sampled_from([1, 2])))
     return mapping, ids, st_, origin, policy
 
 
@@ -108,12 +109,12 @@ def test_replica_choice_is_the_runtime_policy(case) -> None:
     np.testing.assert_array_equal(counts, ref_c)
     for layer in range(L):
         want = choose_slots(ref_t[layer], ref_c[layer], ids[layer], o, key)
-        got = _LayerChooser(tables[layer], counts[layer], policy.name == "round_robin")(ids[layer].T, o, key).T
+        got = _LayerChooser(tables[layer], counts[layer], policy.shared)(ids[layer].T, o, key).T
         np.testing.assert_array_equal(got, want)
 
 
-def test_replica_round_robin_by_position() -> None:
-    """vLLM semantics: a token's choice goes to replica position % replica_count."""
+def test_replica_position_policy() -> None:
+    """``position`` (old name round_robin): a token's choice goes to replica position % replica_count."""
     mapping = ExpertMapping(np.array([[0, 1, 0, 2]]), 2, 3)  # expert 0 in slots 0 and 2
     ids = np.zeros((1, 4, 1), dtype=np.int64)
     wl = workload_from_ids(ids, np.array([4]), mapping, SimConfig(dedup=False))
@@ -199,7 +200,8 @@ def naive_workload(ids, step_tokens, mapping, policy, origin, dedup):
             a, b = offsets[s], offsets[s + 1]
             n = b - a
             o = origin[a:b] if origin is not None else np.arange(n) * G // max(n, 1)
-            chosen = choose_slots(table, count, ids[layer, a:b], o, np.arange(n))
+            local = np.array([int(np.sum(o[:t] == o[t])) for t in range(n)], dtype=np.int64)
+            chosen = choose_slots(table, count, ids[layer, a:b], o, policy.key(np.arange(n), local))
             for t in range(n):
                 dsts = [slot_gpu[x] for x in chosen[t]]
                 for x in chosen[t]:
@@ -240,3 +242,34 @@ def test_build_workload_carries_each_steps_kv_len(tmp_path_factory, kv, chunk_by
         assert np.isnan(want).all()
     else:
         np.testing.assert_array_equal(wl.kv_len, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_vllm_policy_is_vllms_hash_of_the_rank_batch_index(case) -> None:
+    """Slots written out from vLLM's kernel rule, token by token: replica ((t * 2654435769) & 0xFFFFFFFF) % count,
+    t = the token's index among its origin rank's tokens of the step, replicas in slot order."""
+    mapping, ids, st_, origin, _ = case
+    L = ids.shape[0]
+    G = mapping.num_gpus
+    wl = workload_from_ids(ids, st_, mapping, SimConfig(policy=ReplicaPolicy("vllm"), dedup=False), origin=origin)
+    want = np.zeros((len(st_), L, mapping.phy2log.shape[1]))
+    start = 0
+    for s, n in enumerate(st_):
+        o = origin[start:start + n] if origin is not None else np.arange(n) * G // max(n, 1)
+        seen: dict[int, int] = {}
+        for t in range(n):
+            local = seen.get(int(o[t]), 0)
+            seen[int(o[t])] = local + 1
+            for layer in range(L):
+                for e in ids[layer, start + t]:
+                    replicas = np.flatnonzero(mapping.phy2log[layer] == e)  # slot order
+                    want[s, layer, replicas[((local * 2654435769) & 0xFFFFFFFF) % len(replicas)]] += 1
+        start += n
+    np.testing.assert_array_equal(wl.slot_tokens, want)
+
+
+def test_policy_names() -> None:
+    assert ReplicaPolicy("round_robin").name == "position" and ReplicaPolicy("round_robin") == ReplicaPolicy()
+    with pytest.raises(MoesimError, match="known: vllm, position, local"):
+        ReplicaPolicy("hash")

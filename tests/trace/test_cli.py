@@ -96,7 +96,7 @@ def test_validate_reports_a_truncated_trace_with_exit_1(tmp_path, capsys):
 
 def test_import_each_format(tmp_path, capsys):
     cases = [["sglang", "sglang_stat.json"], ["sglang", "sglang_per_pass.json"], ["vllm-eplb", "vllm_eplb.npz"],
-             ["megatron", "megatron_router.jsonl"], ["counts", "counts.csv"], ["counts", "counts.json"]]
+             ["megatron", "megatron"], ["counts", "counts.csv"], ["counts", "counts.json"]]
     for i, (fmt, name) in enumerate(cases):
         out = tmp_path / f"{i}.mtrace"
         assert main(["trace", "import", "--format", fmt, str(FIX / name), "--model", "tiny", "--out", str(out)]) == 0
@@ -134,8 +134,13 @@ def test_import_real_data(tmp_path, shared_data, capsys):
     ["trace", "synth", "--model", "tiny", "--out", "{tmp}/nodir/x.mtrace"],
     ["trace", "import", "--format", "sglang", "{missing}", "--out", "{tmp}/x.mtrace"],
     ["trace", "import", "--format", "sglang", "{garbage}", "--out", "{tmp}/x.mtrace"],
+    ["trace", "import", "--format", "sglang", "{fix}/sglang_stat.json", "--model", "tiny", "--buffer-start", "9",
+     "--out", "{tmp}/x.mtrace"],
+    ["trace", "import", "--format", "parquet", "{fix}/counts.json", "--out", "{tmp}/x.mtrace"],
+    ["trace", "import", "--format", "megatron", "{dir}", "--out", "{tmp}/x.mtrace"],
+    ["trace", "export", "--format", "parquet", "{good}", "--out", "{tmp}/nodir/x.parquet"],
     ["trace", "import", "--format", "megatron", "{garbage}", "--out", "{tmp}/x.mtrace"],
-    ["trace", "import", "--format", "vllm", "{fix}/megatron_router.jsonl", "--out", "{tmp}/x.mtrace"],
+    ["trace", "import", "--format", "vllm", "{fix}/megatron/router_trace_rank0.jsonl", "--out", "{tmp}/x.mtrace"],
     ["trace", "import", "--format", "megatron", "{fix}/counts.json", "--out", "{tmp}/x.mtrace"],
     ["trace", "import", "--format", "counts", "{fix}/counts.csv", "--model", "mixtral-8x7b", "--out", "{tmp}/x.mtrace"],
     ["trace", "import", "--format", "switch", "{fix}/counts.json", "--out", "{tmp}/x.mtrace"],
