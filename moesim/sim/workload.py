@@ -236,7 +236,7 @@ def policy_tables(policy: Any, mapping: ExpertMapping) -> tuple[np.ndarray, np.n
     (``ExpertMapping.log2phy`` is recomputed on every access and ``ReplicaPolicy.tables`` reads it per layer, so
     ``all_tables`` costs O(L²); a frozen copy holding the derived tables gives identical results in O(L).)
     """
-    if policy.name == "round_robin":
+    if getattr(policy, "shared", False):
         # the same table for every origin GPU (ReplicaPolicy.tables copies it G times): read-only broadcast views,
         # O(L·E) instead of O(L·G·E) (at 256 GPUs the copies cost more than replaying the tokens)
         l2p, cnt = mapping.log2phy, mapping.logcnt
@@ -259,10 +259,10 @@ class _FrozenTables:
         return self._slot_gpu
 
 
-def _chooser(tables: np.ndarray, counts: np.ndarray, layer: int, it: type, round_robin: bool) -> _LayerChooser:
-    """The layer's chooser; round-robin tables are the same for every origin: only origin 0's are converted."""
-    n = 1 if round_robin else tables.shape[1]
-    return _LayerChooser(tables[layer, :n].astype(it), counts[layer, :n].astype(it), round_robin)
+def _chooser(tables: np.ndarray, counts: np.ndarray, layer: int, it: type, shared: bool) -> _LayerChooser:
+    """The layer's chooser; shared tables are the same for every origin: only origin 0's are converted."""
+    n = 1 if shared else tables.shape[1]
+    return _LayerChooser(tables[layer, :n].astype(it), counts[layer, :n].astype(it), shared)
 
 
 class _LayerChooser:

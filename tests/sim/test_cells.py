@@ -47,7 +47,7 @@ def _pair(ids, st_, mapping, config, origin=None):
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**16), nodes=st.sampled_from([2, 3]), spg=st.integers(1, 3), k=st.integers(1, 4),
-       dedup=st.booleans(), policy=st.sampled_from(["round_robin", "local"]), jit=st.booleans())
+       dedup=st.booleans(), policy=st.sampled_from(["position", "vllm", "local"]), jit=st.booleans())
 def test_cells_equal_the_pairs_summed(seed, nodes, spg, k, dedup, policy, jit):
     """Cells = the dense per-pair counts summed per cell; slot_tokens and the lazy send_tokens = the dense path's;
     the compiled and the numpy counts agree (every choice counted once; de-duplicated ones once per GPU)."""
@@ -122,7 +122,7 @@ def test_engine_falls_back_to_pairs_when_node_sizes_differ():
     rng = np.random.default_rng(2)
     ids = _ids(rng, 2, 24, model.num_experts, model.top_k)
     mapping = ExpertMapping.linear(2, model.num_experts, 16, 1)
-    config = SimConfig(policy=ReplicaPolicy("round_robin", 4))
+    config = SimConfig(policy=ReplicaPolicy("position", 4))
     a, b = _pair(ids, np.array([24]), mapping, config)
     assert a.cells.gpus_per_node == 4
     cost = CostModel.roofline(model, topo.device)
@@ -183,9 +183,10 @@ def test_window_and_concat_keep_cells_and_lazy_pairs():
     np.testing.assert_array_equal(mixed.send_tokens, b.send_tokens)
 
 
-def test_round_robin_tables_are_the_policys():
+def test_shared_tables_are_the_policys():
+    """policy_tables gives shared policies' tables as broadcast views: the same values as the policy's copies."""
     mapping = ExpertMapping.linear(3, 20, 8, 3)
-    for policy in (ReplicaPolicy("round_robin"), ReplicaPolicy("local", 4)):
+    for policy in (ReplicaPolicy("position"), ReplicaPolicy("vllm"), ReplicaPolicy("local", 4)):
         t, c = policy_tables(policy, mapping)
         want_t, want_c = policy.all_tables(mapping)
         np.testing.assert_array_equal(t, want_t)
