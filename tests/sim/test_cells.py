@@ -191,3 +191,52 @@ def test_shared_tables_are_the_policys():
         want_t, want_c = policy.all_tables(mapping)
         np.testing.assert_array_equal(t, want_t)
         np.testing.assert_array_equal(c, want_c)
+
+
+def test_replay_cli_same_report_from_cells_and_pairs(tmp_path, monkeypatch, capsys):
+    """`moesim replay` of a 32-GPU DeepSeek-V3 trace with 4 tokens per GPU: the cells path is taken and its
+    steps.csv and link bytes equal those of the pairs path (cells switched off)."""
+    import json
+
+    from moesim.cli import main
+    from moesim.trace import TraceWriter
+
+    model = get_model("deepseek-v3")
+    G, T = 32, 128
+    rng = np.random.default_rng(5)
+    path = tmp_path / "t.mtrace"
+    with TraceWriter(path, model, origin=True, num_ranks=G) as w:
+        for _ in range(2):
+            w.add_step(_ids(rng, model.num_layers, T, model.num_experts, model.top_k),
+                       origin=np.arange(T) * G // T, phase="decode")
+    built = []
+
+    class Spy(wmod._SendCellCounter):
+        def __init__(self, *a, **kw):
+            built.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(wmod, "_SendCellCounter", Spy)
+    outs = {}
+    for name, factor in (("cells", wmod._CELLS_PAIRS_FACTOR), ("pairs", 0.0)):
+        monkeypatch.setattr(wmod, "_CELLS_PAIRS_FACTOR", factor)
+        monkeypatch.setattr(wmod, "_CELLS_PAIRS_FACTOR_NUMPY", factor)
+        rc = main(["replay", "--trace", str(path), "--topology", "dgx-h100:4", "--engine", "analytic",
+                   "--layout", "ep", "--out", str(tmp_path / name)])
+        assert rc == 0, capsys.readouterr().err
+        outs[name] = tmp_path / name
+        assert len(built) == 1  # the cells run built SendCells once, the pairs run none
+    a, b = (json.loads((outs[n] / "report.json").read_text()) for n in ("cells", "pairs"))
+    assert a["summary"]["steps"] == 2 and a["summary"].keys() == b["summary"].keys()
+    for key, v in a["summary"].items():
+        if isinstance(v, float):
+            np.testing.assert_allclose(v, b["summary"][key], rtol=1e-9, err_msg=key)
+    sa, sb = ((outs[n] / "steps.csv").read_text().splitlines() for n in ("cells", "pairs"))
+    assert len(sa) == len(sb) == 3
+    for la, lb in zip(sa[1:], sb[1:]):
+        fa, fb = la.split(","), lb.split(",")
+        for x, y in zip(fa, fb):
+            try:
+                np.testing.assert_allclose(float(x), float(y), rtol=1e-9)
+            except ValueError:
+                assert x == y
