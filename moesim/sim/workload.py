@@ -488,11 +488,15 @@ class _SendCellCounter:
         ks += self.row_src
         kd = np.take(self.dst_of, at)
         kd += self.row_dst
+        n = self.n
         if self.dedup:
-            keep = ~_dedup_rows(np.take(self.slot_gpu, slot))
-            ks, kd = ks[keep], kd[keep]
-        self.src[:, layer] = np.bincount(ks.ravel(), minlength=self.n).reshape(shape)
-        self.dst[:, layer] = np.bincount(kd.ravel(), minlength=self.n).reshape(shape)
+            # a token's destination row repeats exactly when its destination GPU does (same step and origin)
+            dup = _dedup_rows(kd)
+            np.putmask(ks, dup, n)
+            np.putmask(kd, dup, n)
+            n += 1
+        self.src[:, layer] = np.bincount(ks.ravel(), minlength=n)[:self.n].reshape(shape)
+        self.dst[:, layer] = np.bincount(kd.ravel(), minlength=n)[:self.n].reshape(shape)
         return per_slot.reshape(self.S, self.slots)
 
 
