@@ -25,7 +25,7 @@ Measured on the project's shared 2-core box (load ~2; per-token figures vary ±3
       the naive one-bincount pass 230-300 M/s (the engine is 0.5-1.1x of it while doing slots, dedup, costs, links)
   load-only, 8 GPUs: Mixtral-8x7B 3.7-3.9 M layer-steps/s; DeepSeek-V3 ~0.57 M
   DeepSeek-V3 by GPUs (8 -> 256): per-token sel/s 1.0 -> 0.7x (119 M/s at 256 GPUs with numba's SendCells count,
-      82-89 M/s with numpy's; 24-29 M/s before SendCells); load-only layer-steps/s 1.0 -> 0.04x (link products
+      90-97 M/s with numpy's; 24-29 M/s before SendCells); load-only layer-steps/s 1.0 -> 0.04x (link products
       grow with the G² GPU pairs); DES per step 0.2 s -> 65-80 s (est.), 5.7-7.1 s measured at 64 GPUs
       (numpy flow network; with numba, issue 16's compiled one: 1.6 s at 64 GPUs, 32 s at 256, see bench_des.py)
 """
