@@ -20,12 +20,13 @@ Goals (issue 3): analytic ≥ 100 M token-selections/s per core (per-token, 8 GP
 token t picks experts (a + j·b) mod E, j < k, a skewed and b odd (k distinct ids, cheap to make); the DES cases
 use moesim.trace.synth (the model's default skew), as benchmarks/bench_des.py does.
 
-Measured on the project's shared 2-core box (load ~1-3; per-token figures vary ±30% with the load):
-  per-token, 8 GPUs: Mixtral-8x7B 110-172 M token-selections/s (build + engine), DeepSeek-V3 108-115 M;
-      the naive one-bincount pass 120-275 M/s (the engine is 0.4-1.1x of it while doing slots, dedup, costs, links)
-  load-only, 8 GPUs: Mixtral-8x7B 2.4-2.7 M layer-steps/s; DeepSeek-V3 ~0.35-0.43 M
-  DeepSeek-V3 by GPUs (8 -> 256): per-token sel/s 1.0 -> 0.2x; load-only layer-steps/s 1.0 -> 0.04x (link
-      products grow with the G² GPU pairs); DES per step 0.2 s -> 65-80 s (est.), 5.7-7.1 s measured at 64 GPUs
+Measured on the project's shared 2-core box (load ~2; per-token figures vary ±30% with the load):
+  per-token, 8 GPUs: Mixtral-8x7B 260-267 M token-selections/s (build + engine), DeepSeek-V3 167-168 M;
+      the naive one-bincount pass 230-300 M/s (the engine is 0.5-1.1x of it while doing slots, dedup, costs, links)
+  load-only, 8 GPUs: Mixtral-8x7B 3.7-3.9 M layer-steps/s; DeepSeek-V3 ~0.57 M
+  DeepSeek-V3 by GPUs (8 -> 256): per-token sel/s 1.0 -> 0.7x (119 M/s at 256 GPUs with numba's SendCells count,
+      90-97 M/s with numpy's; 24-29 M/s before SendCells); load-only layer-steps/s 1.0 -> 0.04x (link products
+      grow with the G² GPU pairs); DES per step 0.2 s -> 65-80 s (est.), 5.7-7.1 s measured at 64 GPUs
       (numpy flow network; with numba, issue 16's compiled one: 1.6 s at 64 GPUs, 32 s at 256, see bench_des.py)
 """
 

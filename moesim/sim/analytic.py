@@ -10,7 +10,9 @@ Per step ``s`` and MoE layer ``l`` (phases run one after another, every GPU wait
 ``comm_time(bytes[src, dst])`` = max over links of (bytes crossing the link on the fixed routes of
 ``topology.routing_matrix()``) / bandwidth, plus the largest path latency among the pairs that exchange bytes:
 a contention-aware bound in which the busiest link sets the pace (every flow through it shares it, as the DES's
-max-min fair network does when that link is the only bottleneck).
+max-min fair network does when that link is the only bottleneck). Per-token ``ep`` workloads of many GPUs carry
+:class:`~moesim.sim.workload.SendCells`; on topologies whose links each carry whole cells (rails: per-GPU NVLink
+and NICs, checked once per topology) the same sums come from those 2·G·P numbers per side instead of the G² pairs.
 
 Collectives (TP layouts) are priced as the discrete-event engine models them: all-reduce = reduce-scatter then
 all-gather, each half a pairwise exchange where every GPU sends ``nbytes / G`` to every other GPU, so each GPU
@@ -153,6 +155,16 @@ class _CommTables:
         inv = sp.diags(np.concatenate([1.0 / self.bw[self.keep], np.ones(nl + 2)]))
         for name in ("fwd_t", "back_t", "fwd_dst_t", "back_dst_t"):
             setattr(self, name, (inv @ getattr(self, name)).tocsr())
+        # per-token workloads with SendCells: the same products from G·2P cells per side, when every column is
+        # constant over the pairs of each cell of one side (rails: per-GPU NVLink and NIC links, per-pair latency
+        # classes); None where the topology's routes do not split so (then the G² pairs are priced)
+        self.cell_p = int(getattr(topology, "gpus_per_node", 0) or 0)
+        self.cell_t: tuple[Any, Any, Any, Any] | None = None
+        if self.cell_p and G % self.cell_p == 0 and self.cell_p < G:
+            fs = _cell_split((inv @ fwd.T).T.tocsr(), G, self.cell_p)
+            ls = _cell_split(R, G, self.cell_p)
+            if fs is not None and ls is not None:
+                self.cell_t = (fs[0].T.tocsr(), fs[1].T.tocsr(), ls[0].T.tocsr(), ls[1].T.tocsr())
 
     def run(self, flat: np.ndarray, transpose: bool, per_dst: bool = False
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -167,13 +179,31 @@ class _CommTables:
         else:
             m, links = (self.back_t, self.links_back_t) if transpose else (self.fwd_t, self.links_t)
         out = self._sparse(flat, m)  # [K + levels + 2, N]: rows are contiguous, reductions over them elementwise
+        return self._finish(out, np.asarray(links @ flat.sum(axis=0)).ravel())
+
+    def run_cells(self, src_t: np.ndarray, dst_t: np.ndarray, transpose: bool, scale: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """SendCells as columns, src_t, dst_t [G*2P, N] tokens -> as :meth:`run` gives for their exchanges in
+        bytes (× ``scale``; ``cell_t`` set). The combine (``transpose``) sends every pair back: its source cells
+        are the dispatch's destination cells."""
+        assert self.cell_t is not None
+        cs, cd, ls, ld = self.cell_t
+        a, b = (dst_t, src_t) if transpose else (src_t, dst_t)
+        out = cs @ a
+        out += cd @ b
+        out *= scale  # linear in the bytes; the latency test (> 0) does not change
+        total = (ls @ a.sum(axis=1) + ld @ b.sum(axis=1)) * scale
+        return self._finish(out, total)
+
+    def _finish(self, out: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """out [K + levels + 2, N] per-exchange column sums -> (seconds, link bytes, intra-node, inter-node)."""
         K, nl = len(self.keep), len(self.levels)
-        busy = out[:K].max(axis=0) if K else np.zeros(len(flat))  # seconds: rows are scaled by 1/bandwidth
-        lat = np.zeros(len(flat))
+        N = out.shape[1]
+        busy = out[:K].max(axis=0) if K else np.zeros(N)  # seconds: rows are scaled by 1/bandwidth
+        lat = np.zeros(N)
         for i, level in enumerate(self.levels):  # ascending: the largest latency among the pairs in use stays
             if level > 0:
                 np.putmask(lat, out[K + i] > 0, level)
-        total = links @ flat.sum(axis=0)
         busy += lat
         return busy, np.asarray(total).ravel(), out[K + nl], out[K + nl + 1]
 
@@ -187,6 +217,45 @@ class _CommTables:
         for i in range(0, len(flat), block):
             out[:, i:i + block] = m @ np.ascontiguousarray(flat[i:i + block].T)
         return out
+
+
+def _cell_split(m: Any, G: int, P: int) -> tuple[Any, Any] | None:
+    """m [G*G, C] per-pair columns -> (ms, md) [G*2P, C] with ``vec(B) @ m == src(B) @ ms + dst(B) @ md`` for
+    every B [G, G] (src / dst: its SendCells), each column taken whole by the side over whose cells it is
+    constant; None when some column is constant over neither side's cells."""
+    coo = sp.coo_matrix(m)
+    coo.eliminate_zeros()
+    C = m.shape[1]
+    pair, col, val = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+    s, d = pair // G, pair % G
+    inter = (s // P != d // P).astype(np.int64)
+    sides = ((s * 2 + inter) * P + d % P, (d * 2 + inter) * P + s % P)
+    # pairs per cell (the same for both sides): P for the own node's cells, N - 1 for the other nodes' cells
+    size = np.where(np.arange(2 * P) < P, 1, G // P - 1)[None, :].repeat(G, axis=0).ravel()
+    ok, groups = [], []
+    for cell in sides:
+        key = cell * C + col
+        order = np.argsort(key, kind="stable")
+        k_sorted, v_sorted = key[order], val[order]
+        uniq, start, cnt = np.unique(k_sorted, return_index=True, return_counts=True)
+        if len(uniq):
+            vmin, vmax = np.minimum.reduceat(v_sorted, start), np.maximum.reduceat(v_sorted, start)
+        else:
+            vmin = vmax = np.zeros(0)
+        good = (cnt == size[uniq // C]) & (vmin == vmax)
+        col_ok = np.ones(C, dtype=bool)
+        col_ok[uniq[~good] % C] = False
+        ok.append(col_ok)
+        groups.append((uniq, vmin))
+    use_src = ok[0]
+    if not np.all(use_src | ok[1]):
+        return None
+    out = []
+    for side, (uniq, vmin) in enumerate(groups):
+        c = uniq % C
+        sel = use_src[c] if side == 0 else ~use_src[c]
+        out.append(sp.csr_matrix((vmin[sel], (uniq[sel] // C, c[sel])), shape=(G * 2 * P, C)))
+    return out[0], out[1]
 
 
 _BLOCK_ELEMS = 65536  # bytes of one block of exchanges / 8: 512 KiB (64 GPUs: 16 exchanges)
@@ -224,6 +293,19 @@ def _comm(topology: Any, bytes_matrix: np.ndarray, transpose: bool = False, scal
             flat = flat * scale
     t, link, intra, inter = _tables(topology).run(flat, transpose, per_dst)
     return t.reshape(lead), link, intra.reshape(lead), inter.reshape(lead)
+
+
+def _comm_cells(topology: Any, cells: Any, transpose: bool = False, scale: float = 1.0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """As :func:`_comm` for ``send_tokens`` (× ``scale``), priced from its SendCells; None where the topology's
+    links do not split into cells of the workload's node size (the caller prices the pairs)."""
+    t = _tables(topology)
+    if cells is None or t.cell_t is None or cells.gpus_per_node != t.cell_p:
+        return None
+    lead = cells.src.shape[:-2]
+    src_t, dst_t = cells.columns()
+    sec, link, intra, inter = t.run_cells(src_t, dst_t, transpose, scale)
+    return sec.reshape(lead), link, intra.reshape(lead), inter.reshape(lead)
 
 
 def comm_time(topology: Any, bytes_matrix: np.ndarray) -> np.ndarray:
@@ -329,7 +411,7 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     expert = np.asarray(cost.expert_time(workload.slot_tokens.reshape(S, L, G, W)), dtype=float)  # [S, L, G]
     phase_time[..., 3] = _max_last(expert)
     link_bytes = np.zeros(int(topology.num_links))
-    send = workload.send_tokens  # [S, L, G, G] tokens; priced in bytes (× tb)
+    # send_tokens [S, L, G, G] tokens (or their SendCells), priced in bytes (× tb)
     b_intra, b_inter = np.zeros(S), np.zeros(S)
     if config.layout == "ep" and G > 1 and custom_comm(config):
         # an all-to-all backend or wire dtypes (moesim.sim.comm): its own bytes per pair, link efficiencies and
@@ -347,7 +429,8 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
         b_intra += bi.sum(axis=1) + ci.sum(axis=1)
         b_inter += bo.sum(axis=1) + co.sum(axis=1)
     elif config.layout in ("ep", "ep-tp-attn") and G > 1:
-        t_disp, lb, bi, bo = _comm(topology, send, scale=tb)
+        by_cells = _comm_cells(topology, workload.cells, scale=tb) if config.layout == "ep" else None
+        t_disp, lb, bi, bo = by_cells or _comm(topology, workload.send_tokens, scale=tb)
         phase_time[..., 2] = t_disp
         link_bytes += lb
         bi, bo = bi.sum(axis=1), bo.sum(axis=1)
@@ -357,7 +440,8 @@ def run_analytic(workload: Workload, topology: Any, cost: CostModel, model: Any,
     if config.layout == "ep" and G > 1 and custom_comm(config):
         comm_overlappable += phase_time[..., 4]
     elif config.layout == "ep" and G > 1:
-        t_comb, lb, _, _ = _comm(topology, send, transpose=True, scale=tb)
+        by_cells = _comm_cells(topology, workload.cells, transpose=True, scale=tb)
+        t_comb, lb, _, _ = by_cells or _comm(topology, workload.send_tokens, transpose=True, scale=tb)
         phase_time[..., 4] = t_comb
         link_bytes += lb
         b_intra += bi

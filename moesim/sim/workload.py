@@ -6,6 +6,10 @@ One :class:`Workload` holds, for consecutive steps ``S``, MoE layers ``L`` and G
   ``g`` owns the block ``g*W .. g*W+W-1``). Summed over slots: tokens × top_k of the step, in every layout.
 - ``send_tokens [S, L, G, G]`` tokens (or token-choices, ``dedup=False``) sent from source GPU to destination GPU
   by the dispatch; the diagonal is the part that stays on its GPU (no bytes move). Combine sends it back.
+- ``cells`` (:class:`SendCells`, per-token ``ep`` workloads whose G² pairs per step outnumber the token-choices,
+  e.g. DeepSeek-V3 with 16 tokens per GPU on 256 GPUs): ``send_tokens`` summed per (GPU, node-local rank, same or
+  other node), 2·G·P numbers per side instead of G²; ``send_tokens`` itself is then computed on first access
+  (the analytic engine prices the flat all-to-all from the cells and never needs it).
 - ``gpu_tokens [S, L, G]`` tokens whose attention/norm/gate each GPU computes (summed over GPUs: the step's
   tokens, in every layout; in the TP layouts each GPU does 1/G of every token: T/G token-equivalents).
 
@@ -41,6 +45,7 @@ tokens a GPU receives are estimated as if a token's top_k choices fell independe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,6 +61,11 @@ UNKNOWN_PHASE = 255
 # this many per token-choice (or this minimum); beyond, two bincounts over (step, slot) and (step, origin, dest)
 _COMBINED_BINS_PER_CHOICE = 4
 _COMBINED_MIN_BINS = 1 << 16
+# per-token ep workloads carry SendCells (and compute send_tokens only when asked) when the G² pairs per step
+# times this outnumber the token-choices: measured break-even of build + engine (DeepSeek-V3, 4 x 4096 tokens:
+# cells win at 128 GPUs with the compiled count, lose at 64; the numpy count is slower, so later)
+_CELLS_PAIRS_FACTOR = 3.0
+_CELLS_PAIRS_FACTOR_NUMPY = 1.5
 
 
 @dataclass
@@ -73,6 +83,9 @@ class Workload:
     # [S, L, G, N] tokens from each origin GPU with a choice on each node (the hierarchical backend's RDMA sends);
     # built only for SimConfig(comm="hierarchical") in the ep layout
     node_tokens: np.ndarray | None = None
+    # send_tokens aggregated per GPU and node-local rank (see :class:`SendCells`); per-token ep workloads of many
+    # GPUs carry these instead of the G² pairs, which are then computed on first access of ``send_tokens``
+    cells: SendCells | None = None
 
     @property
     def num_steps(self) -> int:
@@ -84,7 +97,8 @@ class Workload:
 
     @property
     def num_gpus(self) -> int:
-        return int(self.send_tokens.shape[-1])
+        send = self._send
+        return send.num_gpus if isinstance(send, LazySend) else int(send.shape[-1])
 
     @property
     def slots_per_gpu(self) -> int:
@@ -98,11 +112,13 @@ class Workload:
     def window(self, start: int, stop: int) -> Workload:
         """Steps ``start .. stop-1`` counted from this workload's first step (views, no copy)."""
         sl = slice(start, stop)
+        send = self._send
         return replace(self, step_tokens=self.step_tokens[sl], phase=self.phase[sl], slot_tokens=self.slot_tokens[sl],
-                       send_tokens=self.send_tokens[sl], gpu_tokens=self.gpu_tokens[sl],
-                       first_step=self.first_step + start,
+                       send_tokens=send.window(start, stop) if isinstance(send, LazySend) else send[sl],
+                       gpu_tokens=self.gpu_tokens[sl], first_step=self.first_step + start,
                        kv_len=None if self.kv_len is None else self.kv_len[sl],
-                       node_tokens=None if self.node_tokens is None else self.node_tokens[sl])
+                       node_tokens=None if self.node_tokens is None else self.node_tokens[sl],
+                       cells=None if self.cells is None else self.cells.window(start, stop))
 
     @staticmethod
     def concat(parts: list[Workload]) -> Workload:
@@ -115,13 +131,84 @@ class Workload:
         nodes = None
         if all(p.node_tokens is not None for p in parts):
             nodes = cat([p.node_tokens for p in parts])
+        cells = None
+        if all(p.cells is not None for p in parts) and len({p.cells.gpus_per_node for p in parts}) == 1:
+            cells = SendCells(cat([p.cells.src for p in parts]), cat([p.cells.dst for p in parts]),
+                              parts[0].cells.gpus_per_node)
+        send: np.ndarray | LazySend
+        if all(isinstance(p._send, LazySend) for p in parts):
+            send = LazySend(lambda: cat([p.send_tokens for p in parts]), sum(p.num_steps for p in parts),
+                            parts[0].num_gpus)
+        else:
+            send = cat([p.send_tokens for p in parts])
         return Workload(cat([p.step_tokens for p in parts]), cat([p.phase for p in parts]),
-                        cat([p.slot_tokens for p in parts]), cat([p.send_tokens for p in parts]),
-                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout, kv, nodes)
+                        cat([p.slot_tokens for p in parts]), send,
+                        cat([p.gpu_tokens for p in parts]), parts[0].first_step, parts[0].layout, kv, nodes, cells)
 
     def kv_broadcast(self, ndim: int) -> np.ndarray | None:
         """kv_len shaped [S, 1, ...] (``ndim`` axes) to broadcast against per-(step, ...) token arrays."""
         return None if self.kv_len is None else np.asarray(self.kv_len, dtype=float).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _get_send(self: Workload) -> np.ndarray:
+    send = self._send
+    if isinstance(send, LazySend):
+        send = self._send = send.get()
+    return send
+
+
+def _set_send(self: Workload, value: np.ndarray | LazySend) -> None:
+    self._send = value
+
+
+# ``send_tokens`` stays a constructor field; stored in ``_send`` as an array or a LazySend computed on first access
+Workload.send_tokens = property(_get_send, _set_send)  # type: ignore[assignment]
+
+
+class LazySend:
+    """``send_tokens [S, L, G, G]`` computed on first use (``make()``), for workloads whose engines use cells."""
+
+    def __init__(self, make: Any, num_steps: int, num_gpus: int) -> None:
+        self.make, self.num_steps, self.num_gpus = make, int(num_steps), int(num_gpus)
+        self.value: np.ndarray | None = None
+
+    def get(self) -> np.ndarray:
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+    def window(self, start: int, stop: int) -> LazySend:
+        return LazySend(lambda: self.get()[start:stop], len(range(start, stop)[:self.num_steps]), self.num_gpus)
+
+
+@dataclass
+class SendCells:
+    """``send_tokens`` summed into cells of (GPU, node-local rank, same node or not), ``P`` = ``gpus_per_node``.
+
+    ``src [S, L, G, 2P]``: tokens source GPU ``g`` sends to GPU ``node(g)·P + j`` (``[j]``, ``j < P``; ``j`` =
+    ``g mod P`` is its own copy) and to the GPUs of local rank ``j`` in every other node (``[P + j]``).
+    ``dst [S, L, G, 2P]``: tokens destination GPU ``d`` receives from ``node(d)·P + j`` (``[j]``) and from the GPUs
+    of local rank ``j`` in other nodes (``[P + j]``). On topologies whose links each carry the bytes of whole cells
+    (rails: NVLink, per-GPU NICs) the analytic engine prices an exchange from these G·2P numbers per side instead
+    of the G² pairs (:class:`moesim.sim.analytic._CommTables`).
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    gpus_per_node: int
+
+    def window(self, start: int, stop: int) -> SendCells:
+        return SendCells(self.src[start:stop], self.dst[start:stop], self.gpus_per_node)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) as contiguous [G*2P, S*L] columns (one exchange per column; computed once): the engine's
+        sparse products read them so, for the dispatch and again for the combine."""
+        cached = self.__dict__.get("_columns")
+        if cached is None:
+            n = self.src.shape[-2] * self.src.shape[-1]
+            cached = self._columns = (np.ascontiguousarray(self.src.reshape(-1, n).T),
+                                      np.ascontiguousarray(self.dst.reshape(-1, n).T))
+        return cached
 
 
 def check_mapping(mapping: ExpertMapping, model: Any) -> None:
@@ -149,6 +236,13 @@ def policy_tables(policy: Any, mapping: ExpertMapping) -> tuple[np.ndarray, np.n
     (``ExpertMapping.log2phy`` is recomputed on every access and ``ReplicaPolicy.tables`` reads it per layer, so
     ``all_tables`` costs O(L²); a frozen copy holding the derived tables gives identical results in O(L).)
     """
+    if getattr(policy, "shared", False):
+        # the same table for every origin GPU (ReplicaPolicy.tables copies it G times): read-only broadcast views,
+        # O(L·E) instead of O(L·G·E) (at 256 GPUs the copies cost more than replaying the tokens)
+        l2p, cnt = mapping.log2phy, mapping.logcnt
+        L, E, R = l2p.shape
+        G = mapping.num_gpus
+        return np.broadcast_to(l2p[:, None], (L, G, E, R)), np.broadcast_to(cnt[:, None], (L, G, E))
     cached = _FrozenTables(mapping)
     return policy.all_tables(cached)  # type: ignore[arg-type]
 
@@ -163,6 +257,12 @@ class _FrozenTables:
 
     def slot_gpu(self) -> np.ndarray:
         return self._slot_gpu
+
+
+def _chooser(tables: np.ndarray, counts: np.ndarray, layer: int, it: type, shared: bool) -> _LayerChooser:
+    """The layer's chooser; shared tables are the same for every origin: only origin 0's are converted."""
+    n = 1 if shared else tables.shape[1]
+    return _LayerChooser(tables[layer, :n].astype(it), counts[layer, :n].astype(it), shared)
 
 
 class _LayerChooser:
@@ -192,11 +292,13 @@ class _LayerChooser:
 def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertMapping,
                       config: SimConfig | None = None, origin: np.ndarray | None = None,
                       phase: np.ndarray | None = None, first_step: int = 0,
-                      tables: tuple[np.ndarray, np.ndarray] | None = None) -> Workload:
+                      tables: tuple[np.ndarray, np.ndarray] | None = None, *, cells: bool | None = None) -> Workload:
     """Workload from per-token choices: ``ids [L, T, k]`` of consecutive steps of ``step_tokens [S]`` tokens.
 
     ``origin [T]``: origin GPU of each token (None: contiguous equal blocks per step, see the module docstring).
     ``tables``: ``config.policy.all_tables(mapping)`` when the caller already has them (they cost O(L²) to make).
+    ``cells``: build :class:`SendCells` and leave ``send_tokens`` to first use (None: when the ep layout's G² pairs
+    per step outnumber the token-choices and the flat all-to-all prices them; False: never; True: where possible).
     """
     config = config or SimConfig()
     ids = np.asarray(ids)
@@ -251,6 +353,25 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
     replicas = mapping.logcnt.max(axis=1)  # [L]
     W = slots // G
     nodes = _NodeCounter(config, S, L, G, step_of, origin) if layout == "ep" and _per_node(config) else None
+    P = int(config.policy.gpus_per_node)
+    if cells is None:
+        factor = _CELLS_PAIRS_FACTOR if _cells_kernel() is not None else _CELLS_PAIRS_FACTOR_NUMPY
+        cells = T * k < S * G * G * factor and G > P and not _custom_comm(config)
+    if cells and layout == "ep" and nodes is None and G % P == 0:
+        def dense() -> np.ndarray:
+            return workload_from_ids(ids, step_tokens, mapping, config, origin, phase, first_step,
+                                     (tables, counts_t), cells=False).send_tokens
+
+        cell = _SendCellCounter(S, L, G, P, step_of, origin, slot_gpu, config.dedup and k > 1, step_slots)
+        for layer in range(L):
+            ids_t = ids[layer].T  # [k, T]
+            if replicas[layer] <= 1:
+                slot = np.take(tables[layer, 0, :, 0].astype(it), ids_t)
+            else:
+                slot = _chooser(tables, counts_t, layer, it, rr)(ids_t, origin_i, key)
+            slot_tokens[:, layer] = cell.add(layer, slot)
+        return Workload(step_tokens, phase, slot_tokens, LazySend(dense, S, G), gpu_tokens, first_step, layout,
+                        cells=SendCells(cell.src, cell.dst, P))
     if layout == "ep" and S * G * slots <= max(_COMBINED_BINS_PER_CHOICE * T * k, _COMBINED_MIN_BINS):
         # one bincount per layer over (step, origin GPU, slot): summed over origins it is slot_tokens, over each
         # GPU's slots the (origin, destination) choices; dedup subtracts the repeated choices (exact integers)
@@ -261,7 +382,7 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             if replicas[layer] <= 1:
                 slot = np.take(tables[layer, 0, :, 0], ids_t)  # [k, T]: expert e's only slot, whatever the policy
             else:
-                chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
+                chooser = _chooser(tables, counts_t, layer, it, rr)
                 slot = chooser(ids_t, origin_i, key)
             c = np.bincount((base + slot).ravel(), minlength=S * G * slots).reshape(S, G, slots)
             slot_tokens[:, layer] = c.sum(axis=1)
@@ -287,7 +408,7 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             slot_tokens[:, layer, only] = per_e
             dst = np.take(slot_gpu[only], ids_t)
         else:
-            chooser = _LayerChooser(tables[layer].astype(it), counts_t[layer].astype(it), rr)
+            chooser = _chooser(tables, counts_t, layer, it, rr)
             slot = chooser(ids_t, origin_i, key)  # [k, T]
             slot_tokens[:, layer] = np.bincount((step_slots + slot).ravel(), minlength=S * slots).reshape(S, slots)
             dst = np.take(slot_gpu, slot)
@@ -299,6 +420,84 @@ def workload_from_ids(ids: np.ndarray, step_tokens: np.ndarray, mapping: ExpertM
             nodes.add(layer, dst)
     return Workload(step_tokens, phase, slot_tokens, send, gpu_tokens, first_step, layout,
                     node_tokens=None if nodes is None else nodes.out)
+
+
+def _custom_comm(config: SimConfig) -> bool:
+    from moesim.sim.analytic import custom_comm
+
+    return custom_comm(config)
+
+
+def _cells_kernel() -> Any:
+    """The compiled SendCells count (moesim.sim._cells_kernels) or None: numba missing or MOESIM_NO_JIT set."""
+    global _CELLS_KERNEL
+    if _CELLS_KERNEL is None:
+        _CELLS_KERNEL = False
+        if not os.environ.get("MOESIM_NO_JIT"):
+            try:
+                from moesim.sim._cells_kernels import count_layer
+            except ImportError:  # numba is optional (the ``fast`` extra): the numpy code counts the same
+                pass
+            else:
+                _CELLS_KERNEL = count_layer
+    return _CELLS_KERNEL or None
+
+
+_CELLS_KERNEL: Any = None
+
+
+class _SendCellCounter:
+    """slot_tokens and SendCells of a per-token ep workload, one layer at a time: the choices counted per
+    (step, slot), and the de-duplicated ones per (step, source GPU, cell of the destination) and (step,
+    destination GPU, cell of the source); compiled where numba is installed, else gathers and bincounts."""
+
+    def __init__(self, S: int, L: int, G: int, P: int, step_of: np.ndarray, origin: np.ndarray,
+                 slot_gpu: np.ndarray, dedup: bool, step_slots: np.ndarray) -> None:
+        it = slot_gpu.dtype
+        self.S, self.G, self.P, self.dedup = S, G, P, dedup
+        self.n = S * G * 2 * P
+        slots = len(slot_gpu)
+        self.slots = slots
+        # per (origin node, slot): the destination's cell of the source row and the destination row + cell
+        node = np.arange(G // P)[:, None]
+        inter = (slot_gpu // P)[None, :] != node  # [N, slots]
+        self.cell_of = (inter * P + (slot_gpu % P)[None, :]).astype(it).ravel()
+        self.dst_of = (slot_gpu[None, :] * 2 * P + inter * P).astype(it).ravel()
+        self.o_slot = ((origin // P) * slots).astype(it)[None, :]
+        self.row_src = ((step_of * G + origin) * 2 * P).astype(it)[None, :]
+        self.row_dst = ((step_of * G) * 2 * P + origin % P).astype(it)[None, :]
+        self.step_slots = step_slots
+        self.slot_gpu = slot_gpu
+        self.src = np.zeros((S, L, G, 2 * P))
+        self.dst = np.zeros((S, L, G, 2 * P))
+        self.kernel = _cells_kernel()
+
+    def add(self, layer: int, slot: np.ndarray) -> np.ndarray:
+        """slot [k, T] physical slot of every choice -> the layer's slot_tokens [S, slots]."""
+        shape = (self.S, self.G, 2 * self.P)
+        if self.kernel is not None:
+            per_slot, src, dst = np.zeros(self.S * self.slots), np.zeros(self.n), np.zeros(self.n)
+            self.kernel(slot, self.step_slots[0], self.o_slot[0], self.row_src[0], self.row_dst[0], self.cell_of,
+                        self.dst_of, self.slot_gpu, self.dedup, per_slot, src, dst)
+            self.src[:, layer] = src.reshape(shape)
+            self.dst[:, layer] = dst.reshape(shape)
+            return per_slot.reshape(self.S, self.slots)
+        per_slot = np.bincount((self.step_slots + slot).ravel(), minlength=self.S * self.slots)
+        at = slot + self.o_slot
+        ks = np.take(self.cell_of, at)
+        ks += self.row_src
+        kd = np.take(self.dst_of, at)
+        kd += self.row_dst
+        n = self.n
+        if self.dedup:
+            # a token's destination row repeats exactly when its destination GPU does (same step and origin)
+            dup = _dedup_rows(kd)
+            np.putmask(ks, dup, n)
+            np.putmask(kd, dup, n)
+            n += 1
+        self.src[:, layer] = np.bincount(ks.ravel(), minlength=n)[:self.n].reshape(shape)
+        self.dst[:, layer] = np.bincount(kd.ravel(), minlength=n)[:self.n].reshape(shape)
+        return per_slot.reshape(self.S, self.slots)
 
 
 def _per_node(config: SimConfig) -> bool:
@@ -477,5 +676,7 @@ def build_workload(trace: Any, mapping: ExpertMapping, config: SimConfig | None 
             origin = chunk.origin[t0:t1] if use_origin and chunk.origin is not None else None
             part = workload_from_ids(chunk.ids[:, t0:t1], st, mapping, config, origin, ph, lo, tables)
         kv = getattr(chunk, "kv_len", None)
-        parts.append(part if kv is None else replace(part, kv_len=np.asarray(kv[a:b], dtype=float)))
+        if kv is not None:
+            part.kv_len = np.asarray(kv[a:b], dtype=float)  # (not dataclasses.replace: it would compute send_tokens)
+        parts.append(part)
     return parts[0] if len(parts) == 1 else Workload.concat(parts)
