@@ -1,4 +1,4 @@
-"""numba kernel of the SendCells count (:class:`moesim.sim.workload._SendCellCounter`; imported only where numba is
+"""numba kernel of the SendCells count (:class:`moesim.sim.cells.SendCellCounter`; imported only where numba is
 installed): one pass over a layer's choices instead of numpy's gathers, mask and three bincounts, same counts."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ def count_layer(slot: np.ndarray, step_slot: np.ndarray, o_slot: np.ndarray, row
                 row_dst: np.ndarray, cell_of: np.ndarray, dst_of: np.ndarray, slot_gpu: np.ndarray, dedup: bool,
                 slot_out: np.ndarray, src_out: np.ndarray, dst_out: np.ndarray) -> None:
     """slot [k, T] -> adds each choice to slot_out[step_slot[t] + slot] and, unless it repeats an earlier choice's
-    destination GPU (``dedup``, as workload._dedup_rows), to src_out[row_src[t] + cell_of[o_slot[t] + slot]] and
+    destination GPU (``dedup``, as cells.dedup_rows), to src_out[row_src[t] + cell_of[o_slot[t] + slot]] and
     dst_out[row_dst[t] + dst_of[o_slot[t] + slot]] (all flat float64 arrays, added to in place)."""
     k, T = slot.shape
     g = np.empty(k, dtype=slot_gpu.dtype)

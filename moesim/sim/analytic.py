@@ -11,7 +11,7 @@ Per step ``s`` and MoE layer ``l`` (phases run one after another, every GPU wait
 ``topology.routing_matrix()``) / bandwidth, plus the largest path latency among the pairs that exchange bytes:
 a contention-aware bound in which the busiest link sets the pace (every flow through it shares it, as the DES's
 max-min fair network does when that link is the only bottleneck). Per-token ``ep`` workloads of many GPUs carry
-:class:`~moesim.sim.workload.SendCells`; on topologies whose links each carry whole cells (rails: per-GPU NVLink
+:class:`~moesim.sim.cells.SendCells`; on topologies whose links each carry whole cells (rails: per-GPU NVLink
 and NICs, checked once per topology) the same sums come from those 2·G·P numbers per side instead of the G² pairs.
 
 Collectives (TP layouts) are priced as the discrete-event engine models them: all-reduce = reduce-scatter then

@@ -14,6 +14,7 @@ from moesim.mapping import ExpertMapping
 from moesim.models import get_model
 from moesim.replica import ReplicaPolicy
 from moesim.sim import SimConfig
+from moesim.sim import cells as cmod
 from moesim.sim import workload as wmod
 from moesim.sim.analytic import _cell_split, _tables, run_analytic
 from moesim.sim.workload import LazySend, Workload, policy_tables, workload_from_ids
@@ -51,12 +52,12 @@ def _pair(ids, st_, mapping, config, origin=None):
 def test_cells_equal_the_pairs_summed(seed, nodes, spg, k, dedup, policy, jit):
     """Cells = the dense per-pair counts summed per cell; slot_tokens and the lazy send_tokens = the dense path's;
     the compiled and the numpy counts agree (every choice counted once; de-duplicated ones once per GPU)."""
-    before = wmod._cells_kernel()
-    wmod._CELLS_KERNEL = before if jit else False
+    before = cmod.cells_kernel()
+    cmod._CELLS_KERNEL = before if jit else False
     try:
         _check_cells(seed, nodes, spg, k, dedup, policy)
     finally:
-        wmod._CELLS_KERNEL = before
+        cmod._CELLS_KERNEL = before
 
 
 def _check_cells(seed: int, nodes: int, spg: int, k: int, dedup: bool, policy: str) -> None:
@@ -211,12 +212,12 @@ def test_replay_cli_same_report_from_cells_and_pairs(tmp_path, monkeypatch, caps
                        origin=np.arange(T) * G // T, phase="decode")
     built = []
 
-    class Spy(wmod._SendCellCounter):
+    class Spy(wmod.SendCellCounter):
         def __init__(self, *a, **kw):
             built.append(1)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(wmod, "_SendCellCounter", Spy)
+    monkeypatch.setattr(wmod, "SendCellCounter", Spy)
     outs = {}
     for name, factor in (("cells", wmod._CELLS_PAIRS_FACTOR), ("pairs", 0.0)):
         monkeypatch.setattr(wmod, "_CELLS_PAIRS_FACTOR", factor)
