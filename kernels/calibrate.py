@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-CALIBRATION_FORMAT = "moesim.kernel-calibration"
+from moesim.kernel_calibration import CALIBRATION_FORMAT
+from moesim.kernel_calibration import read_calibration as moesim_read_calibration
+
 CALIBRATION_VERSION = 1
 
 
@@ -138,21 +140,6 @@ def write_calibration(path: str | Path, device: str, dtype: torch.dtype, entries
 
 
 def read_calibration(path: str | Path) -> dict[str, Any]:
-    """Read and validate a kernel-calibration file (one-line ValueError on any problem)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read kernel calibration {path}: {err}") from None
-    if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
-        raise ValueError(f"{path} is not a {CALIBRATION_FORMAT} file")
-    if doc.get("version") != CALIBRATION_VERSION:
-        raise ValueError(f"{path}: unsupported calibration version {doc.get('version')!r}")
-    entries = doc.get("entries")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: 'entries' must be a non-empty list")
-    for i, ent in enumerate(entries):
-        if not isinstance(ent, dict) or any(k not in ent for k in _ENTRY_KEYS):
-            raise ValueError(f"{path}: entry {i} needs {list(_ENTRY_KEYS)}")
-        if not (isinstance(ent["seconds"], (int, float)) and ent["seconds"] > 0):
-            raise ValueError(f"{path}: entry {i} has non-positive seconds {ent['seconds']!r}")
-    return doc
+    """Read and validate a kernel-calibration file: the simulator's reader (one format, one reader; one-line
+    MoesimError, a ValueError, on any problem)."""
+    return moesim_read_calibration(path)
