@@ -265,15 +265,9 @@ def test_cli_comm_bad_flags_one_line(args, word, capsys) -> None:
 
 def test_replay_with_comm_backends(tmp_path, capsys) -> None:
     from moesim.models import get_model
-    from moesim.trace import TraceWriter
-    from tests.sim.test_workload import random_ids
+    from tests.sim.test_workload import write_random_trace
 
-    model = get_model("tiny")
-    rng = np.random.default_rng(1)
-    path = tmp_path / "t.mtrace"
-    with TraceWriter(path, model) as w:
-        for T in (64, 16):
-            w.add_step(random_ids(rng, model.num_layers, T, model.num_experts, model.top_k))
+    path = write_random_trace(tmp_path / "t.mtrace", get_model("tiny"), (64, 16), seed=1)
     times = {}
     for comm in ("flat", "hierarchical", "low-latency"):
         out = tmp_path / comm

@@ -24,7 +24,7 @@ from moesim.sim.fixed import (
 )
 from moesim.sim.fixed import step_time as fixed_step_time
 from moesim.topo import load_topology
-from tests.sim.test_workload import random_ids
+from tests.sim.test_workload import random_ids, write_random_trace
 
 
 def test_nccl_latency_terms() -> None:
@@ -117,14 +117,7 @@ def test_fixed_json_round_trip_and_errors(tmp_path) -> None:
 
 
 def test_replay_fixed_flag(tmp_path, capsys) -> None:
-    from moesim.trace import TraceWriter
-
-    model = get_model("tiny")
-    rng = np.random.default_rng(2)
-    path = tmp_path / "t.mtrace"
-    with TraceWriter(path, model) as w:
-        for T in (32, 8):
-            w.add_step(random_ids(rng, model.num_layers, T, model.num_experts, model.top_k))
+    path = write_random_trace(tmp_path / "t.mtrace", get_model("tiny"), (32, 8), seed=2)
     lat = {}
     for fixed in ("none", "graph", "eager"):
         out = tmp_path / fixed

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -32,6 +35,15 @@ def random_ids(rng: np.random.Generator, L: int, T: int, E: int, k: int, skew: f
     p /= p.sum()
     keys = -np.log(rng.random((L, T, E))) / p  # exponential race: top-k without replacement ~ p
     return np.argsort(keys, axis=2)[:, :, :k].astype(np.int64)
+
+
+def write_random_trace(path: Path, model: Any, step_tokens: tuple[int, ...], seed: int) -> Path:
+    """A token trace of ``model`` with one step of random_ids per entry of ``step_tokens``."""
+    rng = np.random.default_rng(seed)
+    with TraceWriter(path, model) as w:
+        for T in step_tokens:
+            w.add_step(random_ids(rng, model.num_layers, T, model.num_experts, model.top_k))
+    return path
 
 
 @st.composite

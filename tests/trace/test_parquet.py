@@ -94,21 +94,27 @@ def test_rows_are_one_per_step_layer_token(tmp_path):
     assert rows[-1]["phase"] == "prefill"
 
 
+def _show_and_duckdb_loads(duckdb, src, out, capsys) -> tuple[np.ndarray, np.ndarray]:
+    """Export ``src`` to Parquet ``out``; the [layers, experts] load of `trace show --json --full` and DuckDB's
+    per-(layer, expert) count of the exported ids."""
+    assert main(["trace", "export", "--format", "parquet", str(src), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["trace", "show", str(src), "--json", "--full"]) == 0
+    load = np.array(json.loads(capsys.readouterr().out)["load"])
+    got = duckdb.sql(f"SELECT layer, e, count(*) AS n FROM (SELECT layer, unnest(expert_ids) AS e FROM '{out}') "
+                     "GROUP BY ALL").fetchnumpy()
+    table = np.zeros_like(load)
+    table[got["layer"], got["e"]] = got["n"]
+    return load, table
+
+
 def test_duckdb_per_expert_counts_equal_trace_show(tmp_path, capsys):
     """The acceptance check on a DeepSeek-style trace: DuckDB's per-expert counts = `trace show --json --full`."""
     duckdb = pytest.importorskip("duckdb")
     src, out = tmp_path / "t.mtrace", tmp_path / "t.parquet"
     assert main(["trace", "synth", "--model", "tiny-deepseek", "--steps", "4", "--tokens", "64",
                  "--decode-tokens", "8", "--ranks", "4", "--out", str(src)]) == 0
-    assert main(["trace", "export", "--format", "parquet", str(src), "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert main(["trace", "show", str(src), "--json", "--full"]) == 0
-    load = np.array(json.loads(capsys.readouterr().out)["load"])
-    rows = duckdb.sql(f"SELECT layer, e, count(*) FROM (SELECT layer, unnest(expert_ids) AS e FROM '{out}') "
-                      "GROUP BY ALL").fetchall()
-    got = np.zeros_like(load)
-    for layer, e, n in rows:
-        got[layer, e] = n
+    load, got = _show_and_duckdb_loads(duckdb, src, out, capsys)
     assert load.sum() > 0 and np.array_equal(got, load)
 
 
@@ -120,15 +126,8 @@ def test_demo_trace_in_duckdb(tmp_path, capsys):
 
     src = demo_trace(tmp_path)
     out = tmp_path / "demo.parquet"
-    assert main(["trace", "export", "--format", "parquet", str(src), "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert main(["trace", "show", str(src), "--json", "--full"]) == 0
-    load = np.array(json.loads(capsys.readouterr().out)["load"])
-    got = duckdb.sql(f"SELECT layer, e, count(*) FROM (SELECT layer, unnest(expert_ids) AS e FROM '{out}') "
-                     "GROUP BY ALL").fetchnumpy()
-    table = np.zeros_like(load)
-    table[got["layer"], got["e"]] = got["count_star()"]
-    assert np.array_equal(table, load)
+    load, got = _show_and_duckdb_loads(duckdb, src, out, capsys)
+    assert np.array_equal(got, load)
 
 
 def test_cli_round_trip_and_window(tmp_path, capsys):
