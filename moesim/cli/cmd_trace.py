@@ -185,8 +185,12 @@ def _check_synth_request(args: argparse.Namespace, model: Any) -> None:
     if not str(args.out).strip():
         raise MoesimError("--out is empty; give the output trace file (.mtrace)")
     tokens = max(args.tokens, args.decode_tokens or 0)
-    # one step's ids (uint16) + weights (float32) + the generator's float64 scores per token-choice, held at once
-    check_memory(tokens * model.num_layers * (model.top_k * 6 + model.num_experts * 8), f"--tokens {tokens}")
+    # one step's ids (uint16) and weights (float16) as generated, again in the writer's buffer, plus the chunks in
+    # flight (numpy path: ~16 float64 [chunk, experts] temporaries per worker, moesim.trace.synth.CHUNK_TOKENS)
+    from moesim.trace.synth import CHUNK_TOKENS
+
+    per_step = tokens * model.num_layers * model.top_k * 4 * 2
+    check_memory(per_step + 8 * 16 * min(tokens, CHUNK_TOKENS) * model.num_experts * 8, f"--tokens {tokens}")
 
 
 def _show(args: argparse.Namespace) -> int:

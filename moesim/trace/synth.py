@@ -27,14 +27,16 @@ parallelism, each behind one knob of :class:`SynthConfig`:
   (data-parallel attention); a decode sequence stays on its rank.
 
 Sampling is exact Gumbel-top-k (top-k of logits plus Gumbel noise samples k experts without replacement with
-probabilities proportional to softmax(logits), Kool et al. 2019), in its exponential-race form: top-k of
-exp(logit) / Exp(1) (the same ranking: its log is logit + Gumbel), one log per candidate from raw random bits;
-vectorised over the tokens of a layer, so top-k ids are distinct per token. The chosen experts' perturbed logits
-(a token's own router logits) give the router weights: softmax routers (Mixtral, Qwen3) renormalise the softmax
-over the chosen k; sigmoid routers (DeepSeek-V3) normalise the chosen sigmoid scores (norm_topk_prob).
+probabilities proportional to softmax(logits), Kool et al. 2019), drawn as the equivalent sequential race
+(:mod:`moesim.trace.synth_route`, the one definition: each pick takes expert ``e`` with probability ``w_e`` over
+the remaining weight, one uniform and one exponential per pick instead of noise for every expert), so top-k ids
+are distinct per token. The chosen experts' perturbed logits (a token's own router logits, from the race's ring
+times) give the router weights: softmax routers (Mixtral, Qwen3) renormalise the softmax over the chosen k;
+sigmoid routers (DeepSeek-V3) normalise the chosen sigmoid scores (norm_topk_prob). Compiled with numba where it
+is installed (the ``fast`` extra), numpy otherwise: the same bits either way.
 Tokens are routed in chunks of ``CHUNK_TOKENS``, each with its own random stream, on a thread pool over the chunks
-of every step (numpy releases the GIL): one large step uses every core, and the result does not depend on the
-thread count.
+of every step (the compiled loop and numpy release the GIL), straight into the step's arrays: one large step uses
+every core, and the result does not depend on the thread count.
 ``routing="uniform"`` (``--routing uniform``): every expert equally likely — no popularity, domains or
 cross-layer bonus; group limits kept (groups drawn uniformly) — so each token's k experts are a uniform random
 k-subset of its groups and every expert's expected load is tokens·k/E. (``--skew 0`` alone keeps the domains and
@@ -56,6 +58,7 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.models import ModelSpec
+from moesim.trace.synth_route import BLOCK, draws, geometry, layer_tables, route_layer
 from moesim.trace.writer import TraceWriter
 
 # Default (skew, domain_strength) per preset, calibrated with the other ``SynthConfig`` defaults. Per-layer
@@ -198,39 +201,29 @@ class _Router:
         return self.decode_domain, self.decode_rank
 
     # -- routing ------------------------------------------------------------------------------------
-    def route(self, step: int, domain: np.ndarray, base: np.ndarray, chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """ids [L, T, k] uint16 (best first) and router weights [L, T, k] float32 of the tokens ``domain`` [T]
-        (chunk ``chunk`` of step ``step``).
+    def route(self, step: int, domain: np.ndarray, base: np.ndarray, chunk: int, ids: np.ndarray,
+              weights: np.ndarray) -> None:
+        """Route the tokens ``domain`` [T] (chunk ``chunk`` of step ``step``) into ``ids`` [L, T, k] uint16 (best
+        first) and router ``weights`` [L, T, k] (float32 or float16): views of the step's arrays, written in place.
 
         A pure function of its inputs and the chunk's own random stream, so chunks and steps route in parallel.
         """
         m, cfg = self.model, self.cfg
-        L, E, k = m.num_layers, m.num_experts, m.top_k
+        L, k = m.num_layers, m.top_k
         T = len(domain)
         rng = np.random.default_rng([cfg.seed, 2, step, chunk])
-        ids = np.empty((L, T, k), dtype=np.uint16)
-        weights = np.empty((L, T, k), dtype=np.float32)
-        prev: np.ndarray | None = None
-        grouped = m.num_groups > 1
-        per = E // m.num_groups
+        G = max(m.num_groups, 1)
+        ng = m.topk_groups if G > 1 else 0
+        sigmoid = m.router == "sigmoid_grouped"
+        none = np.empty((0, k), dtype=np.uint16)
+        factor = math.exp(self.layer_corr)
+        ex, bl = geometry(m.num_experts, G, m.topk_groups)
         for layer in range(L):
-            logits = self.domains[layer] + base[layer]  # [domains, E]
-            shift = logits.max()
-            w = np.exp(np.maximum(logits - shift, -80.0))  # [domains, E] float32 weights exp(logit - shift)
-            if grouped:
-                chosen, scores = _group_candidates(w, domain, m.num_groups, m.topk_groups, rng)
-            else:
-                chosen, scores = None, np.take(w, domain, axis=0)  # [T, E]
-            if prev is not None and self.layer_corr > 0:
-                _add_successor_bonus(scores, self.succ[layer][prev], chosen, per, math.exp(self.layer_corr))
-            scores /= _exponential(rng, scores.shape)  # w / Exp(1): ranks as logit + Gumbel
-            top, top_scores = _top_k(scores, k)  # best first
-            if chosen is not None:  # candidate column -> expert id
-                top = _pick(chosen, top // per) * per + top % per
-            ids[layer] = top
-            weights[layer] = _router_weights(np.log(top_scores) + shift, m.router)  # the perturbed logits
-            prev = top
-        return ids, weights
+            w, sg, mass, shift = layer_tables(self.domains[layer] + base[layer], G)  # [domains, E] logits
+            bits, exps = draws(rng, T, ng, k)
+            prev = ids[layer - 1] if layer and self.layer_corr > 0 else none
+            route_layer(w, sg, mass, domain, prev, self.succ[layer], factor, bits, exps, m.topk_groups, BLOCK,
+                        sigmoid, math.exp(-shift) if sigmoid else 0.0, ex, bl, ids[layer], weights[layer])
 
     def inputs(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, str]]:
         """Per step, sequentially: (step, domain [T], origin [T], popularity logits [L, E], phase)."""
@@ -247,143 +240,58 @@ class _Router:
                 domain, origin = self._decode_batch(decode_T)
             yield step, domain.copy(), origin.copy(), self.skew * self.latent, phase
 
-    def steps(self, threads: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-        """Route every step's token chunks on a thread pool (numpy releases the GIL), yielding steps in order."""
+    def steps(self, threads: int | None = None, weights_dtype: Any = np.float32,
+              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+        """Route every step's token chunks on a thread pool (the compiled router and numpy release the GIL),
+        yielding steps in order: (ids [L, T, k] uint16, weights [L, T, k] ``weights_dtype``, origin [T], phase).
+        Each chunk writes its columns of the step's arrays in place: no per-chunk copies, no joins."""
         workers = threads or min(os.cpu_count() or 1, 8)
+        m = self.model
+        L, k = m.num_layers, m.top_k
 
-        def chunks(step: int, domain: np.ndarray, base: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
-            return [(step, domain[a:a + CHUNK_TOKENS], base, a // CHUNK_TOKENS)
-                    for a in range(0, max(len(domain), 1), CHUNK_TOKENS)]
-
-        def join(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-            if len(parts) == 1:
-                return parts[0]
-            return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
+        def submit(run: Any, step: int, domain: np.ndarray, base: np.ndarray) -> tuple[list[Any], np.ndarray,
+                                                                                         np.ndarray]:
+            T = len(domain)
+            ids = np.empty((L, T, k), dtype=np.uint16)
+            weights = np.empty((L, T, k), dtype=weights_dtype)
+            jobs = [run(self.route, step, domain[a:a + CHUNK_TOKENS], base, a // CHUNK_TOKENS,
+                        ids[:, a:a + CHUNK_TOKENS], weights[:, a:a + CHUNK_TOKENS])
+                    for a in range(0, T, CHUNK_TOKENS)]
+            return jobs, ids, weights
 
         if workers <= 1:
             for step, domain, origin, base, phase in self.inputs():
-                yield (*join([self.route(*c) for c in chunks(step, domain, base)]), origin, phase)
+                _, ids, weights = submit(lambda f, *a: f(*a), step, domain, base)
+                yield ids, weights, origin, phase
             return
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque[tuple[list[Future], np.ndarray, str]] = deque()
+            pending: deque[tuple[list[Future], np.ndarray, np.ndarray, np.ndarray, str]] = deque()
             queued = 0
             for step, domain, origin, base, phase in self.inputs():
-                futs = [pool.submit(self.route, *c) for c in chunks(step, domain, base)]
-                pending.append((futs, origin, phase))
+                futs, ids, weights = submit(pool.submit, step, domain, base)
+                pending.append((futs, ids, weights, origin, phase))
                 queued += len(futs)
                 while pending and queued - len(pending[0][0]) >= 2 * workers:  # keep the pool fed, memory bounded
-                    futs, o, ph = pending.popleft()
+                    futs, ids, weights, o, ph = pending.popleft()
                     queued -= len(futs)
-                    yield (*join([f.result() for f in futs]), o, ph)
+                    for f in futs:
+                        f.result()
+                    yield ids, weights, o, ph
             while pending:
-                futs, o, ph = pending.popleft()
-                yield (*join([f.result() for f in futs]), o, ph)
-
-
-def _exponential(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Exp(1) float32 samples of ``shape`` as −log(U), U in (0, 1) built from the generator's raw bits (23 random
-    mantissa bits, the lowest forced to 1: never 0 or 1) — several times faster than Generator.standard_exponential.
-    """
-    n = int(np.prod(shape))
-    r = rng.bit_generator.random_raw(-(-n // 2)).view(np.uint32)[:n].reshape(shape)
-    r >>= np.uint32(9)
-    r |= np.uint32(0x3F800001)  # 1.m with m's last bit set: (1, 2)
-    u = r.view(np.float32)
-    u -= np.float32(1.0)
-    np.log(u, out=u)
-    np.negative(u, out=u)
-    return u
-
-
-def _group_candidates(w: np.ndarray, domain: np.ndarray, num_groups: int, topk_groups: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """DeepSeek-style group-limited routing: each token keeps ``topk_groups`` of ``num_groups`` expert groups.
-
-    Groups are drawn without replacement in proportion to their softmax mass (Gumbel-top-k over the groups'
-    mass), then experts are chosen only inside them. ``w`` [C, E]: expert weights exp(logit) per domain. Returns the
-    kept groups ``chosen [T, topk_groups]`` and their experts' weights ``[T, topk_groups * per]`` (column ``j`` is
-    expert ``chosen[:, j // per] * per + j % per``). DeepSeek-V3 picks groups by the sum of each group's two best
-    scores; sampling groups by mass keeps the same structure (a token's experts lie in at most ``topk_groups``
-    groups, i.e. nodes) at a fraction of the cost, and skips the noise of the groups not chosen.
-    """
-    T = len(domain)
-    C, E = w.shape
-    per = E // num_groups
-    mass = w.reshape(C, num_groups, per).sum(axis=2)  # [C, G]
-    gscore = np.take(mass, domain, axis=0) / _exponential(rng, (T, num_groups))  # mass / Exp(1): Gumbel-top-k
-    rows = np.arange(T)
-    chosen = np.empty((T, topk_groups), dtype=np.int64)
-    for j in range(topk_groups):  # rounds of argmax: no per-row partition
-        best = gscore.argmax(axis=1)
-        chosen[:, j] = best
-        gscore[rows, best] = -np.inf
-    rowsel = (domain * num_groups)[:, None] + chosen  # rows of the [C*G, per] logits: one contiguous copy each
-    scores = np.take(w.reshape(C * num_groups, per), rowsel, axis=0).reshape(T, topk_groups * per)
-    return chosen, scores
-
-
-def _add_successor_bonus(scores: np.ndarray, succ: np.ndarray, chosen: np.ndarray | None, per: int,
-                         factor: float) -> None:
-    """Multiply the weights of the successor experts ``succ [T, k]`` of a token's previous experts by ``factor``
-    (exp(layer_corr): the logit bonus). With group-limited candidates, successors outside the token's kept groups
-    are skipped.
-    """
-    T, W = scores.shape
-    flat = scores.reshape(-1)
-    rows = np.arange(T)
-    if chosen is None:
-        flat[succ + (rows * W)[:, None]] *= np.float32(factor)  # distinct per row: no lost updates
-        return
-    group = succ // per
-    width = int(max(chosen.max(initial=0), group.max(initial=0))) + 1
-    slot_of = np.full((T, width), -1, dtype=np.int64)  # [T, groups]: the group's candidate slot, or -1
-    slot_of[rows[:, None], chosen] = np.arange(chosen.shape[1])
-    slot = np.take_along_axis(slot_of, group, axis=1)
-    found = slot >= 0
-    pos = slot * per + succ % per + (rows * W)[:, None]
-    flat[pos[found]] *= np.float32(factor)
-
-
-def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """([T, k] column indices, [T, k] values) of the k largest scores of each row, largest first.
-
-    k rounds of argmax (each row's best, then the next): much faster in numpy than a per-row partition and sort.
-    ``scores`` is overwritten.
-    """
-    T = scores.shape[0]
-    out = np.empty((T, k), dtype=np.int64)
-    val = np.empty((T, k), dtype=scores.dtype)
-    flat = scores.reshape(-1)
-    base = np.arange(T) * scores.shape[1]
-    for j in range(k):
-        best = scores.argmax(axis=1)
-        out[:, j] = best
-        pos = base + best
-        val[:, j] = flat[pos]
-        flat[pos] = -np.inf
-    return out, val
-
-
-def _pick(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``take_along_axis(a, idx, axis=1)`` for 2-D arrays, as one flat take (several times faster)."""
-    return np.take(a.reshape(-1), idx + (np.arange(a.shape[0]) * a.shape[1])[:, None])
-
-
-def _router_weights(top_scores: np.ndarray, router: str) -> np.ndarray:
-    """Weights of the chosen experts, normalised over the k of each token."""
-    if router == "sigmoid_grouped":
-        w = 1.0 / (1.0 + np.exp(-top_scores))
-    else:
-        w = np.exp(top_scores - top_scores[:, :1])
-    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+                futs, ids, weights, o, ph = pending.popleft()
+                for f in futs:
+                    f.result()
+                yield ids, weights, o, ph
 
 
 def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: int | None = None,
-                   compact: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+                   compact: bool = False, weights_dtype: Any = np.float32,
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
     """Yield ``(ids [L, T, k] int64, weights [L, T, k] float32, origin [T] int64, phase)`` per step.
 
-    The same ``(model, cfg)`` always yields the same steps, whatever ``threads`` (default: up to 8 cores).
-    ``compact=True`` yields ids as uint16 (the trace's on-disk dtype; mind overflow in arithmetic).
+    The same ``(model, cfg)`` always yields the same steps, whatever ``threads`` (default: up to 8 cores) and
+    whether numba is installed. ``compact=True`` yields ids as uint16 (the trace's on-disk dtype; mind overflow in
+    arithmetic); ``weights_dtype=np.float16`` yields the weights as a trace stores them (rounded from float32).
     """
     cfg = cfg or SynthConfig()
     cfg.check()
@@ -392,7 +300,7 @@ def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: in
     if model.num_groups > 1 and model.topk_groups * (model.num_experts // model.num_groups) < model.top_k:
         raise MoesimError(f"model {model.name!r}: {model.topk_groups} groups of "
                           f"{model.num_experts // model.num_groups} experts cannot hold top-{model.top_k}")
-    for ids, weights, origin, phase in _Router(model, cfg).steps(threads):
+    for ids, weights, origin, phase in _Router(model, cfg).steps(threads, weights_dtype):
         yield (ids if compact else ids.astype(np.int64)), weights, origin, phase
 
 
@@ -413,7 +321,8 @@ def synthesize(model: ModelSpec, cfg: SynthConfig | None, path: str | Path,
     meta = {"source": "moesim.trace.synth", "synth": {**cfg.to_dict(), **resolved}}
     with TraceWriter(path, model, kind="tokens", weights=cfg.weights, origin=cfg.origin,
                      num_ranks=cfg.num_ranks if cfg.origin else None, meta=meta, atomic=True) as writer:
-        for i, (ids, weights, origin, phase) in enumerate(generate_steps(model, cfg, compact=True)):
+        for i, (ids, weights, origin, phase) in enumerate(generate_steps(model, cfg, compact=True,
+                                                                             weights_dtype=np.float16)):
             writer.add_step(ids, weights if cfg.weights else None, origin if cfg.origin else None, phase)
             if progress is not None:
                 progress(i + 1, cfg.steps)

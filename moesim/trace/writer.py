@@ -188,11 +188,11 @@ class TraceWriter:
                 arrays["counts"] = np.stack([s[0] for s in self._steps])
             else:
                 arrays["step_tokens"] = np.array([s[0].shape[1] for s in self._steps], dtype="<i8")
-                arrays["ids"] = np.concatenate([s[0] for s in self._steps], axis=1)
+                arrays["ids"] = _join([s[0] for s in self._steps], axis=1)
                 if self.weights_dtype is not None:
-                    arrays["weights"] = np.concatenate([s[1] for s in self._steps], axis=1)
+                    arrays["weights"] = _join([s[1] for s in self._steps], axis=1)
                 if self.origin:
-                    arrays["origin"] = np.concatenate([s[2] for s in self._steps])
+                    arrays["origin"] = _join([s[2] for s in self._steps], axis=0)
         if self._timings:
             width = max(len(t[2]) for t in self._timings)
             n = len(self._timings)
@@ -264,6 +264,12 @@ class TraceWriter:
             self.close()
         else:
             self.abort()
+
+
+def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
+    """The steps' arrays of one chunk side by side; a chunk of one step (a large synthetic step: up to ~1 GB) is
+    written as it is, without the copy a concatenation makes."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 def _kv_len(value: float | None) -> float:
