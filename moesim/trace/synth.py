@@ -323,7 +323,8 @@ def synthesize(model: ModelSpec, cfg: SynthConfig | None, path: str | Path,
                      num_ranks=cfg.num_ranks if cfg.origin else None, meta=meta, atomic=True) as writer:
         for i, (ids, weights, origin, phase) in enumerate(generate_steps(model, cfg, compact=True,
                                                                              weights_dtype=np.float16)):
-            writer.add_step(ids, weights if cfg.weights else None, origin if cfg.origin else None, phase)
+            writer.add_step(ids, weights if cfg.weights else None, origin if cfg.origin else None, phase,
+                            handed_over=True)
             if progress is not None:
                 progress(i + 1, cfg.steps)
     return path

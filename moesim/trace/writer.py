@@ -106,10 +106,12 @@ class TraceWriter:
 
     # -- adding data --------------------------------------------------------------------------------
     def add_step(self, ids: np.ndarray, weights: np.ndarray | None = None, origin: np.ndarray | None = None,
-                 phase: str | None = None, kv_len: float | None = None) -> int:
+                 phase: str | None = None, kv_len: float | None = None, handed_over: bool = False) -> int:
         """Buffer one step: ids [layers, tokens, top_k]; returns the step's index in the trace.
 
-        ``kv_len``: KV-cache positions each of the step's tokens attends to (mean), when known."""
+        ``kv_len``: KV-cache positions each of the step's tokens attends to (mean), when known. ``handed_over``:
+        the caller will not touch the arrays again, so ids already in the trace's dtype are buffered as they are
+        (a synthetic step is ~1 GB; otherwise they are copied, as a caller may reuse its buffers)."""
         if self.kind != "tokens":
             raise TraceError("this trace holds load counts; use add_counts")
         m = self.model
@@ -136,7 +138,8 @@ class TraceWriter:
             if T and (o.min() < 0 or (self.num_ranks is not None and o.max() >= self.num_ranks)):
                 raise TraceError(f"origin rank out of range [0, {self.num_ranks}) in step {self.next_step}")
             o = o.astype(self.origin_dtype)
-        self._steps.append((ids.astype(self.ids_dtype), w, o, fmt.PHASES.get(phase, 255), _kv_len(kv_len)))
+        self._steps.append((ids.astype(self.ids_dtype, copy=not handed_over), w, o, fmt.PHASES.get(phase, 255),
+                            _kv_len(kv_len)))
         self._buffered += ids.size * self.ids_dtype.itemsize * (2 if w is not None else 1)
         return self._advance()
 

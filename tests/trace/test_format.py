@@ -375,3 +375,22 @@ def test_writer_refuses_a_kv_len_no_cost_model_could_use(tmp_path, bad):
     model = _model(1, 4, 2)
     with TraceWriter(tmp_path / "t.mtrace", model) as w, pytest.raises(MoesimError, match="kv_len"):
         w.add_step(np.zeros((1, 2, 2), np.int64), kv_len=bad)
+
+
+def test_add_step_copies_unless_handed_over(tmp_path):
+    """A caller may reuse its buffer after add_step (the step is copied); one that hands it over (the synthesizer's
+    ~1 GB steps) is not copied, and a one-step chunk is written from it as it is."""
+    model = get_model("tiny")
+    L, k = model.num_layers, model.top_k
+    ids = np.arange(L * 5 * k, dtype=np.uint16).reshape(L, 5, k) % model.num_experts
+    want = ids.copy()
+    for handed in (False, True):
+        path = tmp_path / f"h{handed}.mtrace"
+        buf = ids.copy()
+        with TraceWriter(path, model) as w:
+            w.add_step(buf, handed_over=handed)
+            assert (w._steps[0][0] is buf) == handed
+            if not handed:
+                buf[:] = 0  # reused by the caller: the buffered step must not change
+        with Trace.open(path) as t:
+            assert np.array_equal(t.step(0).ids, want)
