@@ -27,6 +27,13 @@ def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: f
             count[routes[f, h]] += mult[f]
     remcap = capacity.copy()
     remcap[pad] = np.inf
+    # the per-round link loops visit only the links some flow crosses (a cluster has many more)
+    used = np.empty(n_links, dtype=np.int64)
+    nu = 0
+    for e in range(n_links):
+        if count[e] > 0:
+            used[nu] = e
+            nu += 1
     c = 1.0 + rtol
     active = np.arange(F)  # unfrozen flows, in their original order (as numpy's compress keeps it)
     frozen = np.empty(F, dtype=np.int64)
@@ -37,8 +44,9 @@ def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: f
     cnt = np.zeros(n_links)
     n = F
     while True:
-        for e in range(n_links):
-            share[e] = remcap[e] / count[e]  # (0/0 and x/0 only on links no flow reads)
+        for u in range(nu):
+            e = used[u]
+            share[e] = remcap[e] / count[e]  # (x/0 only on links no unfrozen flow reads)
             notlocal[e] = False
         for i in range(n):
             f = active[i]
@@ -73,7 +81,8 @@ def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: f
         if nh == 0 or nk == 0:
             break
         # per link: flows frozen this round, summed hop by hop in flow order (numpy's bincount order)
-        for e in range(n_links):
+        for u in range(nu):
+            e = used[u]
             sub[e] = 0.0
             cnt[e] = 0.0
         for h in range(H):
@@ -82,50 +91,60 @@ def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: f
                 e = routes[f, h]
                 sub[e] += rate[f] * mult[f]
                 cnt[e] += mult[f]
-        for e in range(n_links):
+        for u in range(nu):
+            e = used[u]
             count[e] -= cnt[e]
             remcap[e] -= sub[e]
         n = nk
     return rate
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos):
+def _count_class(c, scr_mult, present, nc):
+    """Count one flow of class ``c`` (``present[:nc]``: the classes seen so far, in order); returns the new nc."""
+    if scr_mult[c] == 0.0:
+        present[nc] = c
+        nc += 1
+    scr_mult[c] += 1.0
+    return nc
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos, present, nc):
     """Max-min rates of flows ``routes`` [F, H] with class ids ``cls`` [F]: the same allocation as
     ``_solve(routes, ...)`` (certified, else that solve runs), at a fraction of its work where many flows share
-    their narrowest links (see ``maxmin_rates_classes``). ``scr_mult`` / ``scr_pos`` [C]: zero scratch, left zero."""
+    their narrowest links (see ``maxmin_rates_classes``). The caller has counted the flows per class
+    (``_count_class``: ``scr_mult`` [C], ``present[:nc]``); ``scr_mult`` / ``scr_pos`` are left zero."""
     F, H = routes.shape
     n_links = capacity.shape[0]
     pad = n_links - 1
     if F == 0:
         return np.full(0, np.inf)
     c1 = np.inf
-    for f in range(F):
-        t = cls_tier[cls[f]]
+    for i in range(nc):
+        t = cls_tier[present[i]]
         if t < c1:
             c1 = t
     # stage 1: the flows of the narrowest tier, one row per class, constrained by their tier's links only
-    present = np.empty(F, dtype=np.int64)
-    nc = 0
-    n2 = 0
-    for f in range(F):
-        c = cls[f]
-        if cls_tier[c] == c1:
-            if scr_mult[c] == 0.0:
-                present[nc] = c
-                nc += 1
-            scr_mult[c] += 1.0
-        else:
-            n2 += 1
     HT = cls_rt.shape[1]
-    rt1 = np.empty((nc, HT), dtype=np.int64)
-    mult = np.empty(nc)
+    n1 = 0
+    n2 = 0
+    for i in range(nc):
+        if cls_tier[present[i]] == c1:
+            n1 += 1
+    rt1 = np.empty((n1, HT), dtype=np.int64)
+    mult = np.empty(n1)
+    j = 0
     for i in range(nc):
         c = present[i]
-        scr_pos[c] = i
-        mult[i] = scr_mult[c]
+        if cls_tier[c] == c1:
+            scr_pos[c] = j
+            mult[j] = scr_mult[c]
+            for h in range(HT):
+                rt1[j, h] = cls_rt[c, h]
+            j += 1
+        else:
+            n2 += int(scr_mult[c])
         scr_mult[c] = 0.0
-        for h in range(HT):
-            rt1[i, h] = cls_rt[c, h]
     r1 = _solve_w(rt1, mult, capacity, rtol)
     rate = np.empty(F)
     load = np.zeros(n_links)  # stage-1 load on the wider links
@@ -176,12 +195,21 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_
     return rate
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos):
+    present = np.empty(routes.shape[0], dtype=np.int64)
+    nc = 0
+    for f in range(routes.shape[0]):
+        nc = _count_class(cls[f], scr_mult, present, nc)
+    return _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos, present, nc)
+
+
 def maxmin_rates_classes(routes: np.ndarray, cls: np.ndarray, cls_rt: np.ndarray, cls_tier: np.ndarray,
                          capacity: np.ndarray, rtol: float) -> np.ndarray:
     """routes [F, H], class ids [F], class routes [C, HT] and tiers [C] -> rates [F] (see ``_solve_classes``)."""
     C = cls_rt.shape[0]
     i64, f64 = np.int64, np.float64
-    return _solve_classes(np.ascontiguousarray(routes, dtype=i64), np.ascontiguousarray(cls, dtype=i64),
+    return _solve_classes_uncounted(np.ascontiguousarray(routes, dtype=i64), np.ascontiguousarray(cls, dtype=i64),
                           np.ascontiguousarray(cls_rt, dtype=i64), np.ascontiguousarray(cls_tier, dtype=f64),
                           np.ascontiguousarray(capacity, dtype=f64), float(rtol), np.zeros(C), np.zeros(C, dtype=i64))
 
@@ -193,10 +221,44 @@ def maxmin_rates_jit(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> n
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _select(a, k):
-    """The k-th smallest of ``a`` (reordered in place): ``np.partition(a, k)[k]``. Three-way quickselect, so
-    many equal values (flows of one class with equal bytes) cost O(n), where numba's partition degrades."""
+    """The k-th smallest of ``a`` (reordered in place), as ``np.partition(a, k)[k]`` (no NaN in ``a``).
+
+    Floyd-Rivest style: two pivots drawn from an even sample around the target rank cut the range to a thin band
+    in one pass, so transfer times that arrive nearly sorted (flows start in order) cost O(n) where a
+    median-of-three quickselect (and numba's ``np.partition``) crawl."""
     lo = 0
     hi = a.shape[0] - 1
+    sample = np.empty(64)
+    while hi - lo > 512:
+        m = hi - lo + 1
+        for j in range(64):
+            sample[j] = a[lo + (j * (m - 1)) // 63]
+        sample.sort()
+        pos = ((k - lo) * 63) // (m - 1)
+        p1 = sample[max(pos - 3, 0)]
+        p2 = sample[min(pos + 3, 63)]
+        lt, i, gt = lo, lo, hi
+        while i <= gt:  # a[lo:lt] < p1 <= a[lt:i] <= p2 < a[gt+1:hi+1]
+            v = a[i]
+            if v < p1:
+                a[lt], a[i] = v, a[lt]
+                lt += 1
+                i += 1
+            elif v > p2:
+                a[gt], a[i] = v, a[gt]
+                gt -= 1
+            else:
+                i += 1
+        if k < lt:
+            hi = lt - 1
+        elif k > gt:
+            lo = gt + 1
+        else:
+            if p1 == p2:
+                return p1
+            if lt == lo and gt == hi:
+                break  # no progress (a wide band of near-equal values): finish with the plain quickselect
+            lo, hi = lt, gt
     while lo < hi:
         x, y, z = a[lo], a[(lo + hi) // 2], a[hi]
         pivot = max(min(x, y), min(max(x, y), z))  # median of three
@@ -241,6 +303,8 @@ def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quan
     k = 0
     ndone = 0
     bad = -1
+    present = np.empty(n + n_new, dtype=np.int64)  # classes of the flows kept, in order of first sight
+    nc = 0
     for i in range(n + n_new):
         if i < n and (ff[i, 2] <= lim or ff[i, 0] <= 0):
             f = fi[i, 1]
@@ -267,11 +331,12 @@ def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quan
             fi[k, 2] = fi[i, 2]
             for h in range(H):
                 rt[k, h] = rt[i, h]
+        nc = _count_class(fi[k, 2], scr_mult, present, nc)
         k += 1
     K = k
     if K == 0:
         return 0, ndone, bad, -1.0
-    rate = _solve_classes(rt[:K], fi[:K, 2].copy(), cls_rt, cls_tier, cap, rtol, scr_mult, scr_pos)
+    rate = _solve_classes(rt[:K], fi[:K, 2], cls_rt, cls_tier, cap, rtol, scr_mult, scr_pos, present, nc)
     ttf = np.empty(K)
     first = np.inf
     # the median of ttf widens the quantum only if it exceeds quantum / rel_quantum: count the flows at or below

@@ -387,3 +387,30 @@ def test_pxn_flows_to_one_gpu_share_a_class():
     assert len(set(to9.tolist())) == 1
     assert net._tab_cls[0 * G + 1] != net._tab_cls[2 * G + 1]  # intranode flows: one class per pair
     assert net._tab_cls[0 * G + 9] != net._tab_cls[0 * G + 10]  # another rail: another class
+
+
+@given(st.lists(st.sampled_from([0.0, 1e-6, 2e-6, 3.5e-6, np.inf]) | st.floats(0.0, 1e-3), min_size=1,
+                max_size=3000), st.floats(0.0, 1.0), st.booleans())
+def test_compiled_selection_is_numpys_partition(values, where, ordered):
+    """The compiled median (for the relative quantum) is ``np.partition``'s, on sorted and shuffled times alike."""
+    _needs_jit()
+    from moesim.sim._maxmin_kernels import _select
+
+    a = np.sort(values) if ordered else np.asarray(values, dtype=float)
+    k = min(int(where * a.size), a.size - 1)
+    assert _select(a.copy(), k) == np.partition(a, k)[k]
+
+
+@pytest.mark.parametrize("kind", ["random", "sorted", "few-values", "runs"])
+def test_compiled_selection_on_large_arrays(kind):
+    """Past 512 values the sampled two-pivot pass runs: the same answer as ``np.partition`` at every rank probed."""
+    _needs_jit()
+    from moesim.sim._maxmin_kernels import _select
+
+    rng = np.random.default_rng(1)
+    n = 20_000
+    a = {"random": rng.random(n), "sorted": np.sort(rng.random(n)), "few-values": rng.integers(0, 3, n) * 1e-6,
+         "runs": np.sort(np.repeat(rng.random(n // 7 + 1), 7)[:n])}[kind]
+    a[rng.random(n) < 0.02] = np.inf
+    for k in (0, 1, n // 3, n // 2, n - 2, n - 1):
+        assert _select(a.copy(), k) == np.partition(a, k)[k]
