@@ -51,7 +51,8 @@ def load() -> bool:
 
 def set_active(on: bool) -> bool:
     """Use the compiled code (if numba is installed) or the numpy code; returns the previous setting. For
-    benchmarks and tests that compare the two: results are bit-identical, only the speed differs."""
+    benchmarks and tests that compare the two: same results up to round-off (the per-flow solve is bit-identical;
+    the batch points' class-aggregated solve sums in another order), only the speed differs."""
     global active
     before = active
     load()
