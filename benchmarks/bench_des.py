@@ -11,8 +11,8 @@ synthetic routing (moesim.trace.synth, the model's default skew), linear placeme
 (8 GPUs), dgx-h100:8 (64) and dgx-h100:32 (256); Mixtral-8x7B on one node beside them.
 
 Single thread (OMP/BLAS threads set to 1 before numpy loads). Per row: the DES's CPU and wall seconds per step with
-the numpy flow network and with the compiled one (``moesim.sim.maxmin_jit``, numba; bit-identical results, so
-the step times printed once), the simpy events it processed and events per CPU second, flows and max-min
+the numpy flow network and with the compiled one (``moesim.sim.maxmin_jit``, numba; the same results up to
+round-off, so the step times printed once), the simpy events it processed and events per CPU second, flows and max-min
 recomputations; the analytic engine's step time (des/analytic ratio), its layer-steps/s on the same workload and
 its per-token rate (token-selections/s, workload build + engine, ``bench_sim.bench_tokens``: 4 steps × 4096
 tokens). CPU time is the figure to read on a shared machine (wall time suffers from the other processes).

@@ -278,6 +278,10 @@ class CostModel:
         peak × efficiency(its arithmetic intensity).
         Bytes from the model's precisions: weights ``bytes_per_param`` (fractional with FP8 block scales),
         activations ``act_bytes``, KV cache ``kv_bytes``; attention (GQA or MLA) and shared experts from its fields.
+        With FP8 weights (:attr:`ModelSpec.fp8_weights`) the expert and projection GEMMs run at the device's FP8
+        peak (:meth:`DeviceSpec.gemm_peak`); core attention and the router stay at the bf16 peak. The attention
+        component keeps one FLOP rate: its projection FLOPs are counted in bf16-equivalent FLOPs (scaled by
+        bf16 peak / FP8 peak).
         """
         for name, v in (("mfu", mfu), ("mbu", mbu)):
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
@@ -289,15 +293,16 @@ class CostModel:
         H, F = model.hidden_size, model.ffn_size
         wb, ab, kb = float(model.bytes_per_param), float(model.act_bytes), float(model.kv_bytes)
         fr, br = device.peak_flops * mfu, device.hbm_bw * mbu
+        fr_gemm = device.gemm_peak(model.fp8_weights) * mfu
         expert = {"kind": "roofline", "flops_per_choice": 2.0 * 3 * H * F, "bytes_per_expert": 3.0 * H * F * wb,
-                  "bytes_per_choice": 2.0 * H * ab, "flops_rate": fr, "byte_rate": br,
+                  "bytes_per_choice": 2.0 * H * ab, "flops_rate": fr_gemm, "byte_rate": br,
                   "launch": device.kernel_launch, "grouped": bool(grouped), "block_m": int(block_m)}
         a = attention_shape(model)
         ctx = min(context_len, model.sliding_window) if model.sliding_window else context_len
         shared_params = 3.0 * H * model.shared_expert_ffn  # shared experts run on every token (DeepSeek-V3, Qwen2)
         kv_bytes = ctx * a["kv_elems_per_pos"] * kb
         act = (a["act_elems"] + 6 * H) * ab  # projections' in/out + norms and residual reads/writes
-        proj_flops = 2.0 * (a["params"] + shared_params)
+        proj_flops = 2.0 * (a["params"] + shared_params) * (fr / fr_gemm)  # bf16-equivalent FLOPs
         attention = {"kind": "roofline", "flops_per_token": proj_flops + ctx * a["attn_flops_per_pos"],
                      "bytes_fixed": (a["params"] + shared_params) * wb, "bytes_per_token": act + kv_bytes,
                      "bytes_per_token_prefill": act + kv_bytes / PREFILL_QUERY_TILE,

@@ -157,6 +157,12 @@ class ModelSpec:
         return 3 * self.hidden_size * self.ffn_size
 
     @property
+    def fp8_weights(self) -> bool:
+        """Whether the weights are FP8 (per-tensor or block-scaled): their GEMMs then run on FP8 tensor cores, the
+        activations quantised on the fly (DeepGEMM; SGLang / vLLM FP8 block-scaled linear layers)."""
+        return DTYPE_BYTES["fp8"] <= self.bytes_per_param <= DTYPE_BYTES["fp8-block"]
+
+    @property
     def expert_bytes(self) -> float:
         """Bytes of one routed expert's weights (block scales included)."""
         return self.expert_params * self.bytes_per_param

@@ -8,6 +8,13 @@ import numpy as np
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _solve(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
+    return _solve_w(routes, np.ones(routes.shape[0]), capacity, rtol)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
+    """Row f of ``routes`` stands for ``mult[f]`` flows with that route (all get the same max-min rate); with
+    ``mult`` all ones the float operations are those of ``maxmin_rates_numpy`` (x * 1.0 == x)."""
     F, H = routes.shape
     n_links = capacity.shape[0]
     pad = n_links - 1
@@ -17,9 +24,16 @@ def _solve(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
     count = np.zeros(n_links)
     for h in range(H):
         for f in range(F):
-            count[routes[f, h]] += 1.0
+            count[routes[f, h]] += mult[f]
     remcap = capacity.copy()
     remcap[pad] = np.inf
+    # the per-round link loops visit only the links some flow crosses (a cluster has many more)
+    used = np.empty(n_links, dtype=np.int64)
+    nu = 0
+    for e in range(n_links):
+        if count[e] > 0:
+            used[nu] = e
+            nu += 1
     c = 1.0 + rtol
     active = np.arange(F)  # unfrozen flows, in their original order (as numpy's compress keeps it)
     frozen = np.empty(F, dtype=np.int64)
@@ -30,8 +44,9 @@ def _solve(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
     cnt = np.zeros(n_links)
     n = F
     while True:
-        for e in range(n_links):
-            share[e] = remcap[e] / count[e]  # (0/0 and x/0 only on links no flow reads)
+        for u in range(nu):
+            e = used[u]
+            share[e] = remcap[e] / count[e]  # (x/0 only on links no unfrozen flow reads)
             notlocal[e] = False
         for i in range(n):
             f = active[i]
@@ -66,20 +81,138 @@ def _solve(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
         if nh == 0 or nk == 0:
             break
         # per link: flows frozen this round, summed hop by hop in flow order (numpy's bincount order)
-        for e in range(n_links):
+        for u in range(nu):
+            e = used[u]
             sub[e] = 0.0
             cnt[e] = 0.0
         for h in range(H):
             for j in range(nh):
                 f = frozen[j]
                 e = routes[f, h]
-                sub[e] += rate[f]
-                cnt[e] += 1.0
-        for e in range(n_links):
+                sub[e] += rate[f] * mult[f]
+                cnt[e] += mult[f]
+        for u in range(nu):
+            e = used[u]
             count[e] -= cnt[e]
             remcap[e] -= sub[e]
         n = nk
     return rate
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _count_class(c, scr_mult, present, nc):
+    """Count one flow of class ``c`` (``present[:nc]``: the classes seen so far, in order); returns the new nc."""
+    if scr_mult[c] == 0.0:
+        present[nc] = c
+        nc += 1
+    scr_mult[c] += 1.0
+    return nc
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos, present, nc):
+    """Max-min rates of flows ``routes`` [F, H] with class ids ``cls`` [F]: the same allocation as
+    ``_solve(routes, ...)`` (certified, else that solve runs), at a fraction of its work where many flows share
+    their narrowest links (see ``maxmin_rates_classes``). The caller has counted the flows per class
+    (``_count_class``: ``scr_mult`` [C], ``present[:nc]``); ``scr_mult`` / ``scr_pos`` are left zero."""
+    F, H = routes.shape
+    n_links = capacity.shape[0]
+    pad = n_links - 1
+    if F == 0:
+        return np.full(0, np.inf)
+    c1 = np.inf
+    for i in range(nc):
+        t = cls_tier[present[i]]
+        if t < c1:
+            c1 = t
+    # stage 1: the flows of the narrowest tier, one row per class, constrained by their tier's links only
+    HT = cls_rt.shape[1]
+    n1 = 0
+    n2 = 0
+    for i in range(nc):
+        if cls_tier[present[i]] == c1:
+            n1 += 1
+    rt1 = np.empty((n1, HT), dtype=np.int64)
+    mult = np.empty(n1)
+    j = 0
+    for i in range(nc):
+        c = present[i]
+        if cls_tier[c] == c1:
+            scr_pos[c] = j
+            mult[j] = scr_mult[c]
+            for h in range(HT):
+                rt1[j, h] = cls_rt[c, h]
+            j += 1
+        else:
+            n2 += int(scr_mult[c])
+        scr_mult[c] = 0.0
+    r1 = _solve_w(rt1, mult, capacity, rtol)
+    rate = np.empty(F)
+    load = np.zeros(n_links)  # stage-1 load on the wider links
+    top = np.zeros(n_links)  # largest stage-1 rate there
+    idx2 = np.empty(n2, dtype=np.int64)
+    k = 0
+    for f in range(F):
+        c = cls[f]
+        if cls_tier[c] == c1:
+            r = r1[scr_pos[c]]
+            rate[f] = r
+            for h in range(H):
+                e = routes[f, h]
+                if e != pad and capacity[e] > c1:
+                    load[e] += r
+                    if r > top[e]:
+                        top[e] = r
+        else:
+            idx2[k] = f
+            k += 1
+    for i in range(nc):
+        scr_pos[present[i]] = 0
+    ok = True
+    for e in range(pad):
+        if load[e] > capacity[e] * (1.0 + rtol):
+            ok = False  # a wider link would bind the narrow tier: not certified
+            break
+    if ok and n2 > 0:
+        # stage 2: every other flow on its whole route, over what stage 1 left
+        residual = capacity.copy()
+        for e in range(pad):
+            x = capacity[e] - load[e]
+            residual[e] = x if x > 0.0 else 0.0
+        rt2 = np.empty((n2, H), dtype=np.int64)
+        for i in range(n2):
+            for h in range(H):
+                rt2[i, h] = routes[idx2[i], h]
+        r2 = _solve(rt2, residual, rtol)
+        for i in range(n2):
+            r = r2[i]
+            rate[idx2[i]] = r
+            for h in range(H):
+                e = rt2[i, h]
+                if e != pad and r * (1.0 + rtol) < top[e]:
+                    ok = False  # a narrow-tier flow is faster on its link: the certificate fails
+    if not ok:
+        return _solve(routes, capacity, rtol)
+    return rate
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos):
+    present = np.empty(routes.shape[0], dtype=np.int64)
+    nc = 0
+    for f in range(routes.shape[0]):
+        nc = _count_class(cls[f], scr_mult, present, nc)
+    return _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos, present, nc)
+
+
+def maxmin_rates_classes(routes: np.ndarray, cls: np.ndarray, cls_rt: np.ndarray, cls_tier: np.ndarray,
+                         capacity: np.ndarray, rtol: float) -> np.ndarray:
+    """routes [F, H], class ids [F], class routes [C, HT] and tiers [C] -> rates [F] (see ``_solve_classes``)."""
+    C = cls_rt.shape[0]
+    i64, f64 = np.int64, np.float64
+    return _solve_classes_uncounted(np.ascontiguousarray(routes, dtype=i64), np.ascontiguousarray(cls, dtype=i64),
+                          np.ascontiguousarray(cls_rt, dtype=i64), np.ascontiguousarray(cls_tier, dtype=f64),
+                          np.ascontiguousarray(capacity, dtype=f64), float(rtol), np.zeros(C), np.zeros(C, dtype=i64))
+
 
 def maxmin_rates_jit(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
     """routes [F, H] int (padded with ``len(capacity) - 1``), capacity [E+1] -> rates [F] (bytes/s)."""
@@ -87,72 +220,142 @@ def maxmin_rates_jit(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> n
                   np.ascontiguousarray(capacity, dtype=np.float64), float(rtol))
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def update_core(croutes, remaining, rate, finish, lat, group, fid, dt, now, eps,
-                 n_croutes, n_remaining, n_lat, n_group, n_fid, cap, rtol, quantum, rel_quantum):
-    F, H = croutes.shape
-    pad = cap.shape[0] - 1
-    if dt > 0:
-        for i in range(F):
-            r = rate[i] * dt
-            remaining[i] -= r if r < remaining[i] else remaining[i]
-    lim = now + eps * abs(now)
-    nd = 0
-    for i in range(F):
-        if finish[i] <= lim or remaining[i] <= 0:
-            nd += 1
-    d_fid = np.empty(nd, dtype=np.int64)
-    d_group = np.empty(nd, dtype=np.int64)
-    d_arr = np.empty(nd)
-    Fn, Hn = n_croutes.shape
-    K = F - nd + Fn
-    H2 = max(H, Hn) if Fn else H
-    o_cr = np.full((K, max(H2, 1)), pad, dtype=np.int64)
-    o_rem = np.empty(K)
-    o_lat = np.empty(K)
-    o_group = np.empty(K, dtype=np.int64)
-    o_fid = np.empty(K, dtype=np.int64)
-    j = 0
-    k = 0
-    for i in range(F):
-        if finish[i] <= lim or remaining[i] <= 0:
-            d_fid[j] = fid[i]
-            d_group[j] = group[i]
-            d_arr[j] = (finish[i] if finish[i] < now else now) + lat[i]
-            j += 1
+def _select(a, k):
+    """The k-th smallest of ``a`` (reordered in place), as ``np.partition(a, k)[k]`` (no NaN in ``a``).
+
+    Floyd-Rivest style: two pivots drawn from an even sample around the target rank cut the range to a thin band
+    in one pass, so transfer times that arrive nearly sorted (flows start in order) cost O(n) where a
+    median-of-three quickselect (and numba's ``np.partition``) crawl."""
+    lo = 0
+    hi = a.shape[0] - 1
+    sample = np.empty(64)
+    while hi - lo > 512:
+        m = hi - lo + 1
+        for j in range(64):
+            sample[j] = a[lo + (j * (m - 1)) // 63]
+        sample.sort()
+        pos = ((k - lo) * 63) // (m - 1)
+        p1 = sample[max(pos - 3, 0)]
+        p2 = sample[min(pos + 3, 63)]
+        lt, i, gt = lo, lo, hi
+        while i <= gt:  # a[lo:lt] < p1 <= a[lt:i] <= p2 < a[gt+1:hi+1]
+            v = a[i]
+            if v < p1:
+                a[lt], a[i] = v, a[lt]
+                lt += 1
+                i += 1
+            elif v > p2:
+                a[gt], a[i] = v, a[gt]
+                gt -= 1
+            else:
+                i += 1
+        if k < lt:
+            hi = lt - 1
+        elif k > gt:
+            lo = gt + 1
         else:
+            if p1 == p2:
+                return p1
+            if lt == lo and gt == hi:
+                break  # no progress (a wide band of near-equal values): finish with the plain quickselect
+            lo, hi = lt, gt
+    while lo < hi:
+        x, y, z = a[lo], a[(lo + hi) // 2], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))  # median of three
+        lt, i, gt = lo, lo, hi
+        while i <= gt:
+            v = a[i]
+            if v < pivot:
+                a[lt], a[i] = v, a[lt]
+                lt += 1
+                i += 1
+            elif v > pivot:
+                a[gt], a[i] = v, a[gt]
+                gt -= 1
+            else:
+                i += 1
+        if k < lt:
+            hi = lt - 1
+        elif k > gt:
+            lo = gt + 1
+        else:
+            return pivot
+    return a[k]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, cls_rt, cls_tier, scr_mult,
+                scr_pos, req, deliv, end, g_pending, g_latest, g_last, done_groups):
+    """One batch point in place over the flow buffers: rows [0, n) are in flight, [n, n + n_new) just started.
+
+    ff [cap, 4] float: remaining bytes, rate, projected end, path latency; fi [cap, 3] int: group, flow id, class;
+    rt [cap, H] constraining links. Moves the flows forward by ``dt``, retires the due ones (their bytes delivered,
+    arrival recorded, counted towards their groups as ``arrive_core`` does), compacts the rest and the new ones to
+    the front, solves the rates and finds the next hand-over.
+    Returns (flows in flight, groups completed — ``done_groups[:k]`` in completion order —, a group that got
+    more flows than expected or -1, delay to the next hand-over or -1 if nothing is in flight)."""
+    H = rt.shape[1]
+    if dt > 0:
+        for i in range(n):
+            r = ff[i, 1] * dt
+            ff[i, 0] -= r if r < ff[i, 0] else ff[i, 0]
+    lim = now + eps * abs(now)
+    k = 0
+    ndone = 0
+    bad = -1
+    present = np.empty(n + n_new, dtype=np.int64)  # classes of the flows kept, in order of first sight
+    nc = 0
+    for i in range(n + n_new):
+        if i < n and (ff[i, 2] <= lim or ff[i, 0] <= 0):
+            f = fi[i, 1]
+            g = fi[i, 0]
+            deliv[f] = req[f]
+            t = (ff[i, 2] if ff[i, 2] < now else now) + ff[i, 3]
+            end[f] = t
+            if bad < 0:
+                if t >= g_latest[g]:
+                    g_latest[g] = t
+                    g_last[g] = f
+                g_pending[g] -= 1
+                if g_pending[g] == 0:
+                    done_groups[ndone] = g
+                    ndone += 1
+                elif g_pending[g] < 0:
+                    bad = g
+            continue
+        if k != i:
+            ff[k, 0] = ff[i, 0]
+            ff[k, 3] = ff[i, 3]
+            fi[k, 0] = fi[i, 0]
+            fi[k, 1] = fi[i, 1]
+            fi[k, 2] = fi[i, 2]
             for h in range(H):
-                o_cr[k, h] = croutes[i, h]
-            o_rem[k] = remaining[i]
-            o_lat[k] = lat[i]
-            o_group[k] = group[i]
-            o_fid[k] = fid[i]
-            k += 1
-    for i in range(Fn):
-        for h in range(Hn):
-            o_cr[k, h] = n_croutes[i, h]
-        o_rem[k] = n_remaining[i]
-        o_lat[k] = n_lat[i]
-        o_group[k] = n_group[i]
-        o_fid[k] = n_fid[i]
+                rt[k, h] = rt[i, h]
+        nc = _count_class(fi[k, 2], scr_mult, present, nc)
         k += 1
+    K = k
     if K == 0:
-        return o_cr, o_rem, np.empty(0), np.empty(0), o_lat, o_group, o_fid, d_fid, d_group, d_arr, -1.0
-    o_rate = _solve(o_cr, cap, rtol)
+        return 0, ndone, bad, -1.0
+    rate = _solve_classes(rt[:K], fi[:K, 2], cls_rt, cls_tier, cap, rtol, scr_mult, scr_pos, present, nc)
     ttf = np.empty(K)
     first = np.inf
+    # the median of ttf widens the quantum only if it exceeds quantum / rel_quantum: count the flows at or below
+    thr = quantum / rel_quantum if rel_quantum > 0 else np.inf
+    n_le = 0
     for i in range(K):
-        ttf[i] = o_rem[i] / o_rate[i]
-        if ttf[i] < first:
-            first = ttf[i]
+        ff[i, 1] = rate[i]
+        t = ff[i, 0] / rate[i]
+        ttf[i] = t
+        ff[i, 2] = now + t
+        if t < first:
+            first = t
+        if t <= thr:
+            n_le += 1
     if first < 0.0:
         first = 0.0
-    o_fin = np.empty(K)
-    for i in range(K):
-        o_fin[i] = now + ttf[i]
     q = quantum
-    if rel_quantum > 0:
-        mid = K // 2
-        med = np.partition(ttf, mid)[mid]
+    if rel_quantum > 0 and n_le <= K // 2:  # (else the median is <= thr: it cannot widen the quantum)
+        med = _select(ttf.copy(), K // 2)
         if rel_quantum * med > q:
             q = rel_quantum * med
     if q > 0:
@@ -163,7 +366,7 @@ def update_core(croutes, remaining, rate, finish, lat, group, fid, dt, now, eps,
                 delay = ttf[i]
     else:
         delay = first
-    return o_cr, o_rem, o_rate, o_fin, o_lat, o_group, o_fid, d_fid, d_group, d_arr, delay
+    return K, ndone, bad, delay
 
 
 @numba.njit(cache=True, nogil=True)

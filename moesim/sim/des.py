@@ -273,14 +273,11 @@ class _StepRun:
         return per, dense
 
 
-class _CountingEnv(simpy.Environment):
-    """A simpy environment that counts the events it schedules (``extra["sim_events"]``, for events/s)."""
-
-    scheduled = 0
-
-    def schedule(self, event: Any, priority: int = simpy.core.NORMAL, delay: float = 0) -> None:
-        self.scheduled += 1
-        super().schedule(event, priority, delay)
+def _scheduled(env: simpy.Environment) -> int:
+    """Events ``env`` has scheduled so far (for events/s): simpy numbers each one from its ``_eid`` counter, so
+    reading it costs nothing per event (an overridden ``schedule`` cost ~10 % of a 64-GPU step)."""
+    eid = getattr(env, "_eid", None)
+    return int(next(eid)) if eid is not None else -1
 
 
 def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = None,
@@ -330,7 +327,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     from moesim.sim.fixed import step_time as fixed_step_time
 
     fixed_time = fixed_step_time(getattr(config, "fixed", None), workload, model, topology.device)
-    env = _CountingEnv()
+    env = simpy.Environment()
     events: list[tuple[int, str, float, float]] = []
     dropped = recomputes = flows = 0
     step_time, dense_time = np.zeros(S), np.zeros(S)
@@ -374,7 +371,7 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     extra = {"engine": "des", "events": events, "events_dropped": dropped, "dense_layer_time": dense_time,
              "fixed_time": fixed_time,
              "quantum": quantum, "rel_quantum": rel_quantum, "micro_batches": M, "flows": flows,
-             "rate_recomputations": recomputes, "sim_events": env.scheduled, "gpu_finish": gpu_finish}
+             "rate_recomputations": recomputes, "sim_events": _scheduled(env), "gpu_finish": gpu_finish}
     return SimResult(step_time=step_time, phase_time=phase_time, gpu_busy=gpu_busy, moe_time=moe_time,
                      bytes_intra=bytes_intra, bytes_inter=bytes_inter, link_bytes=link_bytes, gpu_load=gpu_load,
                      step_tokens=np.asarray(workload.step_tokens), phase=np.asarray(workload.phase),

@@ -35,8 +35,12 @@ incidence matrix, link loads by ``bincount``), in rounds that each freeze every 
 only (:func:`dominated_links`). A 64-GPU all-to-all of 4032 flows costs ~0.5 ms per recomputation on one core;
 the number of recomputations is at most (time with flows in flight) / quantum plus the distinct start times.
 With numba installed (``pip install moesim[fast]``) each batch point — advance, retire, take in, solve, arm the
-next hand-over — is one compiled call (:mod:`moesim.sim.maxmin_jit`) doing the same float operations in the same
-order: bit-identical results, a DES step 2-3x faster at 64 GPUs (``benchmarks/bench_des.py``).
+next hand-over — is one compiled call (:mod:`moesim.sim.maxmin_jit`) over preallocated flow buffers, and the
+solve works on *classes*: flows whose narrowest links are the same (on a rail-optimised cluster with PXN, the
+eight GPUs of a node reaching one remote GPU through the same two NICs) get one row, the wider tiers are solved
+per flow over what the narrow one left, and a certificate (wider links not overloaded, no wider-tier flow slower
+than a narrow one on a shared link) proves the result is the max-min allocation, else the per-flow solve runs.
+Same allocation up to round-off; a DES step ~5x faster than numpy at 64 GPUs (``benchmarks/bench_des.py``).
 """
 
 from __future__ import annotations
@@ -54,13 +58,10 @@ from moesim.sim import maxmin_jit as _jit
 _TIME_EPS = 1e-15
 # Relative tolerance when deciding which links are saturated at the current fair-share level.
 _LEVEL_RTOL = 1e-9
-# no new flows, for the compiled batch point: croutes [0, 1], remaining, latency, group, flow id
-_NO_FLOWS = (np.empty((0, 1), dtype=np.int64), np.empty(0), np.empty(0), np.empty(0, dtype=np.int64),
-             np.empty(0, dtype=np.int64))
 
 
 def maxmin_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """Max-min fair rates (see :func:`maxmin_rates_numpy`): the compiled solve where numba is installed
+    """Max-min fair rates (see :func:`maxmin_rates_numpy`): the compiled per-flow solve where numba is installed
     (:mod:`moesim.sim.maxmin_jit`, bit-identical results), else numpy."""
     if _jit.load():
         return _jit.maxmin_rates_jit(routes, capacity, _LEVEL_RTOL)
@@ -178,7 +179,8 @@ class FlowNetwork:
         if not (quantum >= 0 and np.isfinite(quantum)):
             raise MoesimError(f"quantum must be a non-negative number of seconds, got {quantum!r}")
         self.env = env
-        _jit.load()  # compiled batch points where numba is installed (first use: compile or load its cache)
+        # compiled batch points where numba is installed (first use: compile or load its cache)
+        self._compiled = _jit.load()
         if not (0 <= rel_quantum < 1):
             raise MoesimError(f"rel_quantum must be in [0, 1), got {rel_quantum!r}")
         self.quantum = float(quantum)
@@ -199,7 +201,8 @@ class FlowNetwork:
                 raise MoesimError(f"ignore_links has {ign.size} entries for {bw.size} links")
             self._cmap[:bw.size][ign] = self._pad
         # routes of every flow that crosses links, by start batch (link_bytes sums them when asked)
-        self._started: list[tuple[np.ndarray, np.ndarray]] = []  # (flow ids, routes [F, H])
+        # (flow ids, routes [F, H] or None, route-table rows [F] or None) of every start batch
+        self._started: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
         # active flows (compact arrays)
         self._croutes = np.empty((0, 1), dtype=np.int64)  # constraining links only (for the rates)
         self._remaining = np.empty(0)
@@ -207,7 +210,21 @@ class FlowNetwork:
         self._lat = np.empty(0)
         self._group = np.empty(0, dtype=np.int64)
         self._fid = np.empty(0, dtype=np.int64)
-        self._finish = np.empty(0)  # projected end of transmission at the current rates
+        self._cls = np.empty(0, dtype=np.int64)  # class of each active flow (see _class_ids)
+        self._finish = np.empty(0)
+        # flow classes: flows whose narrowest constraining links are the same (the compiled solve's unit)
+        self._cls_index: dict[bytes, int] = {}
+        self._cls_rt = np.empty((0, 1), dtype=np.int64)  # [C, HT] each class's narrowest links, pad-filled
+        self._cls_tier = np.empty(0)  # [C] their capacity
+        self._scr_mult = np.empty(0)
+        self._scr_pos = np.empty(0, dtype=np.int64)
+        # the compiled batch points' flow buffers: rows [0, n_act) in flight, then n_new just started
+        # (columns: ff remaining, rate, projected end, latency; fi group, flow id, class; rtb constraining links)
+        self._ff = np.empty((256, 4))
+        self._fi = np.empty((256, 3), dtype=np.int64)
+        self._rtb = np.full((256, 1), self._pad, dtype=np.int64)
+        self._done_buf = np.empty(256, dtype=np.int64)
+        self._n_act = self._n_new = 0  # projected end of transmission at the current rates
         self._last = 0.0
         self._gen = 0
         self._timer_at = np.inf  # when the armed completion timer fires
@@ -273,16 +290,20 @@ class FlowNetwork:
         lat = self._lat_pad[rt].sum(axis=1)
         crt = np.sort(self._cmap[rt], axis=1)  # pads (largest index) last
         crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
-        return self._start_flows(rt, crt, lat, nb, grp)
+        return self._start_flows(rt, crt, lat, nb, grp, self._class_ids(crt))
 
     def set_routes(self, table: np.ndarray) -> None:
         """Declare a fixed route table [P, H] (edge indices padded with -1), e.g. one row per GPU pair, so that
         :meth:`transfer_routes` can start flows by row number without re-deriving routes and latencies."""
         rt = self._route_table(np.asarray(table), np.shape(table)[0])
         crt = np.sort(self._cmap[rt], axis=1)
+        if self._tab_rt is not None:  # flows started on the old table keep their routes (for link_bytes)
+            old = self._tab_rt
+            self._started = [(f, old[w], None) if w is not None else (f, r, w) for f, r, w in self._started]
         self._tab_rt = rt
         self._tab_crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
         self._tab_lat = self._lat_pad[rt].sum(axis=1)
+        self._tab_cls = self._class_ids(self._tab_crt)
 
     def transfer_routes(self, rows: Any, nbytes: Any, groups: Any, *, checked: bool = False) -> np.ndarray:
         """Start flows along rows of the table given to :meth:`set_routes`; otherwise as :meth:`transfer_many`.
@@ -293,12 +314,13 @@ class FlowNetwork:
         if self._tab_rt is None:
             raise MoesimError("transfer_routes needs a route table (set_routes) first")
         if checked:
-            return self._start_flows(self._tab_rt[rows], self._tab_crt[rows], self._tab_lat[rows], nbytes, groups)
+            return self._start_flows(self._tab_rt[rows], self._tab_crt[rows], self._tab_lat[rows], nbytes, groups,
+                                     self._tab_cls[rows], rows)
         nb, grp = self._check_flows(nbytes, groups)
         r = np.asarray(rows, dtype=np.int64).ravel()
         if r.size != nb.size:
             raise MoesimError(f"{r.size} routes for {nb.size} flow sizes")
-        return self._start_flows(self._tab_rt[r], self._tab_crt[r], self._tab_lat[r], nb, grp)
+        return self._start_flows(self._tab_rt[r], self._tab_crt[r], self._tab_lat[r], nb, grp, self._tab_cls[r], r)
 
     def _check_flows(self, nbytes: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
         nb = np.asarray(nbytes, dtype=np.float64).ravel()
@@ -310,7 +332,7 @@ class FlowNetwork:
         return nb, grp
 
     def _start_flows(self, rt: np.ndarray, crt: np.ndarray, lat: np.ndarray, nb: np.ndarray,
-                     grp: np.ndarray) -> np.ndarray:
+                     grp: np.ndarray, cls: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         fids = self._new_ids(nb)
         instant = (nb <= 0) | (rt >= self._pad).all(axis=1)  # nothing to move, or no link to cross
         if instant.any():
@@ -319,11 +341,16 @@ class FlowNetwork:
             self._arrive(grp[instant], self.env.now + lat[instant], fids[instant])
             live = ~instant
             rt, crt, lat, nb, grp, fids_live = rt[live], crt[live], lat[live], nb[live], grp[live], fids[live]
+            cls = cls[live]
+            rows = None if rows is None else rows[live]
         else:
             fids_live = fids
         if nb.size:
-            self._started.append((fids_live, rt))
-            self._pending_adds.append((rt, nb, lat, grp, fids_live, crt))
+            self._started.append((fids_live, None, rows) if rows is not None else (fids_live, rt, None))
+            if self._compiled:
+                self._buffer_new(nb, lat, grp, fids_live, crt, cls)
+            else:
+                self._pending_adds.append((rt, nb, lat, grp, fids_live, crt, cls))
             if not (self.quantum > 0 and self._timer_at <= self.env.now + self.quantum):
                 # (with a quantum, flows starting within one quantum of the next batch of completions join
                 # at that batch, up to one quantum late: one rate recomputation for both)
@@ -335,10 +362,18 @@ class FlowNetwork:
         """[E] bytes of the flows that have finished crossing each link (in-flight flows count 0 until they
         arrive: their delivered bytes are 0 until then)."""
         out = np.zeros(self._pad + 1)
-        if self._started:
-            fids = np.concatenate([f for f, _ in self._started])
-            rts = self._stack([r for _, r in self._started])
+        by_route = [(f, r) for f, r, _ in self._started if r is not None]
+        if by_route:
+            fids = np.concatenate([f for f, _ in by_route])
+            rts = self._stack([r for _, r in by_route])
             out += np.bincount(rts.ravel(), weights=self._deliv[fids].repeat(rts.shape[1]), minlength=self._pad + 1)
+        by_row = [(f, w) for f, _, w in self._started if w is not None]
+        if by_row and self._tab_rt is not None:  # bytes per route-table row first, then through the table
+            fids = np.concatenate([f for f, _ in by_row])
+            per_row = np.bincount(np.concatenate([w for _, w in by_row]), weights=self._deliv[fids],
+                                  minlength=self._tab_rt.shape[0])
+            out += np.bincount(self._tab_rt.ravel(), weights=per_row.repeat(self._tab_rt.shape[1]),
+                               minlength=self._pad + 1)
         return out[:self._pad]
 
     def group_last(self, gid: int) -> tuple[int, float]:
@@ -353,9 +388,45 @@ class FlowNetwork:
 
     @property
     def active_flows(self) -> int:
+        if self._compiled:
+            return self._n_act + self._n_new
         return int(self._remaining.size + sum(a[1].size for a in self._pending_adds))
 
     # ---- internals --------------------------------------------------------------------------------
+    def _class_ids(self, crt: np.ndarray) -> np.ndarray:
+        """Class id [F] of flows with constraining routes ``crt`` [F, H]: flows whose narrowest links (those of the
+        route's smallest capacity) are the same share a class, registered here on first sight.
+
+        In a rail-optimised cluster with PXN, every GPU of a node reaches a given remote GPU through the same pair
+        of NICs, so eight flows share a class and the compiled solve works on one row for them."""
+        pad = self._pad
+        cap = self._cap[crt]  # pad: inf
+        tier = cap.min(axis=1) if crt.shape[1] else np.full(crt.shape[0], np.inf)
+        narrow = np.sort(np.where((cap == tier[:, None]) & (crt < pad), crt, pad), axis=1)
+        rows, inv = np.unique(narrow, axis=0, return_inverse=True)
+        inv = np.asarray(inv).ravel()
+        ids = np.empty(rows.shape[0], dtype=np.int64)
+        new_rows: list[np.ndarray] = []
+        for i, row in enumerate(rows):
+            key = row[row < pad].tobytes()
+            c = self._cls_index.get(key)
+            if c is None:
+                c = self._cls_index[key] = len(self._cls_index)
+                new_rows.append(row[row < pad])
+            ids[i] = c
+        if new_rows:
+            HT = max([self._cls_rt.shape[1]] + [r.size for r in new_rows] + [1])
+            table = np.full((len(self._cls_index), HT), pad, dtype=np.int64)
+            n0 = self._cls_rt.shape[0]
+            table[:n0, :self._cls_rt.shape[1]] = self._cls_rt
+            for i, r in enumerate(new_rows):
+                table[n0 + i, :r.size] = r
+            self._cls_rt = table
+            self._cls_tier = np.append(self._cls_tier, [self._cap[r].min() if r.size else np.inf for r in new_rows])
+            self._scr_mult = np.zeros(len(self._cls_index))
+            self._scr_pos = np.zeros(len(self._cls_index), dtype=np.int64)
+        return ids[inv]
+
     def _route_table(self, routes: Any, F: int) -> np.ndarray:
         if isinstance(routes, np.ndarray) and routes.ndim == 2:
             rt = routes.astype(np.int64, copy=True)
@@ -382,16 +453,16 @@ class FlowNetwork:
             for name in ("_req", "_deliv", "_start", "_end"):
                 setattr(self, name, np.concatenate([getattr(self, name), np.empty(grow)]))
         fids = np.arange(n0, n0 + F)
-        self._req[fids] = nb
-        self._deliv[fids] = 0.0
-        self._start[fids] = self.env.now
-        self._end[fids] = np.nan
+        self._req[n0:n0 + F] = nb
+        self._deliv[n0:n0 + F] = 0.0
+        self._start[n0:n0 + F] = self.env.now
+        self._end[n0:n0 + F] = np.nan
         self.num_flows += F
         return fids
 
     def _arrive(self, groups: np.ndarray, when: np.ndarray, fids: np.ndarray) -> None:
         """Count flows (arriving at ``when``) towards their groups; fire completed groups at their latest arrival."""
-        if _jit.active:
+        if self._compiled:
             done, bad = _jit.arrive_core(groups, when, fids, self._g_pending, self._g_latest, self._g_last)
         else:
             done, bad = [], -1
@@ -406,8 +477,12 @@ class FlowNetwork:
                 elif pending[g] < 0:
                     bad = g
                     break
+        self._fire(done.tolist() if isinstance(done, np.ndarray) else done, bad)
+
+    def _fire(self, done: list[int], bad: int) -> None:
+        """Fire the events of completed groups at their latest arrival; then report a group that got too many."""
         now = self.env.now
-        for g in (done.tolist() if isinstance(done, np.ndarray) else done):
+        for g in done:
             ev, val = self._g_event[g], self._g_value[g]
             delay = float(self._g_latest[g]) - now
             if delay <= 0:
@@ -416,6 +491,29 @@ class FlowNetwork:
                 self.env.timeout(delay).callbacks.append(lambda _e, ev=ev, val=val: ev.succeed(val))
         if bad >= 0:
             raise MoesimError(f"group {bad} received more flows than it expected")
+
+    def _buffer_new(self, nb: np.ndarray, lat: np.ndarray, grp: np.ndarray, fids: np.ndarray, crt: np.ndarray,
+                    cls: np.ndarray) -> None:
+        """Append started flows to the compiled batch points' buffers (growing them), to join at the next one."""
+        i0 = self._n_act + self._n_new
+        i1 = i0 + nb.size
+        size = self._ff.shape[0]
+        if i1 > size or crt.shape[1] > self._rtb.shape[1]:
+            size = max(size, 2 * size if i1 > size else size, i1)
+            H = max(self._rtb.shape[1], crt.shape[1])
+            ff, fi = np.empty((size, 4)), np.empty((size, 3), dtype=np.int64)
+            rtb = np.full((size, H), self._pad, dtype=np.int64)
+            ff[:i0], fi[:i0], rtb[:i0, :self._rtb.shape[1]] = self._ff[:i0], self._fi[:i0], self._rtb[:i0]
+            self._ff, self._fi, self._rtb = ff, fi, rtb
+            self._done_buf = np.empty(size, dtype=np.int64)
+        self._ff[i0:i1, 0] = nb
+        self._ff[i0:i1, 3] = lat
+        self._fi[i0:i1, 0] = grp
+        self._fi[i0:i1, 1] = fids
+        self._fi[i0:i1, 2] = cls
+        self._rtb[i0:i1, :crt.shape[1]] = crt
+        self._rtb[i0:i1, crt.shape[1]:] = self._pad
+        self._n_new += nb.size
 
     def _advance(self) -> None:
         """Move every active flow forward to now at its current rate."""
@@ -451,6 +549,7 @@ class FlowNetwork:
         self._croutes = self._croutes[keep]
         self._remaining, self._rate, self._finish = self._remaining[keep], self._rate[keep], self._finish[keep]
         self._lat, self._group, self._fid = self._lat[keep], self._group[keep], self._fid[keep]
+        self._cls = self._cls[keep]
         self._arrive(groups, arrival, fid)
 
     def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
@@ -470,7 +569,7 @@ class FlowNetwork:
     def _update(self, _event: Any = None) -> None:
         """Batch point: take in new flows, retire finished ones, recompute rates, arm the next timer."""
         self._update_pending = False
-        if _jit.active:
+        if self._compiled:
             self._update_compiled()
             return
         self._advance()
@@ -483,6 +582,7 @@ class FlowNetwork:
             self._lat = np.concatenate([self._lat] + [a[2] for a in adds])
             self._group = np.concatenate([self._group] + [a[3] for a in adds])
             self._fid = np.concatenate([self._fid] + [a[4] for a in adds])
+            self._cls = np.concatenate([self._cls] + [a[6] for a in adds])
         self._gen += 1
         self._timer_at = np.inf
         if self._remaining.size == 0:
@@ -510,25 +610,18 @@ class FlowNetwork:
         self.env.timeout(delay).callbacks.append(lambda _e: self._on_timer(gen))
 
     def _update_compiled(self) -> None:
-        """:meth:`_update` with its numeric part in one compiled call (:func:`moesim.sim.maxmin_jit.update_core`:
-        the same operations, bit-identical results)."""
+        """:meth:`_update` in one compiled call over the flow buffers (:func:`moesim.sim.maxmin_jit.update_core`:
+        the same steps; rates from the class-aggregated solve, equal to the per-flow one up to round-off)."""
         now = self.env.now
         dt = now - self._last
         self._last = now
-        if self._pending_adds:
-            adds = self._pending_adds
-            self._pending_adds = []
-            new = (self._stack([a[5] for a in adds]), *(np.concatenate([a[i] for a in adds]) for i in (1, 2, 3, 4)))
-        else:
-            new = _NO_FLOWS
-        (self._croutes, self._remaining, self._rate, self._finish, self._lat, self._group, self._fid, fid, groups,
-         arrival, delay) = _jit.update_core(self._croutes, self._remaining, self._rate, self._finish, self._lat,
-                                       self._group, self._fid, dt, now, _TIME_EPS, *new, self._cap, _LEVEL_RTOL,
-                                       self.quantum, self.rel_quantum)
-        if fid.size:
-            self._deliv[fid] = self._req[fid]
-            self._end[fid] = arrival
-            self._arrive(groups, arrival, fid)
+        K, nd, bad, delay = _jit.update_core(
+            self._ff, self._fi, self._rtb, self._n_act, self._n_new, dt, now, _TIME_EPS, self._cap, _LEVEL_RTOL,
+            self.quantum, self.rel_quantum, self._cls_rt, self._cls_tier, self._scr_mult, self._scr_pos, self._req,
+            self._deliv, self._end, self._g_pending, self._g_latest, self._g_last, self._done_buf)
+        self._n_act, self._n_new = K, 0
+        if nd or bad >= 0:
+            self._fire(self._done_buf[:nd].tolist(), bad)
         self._gen += 1
         self._timer_at = np.inf
         if delay < 0:

@@ -82,7 +82,9 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"topology     {s['name']}  ({s['num_nodes']} node(s) × {s['gpus_per_node']} GPUs = {s['num_gpus']} GPUs, "
         f"routing {s['routing']})",
-        f"device       {d['name']}: {d['peak_flops'] / 1e12:.4g} TFLOP/s bf16, HBM {d['hbm_bw'] / 1e12:.3g} TB/s, "
+        f"device       {d['name']}: {d['peak_flops'] / 1e12:.4g} TFLOP/s bf16"
+        + (f" ({d['peak_flops_fp8'] / 1e12:.4g} fp8)" if d.get("peak_flops_fp8") else "")
+        + f", HBM {d['hbm_bw'] / 1e12:.3g} TB/s, "
         f"{d['hbm_bytes'] / 1e9:,.0f} GB",
         "nodes        " + ", ".join(f"{k} {v}" for k, v in s["node_kinds"].items()),
         f"links        {s['num_links']} directed",

@@ -36,6 +36,31 @@ def test_fp8_block_scale_bytes_are_the_scale_grid() -> None:
     assert t == pytest.approx((exact + 2 * 7168 * 2) / H200.hbm_bw + H200.kernel_launch, rel=1e-12)
 
 
+def test_fp8_weights_run_their_gemms_at_the_fp8_peak() -> None:
+    """Compute-bound experts (prefill, 64k tokens on one expert): FP8 weights on an H200 take exactly the FLOPs at
+    1,979 TFLOP/s; bf16 weights at 989. On an A100 (no FP8 tensor cores) both run at the bf16 peak."""
+    from moesim.models import with_dtypes
+    from moesim.topo.devices import DEVICES
+
+    bf16 = get_model("deepseek-v3")
+    fp8 = with_dtypes(bf16, "fp8-block")
+    assert fp8.fp8_weights and not bf16.fp8_weights
+    n = 65536.0
+    flops = n * 2 * 3 * 7168 * 2048
+    for dev, fp8_rate in (("h200", 1979e12), ("a100", 312e12)):
+        d = DEVICES[dev]
+        t16 = one(CostModel.roofline(bf16, d, mfu=1.0, mbu=1.0).expert_time(np.array([n])))
+        t8 = one(CostModel.roofline(fp8, d, mfu=1.0, mbu=1.0).expert_time(np.array([n])))
+        assert t16 == pytest.approx(flops / d.peak_flops + d.kernel_launch, rel=1e-12)
+        assert t8 == pytest.approx(flops / fp8_rate + d.kernel_launch, rel=1e-12)
+    # attention: the projections' FLOPs at the FP8 rate, core attention (per KV position) at the bf16 rate
+    a = attention_shape(bf16)
+    c8 = CostModel.roofline(fp8, H200, mfu=1.0, mbu=1.0, context_len=1000)
+    proj = 2.0 * (a["params"] + 3 * 7168 * bf16.shared_expert_ffn)
+    assert c8.attention["flops_per_token"] == pytest.approx(proj * 989 / 1979 + 1000 * a["attn_flops_per_pos"])
+    assert c8.attention["flops_rate"] == c8.gate["flops_rate"] == H200.peak_flops
+
+
 def test_dtype_table() -> None:
     assert dtype_bytes("bf16") == 2 and dtype_bytes("FP8") == 1 and dtype_bytes("fp8-block") == 1 + 4 / 16384
     assert DTYPE_BYTES["fp32"] == 4
@@ -162,3 +187,15 @@ def test_modelspec_checks() -> None:
     with pytest.raises(MoesimError, match="MLA"):
         ModelSpec("x", 1, 8, 2, 64, 64, kv_lora_rank=16)
     assert ModelSpec("x", 1, 8, 2, 64, 64, act_bytes=4).token_bytes == 256
+
+
+def test_device_fp8_peak_field() -> None:
+    from moesim.topo.devices import DeviceSpec
+
+    d = DeviceSpec.from_dict({"name": "x", "peak_flops": 1e15, "hbm_bw": 3e12, "hbm_bytes": 8e10,
+                              "peak_flops_fp8": 2e15})
+    assert d.gemm_peak(True) == 2e15 and d.gemm_peak(False) == 1e15
+    assert DeviceSpec.from_dict(d.to_dict()) == d
+    with pytest.raises(MoesimError, match="peak_flops_fp8"):
+        DeviceSpec.from_dict({"name": "x", "peak_flops": 1e15, "hbm_bw": 3e12, "hbm_bytes": 8e10,
+                              "peak_flops_fp8": -1})

@@ -151,7 +151,8 @@ def test_des_matches_golden(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["mixtral-8gpu", "dsv3-16gpu-overlap"])
 def test_des_compiled_equals_numpy(name, tmp_path):
-    """The compiled flow network (numba, optional) and the numpy one give the same results, bit for bit."""
+    """The compiled flow network (numba, optional; rates from the class-aggregated solve) and the numpy one give
+    the same results up to round-off."""
     from moesim.sim import maxmin_jit
 
     maxmin_jit.load()
@@ -168,7 +169,7 @@ def test_des_compiled_equals_numpy(name, tmp_path):
     finally:
         maxmin_jit.set_active(before)
     for key in want:
-        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-9, err_msg=key)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(c[-1])) for n, c in AN_CASES.items()])
