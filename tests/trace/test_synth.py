@@ -69,7 +69,9 @@ def test_deterministic_for_a_seed_whatever_the_threads(seed):
 
 @pytest.mark.parametrize("name", ["small", "qwen3-30b-a3b"])
 def test_skew_knob_is_monotone_in_busiest_over_mean(name):
-    """Without drift and cross-layer bonus the hottest expert's load cannot fall as skew rises (same noise)."""
+    """Without drift and cross-layer bonus the hottest expert's load rises with skew. In expectation: the sequential
+    sampler (moesim.trace.synth_route) does not couple the picks of two skews token by token as Gumbel noise did;
+    with this seed the smallest rise between neighbouring skews is 0.07 (small) and 0.35 (qwen3), all layers."""
     model = get_model(name)
     if model.num_layers > 4:
         model = model.with_(num_layers=4)
