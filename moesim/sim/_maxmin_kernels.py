@@ -147,8 +147,10 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_
         scr_mult[c] = 0.0
     r1 = _solve_w(rt1, mult, capacity, rtol)
     rate = np.empty(F)
-    load = np.zeros(n_links)  # stage-1 load on the wider links
-    top = np.zeros(n_links)  # largest stage-1 rate there
+    # stage-1 load and largest rate per link, summed over every hop without a branch (the narrow links' and the
+    # pad's entries are never read: only wider links are checked, and stage-2 flows cross wider links only)
+    load = np.zeros(n_links)
+    top = np.zeros(n_links)
     idx2 = np.empty(n2, dtype=np.int64)
     k = 0
     for f in range(F):
@@ -158,10 +160,9 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_
             rate[f] = r
             for h in range(H):
                 e = routes[f, h]
-                if e != pad and capacity[e] > c1:
-                    load[e] += r
-                    if r > top[e]:
-                        top[e] = r
+                load[e] += r
+                t = top[e]
+                top[e] = r if r > t else t
         else:
             idx2[k] = f
             k += 1
@@ -169,7 +170,7 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_
         scr_pos[present[i]] = 0
     ok = True
     for e in range(pad):
-        if load[e] > capacity[e] * (1.0 + rtol):
+        if capacity[e] > c1 and load[e] > capacity[e] * (1.0 + rtol):
             ok = False  # a wider link would bind the narrow tier: not certified
             break
     if ok and n2 > 0:
