@@ -52,7 +52,9 @@ network's work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -290,6 +292,30 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     ``quantum`` / ``rel_quantum``: the flow network's bandwidth hand-over quantum (seconds / fraction of the
     median remaining transmission time; 0 and 0 = exact, slower), see :class:`moesim.sim.network.FlowNetwork`.
     """
+    with _gc_out_of_the_way():
+        return _run_des(workload, topology, cost, model, config, progress, quantum=quantum,
+                        rel_quantum=rel_quantum, max_events=max_events)
+
+
+@contextmanager
+def _gc_out_of_the_way() -> Iterator[None]:
+    """Freeze the objects alive before the run (modules, numba, the workload) for its duration: the collector's
+    full passes, triggered by the run's many short-lived simpy events, then skip them (0.1-0.2 s of a 64-GPU step).
+    Garbage made during the run is collected as usual. Leaves an outer freeze alone."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = None,
+             progress: Callable[[int, int], None] | bool | None = None, *,
+             quantum: float = DEFAULT_QUANTUM, rel_quantum: float = DEFAULT_REL_QUANTUM,
+             max_events: int = DEFAULT_MAX_EVENTS) -> Any:
     from moesim.sim.analytic import custom_comm, layout_cost
     from moesim.sim.config import SimConfig
     from moesim.sim.result import SimResult
@@ -335,13 +361,15 @@ def run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = N
     gpu_busy, moe_time, gpu_finish = np.zeros((S, G)), np.zeros((S, G)), np.zeros((S, G))
     bytes_intra, bytes_inter = np.zeros(S), np.zeros(S)
     link_bytes = np.zeros(bw.size)
+    prev_net = None
     for s in range(S):
         stages = step_stages(workload, s, topology, cost, model, config)
         # micro-batches: each does 1/M of the work and of the bytes (as the analytic engine assumes, the split
         # costs nothing extra; a re-costed half batch would read every expert's weights twice)
         lanes = [stages] if M == 1 else [[replace(st, data=st.data / M) for st in stages]] * M
         net = FlowNetwork(env, bw, lat, quantum=quantum, rel_quantum=rel_quantum, ignore_links=ignore)
-        net.set_routes(routes)
+        net.set_routes(routes, like=prev_net)  # (the route and class tables of the previous step, shared)
+        prev_net = net
         run = _StepRun(env, lanes, routes, G, net, events, max_events)
         t_begin = env.now
         procs = [env.process(run.lane(g, m)) for m in range(M) for g in range(G)]

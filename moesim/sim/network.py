@@ -192,6 +192,7 @@ class FlowNetwork:
         self._cap = np.append(bw, np.inf)
         self._lat_pad = np.append(lat, 0.0)  # per link, and 0 for the pad
         self._tab_rt: np.ndarray | None = None
+        self._tab_src: Any = None  # the table object set_routes was given (for ``like``)
         self._tab_crt = self._tab_lat = np.empty(0)
         # links whose capacity never binds (see dominated_links) are left out of the rate computation
         self._cmap = np.arange(bw.size + 1)
@@ -292,9 +293,21 @@ class FlowNetwork:
         crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
         return self._start_flows(rt, crt, lat, nb, grp, self._class_ids(crt))
 
-    def set_routes(self, table: np.ndarray) -> None:
+    def set_routes(self, table: np.ndarray, like: FlowNetwork | None = None) -> None:
         """Declare a fixed route table [P, H] (edge indices padded with -1), e.g. one row per GPU pair, so that
-        :meth:`transfer_routes` can start flows by row number without re-deriving routes and latencies."""
+        :meth:`transfer_routes` can start flows by row number without re-deriving routes and latencies.
+        ``like``: a network given the same table over the same links (the DES's previous step): its derived
+        tables are shared instead of derived again."""
+        if (like is not None and like._tab_src is table and self._tab_rt is None and not self._cls_index
+                and np.array_equal(like._cap, self._cap) and np.array_equal(like._cmap, self._cmap)
+                and np.array_equal(like._lat_pad, self._lat_pad)):
+            for name in ("_tab_src", "_tab_rt", "_tab_crt", "_tab_lat", "_tab_cls", "_tab_empty", "_cls_rt",
+                         "_cls_tier"):
+                setattr(self, name, getattr(like, name))
+            self._cls_index = dict(like._cls_index)
+            self._scr_mult = np.zeros_like(like._scr_mult)
+            self._scr_pos = np.zeros_like(like._scr_pos)
+            return
         rt = self._route_table(np.asarray(table), np.shape(table)[0])
         crt = np.sort(self._cmap[rt], axis=1)
         if self._tab_rt is not None:  # flows started on the old table keep their routes (for link_bytes)
@@ -304,6 +317,8 @@ class FlowNetwork:
         self._tab_crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
         self._tab_lat = self._lat_pad[rt].sum(axis=1)
         self._tab_cls = self._class_ids(self._tab_crt)
+        self._tab_empty = (rt >= self._pad).all(axis=1)
+        self._tab_src = table
 
     def transfer_routes(self, rows: Any, nbytes: Any, groups: Any, *, checked: bool = False) -> np.ndarray:
         """Start flows along rows of the table given to :meth:`set_routes`; otherwise as :meth:`transfer_many`.
@@ -314,13 +329,13 @@ class FlowNetwork:
         if self._tab_rt is None:
             raise MoesimError("transfer_routes needs a route table (set_routes) first")
         if checked:
-            return self._start_flows(self._tab_rt[rows], self._tab_crt[rows], self._tab_lat[rows], nbytes, groups,
+            return self._start_flows(None, self._tab_crt[rows], self._tab_lat[rows], nbytes, groups,
                                      self._tab_cls[rows], rows)
         nb, grp = self._check_flows(nbytes, groups)
         r = np.asarray(rows, dtype=np.int64).ravel()
         if r.size != nb.size:
             raise MoesimError(f"{r.size} routes for {nb.size} flow sizes")
-        return self._start_flows(self._tab_rt[r], self._tab_crt[r], self._tab_lat[r], nb, grp, self._tab_cls[r], r)
+        return self._start_flows(None, self._tab_crt[r], self._tab_lat[r], nb, grp, self._tab_cls[r], r)
 
     def _check_flows(self, nbytes: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
         nb = np.asarray(nbytes, dtype=np.float64).ravel()
@@ -331,16 +346,20 @@ class FlowNetwork:
             raise MoesimError("flow names an unknown group")
         return nb, grp
 
-    def _start_flows(self, rt: np.ndarray, crt: np.ndarray, lat: np.ndarray, nb: np.ndarray,
+    def _start_flows(self, rt: np.ndarray | None, crt: np.ndarray, lat: np.ndarray, nb: np.ndarray,
                      grp: np.ndarray, cls: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Start flows with full routes ``rt`` [F, H], or (``rt`` None) along route-table ``rows`` [F]."""
         fids = self._new_ids(nb)
-        instant = (nb <= 0) | (rt >= self._pad).all(axis=1)  # nothing to move, or no link to cross
+        # nothing to move, or no link to cross
+        empty = self._tab_empty[rows] if rt is None else (rt >= self._pad).all(axis=1)
+        instant = (nb <= 0) | empty
         if instant.any():
             self._deliv[fids[instant]] = nb[instant]
             self._end[fids[instant]] = self.env.now + lat[instant]
             self._arrive(grp[instant], self.env.now + lat[instant], fids[instant])
             live = ~instant
-            rt, crt, lat, nb, grp, fids_live = rt[live], crt[live], lat[live], nb[live], grp[live], fids[live]
+            crt, lat, nb, grp, fids_live = crt[live], lat[live], nb[live], grp[live], fids[live]
+            rt = None if rt is None else rt[live]
             cls = cls[live]
             rows = None if rows is None else rows[live]
         else:
@@ -350,7 +369,7 @@ class FlowNetwork:
             if self._compiled:
                 self._buffer_new(nb, lat, grp, fids_live, crt, cls)
             else:
-                self._pending_adds.append((rt, nb, lat, grp, fids_live, crt, cls))
+                self._pending_adds.append((None, nb, lat, grp, fids_live, crt, cls))
             if not (self.quantum > 0 and self._timer_at <= self.env.now + self.quantum):
                 # (with a quantum, flows starting within one quantum of the next batch of completions join
                 # at that batch, up to one quantum late: one rate recomputation for both)
