@@ -221,6 +221,24 @@ def maxmin_rates_jit(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> n
                   np.ascontiguousarray(capacity, dtype=np.float64), float(rtol))
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def _partition3(a, lo, hi, p1, p2):
+    """Reorder ``a[lo:hi+1]`` into ``< p1 | [p1, p2] | > p2``; returns (start, end) of the middle band."""
+    lt, i, gt = lo, lo, hi
+    while i <= gt:
+        v = a[i]
+        if v < p1:
+            a[lt], a[i] = v, a[lt]
+            lt += 1
+            i += 1
+        elif v > p2:
+            a[gt], a[i] = v, a[gt]
+            gt -= 1
+        else:
+            i += 1
+    return lt, gt
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _select(a, k):
     """The k-th smallest of ``a`` (reordered in place), as ``np.partition(a, k)[k]`` (no NaN in ``a``).
 
@@ -238,18 +256,7 @@ def _select(a, k):
         pos = ((k - lo) * 63) // (m - 1)
         p1 = sample[max(pos - 3, 0)]
         p2 = sample[min(pos + 3, 63)]
-        lt, i, gt = lo, lo, hi
-        while i <= gt:  # a[lo:lt] < p1 <= a[lt:i] <= p2 < a[gt+1:hi+1]
-            v = a[i]
-            if v < p1:
-                a[lt], a[i] = v, a[lt]
-                lt += 1
-                i += 1
-            elif v > p2:
-                a[gt], a[i] = v, a[gt]
-                gt -= 1
-            else:
-                i += 1
+        lt, gt = _partition3(a, lo, hi, p1, p2)
         if k < lt:
             hi = lt - 1
         elif k > gt:
@@ -263,18 +270,7 @@ def _select(a, k):
     while lo < hi:
         x, y, z = a[lo], a[(lo + hi) // 2], a[hi]
         pivot = max(min(x, y), min(max(x, y), z))  # median of three
-        lt, i, gt = lo, lo, hi
-        while i <= gt:
-            v = a[i]
-            if v < pivot:
-                a[lt], a[i] = v, a[lt]
-                lt += 1
-                i += 1
-            elif v > pivot:
-                a[gt], a[i] = v, a[gt]
-                gt -= 1
-            else:
-                i += 1
+        lt, gt = _partition3(a, lo, hi, pivot, pivot)
         if k < lt:
             hi = lt - 1
         elif k > gt:
