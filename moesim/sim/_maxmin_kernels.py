@@ -109,11 +109,12 @@ def _count_class(c, scr_mult, present, nc):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos, present, nc):
+def _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mult, scr_pos, present, nc):
     """Max-min rates of flows ``routes`` [F, H] with class ids ``cls`` [F]: the same allocation as
     ``_solve(routes, ...)`` (certified, else that solve runs), at a fraction of its work where many flows share
     their narrowest links (see ``maxmin_rates_classes``). The caller has counted the flows per class
-    (``_count_class``: ``scr_mult`` [C], ``present[:nc]``); ``scr_mult`` / ``scr_pos`` are left zero."""
+    (``_count_class``: ``scr_mult`` [C], ``present[:nc]``); ``scr_mult`` / ``scr_pos`` are left zero. A flow's
+    first ``cls_nn[class]`` hops are its class's narrowest links (rows ordered narrow first), the rest wider."""
     F, H = routes.shape
     n_links = capacity.shape[0]
     pad = n_links - 1
@@ -147,8 +148,8 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_
         scr_mult[c] = 0.0
     r1 = _solve_w(rt1, mult, capacity, rtol)
     rate = np.empty(F)
-    # stage-1 load and largest rate per link, summed over every hop without a branch (the narrow links' and the
-    # pad's entries are never read: only wider links are checked, and stage-2 flows cross wider links only)
+    # stage-1 load and largest rate on the wider links (a flow's hops past its class's narrow ones; the pad's
+    # entries are never read)
     load = np.zeros(n_links)
     top = np.zeros(n_links)
     idx2 = np.empty(n2, dtype=np.int64)
@@ -158,7 +159,7 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_
         if cls_tier[c] == c1:
             r = r1[scr_pos[c]]
             rate[f] = r
-            for h in range(H):
+            for h in range(cls_nn[c], H):
                 e = routes[f, h]
                 load[e] += r
                 t = top[e]
@@ -197,22 +198,28 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos):
+def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mult, scr_pos):
     present = np.empty(routes.shape[0], dtype=np.int64)
     nc = 0
     for f in range(routes.shape[0]):
         nc = _count_class(cls[f], scr_mult, present, nc)
-    return _solve_classes(routes, cls, cls_rt, cls_tier, capacity, rtol, scr_mult, scr_pos, present, nc)
+    return _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mult, scr_pos, present, nc)
 
 
 def maxmin_rates_classes(routes: np.ndarray, cls: np.ndarray, cls_rt: np.ndarray, cls_tier: np.ndarray,
                          capacity: np.ndarray, rtol: float) -> np.ndarray:
-    """routes [F, H], class ids [F], class routes [C, HT] and tiers [C] -> rates [F] (see ``_solve_classes``)."""
+    """routes [F, H], class ids [F], class routes [C, HT] (padded with ``len(capacity) - 1``) and tiers [C] ->
+    rates [F] (see ``_solve_classes``; each route is put narrow-first here)."""
     C = cls_rt.shape[0]
     i64, f64 = np.int64, np.float64
-    return _solve_classes_uncounted(np.ascontiguousarray(routes, dtype=i64), np.ascontiguousarray(cls, dtype=i64),
-                          np.ascontiguousarray(cls_rt, dtype=i64), np.ascontiguousarray(cls_tier, dtype=f64),
-                          np.ascontiguousarray(capacity, dtype=f64), float(rtol), np.zeros(C), np.zeros(C, dtype=i64))
+    capacity = np.ascontiguousarray(capacity, dtype=f64)
+    routes = np.asarray(routes, dtype=i64)
+    routes = np.ascontiguousarray(np.take_along_axis(routes, np.lexsort((routes, capacity[routes]), axis=1), axis=1))
+    cls_rt = np.ascontiguousarray(cls_rt, dtype=i64)
+    nn = (cls_rt < capacity.size - 1).sum(axis=1).astype(i64)
+    return _solve_classes_uncounted(routes, np.ascontiguousarray(cls, dtype=i64), cls_rt,
+                                    np.ascontiguousarray(cls_tier, dtype=f64), nn, capacity, float(rtol),
+                                    np.zeros(C), np.zeros(C, dtype=i64))
 
 
 def maxmin_rates_jit(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
@@ -281,8 +288,8 @@ def _select(a, k):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, cls_rt, cls_tier, scr_mult,
-                scr_pos, req, deliv, end, g_pending, g_latest, g_last, done_groups):
+def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, cls_rt, cls_tier, cls_nn,
+                scr_mult, scr_pos, req, deliv, end, g_pending, g_latest, g_last, done_groups):
     """One batch point in place over the flow buffers: rows [0, n) are in flight, [n, n + n_new) just started.
 
     ff [cap, 4] float: remaining bytes, rate, projected end, path latency; fi [cap, 3] int: group, flow id, class;
@@ -292,10 +299,6 @@ def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quan
     Returns (flows in flight, groups completed — ``done_groups[:k]`` in completion order —, a group that got
     more flows than expected or -1, delay to the next hand-over or -1 if nothing is in flight)."""
     H = rt.shape[1]
-    if dt > 0:
-        for i in range(n):
-            r = ff[i, 1] * dt
-            ff[i, 0] -= r if r < ff[i, 0] else ff[i, 0]
     lim = now + eps * abs(now)
     k = 0
     ndone = 0
@@ -303,6 +306,9 @@ def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quan
     present = np.empty(n + n_new, dtype=np.int64)  # classes of the flows kept, in order of first sight
     nc = 0
     for i in range(n + n_new):
+        if i < n and dt > 0:  # move the flow forward at its rate
+            r = ff[i, 1] * dt
+            ff[i, 0] -= r if r < ff[i, 0] else ff[i, 0]
         if i < n and (ff[i, 2] <= lim or ff[i, 0] <= 0):
             f = fi[i, 1]
             g = fi[i, 0]
@@ -333,7 +339,7 @@ def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quan
     K = k
     if K == 0:
         return 0, ndone, bad, -1.0
-    rate = _solve_classes(rt[:K], fi[:K, 2], cls_rt, cls_tier, cap, rtol, scr_mult, scr_pos, present, nc)
+    rate = _solve_classes(rt[:K], fi[:K, 2], cls_rt, cls_tier, cls_nn, cap, rtol, scr_mult, scr_pos, present, nc)
     ttf = np.empty(K)
     first = np.inf
     # the median of ttf widens the quantum only if it exceeds quantum / rel_quantum: count the flows at or below

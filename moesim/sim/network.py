@@ -217,6 +217,7 @@ class FlowNetwork:
         self._cls_index: dict[bytes, int] = {}
         self._cls_rt = np.empty((0, 1), dtype=np.int64)  # [C, HT] each class's narrowest links, pad-filled
         self._cls_tier = np.empty(0)  # [C] their capacity
+        self._cls_nn = np.empty(0, dtype=np.int64)  # [C] how many they are (a flow's first hops: _narrow_first)
         self._scr_mult = np.empty(0)
         self._scr_pos = np.empty(0, dtype=np.int64)
         # the compiled batch points' flow buffers: rows [0, n_act) in flight, then n_new just started
@@ -289,7 +290,7 @@ class FlowNetwork:
         nb, grp = self._check_flows(nbytes, groups)
         rt = self._route_table(routes, nb.size)
         lat = self._lat_pad[rt].sum(axis=1)
-        crt = np.sort(self._cmap[rt], axis=1)  # pads (largest index) last
+        crt = self._narrow_first(self._cmap[rt])
         crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
         return self._start_flows(rt, crt, lat, nb, grp, self._class_ids(crt))
 
@@ -302,14 +303,14 @@ class FlowNetwork:
                 and np.array_equal(like._cap, self._cap) and np.array_equal(like._cmap, self._cmap)
                 and np.array_equal(like._lat_pad, self._lat_pad)):
             for name in ("_tab_src", "_tab_rt", "_tab_crt", "_tab_lat", "_tab_cls", "_tab_empty", "_cls_rt",
-                         "_cls_tier"):
+                         "_cls_tier", "_cls_nn"):
                 setattr(self, name, getattr(like, name))
             self._cls_index = dict(like._cls_index)
             self._scr_mult = np.zeros_like(like._scr_mult)
             self._scr_pos = np.zeros_like(like._scr_pos)
             return
         rt = self._route_table(np.asarray(table), np.shape(table)[0])
-        crt = np.sort(self._cmap[rt], axis=1)
+        crt = self._narrow_first(self._cmap[rt])
         if self._tab_rt is not None:  # flows started on the old table keep their routes (for link_bytes)
             old = self._tab_rt
             self._started = [(f, old[w], None) if w is not None else (f, r, w) for f, r, w in self._started]
@@ -412,6 +413,12 @@ class FlowNetwork:
         return int(self._remaining.size + sum(a[1].size for a in self._pending_adds))
 
     # ---- internals --------------------------------------------------------------------------------
+    def _narrow_first(self, crt: np.ndarray) -> np.ndarray:
+        """Constraining routes [F, H] with each row's links by capacity, then index (pads, infinite, last): a flow's
+        narrowest links — its class's — come first, so the compiled certificate visits only the wider ones."""
+        order = np.lexsort((crt, self._cap[crt]), axis=1)
+        return np.take_along_axis(crt, order, axis=1)
+
     def _class_ids(self, crt: np.ndarray) -> np.ndarray:
         """Class id [F] of flows with constraining routes ``crt`` [F, H]: flows whose narrowest links (those of the
         route's smallest capacity) are the same share a class, registered here on first sight.
@@ -442,6 +449,7 @@ class FlowNetwork:
                 table[n0 + i, :r.size] = r
             self._cls_rt = table
             self._cls_tier = np.append(self._cls_tier, [self._cap[r].min() if r.size else np.inf for r in new_rows])
+            self._cls_nn = np.append(self._cls_nn, [r.size for r in new_rows]).astype(np.int64)
             self._scr_mult = np.zeros(len(self._cls_index))
             self._scr_pos = np.zeros(len(self._cls_index), dtype=np.int64)
         return ids[inv]
@@ -636,7 +644,8 @@ class FlowNetwork:
         self._last = now
         K, nd, bad, delay = _jit.update_core(
             self._ff, self._fi, self._rtb, self._n_act, self._n_new, dt, now, _TIME_EPS, self._cap, _LEVEL_RTOL,
-            self.quantum, self.rel_quantum, self._cls_rt, self._cls_tier, self._scr_mult, self._scr_pos, self._req,
+            self.quantum, self.rel_quantum, self._cls_rt, self._cls_tier, self._cls_nn, self._scr_mult, self._scr_pos,
+            self._req,
             self._deliv, self._end, self._g_pending, self._g_latest, self._g_last, self._done_buf)
         self._n_act, self._n_new = K, 0
         if nd or bad >= 0:

@@ -387,6 +387,12 @@ def test_pxn_flows_to_one_gpu_share_a_class():
     assert len(set(to9.tolist())) == 1
     assert net._tab_cls[0 * G + 1] != net._tab_cls[2 * G + 1]  # intranode flows: one class per pair
     assert net._tab_cls[0 * G + 9] != net._tab_cls[0 * G + 10]  # another rail: another class
+    # rows narrow first: a flow's first cls_nn hops are its class's links, every later one wider
+    cap = net._cap[net._tab_crt]
+    nn = net._cls_nn[net._tab_cls]
+    tier = net._cls_tier[net._tab_cls]
+    for row in range(G * G):
+        assert np.all(cap[row, :nn[row]] == tier[row]) and np.all(cap[row, nn[row]:] > tier[row])
 
 
 @given(st.lists(st.sampled_from([0.0, 1e-6, 2e-6, 3.5e-6, np.inf]) | st.floats(0.0, 1e-3), min_size=1,
