@@ -116,7 +116,7 @@ class _CommTables:
     of the same / different nodes; the diagonal (a GPU to itself) is left out everywhere."""
 
     def __init__(self, topology: Any) -> None:
-        from moesim.sim.network import dominated_links
+        from moesim.sim.maxmin import dominated_links
 
         G = int(topology.num_gpus)
         R = topology.routing_matrix().tocsr()

@@ -62,7 +62,8 @@ import numpy as np
 import simpy
 
 from moesim.errors import MoesimError
-from moesim.sim.network import FlowNetwork, dominated_links
+from moesim.sim.maxmin import dominated_links
+from moesim.sim.network import FlowNetwork
 
 PHASES = ("dense", "gate", "dispatch", "expert", "combine")
 # Default bandwidth hand-over quantum (see FlowNetwork): the larger of 2 µs (about two NVLink hop latencies;

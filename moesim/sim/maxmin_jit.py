@@ -1,6 +1,6 @@
 """Compiled max-min solve for the DES's flow network (optional: needs ``numba``, ``pip install moesim[fast]``).
 
-:func:`maxmin_rates_jit` runs the same algorithm as :func:`moesim.sim.network.maxmin_rates` (parallel rounds
+:func:`maxmin_rates_jit` runs the same algorithm as :func:`moesim.sim.maxmin.maxmin_rates` (parallel rounds
 that freeze every link that is a local minimum of the fair share) with the same floating-point operations in
 the same order, so both give bit-identical rates (tested); numpy spends ~100 calls of fixed overhead per solve,
 which dominates the DES at 64+ GPUs (thousands of solves per step, a few hundred flows each).

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moesim.errors import MoesimError
-from moesim.sim.network import FlowNetwork, dominated_links, maxmin_rates
+from moesim.sim.maxmin import dominated_links, maxmin_rates
+from moesim.sim.network import FlowNetwork
 
 
 def _run(bw, lat, flows, starts=None):
@@ -273,7 +274,7 @@ def _needs_jit():
 @given(flow_sets(), st.integers(0, 3))
 def test_compiled_maxmin_is_bit_identical(case, extra_pad):
     jit = _needs_jit()
-    from moesim.sim.network import _LEVEL_RTOL, maxmin_rates_numpy
+    from moesim.sim.maxmin import _LEVEL_RTOL, maxmin_rates_numpy
 
     bw, _, flows, _ = case
     pad = len(bw)
@@ -334,7 +335,7 @@ def tiered_flow_sets(draw):
 def _class_rates(bw, routes):
     """(per-flow rates from the numpy solve, from the compiled class solve) for routes over links ``bw``."""
     jit = _needs_jit()
-    from moesim.sim.network import maxmin_rates_numpy
+    from moesim.sim.maxmin import maxmin_rates_numpy
 
     pad = len(bw)
     H = max([len(r) for r in routes] + [1])
