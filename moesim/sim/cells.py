@@ -6,11 +6,12 @@ on first use (:class:`LazySend`) for the consumers that need them (the DES, vali
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from moesim.jit import optional_kernel
 
 
 def dedup_rows(dst: np.ndarray) -> np.ndarray:
@@ -72,14 +73,7 @@ def cells_kernel() -> Any:
     """The compiled SendCells count (moesim.sim._cells_kernels) or None: numba missing or MOESIM_NO_JIT set."""
     global _CELLS_KERNEL
     if _CELLS_KERNEL is None:
-        _CELLS_KERNEL = False
-        if not os.environ.get("MOESIM_NO_JIT"):
-            try:
-                from moesim.sim._cells_kernels import count_layer
-            except ImportError:  # numba is optional (the ``fast`` extra): the numpy code counts the same
-                pass
-            else:
-                _CELLS_KERNEL = count_layer
+        _CELLS_KERNEL = optional_kernel("moesim.sim._cells_kernels", "count_layer") or False
     return _CELLS_KERNEL or None
 
 

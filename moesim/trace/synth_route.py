@@ -27,10 +27,11 @@ drives to zero is recounted exactly.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
+
+from moesim.jit import optional_kernel
 
 BLOCK = 16  # candidates per block of the two-level inverse-CDF scan (~sqrt of 128 candidates)
 _U32 = 2.0 ** -32
@@ -186,14 +187,7 @@ def route_kernel() -> Any:
     MOESIM_NO_JIT set. Loaded on first use, so importing moesim never imports numba."""
     global _KERNEL
     if _KERNEL is None:
-        _KERNEL = False
-        if not os.environ.get("MOESIM_NO_JIT"):
-            try:
-                from moesim.trace._synth_kernels import route_layer
-            except ImportError:  # numba is optional (the ``fast`` extra): the numpy code routes the same
-                pass
-            else:
-                _KERNEL = route_layer
+        _KERNEL = optional_kernel("moesim.trace._synth_kernels", "route_layer") or False
     return _KERNEL or None
 
 
