@@ -117,7 +117,7 @@ class FlowNetwork:
         self._group = np.empty(0, dtype=np.int64)
         self._fid = np.empty(0, dtype=np.int64)
         self._cls = np.empty(0, dtype=np.int64)  # class of each active flow (see _class_ids)
-        self._finish = np.empty(0)
+        self._finish = np.empty(0)  # projected end of transmission at the current rates
         # flow classes: flows whose narrowest constraining links are the same (the compiled solve's unit)
         self._cls_index: dict[bytes, int] = {}
         self._cls_rt = np.empty((0, 1), dtype=np.int64)  # [C, HT] each class's narrowest links, pad-filled
@@ -131,7 +131,7 @@ class FlowNetwork:
         self._fi = np.empty((256, 3), dtype=np.int64)
         self._rtb = np.full((256, 1), self._pad, dtype=np.int64)
         self._done_buf = np.empty(256, dtype=np.int64)
-        self._n_act = self._n_new = 0  # projected end of transmission at the current rates
+        self._n_act = self._n_new = 0
         self._last = 0.0
         self._gen = 0
         self._timer_at = np.inf  # when the armed completion timer fires
