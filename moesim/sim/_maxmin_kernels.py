@@ -5,6 +5,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from moesim.sim.maxmin import narrow_first
+
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _solve(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
@@ -213,8 +215,7 @@ def maxmin_rates_classes(routes: np.ndarray, cls: np.ndarray, cls_rt: np.ndarray
     C = cls_rt.shape[0]
     i64, f64 = np.int64, np.float64
     capacity = np.ascontiguousarray(capacity, dtype=f64)
-    routes = np.asarray(routes, dtype=i64)
-    routes = np.ascontiguousarray(np.take_along_axis(routes, np.lexsort((routes, capacity[routes]), axis=1), axis=1))
+    routes = np.ascontiguousarray(narrow_first(routes, capacity))
     cls_rt = np.ascontiguousarray(cls_rt, dtype=i64)
     nn = (cls_rt < capacity.size - 1).sum(axis=1).astype(i64)
     return _solve_classes_uncounted(routes, np.ascontiguousarray(cls, dtype=i64), cls_rt,

@@ -108,3 +108,11 @@ def dominated_links(routes: Sequence[Sequence[int]], edge_bw: Any) -> np.ndarray
     tie = (bw[:, None] == bw[None, :]) & (~same | (idx[None, :] < idx[:, None]))
     dominated = (subset & (wider | tie)).any(axis=1)
     return dominated | (n == 0)
+
+
+def narrow_first(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Routes [F, H] with each row's links ordered by capacity, then index (pads, infinite, last): a flow's
+    narrowest links — its class's — come first, so the compiled certificate visits only the wider ones."""
+    routes = np.asarray(routes, dtype=np.int64)
+    order = np.lexsort((routes, np.asarray(capacity)[routes]), axis=1)
+    return np.take_along_axis(routes, order, axis=1)

@@ -19,8 +19,9 @@ The first use compiles (about a second; cached on disk by numba afterwards).
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from moesim.jit import optional_module
 
 maxmin_rates_jit: Any = None
 maxmin_rates_classes: Any = None
@@ -37,11 +38,8 @@ def load() -> bool:
     global _loaded, _available, active, maxmin_rates_jit, maxmin_rates_classes, update_core, arrive_core
     if not _loaded:
         _loaded = True
-        if os.environ.get("MOESIM_NO_JIT"):
-            return False
-        try:
-            from moesim.sim import _maxmin_kernels as k
-        except ImportError:  # numba missing: an optional accelerator, the numpy code runs instead
+        k = optional_module("moesim.sim._maxmin_kernels")  # None: numba missing or MOESIM_NO_JIT set
+        if k is None:
             return False
         maxmin_rates_jit, update_core, arrive_core = k.maxmin_rates_jit, k.update_core, k.arrive_core
         maxmin_rates_classes = k.maxmin_rates_classes

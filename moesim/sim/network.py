@@ -53,7 +53,7 @@ import simpy
 
 from moesim.errors import MoesimError
 from moesim.sim import maxmin_jit as _jit
-from moesim.sim.maxmin import _LEVEL_RTOL, maxmin_rates
+from moesim.sim.maxmin import _LEVEL_RTOL, maxmin_rates, narrow_first
 
 # Relative float tolerance on the simulated clock when deciding that a flow's projected end has come.
 _TIME_EPS = 1e-15
@@ -122,7 +122,7 @@ class FlowNetwork:
         self._cls_index: dict[bytes, int] = {}
         self._cls_rt = np.empty((0, 1), dtype=np.int64)  # [C, HT] each class's narrowest links, pad-filled
         self._cls_tier = np.empty(0)  # [C] their capacity
-        self._cls_nn = np.empty(0, dtype=np.int64)  # [C] how many they are (a flow's first hops: _narrow_first)
+        self._cls_nn = np.empty(0, dtype=np.int64)  # [C] how many they are (a flow's first hops: narrow_first)
         self._scr_mult = np.empty(0)
         self._scr_pos = np.empty(0, dtype=np.int64)
         # the compiled batch points' flow buffers: rows [0, n_act) in flight, then n_new just started
@@ -195,7 +195,7 @@ class FlowNetwork:
         nb, grp = self._check_flows(nbytes, groups)
         rt = self._route_table(routes, nb.size)
         lat = self._lat_pad[rt].sum(axis=1)
-        crt = self._narrow_first(self._cmap[rt])
+        crt = narrow_first(self._cmap[rt], self._cap)
         crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
         return self._start_flows(rt, crt, lat, nb, grp, self._class_ids(crt))
 
@@ -215,7 +215,7 @@ class FlowNetwork:
             self._scr_pos = np.zeros_like(like._scr_pos)
             return
         rt = self._route_table(np.asarray(table), np.shape(table)[0])
-        crt = self._narrow_first(self._cmap[rt])
+        crt = narrow_first(self._cmap[rt], self._cap)
         if self._tab_rt is not None:  # flows started on the old table keep their routes (for link_bytes)
             old = self._tab_rt
             self._started = [(f, old[w], None) if w is not None else (f, r, w) for f, r, w in self._started]
@@ -318,12 +318,6 @@ class FlowNetwork:
         return int(self._remaining.size + sum(a[1].size for a in self._pending_adds))
 
     # ---- internals --------------------------------------------------------------------------------
-    def _narrow_first(self, crt: np.ndarray) -> np.ndarray:
-        """Constraining routes [F, H] with each row's links by capacity, then index (pads, infinite, last): a flow's
-        narrowest links — its class's — come first, so the compiled certificate visits only the wider ones."""
-        order = np.lexsort((crt, self._cap[crt]), axis=1)
-        return np.take_along_axis(crt, order, axis=1)
-
     def _class_ids(self, crt: np.ndarray) -> np.ndarray:
         """Class id [F] of flows with constraining routes ``crt`` [F, H]: flows whose narrowest links (those of the
         route's smallest capacity) are the same share a class, registered here on first sight.
