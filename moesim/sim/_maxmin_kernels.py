@@ -16,8 +16,26 @@ def _solve(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
     """Row f of ``routes`` stands for ``mult[f]`` flows with that route (all get the same max-min rate); with
-    ``mult`` all ones the float operations are those of ``maxmin_rates_numpy`` (x * 1.0 == x)."""
-    F, H = routes.shape
+    ``mult`` all ones the float operations are those of ``maxmin_rates_numpy`` (x * 1.0 == x). Routes of up to 4
+    hops run a copy compiled for their hop count (its loops unrolled: ~1.2x)."""
+    H = routes.shape[1]
+    if H == 1:
+        return _solve_h(routes, mult, capacity, rtol, 1)
+    if H == 2:
+        return _solve_h(routes, mult, capacity, rtol, 2)
+    if H == 3:
+        return _solve_h(routes, mult, capacity, rtol, 3)
+    if H == 4:
+        return _solve_h(routes, mult, capacity, rtol, 4)
+    return _solve_h(routes, mult, capacity, rtol, H)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve_h(routes, mult, capacity, rtol, H):
+    """``_solve_w`` for routes of ``H`` hops (a compile-time constant where the caller passes one). The per-flow
+    passes are branch-free (flags or-ed in, rows written to both lists and the right count advanced): the
+    local-minimum tests follow no pattern a branch predictor could learn (~1.6x)."""
+    F = routes.shape[0]
     n_links = capacity.shape[0]
     pad = n_links - 1
     rate = np.full(F, np.inf)
@@ -29,7 +47,7 @@ def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: f
             count[routes[f, h]] += mult[f]
     remcap = capacity.copy()
     remcap[pad] = np.inf
-    # the per-round link loops visit only the links some flow crosses (a cluster has many more)
+    # the per-round link loops visit only the links some unfrozen flow crosses (a cluster has many more)
     used = np.empty(n_links, dtype=np.int64)
     nu = 0
     for e in range(n_links):
@@ -41,46 +59,43 @@ def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: f
     frozen = np.empty(F, dtype=np.int64)
     fmin = np.empty(F)
     share = np.empty(n_links)
-    notlocal = np.zeros(n_links, dtype=np.bool_)
+    notlocal = np.zeros(n_links, dtype=np.uint8)
     sub = np.zeros(n_links)
     cnt = np.zeros(n_links)
     n = F
     while True:
         for u in range(nu):
             e = used[u]
-            share[e] = remcap[e] / count[e]  # (x/0 only on links no unfrozen flow reads)
-            notlocal[e] = False
+            share[e] = remcap[e] / count[e]
+            notlocal[e] = 0
         for i in range(n):
             f = active[i]
             m = share[routes[f, 0]]
             for h in range(1, H):
                 s = share[routes[f, h]]
-                if s < m:
-                    m = s
+                m = s if s < m else m
             fmin[i] = m
             t = m * c
             for h in range(H):
                 e = routes[f, h]
-                if share[e] > t:
-                    notlocal[e] = True
-        notlocal[pad] = True
+                notlocal[e] |= np.uint8(share[e] > t)
+        notlocal[pad] = 1
         nh = 0
         nk = 0
         for i in range(n):
             f = active[i]
-            hit = False
+            keep = np.uint8(1)  # every link of the flow has a flow with a smaller share: not frozen this round
             for h in range(H):
-                if not notlocal[routes[f, h]]:
-                    hit = True
-                    break
-            if hit:
-                rate[f] = fmin[i] if fmin[i] > 0.0 else 0.0
-                frozen[nh] = f
-                nh += 1
-            else:
-                active[nk] = f
-                nk += 1
+                keep &= notlocal[routes[f, h]]
+            m = fmin[i]
+            rate[f] = m if m > 0.0 else 0.0  # (a kept flow's is overwritten in a later round)
+            frozen[nh] = f
+            active[nk] = f
+            nh += 1 - keep
+            nk += keep
         if nh == 0 or nk == 0:
+            for i in range(nk if nh == 0 else 0):
+                rate[active[i]] = np.inf  # (no link froze: unconstrained flows)
             break
         # per link: flows frozen this round, summed hop by hop in flow order (numpy's bincount order)
         for u in range(nu):
@@ -93,31 +108,64 @@ def _solve_w(routes: np.ndarray, mult: np.ndarray, capacity: np.ndarray, rtol: f
                 e = routes[f, h]
                 sub[e] += rate[f] * mult[f]
                 cnt[e] += mult[f]
+        nu2 = 0
         for u in range(nu):
             e = used[u]
             count[e] -= cnt[e]
             remcap[e] -= sub[e]
+            if count[e] > 0:  # (links no unfrozen flow crosses any more leave the per-round loops)
+                used[nu2] = e
+                nu2 += 1
+        nu = nu2
         n = nk
     return rate
 
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _count_class(c, scr_mult, present, nc):
-    """Count one flow of class ``c`` (``present[:nc]``: the classes seen so far, in order); returns the new nc."""
-    if scr_mult[c] == 0.0:
-        present[nc] = c
-        nc += 1
-    scr_mult[c] += 1.0
-    return nc
+def _class_add(c, cnt, present, ppos, nstate):
+    """One more flow of class ``c``: ``cnt`` [C] flows per class, ``present[:nstate[0]]`` the classes with flows
+    (``ppos`` [C]: each one's index there, -1 if absent)."""
+    if cnt[c] == 0.0:
+        ppos[c] = nstate[0]
+        present[nstate[0]] = c
+        nstate[0] += 1
+    cnt[c] += 1.0
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mult, scr_pos, present, nc):
-    """Max-min rates of flows ``routes`` [F, H] with class ids ``cls`` [F]: the same allocation as
-    ``_solve(routes, ...)`` (certified, else that solve runs), at a fraction of its work where many flows share
-    their narrowest links (see ``maxmin_rates_classes``). The caller has counted the flows per class
-    (``_count_class``: ``scr_mult`` [C], ``present[:nc]``); ``scr_mult`` / ``scr_pos`` are left zero. A flow's
-    first ``cls_nn[class]`` hops are its class's narrowest links (rows ordered narrow first), the rest wider."""
-    F, H = routes.shape
+def _class_remove(c, cnt, present, ppos, nstate):
+    """One flow of class ``c`` fewer (the inverse of ``_class_add``; the last present class takes the gap)."""
+    cnt[c] -= 1.0
+    if cnt[c] == 0.0:
+        nc = nstate[0] - 1
+        p = ppos[c]
+        last = present[nc]
+        present[p] = last
+        ppos[last] = p
+        ppos[c] = -1
+        nstate[0] = nc
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _gather(rows, store):
+    """Routes [F, H] of flows by their rows of the route store [R, H]."""
+    out = np.empty((rows.shape[0], store.shape[1]), dtype=np.int64)
+    for f in range(rows.shape[0]):
+        for h in range(store.shape[1]):
+            out[f, h] = store[rows[f], h]
+    return out
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt, scr_pos, present, nc):
+    """Max-min rates of flows with routes ``store[rows]`` [F, H] and class ids ``cls`` [F]: the same allocation as
+    ``_solve(store[rows], ...)`` (certified, else that solve runs), at a fraction of its work where many flows share
+    their narrowest links (see ``maxmin_rates_classes``). ``cnt`` [C]: flows per class, ``present[:nc]``: the
+    classes with flows (both kept by the caller); ``scr_pos`` [C] is scratch, left zero. A flow's first
+    ``cls_nn[class]`` hops are its class's narrowest links (rows ordered narrow first), the rest wider: ``wide``
+    [F, W] (pad-filled), read in flow order by the certificate."""
+    F = rows.shape[0]
+    H = store.shape[1]
     n_links = capacity.shape[0]
     pad = n_links - 1
     if F == 0:
@@ -141,13 +189,12 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mu
         c = present[i]
         if cls_tier[c] == c1:
             scr_pos[c] = j
-            mult[j] = scr_mult[c]
+            mult[j] = cnt[c]
             for h in range(HT):
                 rt1[j, h] = cls_rt[c, h]
             j += 1
         else:
-            n2 += int(scr_mult[c])
-        scr_mult[c] = 0.0
+            n2 += int(cnt[c])
     r1 = _solve_w(rt1, mult, capacity, rtol)
     rate = np.empty(F)
     # stage-1 load and largest rate on the wider links (a flow's hops past its class's narrow ones; the pad's
@@ -161,8 +208,10 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mu
         if cls_tier[c] == c1:
             r = r1[scr_pos[c]]
             rate[f] = r
-            for h in range(cls_nn[c], H):
-                e = routes[f, h]
+            for h in range(wide.shape[1]):
+                e = wide[f, h]
+                if e == pad:
+                    break
                 load[e] += r
                 t = top[e]
                 top[e] = r if r > t else t
@@ -184,8 +233,9 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mu
             residual[e] = x if x > 0.0 else 0.0
         rt2 = np.empty((n2, H), dtype=np.int64)
         for i in range(n2):
+            w = rows[idx2[i]]
             for h in range(H):
-                rt2[i, h] = routes[idx2[i], h]
+                rt2[i, h] = store[w, h]
         r2 = _solve(rt2, residual, rtol)
         for i in range(n2):
             r = r2[i]
@@ -195,17 +245,26 @@ def _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mu
                 if e != pad and r * (1.0 + rtol) < top[e]:
                     ok = False  # a narrow-tier flow is faster on its link: the certificate fails
     if not ok:
-        return _solve(routes, capacity, rtol)
+        return _solve(_gather(rows, store), capacity, rtol)
     return rate
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mult, scr_pos):
-    present = np.empty(routes.shape[0], dtype=np.int64)
-    nc = 0
-    for f in range(routes.shape[0]):
-        nc = _count_class(cls[f], scr_mult, present, nc)
-    return _solve_classes(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, scr_mult, scr_pos, present, nc)
+def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt, scr_pos):
+    C = cnt.shape[0]
+    present = np.empty(C, dtype=np.int64)
+    ppos = np.full(C, -1, dtype=np.int64)
+    nstate = np.zeros(1, dtype=np.int64)
+    F, H = routes.shape
+    wide = np.full((F, H), capacity.shape[0] - 1, dtype=np.int64)
+    for f in range(F):
+        _class_add(cls[f], cnt, present, ppos, nstate)
+        for h in range(cls_nn[cls[f]], H):
+            wide[f, h - cls_nn[cls[f]]] = routes[f, h]
+    rate = _solve_classes(np.arange(F), routes, wide, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt,
+                          scr_pos, present, nstate[0])
+    cnt[:] = 0.0
+    return rate
 
 
 def maxmin_rates_classes(routes: np.ndarray, cls: np.ndarray, cls_rt: np.ndarray, cls_tier: np.ndarray,
@@ -289,58 +348,89 @@ def _select(a, k):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, cls_rt, cls_tier, cls_nn,
-                scr_mult, scr_pos, req, deliv, end, g_pending, g_latest, g_last, done_groups):
+def _kth(a, k):
+    """The k-th smallest of ``a`` (left as it is), as ``np.partition(a, k)[k]`` (no NaN in ``a``).
+
+    Two pivots from an even sample around rank k; one branch-free pass counts the values below the first and
+    gathers those between the two; the answer is selected in that band (a few % of ``a``), or, where the
+    sample missed (rare), in a copy of the whole. ~3x cheaper than a partitioning pass over ``a``."""
+    n = a.shape[0]
+    if n <= 512:
+        return _select(a.copy(), k)
+    sample = np.empty(64)
+    for j in range(64):
+        sample[j] = a[(j * (n - 1)) // 63]
+    sample.sort()
+    pos = (k * 63) // (n - 1)
+    p1 = sample[max(pos - 4, 0)]
+    p2 = sample[min(pos + 4, 63)]
+    band = np.empty(n)
+    below = 0
+    m = 0
+    for i in range(n):
+        v = a[i]
+        below += v < p1
+        band[m] = v
+        m += (v >= p1) & (v <= p2)
+    if below <= k < below + m:
+        return _select(band[:m], k - below)
+    return _select(a.copy(), k)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, store, cls_rt, cls_tier, cls_nn,
+                cnt, present, ppos, nstate, scr_pos, req, deliv, end, g_pending, g_latest, g_last, done_groups):
     """One batch point in place over the flow buffers: rows [0, n) are in flight, [n, n + n_new) just started.
 
-    ff [cap, 4] float: remaining bytes, rate, projected end, path latency; fi [cap, 3] int: group, flow id, class;
-    rt [cap, H] constraining links. Moves the flows forward by ``dt``, retires the due ones (their bytes delivered,
-    arrival recorded, counted towards their groups as ``arrive_core`` does), compacts the rest and the new ones to
-    the front, solves the rates and finds the next hand-over.
+    ff [cap, 4] float: remaining bytes, rate, projected end, path latency; fi [cap, 4 + W] int: group, flow id,
+    class, row of the route store ``store`` [R, H] (constraining links, narrow first), the hops past the class's
+    narrow links (pad-filled). ``cnt``, ``present``, ``ppos``,
+    ``nstate``: the flows per class in flight (see ``_class_add``), kept here as flows come and go.
+    Moves the flows forward by ``dt``, retires the due ones (their bytes delivered, arrival recorded, counted
+    towards their groups as ``arrive_core`` does), compacts the rest and the new ones to the front, solves the
+    rates and finds the next hand-over.
     Returns (flows in flight, groups completed — ``done_groups[:k]`` in completion order —, a group that got
     more flows than expected or -1, delay to the next hand-over or -1 if nothing is in flight)."""
-    H = rt.shape[1]
     lim = now + eps * abs(now)
     k = 0
     ndone = 0
     bad = -1
-    present = np.empty(n + n_new, dtype=np.int64)  # classes of the flows kept, in order of first sight
-    nc = 0
     for i in range(n + n_new):
-        if i < n and dt > 0:  # move the flow forward at its rate
-            r = ff[i, 1] * dt
-            ff[i, 0] -= r if r < ff[i, 0] else ff[i, 0]
-        if i < n and (ff[i, 2] <= lim or ff[i, 0] <= 0):
-            f = fi[i, 1]
-            g = fi[i, 0]
-            deliv[f] = req[f]
-            t = (ff[i, 2] if ff[i, 2] < now else now) + ff[i, 3]
-            end[f] = t
-            if bad < 0:
-                if t >= g_latest[g]:
-                    g_latest[g] = t
-                    g_last[g] = f
-                g_pending[g] -= 1
-                if g_pending[g] == 0:
-                    done_groups[ndone] = g
-                    ndone += 1
-                elif g_pending[g] < 0:
-                    bad = g
-            continue
+        if i < n:
+            if dt > 0:  # move the flow forward at its rate
+                r = ff[i, 1] * dt
+                ff[i, 0] -= r if r < ff[i, 0] else ff[i, 0]
+            if ff[i, 2] <= lim or ff[i, 0] <= 0:
+                f = fi[i, 1]
+                g = fi[i, 0]
+                deliv[f] = req[f]
+                t = (ff[i, 2] if ff[i, 2] < now else now) + ff[i, 3]
+                end[f] = t
+                _class_remove(fi[i, 2], cnt, present, ppos, nstate)
+                if bad < 0:
+                    if t >= g_latest[g]:
+                        g_latest[g] = t
+                        g_last[g] = f
+                    g_pending[g] -= 1
+                    if g_pending[g] == 0:
+                        done_groups[ndone] = g
+                        ndone += 1
+                    elif g_pending[g] < 0:
+                        bad = g
+                continue
+        else:
+            _class_add(fi[i, 2], cnt, present, ppos, nstate)
         if k != i:
             ff[k, 0] = ff[i, 0]
             ff[k, 3] = ff[i, 3]
-            fi[k, 0] = fi[i, 0]
-            fi[k, 1] = fi[i, 1]
-            fi[k, 2] = fi[i, 2]
-            for h in range(H):
-                rt[k, h] = rt[i, h]
-        nc = _count_class(fi[k, 2], scr_mult, present, nc)
+            for j in range(fi.shape[1]):
+                fi[k, j] = fi[i, j]
         k += 1
     K = k
     if K == 0:
         return 0, ndone, bad, -1.0
-    rate = _solve_classes(rt[:K], fi[:K, 2], cls_rt, cls_tier, cls_nn, cap, rtol, scr_mult, scr_pos, present, nc)
+    rate = _solve_classes(fi[:K, 3], store, fi[:K, 4:], fi[:K, 2], cls_rt, cls_tier, cls_nn, cap, rtol, cnt, scr_pos, present,
+                          nstate[0])
     ttf = np.empty(K)
     first = np.inf
     # the median of ttf widens the quantum only if it exceeds quantum / rel_quantum: count the flows at or below
@@ -359,7 +449,7 @@ def update_core(ff, fi, rt, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quan
         first = 0.0
     q = quantum
     if rel_quantum > 0 and n_le <= K // 2:  # (else the median is <= thr: it cannot widen the quantum)
-        med = _select(ttf.copy(), K // 2)
+        med = _kth(ttf, K // 2)
         if rel_quantum * med > q:
             q = rel_quantum * med
     if q > 0:

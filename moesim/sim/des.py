@@ -192,13 +192,13 @@ class _StepRun:
         self.end = np.zeros((self.M, K, G))
         self.events, self.max_events = events, max_events
         self.dropped = 0
-        self.src: list[tuple[int, int]] = []  # (sending GPU, micro-batch) of each flow id, from ``base`` on
         self.base = net.num_flows
         self.stream = [simpy.Resource(env, capacity=1) for _ in range(G)] if self.M > 1 else None
         off = ~np.eye(G, dtype=bool)
         # one group per (micro-batch, exchange stage, receiving GPU), expecting its incoming flows
         self.gid = np.full((self.M, K, G), -1, dtype=np.int64)
         self.gev: dict[tuple[int, int], list[simpy.Event]] = {}
+        nflows = 0
         for m, stages in enumerate(lanes):
             for k, st in enumerate(stages):
                 if st.kind == "exchange":
@@ -206,6 +206,11 @@ class _StepRun:
                     gids, evs = net.group_many(counts)
                     self.gid[m, k] = gids
                     self.gev[m, k] = evs
+                    nflows += int(counts.sum())
+        net.reserve(nflows)
+        # sending GPU and micro-batch of each flow id, from ``base`` on
+        self.src_gpu = np.zeros(nflows, dtype=np.int64)
+        self.src_mb = np.zeros(nflows, dtype=np.int64)
 
     def lane(self, g: int, m: int):
         env, G = self.env, self.G
@@ -228,8 +233,9 @@ class _StepRun:
                 dst = (row > 0).nonzero()[0]
                 dst = dst[dst != g]
                 if dst.size:
-                    self.net.transfer_routes(g * G + dst, row[dst], self.gid[m, k, dst], checked=True)
-                    self.src.extend([(g, m)] * dst.size)
+                    f0 = int(self.net.transfer_routes(g * G + dst, row[dst], self.gid[m, k, dst], checked=True)[0])
+                    self.src_gpu[f0 - self.base:f0 - self.base + dst.size] = g
+                    self.src_mb[f0 - self.base:f0 - self.base + dst.size] = m
                 yield self.gev[m, k][g]
             t1 = env.now
             self.end[m, k, g] = t1
@@ -265,7 +271,7 @@ class _StepRun:
                         dense += t - ts
                     else:
                         per[st.layer, st.slot] += t - ts
-                    g, m = self.src[f - self.base]
+                    g, m = int(self.src_gpu[f - self.base]), int(self.src_mb[f - self.base])
                     t = ts
                     continue
             if st.layer == DENSE_LAYER:

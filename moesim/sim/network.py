@@ -123,14 +123,23 @@ class FlowNetwork:
         self._cls_rt = np.empty((0, 1), dtype=np.int64)  # [C, HT] each class's narrowest links, pad-filled
         self._cls_tier = np.empty(0)  # [C] their capacity
         self._cls_nn = np.empty(0, dtype=np.int64)  # [C] how many they are (a flow's first hops: narrow_first)
-        self._scr_mult = np.empty(0)
+        # flows in flight per class, kept by the compiled batch points (see _maxmin_kernels._class_add)
+        self._ccnt = np.empty(0)
+        self._present = np.empty(0, dtype=np.int64)
+        self._ppos = np.empty(0, dtype=np.int64)
+        self._nstate = np.zeros(1, dtype=np.int64)
         self._scr_pos = np.empty(0, dtype=np.int64)
         # the compiled batch points' flow buffers: rows [0, n_act) in flight, then n_new just started
-        # (columns: ff remaining, rate, projected end, latency; fi group, flow id, class; rtb constraining links)
+        # (columns: ff remaining, rate, projected end, latency; fi group, flow id, class, row of the route store)
         self._ff = np.empty((256, 4))
-        self._fi = np.empty((256, 3), dtype=np.int64)
-        self._rtb = np.full((256, 1), self._pad, dtype=np.int64)
+        self._fi = np.empty((256, 5), dtype=np.int64)  # (+ the flow's wider hops, see _wide_hops)
         self._done_buf = np.empty(256, dtype=np.int64)
+        # constraining routes (narrow first) the buffered flows point into: the route table's rows from
+        # _tab_off on, then those of flows started by transfer_many; rows [0, _store_n) used
+        self._store = np.full((0, 1), self._pad, dtype=np.int64)
+        self._wide = np.full((0, 1), self._pad, dtype=np.int64)  # each row's hops past its class's narrow ones
+        self._store_n = 0
+        self._tab_off = 0
         self._n_act = self._n_new = 0
         self._last = 0.0
         self._gen = 0
@@ -207,12 +216,12 @@ class FlowNetwork:
         if (like is not None and like._tab_src is table and self._tab_rt is None and not self._cls_index
                 and np.array_equal(like._cap, self._cap) and np.array_equal(like._cmap, self._cmap)
                 and np.array_equal(like._lat_pad, self._lat_pad)):
-            for name in ("_tab_src", "_tab_rt", "_tab_crt", "_tab_lat", "_tab_cls", "_tab_empty", "_cls_rt",
-                         "_cls_tier", "_cls_nn"):
+            for name in ("_tab_src", "_tab_rt", "_tab_crt", "_tab_lat", "_tab_cls", "_tab_empty", "_tab_wide",
+                         "_cls_rt", "_cls_tier", "_cls_nn"):
                 setattr(self, name, getattr(like, name))
             self._cls_index = dict(like._cls_index)
-            self._scr_mult = np.zeros_like(like._scr_mult)
-            self._scr_pos = np.zeros_like(like._scr_pos)
+            self._grow_class_state(len(self._cls_index))
+            self._tab_off = self._store_extend(self._tab_crt, self._tab_wide)
             return
         rt = self._route_table(np.asarray(table), np.shape(table)[0])
         crt = narrow_first(self._cmap[rt], self._cap)
@@ -220,11 +229,13 @@ class FlowNetwork:
             old = self._tab_rt
             self._started = [(f, old[w], None) if w is not None else (f, r, w) for f, r, w in self._started]
         self._tab_rt = rt
-        self._tab_crt = crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)]
+        self._tab_crt = np.ascontiguousarray(crt[:, :max(int((crt < self._pad).any(axis=0).sum()), 1)])
         self._tab_lat = self._lat_pad[rt].sum(axis=1)
         self._tab_cls = self._class_ids(self._tab_crt)
         self._tab_empty = (rt >= self._pad).all(axis=1)
         self._tab_src = table
+        self._tab_wide = self._wide_hops(self._tab_crt, self._tab_cls)
+        self._tab_off = self._store_extend(self._tab_crt, self._tab_wide)
 
     def transfer_routes(self, rows: Any, nbytes: Any, groups: Any, *, checked: bool = False) -> np.ndarray:
         """Start flows along rows of the table given to :meth:`set_routes`; otherwise as :meth:`transfer_many`.
@@ -273,7 +284,9 @@ class FlowNetwork:
         if nb.size:
             self._started.append((fids_live, None, rows) if rows is not None else (fids_live, rt, None))
             if self._compiled:
-                self._buffer_new(nb, lat, grp, fids_live, crt, cls)
+                srows = (rows + self._tab_off if rows is not None
+                         else np.arange(self._store_extend(crt, self._wide_hops(crt, cls)), self._store_n))
+                self._buffer_new(nb, lat, grp, fids_live, srows, cls)
             else:
                 self._pending_adds.append((None, nb, lat, grp, fids_live, crt, cls))
             if not (self.quantum > 0 and self._timer_at <= self.env.now + self.quantum):
@@ -349,9 +362,47 @@ class FlowNetwork:
             self._cls_rt = table
             self._cls_tier = np.append(self._cls_tier, [self._cap[r].min() if r.size else np.inf for r in new_rows])
             self._cls_nn = np.append(self._cls_nn, [r.size for r in new_rows]).astype(np.int64)
-            self._scr_mult = np.zeros(len(self._cls_index))
-            self._scr_pos = np.zeros(len(self._cls_index), dtype=np.int64)
+            self._grow_class_state(len(self._cls_index))
         return ids[inv]
+
+    def _grow_class_state(self, C: int) -> None:
+        """Per-class state of the compiled batch points for ``C`` classes, keeping the counts of flows in flight."""
+        c0 = self._ccnt.size
+        self._ccnt = np.concatenate([self._ccnt, np.zeros(C - c0)])
+        self._present = np.concatenate([self._present, np.zeros(C - c0, dtype=np.int64)])
+        self._ppos = np.concatenate([self._ppos, np.full(C - c0, -1, dtype=np.int64)])
+        self._scr_pos = np.zeros(C, dtype=np.int64)
+
+    def _wide_hops(self, crt: np.ndarray, cls: np.ndarray) -> np.ndarray:
+        """[F, W] the hops of constraining routes ``crt`` [F, H] (narrow first) past their class's narrow links,
+        pad-filled: what the compiled certificate reads per flow (from the flow buffers, in order)."""
+        nn = self._cls_nn[cls]
+        W = max(int((crt.shape[1] - nn).max()) if crt.shape[0] else 0, 1)
+        idx = nn[:, None] + np.arange(W)[None, :]
+        ext = np.concatenate([crt, np.full((crt.shape[0], W), self._pad, dtype=np.int64)], axis=1)
+        return np.ascontiguousarray(np.take_along_axis(ext, idx, axis=1))
+
+    def _store_extend(self, crt: np.ndarray, wide: np.ndarray) -> int:
+        """Append constraining routes [F, H] and their wider hops [F, W] to the route store; returns the row of
+        the first. An empty store takes the arrays themselves (the route table's, shared between a replay's
+        steps: never written to)."""
+        n0 = self._store_n
+        if n0 == 0:
+            self._store, self._wide = np.ascontiguousarray(crt), wide
+            self._store_n = crt.shape[0]
+            return 0
+        for name, part in (("_store", crt), ("_wide", wide)):
+            old = getattr(self, name)
+            F, H = part.shape
+            if n0 + F > old.shape[0] or H > old.shape[1]:
+                grown = np.full((max(2 * old.shape[0], n0 + F), max(H, old.shape[1])), self._pad, dtype=np.int64)
+                grown[:n0, :old.shape[1]] = old[:n0]
+                setattr(self, name, grown)
+            arr = getattr(self, name)
+            arr[n0:n0 + F, :H] = part
+            arr[n0:n0 + F, H:] = self._pad
+        self._store_n = n0 + crt.shape[0]
+        return n0
 
     def _route_table(self, routes: Any, F: int) -> np.ndarray:
         if isinstance(routes, np.ndarray) and routes.ndim == 2:
@@ -372,12 +423,21 @@ class FlowNetwork:
             raise MoesimError(f"route names a link outside 0..{self.num_links - 1}")
         return rt
 
+    def reserve(self, nflows: int) -> None:
+        """Room for ``nflows`` more flows' records (a caller that knows how many it will start saves the
+        repeated growth: ~1 s of copying and page faults over a 256-GPU step's 5 M flows)."""
+        need = self.num_flows + int(nflows)
+        if need > self._req.size:
+            for name in ("_req", "_deliv", "_start", "_end"):
+                old = getattr(self, name)
+                new = np.empty(need)
+                new[:self.num_flows] = old[:self.num_flows]
+                setattr(self, name, new)
+
     def _new_ids(self, nb: np.ndarray) -> np.ndarray:
         n0, F = self.num_flows, nb.size
-        while n0 + F > self._req.size:
-            grow = self._req.size
-            for name in ("_req", "_deliv", "_start", "_end"):
-                setattr(self, name, np.concatenate([getattr(self, name), np.empty(grow)]))
+        if n0 + F > self._req.size:
+            self.reserve(max(F, n0 + F))  # (doubling)
         fids = np.arange(n0, n0 + F)
         self._req[n0:n0 + F] = nb
         self._deliv[n0:n0 + F] = 0.0
@@ -418,27 +478,29 @@ class FlowNetwork:
         if bad >= 0:
             raise MoesimError(f"group {bad} received more flows than it expected")
 
-    def _buffer_new(self, nb: np.ndarray, lat: np.ndarray, grp: np.ndarray, fids: np.ndarray, crt: np.ndarray,
+    def _buffer_new(self, nb: np.ndarray, lat: np.ndarray, grp: np.ndarray, fids: np.ndarray, srows: np.ndarray,
                     cls: np.ndarray) -> None:
-        """Append started flows to the compiled batch points' buffers (growing them), to join at the next one."""
+        """Append started flows (their routes: rows ``srows`` of the route store) to the compiled batch points'
+        buffers (growing them), to join at the next one."""
         i0 = self._n_act + self._n_new
         i1 = i0 + nb.size
         size = self._ff.shape[0]
-        if i1 > size or crt.shape[1] > self._rtb.shape[1]:
-            size = max(size, 2 * size if i1 > size else size, i1)
-            H = max(self._rtb.shape[1], crt.shape[1])
-            ff, fi = np.empty((size, 4)), np.empty((size, 3), dtype=np.int64)
-            rtb = np.full((size, H), self._pad, dtype=np.int64)
-            ff[:i0], fi[:i0], rtb[:i0, :self._rtb.shape[1]] = self._ff[:i0], self._fi[:i0], self._rtb[:i0]
-            self._ff, self._fi, self._rtb = ff, fi, rtb
+        W = self._wide.shape[1]
+        if i1 > size or self._fi.shape[1] < 4 + W:
+            size = max(2 * size if i1 > size else size, i1)
+            ff = np.empty((size, 4))
+            fi = np.full((size, max(4 + W, self._fi.shape[1])), self._pad, dtype=np.int64)
+            ff[:i0], fi[:i0, :self._fi.shape[1]] = self._ff[:i0], self._fi[:i0]
+            self._ff, self._fi = ff, fi
             self._done_buf = np.empty(size, dtype=np.int64)
         self._ff[i0:i1, 0] = nb
         self._ff[i0:i1, 3] = lat
         self._fi[i0:i1, 0] = grp
         self._fi[i0:i1, 1] = fids
         self._fi[i0:i1, 2] = cls
-        self._rtb[i0:i1, :crt.shape[1]] = crt
-        self._rtb[i0:i1, crt.shape[1]:] = self._pad
+        self._fi[i0:i1, 3] = srows
+        self._fi[i0:i1, 4:4 + W] = self._wide[srows]
+        self._fi[i0:i1, 4 + W:] = self._pad
         self._n_new += nb.size
 
     def _advance(self) -> None:
@@ -542,10 +604,10 @@ class FlowNetwork:
         dt = now - self._last
         self._last = now
         K, nd, bad, delay = _jit.update_core(
-            self._ff, self._fi, self._rtb, self._n_act, self._n_new, dt, now, _TIME_EPS, self._cap, _LEVEL_RTOL,
-            self.quantum, self.rel_quantum, self._cls_rt, self._cls_tier, self._cls_nn, self._scr_mult, self._scr_pos,
-            self._req,
-            self._deliv, self._end, self._g_pending, self._g_latest, self._g_last, self._done_buf)
+            self._ff, self._fi, self._n_act, self._n_new, dt, now, _TIME_EPS, self._cap, _LEVEL_RTOL, self.quantum,
+            self.rel_quantum, self._store, self._cls_rt, self._cls_tier, self._cls_nn, self._ccnt, self._present,
+            self._ppos, self._nstate, self._scr_pos, self._req, self._deliv, self._end, self._g_pending,
+            self._g_latest, self._g_last, self._done_buf)
         self._n_act, self._n_new = K, 0
         if nd or bad >= 0:
             self._fire(self._done_buf[:nd].tolist(), bad)

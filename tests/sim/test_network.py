@@ -402,18 +402,21 @@ def test_pxn_flows_to_one_gpu_share_a_class():
 def test_compiled_selection_is_numpys_partition(values, where, ordered):
     """The compiled median (for the relative quantum) is ``np.partition``'s, on sorted and shuffled times alike."""
     _needs_jit()
-    from moesim.sim._maxmin_kernels import _select
+    from moesim.sim._maxmin_kernels import _kth, _select
 
     a = np.sort(values) if ordered else np.asarray(values, dtype=float)
     k = min(int(where * a.size), a.size - 1)
-    assert _select(a.copy(), k) == np.partition(a, k)[k]
+    want = np.partition(a, k)[k]
+    assert _select(a.copy(), k) == want
+    before = a.copy()
+    assert _kth(a, k) == want and np.array_equal(a, before)
 
 
 @pytest.mark.parametrize("kind", ["random", "sorted", "few-values", "runs"])
 def test_compiled_selection_on_large_arrays(kind):
     """Past 512 values the sampled two-pivot pass runs: the same answer as ``np.partition`` at every rank probed."""
     _needs_jit()
-    from moesim.sim._maxmin_kernels import _select
+    from moesim.sim._maxmin_kernels import _kth, _select
 
     rng = np.random.default_rng(1)
     n = 20_000
@@ -421,4 +424,4 @@ def test_compiled_selection_on_large_arrays(kind):
          "runs": np.sort(np.repeat(rng.random(n // 7 + 1), 7)[:n])}[kind]
     a[rng.random(n) < 0.02] = np.inf
     for k in (0, 1, n // 3, n // 2, n - 2, n - 1):
-        assert _select(a.copy(), k) == np.partition(a, k)[k]
+        assert _select(a.copy(), k) == np.partition(a, k)[k] == _kth(a, k)
