@@ -429,8 +429,8 @@ def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum,
     K = k
     if K == 0:
         return 0, ndone, bad, -1.0
-    rate = _solve_classes(fi[:K, 3], store, fi[:K, 4:], fi[:K, 2], cls_rt, cls_tier, cls_nn, cap, rtol, cnt, scr_pos, present,
-                          nstate[0])
+    rate = _solve_classes(fi[:K, 3], store, fi[:K, 4:], fi[:K, 2], cls_rt, cls_tier, cls_nn, cap, rtol, cnt,
+                          scr_pos, present, nstate[0])
     ttf = np.empty(K)
     first = np.inf
     # the median of ttf widens the quantum only if it exceeds quantum / rel_quantum: count the flows at or below

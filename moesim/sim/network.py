@@ -393,14 +393,14 @@ class FlowNetwork:
             return 0
         for name, part in (("_store", crt), ("_wide", wide)):
             old = getattr(self, name)
-            F, H = part.shape
-            if n0 + F > old.shape[0] or H > old.shape[1]:
-                grown = np.full((max(2 * old.shape[0], n0 + F), max(H, old.shape[1])), self._pad, dtype=np.int64)
+            F, W = part.shape
+            if n0 + F > old.shape[0] or old.shape[1] < W:
+                grown = np.full((max(2 * old.shape[0], n0 + F), max(W, old.shape[1])), self._pad, dtype=np.int64)
                 grown[:n0, :old.shape[1]] = old[:n0]
                 setattr(self, name, grown)
             arr = getattr(self, name)
-            arr[n0:n0 + F, :H] = part
-            arr[n0:n0 + F, H:] = self._pad
+            arr[n0:n0 + F, :W] = part
+            arr[n0:n0 + F, W:] = self._pad
         self._store_n = n0 + crt.shape[0]
         return n0
 
