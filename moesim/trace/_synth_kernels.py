@@ -51,9 +51,8 @@ def route_layer(w: np.ndarray, sg: np.ndarray, mass: np.ndarray, domain: np.ndar
     kgs = kg if G > 1 else 1
     n = kgs * per
     nb = kgs * nbg
-    cand = np.zeros(n + 1)  # + a spare entry (and block sum) for successors outside the kept groups
-    S = np.zeros(nb + 1)
-    cum = np.empty(nb)
+    cand = np.zeros(n + k)  # + spare entries (and block sums) for successors outside the kept groups
+    S = np.zeros(nb + k)
     cnt = np.empty(nb, np.int64)
     chosen = np.zeros(kgs, np.int64)
     slot = np.empty(G, np.int64)
@@ -101,12 +100,13 @@ def route_layer(w: np.ndarray, sg: np.ndarray, mass: np.ndarray, domain: np.ndar
             for bb in range(nbg):
                 S[j * nbg + bb] = sg[d, chosen[j], bb]
                 cnt[j * nbg + bb] = bl[2, j * nbg + bb] - bl[1, j * nbg + bb]
-        if bonus:  # branch-free: a successor outside the kept groups lands in the spare last entries
+        if bonus:  # branch-free: a successor outside the kept groups lands in a spare last entry of its own
+            # (one per successor, so they form no chain of loads and stores through one shared entry)
             for j in range(k):
                 s = succ[prev[t, j]]
                 sl = slot[ex[0, s]]
-                p = sl * per + ex[1, s] if sl >= 0 else n
-                q = sl * nbg + ex[2, s] if sl >= 0 else nb
+                p = sl * per + ex[1, s] if sl >= 0 else n + j
+                q = sl * nbg + ex[2, s] if sl >= 0 else nb + j
                 x = cand[p]
                 xb = x * factor
                 cand[p] = xb
@@ -119,20 +119,23 @@ def route_layer(w: np.ndarray, sg: np.ndarray, mass: np.ndarray, domain: np.ndar
         for r in range(k):
             target = (bits[t, ng + r] + 0.5) * _U32 * tot
             # the first block whose running sum passes the target = the number of running sums <= target (the
-            # sums never fall): counted without an early exit, so the loop has no branch to mispredict
+            # sums never fall): counted without an early exit, so the loop has no branch to mispredict; cb, the
+            # last sum <= target, is what the blocks before it hold (kept in a register, not stored and reloaded)
             cn = 0.0
+            cb = 0.0
             pb = 0
             for b in range(nb):
                 cn += S[b]
-                cum[b] = cn
-                pb += cn <= target
+                below = cn <= target
+                pb += below
+                cb = cn if below else cb
             if pb == nb:  # rounding carried the target past the end: the last block with candidates left
                 pb = nb - 1
                 while cnt[pb] == 0:
                     pb -= 1
                 target2 = np.inf
             else:
-                target2 = target - cum[pb - 1] if pb > 0 else target
+                target2 = target - cb
             j = bl[0, pb]
             a = bl[1, pb]
             stop = bl[2, pb]

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,6 +148,8 @@ class SynthConfig:
 
 
 CHUNK_TOKENS = 16384  # tokens routed together (cache-sized); each chunk has its own random stream
+# room(tokens, phase) -> (ids, weights or None) to route a step into, or None: allocate them
+Room = Callable[[int, str], "tuple[np.ndarray, np.ndarray | None] | None"]
 
 
 class _Router:
@@ -240,58 +242,69 @@ class _Router:
                 domain, origin = self._decode_batch(decode_T)
             yield step, domain.copy(), origin.copy(), self.skew * self.latent, phase
 
-    def steps(self, threads: int | None = None, weights_dtype: Any = np.float32,
+    def steps(self, threads: int | None = None, weights_dtype: Any = np.float32, room: Room | None = None,
               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
         """Route every step's token chunks on a thread pool (the compiled router and numpy release the GIL),
         yielding steps in order: (ids [L, T, k] uint16, weights [L, T, k] ``weights_dtype``, origin [T], phase).
-        Each chunk writes its columns of the step's arrays in place: no per-chunk copies, no joins."""
+        Each chunk writes its columns of the step's arrays in place: no per-chunk copies, no joins.
+
+        ``room(T, phase)``, if given, may supply a large step's arrays (ids, weights or None: the trace writer's
+        pages, TraceWriter.reserve_step); it is asked once every earlier step has been yielded and taken in."""
         workers = threads or min(os.cpu_count() or 1, 8)
         m = self.model
         L, k = m.num_layers, m.top_k
 
-        def submit(run: Any, step: int, domain: np.ndarray, base: np.ndarray) -> tuple[list[Any], np.ndarray,
-                                                                                         np.ndarray]:
-            T = len(domain)
-            ids = np.empty((L, T, k), dtype=np.uint16)
-            weights = np.empty((L, T, k), dtype=weights_dtype)
+        def submit(run: Any, step: int, domain: np.ndarray, base: np.ndarray, phase: str,
+                   ) -> tuple[list[Any], np.ndarray, np.ndarray]:
+            tokens = len(domain)
+            given = room(tokens, phase) if room is not None and tokens >= big else None
+            ids, weights = given if given is not None else (None, None)
+            ids = np.empty((L, tokens, k), dtype=np.uint16) if ids is None else ids
+            weights = np.empty((L, tokens, k), dtype=weights_dtype) if weights is None else weights
             jobs = [run(self.route, step, domain[a:a + CHUNK_TOKENS], base, a // CHUNK_TOKENS,
                         ids[:, a:a + CHUNK_TOKENS], weights[:, a:a + CHUNK_TOKENS])
-                    for a in range(0, T, CHUNK_TOKENS)]
+                    for a in range(0, tokens, CHUNK_TOKENS)]
             return jobs, ids, weights
 
+        # a step takes the room offered only when it keeps every worker busy by itself: the steps before it
+        # must be finished first (the pool then runs dry between the two)
+        big = 2 * workers * CHUNK_TOKENS if workers > 1 else 0
         if workers <= 1:
             for step, domain, origin, base, phase in self.inputs():
-                _, ids, weights = submit(lambda f, *a: f(*a), step, domain, base)
+                _, ids, weights = submit(lambda f, *a: f(*a), step, domain, base, phase)
                 yield ids, weights, origin, phase
             return
         with ThreadPoolExecutor(max_workers=workers) as pool:
             pending: deque[tuple[list[Future], np.ndarray, np.ndarray, np.ndarray, str]] = deque()
-            queued = 0
-            for step, domain, origin, base, phase in self.inputs():
-                futs, ids, weights = submit(pool.submit, step, domain, base)
-                pending.append((futs, ids, weights, origin, phase))
-                queued += len(futs)
-                while pending and queued - len(pending[0][0]) >= 2 * workers:  # keep the pool fed, memory bounded
-                    futs, ids, weights, o, ph = pending.popleft()
-                    queued -= len(futs)
-                    for f in futs:
-                        f.result()
-                    yield ids, weights, o, ph
-            while pending:
+
+            def done() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
                 futs, ids, weights, o, ph = pending.popleft()
                 for f in futs:
                     f.result()
-                yield ids, weights, o, ph
+                return ids, weights, o, ph
+
+            for step, domain, origin, base, phase in self.inputs():
+                while room is not None and len(domain) >= big and pending:
+                    yield done()
+                futs, ids, weights = submit(pool.submit, step, domain, base, phase)
+                pending.append((futs, ids, weights, origin, phase))
+                # keep the pool fed, memory bounded
+                while pending and sum(len(p[0]) for p in pending) - len(pending[0][0]) >= 2 * workers:
+                    yield done()
+            while pending:
+                yield done()
 
 
 def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: int | None = None,
-                   compact: bool = False, weights_dtype: Any = np.float32,
+                   compact: bool = False, weights_dtype: Any = np.float32, room: Room | None = None,
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
     """Yield ``(ids [L, T, k] int64, weights [L, T, k] float32, origin [T] int64, phase)`` per step.
 
     The same ``(model, cfg)`` always yields the same steps, whatever ``threads`` (default: up to 8 cores) and
     whether numba is installed. ``compact=True`` yields ids as uint16 (the trace's on-disk dtype; mind overflow in
     arithmetic); ``weights_dtype=np.float16`` yields the weights as a trace stores them (rounded from float32).
+    ``room``: where a large step's arrays may come from (see ``_Router.steps``; :func:`synthesize` routes into the
+    trace file's pages).
     """
     cfg = cfg or SynthConfig()
     cfg.check()
@@ -300,7 +313,7 @@ def generate_steps(model: ModelSpec, cfg: SynthConfig | None = None, threads: in
     if model.num_groups > 1 and model.topk_groups * (model.num_experts // model.num_groups) < model.top_k:
         raise MoesimError(f"model {model.name!r}: {model.topk_groups} groups of "
                           f"{model.num_experts // model.num_groups} experts cannot hold top-{model.top_k}")
-    for ids, weights, origin, phase in _Router(model, cfg).steps(threads, weights_dtype):
+    for ids, weights, origin, phase in _Router(model, cfg).steps(threads, weights_dtype, room):
         yield (ids if compact else ids.astype(np.int64)), weights, origin, phase
 
 
@@ -321,8 +334,8 @@ def synthesize(model: ModelSpec, cfg: SynthConfig | None, path: str | Path,
     meta = {"source": "moesim.trace.synth", "synth": {**cfg.to_dict(), **resolved}}
     with TraceWriter(path, model, kind="tokens", weights=cfg.weights, origin=cfg.origin,
                      num_ranks=cfg.num_ranks if cfg.origin else None, meta=meta, atomic=True) as writer:
-        for i, (ids, weights, origin, phase) in enumerate(generate_steps(model, cfg, compact=True,
-                                                                             weights_dtype=np.float16)):
+        steps = generate_steps(model, cfg, compact=True, weights_dtype=np.float16, room=writer.reserve_step)
+        for i, (ids, weights, origin, phase) in enumerate(steps):
             writer.add_step(ids, weights if cfg.weights else None, origin if cfg.origin else None, phase,
                             handed_over=True)
             if progress is not None:

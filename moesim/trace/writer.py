@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ class TraceWriter:
         self._timings: list[tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self._closed = False
+        self._reserved: _Reserved | None = None
         self.header = {"format": "moesim.trace", "version": fmt.VERSION, "kind": kind, "model": model.to_dict(),
                        "ids_dtype": self.ids_dtype.str,
                        "weights_dtype": None if self.weights_dtype is None else self.weights_dtype.str,
@@ -75,7 +79,7 @@ class TraceWriter:
         body = json.dumps(self.header, separators=(",", ":")).encode()
         head = fmt.FILE_HEAD.pack(fmt.MAGIC, fmt.VERSION, len(body))
         try:
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "w+b")  # noqa: SIM115 - closed in close(); readable for reserve_step
         except OSError as exc:
             raise TraceError(f"cannot write trace {self.path}: {exc.strerror}") from None
         self._file.write(head + body + b"\0" * fmt.pad(len(head) + len(body)))
@@ -138,10 +142,114 @@ class TraceWriter:
             if T and (o.min() < 0 or (self.num_ranks is not None and o.max() >= self.num_ranks)):
                 raise TraceError(f"origin rank out of range [0, {self.num_ranks}) in step {self.next_step}")
             o = o.astype(self.origin_dtype)
+        if self._reserved is not None:  # filled in place: its chunk ends with it
+            self._add_reserved(ids, w, o, fmt.PHASES.get(phase, 255), _kv_len(kv_len))
+            self._buffered = self.chunk_bytes
+            return self._advance()
         self._steps.append((ids.astype(self.ids_dtype, copy=not handed_over), w, o, fmt.PHASES.get(phase, 255),
                             _kv_len(kv_len)))
         self._buffered += ids.size * self.ids_dtype.itemsize * (2 if w is not None else 1)
         return self._advance()
+
+    def reserve_step(self, tokens: int, phase: str | None = None, kv_len: float | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Room for the next step inside the file: (ids, weights or None) [layers, tokens, top_k] views of the
+        chunk it will end, memory-mapped, for the caller to fill and then pass to :meth:`add_step` (with the same
+        phase and kv_len) before anything else. None where the step is better buffered as usual: a streaming
+        writer (a mapped chunk is not complete until the step is), or a step that would not close its chunk.
+
+        Why: a generator filling a ~1 GB step straight into the file's pages saves the copy ``write`` makes
+        (seconds for a large synthetic step); the bytes written are the ones :meth:`add_step` would write."""
+        if self._reserved is not None:
+            raise TraceError("reserve_step: the step reserved before has not been added yet")
+        m = self.model
+        step_bytes = m.num_layers * tokens * m.top_k * self.ids_dtype.itemsize * (2 if self.weights_dtype else 1)
+        if (self.path == self._final or self.kind != "tokens" or self._timings or tokens < 1
+                or self._buffered + step_bytes < self.chunk_bytes):
+            return None
+        prior = self._steps
+        T0 = sum(s[0].shape[1] for s in prior)
+        T = T0 + tokens
+        heads = _step_heads([s[3] for s in prior] + [fmt.PHASES.get(phase, 255)],
+                            [s[4] for s in prior] + [_kv_len(kv_len)])
+        heads["step_tokens"] = np.array([s[0].shape[1] for s in prior] + [tokens], dtype="<i8")
+        specs = {name: (a.dtype, a.shape) for name, a in heads.items()}
+        shape = (m.num_layers, T, m.top_k)
+        specs["ids"] = (self.ids_dtype, shape)
+        if self.weights_dtype is not None:
+            specs["weights"] = (self.weights_dtype, shape)
+        if self.origin:
+            specs["origin"] = (self.origin_dtype, (T,))
+        self._file.flush()
+        start = self._file.tell()
+        first = self.next_step - len(prior)
+        directory, offsets, payload = _layout(first, len(prior) + 1, specs, start)
+        data_start = start + fmt.CHUNK_HEAD.size + len(directory)
+        end = data_start + payload
+        fd = self._file.fileno()
+        try:  # blocks allocated now: a full disk is an error here, not a SIGBUS when a page is filled
+            os.posix_fallocate(fd, start, end - start)
+        except OSError as exc:
+            os.ftruncate(fd, start)
+            raise TraceError(f"cannot write trace {self.path}: {exc.strerror}") from None
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        buf = np.frombuffer(mmap.mmap(fd, end - base, offset=base), dtype=np.uint8)
+        payload_view = buf[data_start - base:]
+
+        def array(name: str) -> np.ndarray:
+            dtype, shp = specs[name]
+            n = dtype.itemsize * math.prod(shp)
+            return payload_view[offsets[name]:offsets[name] + n].view(dtype).reshape(shp)
+
+        buf[data_start - base - len(directory):data_start - base] = np.frombuffer(directory, dtype=np.uint8)
+        for name, a in heads.items():
+            array(name)[...] = a
+        arrays = {name: array(name) for name in ("ids", "weights", "origin") if name in specs}
+        for i, name in enumerate(("ids", "weights", "origin")):  # the buffered steps go first in the chunk
+            if name in arrays:
+                t = 0
+                for s in prior:
+                    part = s[0] if i == 0 else s[i]
+                    if name == "origin":
+                        arrays[name][t:t + len(part)] = part
+                    else:
+                        arrays[name][:, t:t + part.shape[1]] = part
+                    t += s[0].shape[1]
+        self._reserved = _Reserved(start, directory, buf[data_start - base - len(directory):], end, arrays, T0,
+                                   fmt.PHASES.get(phase, 255), _kv_len(kv_len))
+        w = arrays.get("weights")
+        return arrays["ids"][:, T0:], None if w is None else w[:, T0:]
+
+    def _add_reserved(self, ids: np.ndarray, weights: np.ndarray | None, origin: np.ndarray | None, phase: int,
+                      kv_len: float) -> None:
+        """add_step of the reserved step: checks that it is the reserved one, places its origin ranks."""
+        r = self._reserved
+        assert r is not None
+        if not (_same_view(ids, r.arrays["ids"][:, r.first_token:]) and phase == r.phase
+                and (kv_len == r.kv_len or (math.isnan(kv_len) and math.isnan(r.kv_len)))):
+            raise TraceError("add_step: a step was reserved with reserve_step; add it (same phase and kv_len) first")
+        w = r.arrays.get("weights")
+        if w is not None and not _same_view(weights, w[:, r.first_token:]):
+            w[:, r.first_token:] = weights
+        if origin is not None:
+            r.arrays["origin"][r.first_token:] = origin
+        r.added = True
+
+    def _finish_reserved(self) -> None:
+        """Seal the reserved chunk: checksum over its directory and payload, then its head (the file is a
+        temporary until close renames it, so its head is written last)."""
+        r = self._reserved
+        assert r is not None
+        crc = zlib.crc32(r.body)
+        payload = r.end - r.start - fmt.CHUNK_HEAD.size - len(r.directory)
+        os.pwrite(self._file.fileno(), fmt.CHUNK_HEAD.pack(fmt.CHUNK_MAGIC, len(r.directory), payload, crc, 0),
+                  r.start)
+        self._file.seek(r.end)
+        if self.fsync:
+            os.fsync(self._file.fileno())
+        self._reserved = None
+        self._steps.clear()
+        self._buffered = 0
 
     def add_counts(self, counts: np.ndarray, phase: str | None = None, kv_len: float | None = None) -> int:
         """Buffer one step of a load-only trace: counts [layers, experts] of token-choices per expert."""
@@ -178,15 +286,16 @@ class TraceWriter:
     # -- writing ------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Write everything buffered as one chunk (nothing if the buffer is empty)."""
+        if self._reserved is not None:
+            if self._reserved.added:
+                self._finish_reserved()
+            return  # the reserved step is still being filled: its chunk ends with it
         if not self._steps and not self._timings:
             return
         arrays: dict[str, np.ndarray] = {}
         n_steps = len(self._steps)
         if n_steps:
-            arrays["phase"] = np.array([s[3] for s in self._steps], dtype="|u1")
-            kv = np.array([s[4] for s in self._steps], dtype="<f4")
-            if not np.isnan(kv).all():
-                arrays["kv_len"] = kv
+            arrays.update(_step_heads([s[3] for s in self._steps], [s[4] for s in self._steps]))
             if self.kind == "counts":
                 arrays["counts"] = np.stack([s[0] for s in self._steps])
             else:
@@ -214,15 +323,9 @@ class TraceWriter:
         self._buffered = 0
 
     def _write_chunk(self, first_step: int, n_steps: int, arrays: dict[str, np.ndarray]) -> None:
-        offset = 0
-        layout = {}
-        for name, arr in arrays.items():
-            layout[name] = fmt.array_spec(arr, offset)
-            offset += arr.nbytes + fmt.pad(arr.nbytes)
-        directory = json.dumps({"first_step": first_step, "num_steps": n_steps, "arrays": layout},
-                               separators=(",", ":")).encode()
         start = self._file.tell()
-        directory += b" " * fmt.pad(start + fmt.CHUNK_HEAD.size + len(directory))
+        directory, _, payload = _layout(first_step, n_steps, {k: (a.dtype, a.shape) for k, a in arrays.items()},
+                                        start)
         crc = zlib.crc32(directory)
         pieces = []
         for arr in arrays.values():
@@ -231,7 +334,7 @@ class TraceWriter:
             padding = b"\0" * fmt.pad(arr.nbytes)
             crc = zlib.crc32(padding, crc)
             pieces += [data, padding]
-        self._file.write(fmt.CHUNK_HEAD.pack(fmt.CHUNK_MAGIC, len(directory), offset, crc, 0))
+        self._file.write(fmt.CHUNK_HEAD.pack(fmt.CHUNK_MAGIC, len(directory), payload, crc, 0))
         self._file.write(directory)
         for piece in pieces:
             self._file.write(piece)
@@ -242,6 +345,9 @@ class TraceWriter:
     def close(self) -> None:
         if self._closed:
             return
+        if self._reserved is not None and not self._reserved.added:
+            self.abort()
+            raise TraceError(f"{self._final}: a step reserved with reserve_step was never added; trace not written")
         self.flush()
         self._file.close()
         self._closed = True
@@ -255,6 +361,7 @@ class TraceWriter:
         if self.path == self._final:
             self.flush()  # buffered steps are complete: keep them
         self._closed = True
+        self._reserved = None  # its mapping goes with the last view the caller holds
         self._file.close()
         if self.path != self._final and self.path.exists():
             self.path.unlink()
@@ -267,6 +374,52 @@ class TraceWriter:
             self.close()
         else:
             self.abort()
+
+
+@dataclass
+class _Reserved:
+    """A chunk mapped in the file for a step being filled in place (TraceWriter.reserve_step)."""
+
+    start: int  # byte of the chunk head in the file
+    directory: bytes
+    body: np.ndarray  # directory + payload, mapped
+    end: int  # byte after the payload
+    arrays: dict[str, np.ndarray]  # ids, weights, origin of the whole chunk, mapped
+    first_token: int  # the reserved step's first token in the chunk (after the buffered steps)
+    phase: int
+    kv_len: float
+    added: bool = False
+
+
+def _same_view(a: Any, b: np.ndarray) -> bool:
+    """``a`` is the array ``b`` (the same memory, shape and strides), not a copy of it."""
+    return (isinstance(a, np.ndarray) and a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
+def _step_heads(phases: list[int], kv_lens: list[float]) -> dict[str, np.ndarray]:
+    """The per-step arrays that lead a chunk of steps: phase, and kv_len where any step knows it."""
+    heads = {"phase": np.array(phases, dtype="|u1")}
+    kv = np.array(kv_lens, dtype="<f4")
+    if not np.isnan(kv).all():
+        heads["kv_len"] = kv
+    return heads
+
+
+def _layout(first_step: int, n_steps: int, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
+            start: int) -> tuple[bytes, dict[str, int], int]:
+    """(padded directory, payload offset of each array, payload bytes) of a chunk written at byte ``start``."""
+    offset = 0
+    layout, offsets = {}, {}
+    for name, (dtype, shape) in specs.items():
+        layout[name] = [dtype.str, [int(n) for n in shape], offset]
+        offsets[name] = offset
+        nbytes = dtype.itemsize * math.prod(shape)
+        offset += nbytes + fmt.pad(nbytes)
+    directory = json.dumps({"first_step": first_step, "num_steps": n_steps, "arrays": layout},
+                           separators=(",", ":")).encode()
+    directory += b" " * fmt.pad(start + fmt.CHUNK_HEAD.size + len(directory))
+    return directory, offsets, offset
 
 
 def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
