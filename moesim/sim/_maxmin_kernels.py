@@ -463,6 +463,57 @@ def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum,
     return K, ndone, bad, delay
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def start_core(rows, nb, grp, f0, now, tab_off, tab_lat, tab_cls, tab_empty, wide, pad, ff, fi, i0, req, deliv,
+               start, end, g_pending, g_latest, g_last):
+    """Start flows ``f0 + j`` along route-table ``rows`` [F] (bytes ``nb``, groups ``grp``): records written; one
+    with nothing to move or no link to cross arrives after its path latency, counted towards its group as
+    ``arrive_core`` does; the others appended to the flow buffers from row ``i0`` (the caller made room; their
+    wider hops from ``wide`` [store rows, W], pad-filled to the buffer's width).
+    Returns (flows buffered, groups completed in order, a group that got more flows than expected or -1)."""
+    F = rows.shape[0]
+    done = np.empty(F, dtype=np.int64)
+    nd = 0
+    bad = -1
+    k = i0
+    W = fi.shape[1] - 4
+    Ww = wide.shape[1]
+    for j in range(F):
+        f = f0 + j
+        w = rows[j]
+        req[f] = nb[j]
+        start[f] = now
+        if nb[j] <= 0 or tab_empty[w]:
+            deliv[f] = nb[j]
+            t = now + tab_lat[w]
+            end[f] = t
+            if bad < 0:
+                g = grp[j]
+                if t >= g_latest[g]:
+                    g_latest[g] = t
+                    g_last[g] = f
+                g_pending[g] -= 1
+                if g_pending[g] == 0:
+                    done[nd] = g
+                    nd += 1
+                elif g_pending[g] < 0:
+                    bad = g
+            continue
+        deliv[f] = 0.0
+        end[f] = np.nan
+        ff[k, 0] = nb[j]
+        ff[k, 3] = tab_lat[w]
+        fi[k, 0] = grp[j]
+        fi[k, 1] = f
+        fi[k, 2] = tab_cls[w]
+        s = w + tab_off
+        fi[k, 3] = s
+        for h in range(W):
+            fi[k, 4 + h] = wide[s, h] if h < Ww else pad
+        k += 1
+    return k - i0, done[:nd], bad
+
+
 @numba.njit(cache=True, nogil=True)
 def arrive_core(groups, when, fids, pending, latest, last):
     """Count arrivals towards their groups, in order; returns (groups completed, in the order they

@@ -26,6 +26,7 @@ from moesim.jit import optional_module
 maxmin_rates_jit: Any = None
 maxmin_rates_classes: Any = None
 update_core: Any = None
+start_core: Any = None
 arrive_core: Any = None
 active = False  # whether the flow network uses the compiled code (loaded, and not switched off)
 _loaded = False
@@ -35,13 +36,14 @@ _available = False  # numba imported and the kernels defined
 def load() -> bool:
     """Compile (or load numba's cache) on first use, so that importing the simulator never imports numba;
     returns whether the compiled code is in use."""
-    global _loaded, _available, active, maxmin_rates_jit, maxmin_rates_classes, update_core, arrive_core
+    global _loaded, _available, active, maxmin_rates_jit, maxmin_rates_classes, update_core, start_core, arrive_core
     if not _loaded:
         _loaded = True
         k = optional_module("moesim.sim._maxmin_kernels")  # None: numba missing or MOESIM_NO_JIT set
         if k is None:
             return False
         maxmin_rates_jit, update_core, arrive_core = k.maxmin_rates_jit, k.update_core, k.arrive_core
+        start_core = k.start_core
         maxmin_rates_classes = k.maxmin_rates_classes
         _available = active = True
     return active

@@ -430,9 +430,10 @@ def test_compiled_selection_on_large_arrays(kind):
 @given(tiered_flow_sets(), st.lists(st.tuples(st.booleans(), st.floats(0.0, 2.0), st.floats(0.0, 50.0)),
                                     min_size=1, max_size=30), st.integers(0, 40))
 def test_compiled_route_store_matches_numpy(case, starts, reserve):
-    """Flows by route-table row and by free route (longer ones too: the route store and the wider-hop columns
-    grow mid-run), started over time, with or without records reserved up front: the compiled batch points
-    (class counts kept incrementally) give the numpy network's arrivals, records and link bytes."""
+    """Flows by route-table row (checked and unchecked starts) and by free route (longer ones too: the route store
+    and the wider-hop columns grow mid-run), empty and zero-byte ones among them, started over time, with or
+    without records reserved up front: the compiled batch points (class counts kept incrementally) give the
+    numpy network's arrivals, records and link bytes."""
     jit = _needs_jit()
     bw, routes = case
     table = np.full((len(routes), 2), -1)
@@ -452,8 +453,10 @@ def test_compiled_route_store_matches_numpy(case, starts, reserve):
                 yield env.timeout(t0)
                 gid, ev = net.group(1)
                 row = i % len(routes)
-                if by_row:
+                if by_row and i % 2:
                     net.transfer_routes([row], [nb], [gid])
+                elif by_row:  # the DES's unchecked path (one compiled start where numba is)
+                    net.transfer_routes(np.array([row]), np.array([nb]), np.array([gid]), checked=True)
                 else:
                     net.transfer_many([routes[row]], [nb], [gid])
                 yield ev
