@@ -351,7 +351,7 @@ def _run_des(workload: Any, topology: Any, cost: Any, model: Any, config: Any = 
         topology = effective_topology(topology, config.comm)  # the backend's achievable link bandwidths
     routes = _route_table(topology, G)
     # the DES only ever sends along these routes, so links that can never bind may be left out of the rates
-    ignore = dominated_links([r[r >= 0] for r in routes], topology.edge_bw)
+    ignore = dominated_links(routes, topology.edge_bw)
     bw = np.asarray(topology.edge_bw, dtype=np.float64)
     lat = np.asarray(topology.edge_latency, dtype=np.float64)
     inter = np.asarray(topology.is_inter_node(), dtype=bool)

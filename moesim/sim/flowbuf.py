@@ -27,6 +27,7 @@ class CompiledFlows:
         self.n_new = 0
         self.store = np.full((0, 1), pad, dtype=np.int64)  # constraining routes, narrow first; rows [0, store_n)
         self.wide = np.full((0, 1), pad, dtype=np.int64)  # each store row's hops past its class's narrow ones
+        self.row_bytes = np.zeros(0)  # bytes delivered by the finished flows of each store row (for link_bytes)
         self.store_n = 0
         # flows in flight per class (see _maxmin_kernels._class_add)
         self.cnt = np.empty(0)
@@ -61,8 +62,11 @@ class CompiledFlows:
         n0 = self.store_n
         if n0 == 0:
             self.store, self.wide = np.ascontiguousarray(crt), wide
+            self.row_bytes = np.zeros(crt.shape[0])
             self.store_n = crt.shape[0]
             return 0
+        if n0 + crt.shape[0] > self.row_bytes.size:
+            self.row_bytes = np.concatenate([self.row_bytes, np.zeros(max(self.row_bytes.size, crt.shape[0]))])
         for name, part in (("store", crt), ("wide", wide)):
             old = getattr(self, name)
             F, W = part.shape
@@ -127,6 +131,6 @@ class CompiledFlows:
         K, nd, bad, delay = _jit.update_core(
             self.ff, self.fi, self.n_act, self.n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, self.store,
             cls_rt, cls_tier, cls_nn, self.cnt, self.present, self.ppos, self.nstate, self.scr_pos, req, deliv, end,
-            *groups, self.done_buf)
+            self.row_bytes, *groups, self.done_buf)
         self.n_act, self.n_new = K, 0
         return nd, bad, delay

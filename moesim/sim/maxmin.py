@@ -84,17 +84,21 @@ def dominated_links(routes: Sequence[Sequence[int]], edge_bw: Any) -> np.ndarray
     so ``e``'s capacity constraint is implied and dropping it leaves the feasible set — and the max-min
     allocation — unchanged. (Rail-optimised fabrics have chains of such links: GPU->NIC->leaf.) Unused
     links are dominated too. Pass the result as ``FlowNetwork(ignore_links=...)``; it is only valid if no
-    flow ever takes a route outside ``routes``.
+    flow ever takes a route outside ``routes`` (lists of link indices, or a [P, H] table padded with -1).
     """
     import scipy.sparse as sp
 
     bw = np.asarray(edge_bw, dtype=np.float64).ravel()
     E = bw.size
-    rows = [i for i, r in enumerate(routes) for _ in r]
-    cols = [e for r in routes for e in r]
-    if not cols:
+    if isinstance(routes, np.ndarray) and routes.ndim == 2:  # a route table padded with -1 (the DES's)
+        rows, cols = (routes >= 0).nonzero()
+        cols = routes[rows, cols]
+    else:
+        rows = np.array([i for i, r in enumerate(routes) for _ in r], dtype=np.int64)
+        cols = np.array([e for r in routes for e in r], dtype=np.int64)
+    if not cols.size:
         return np.ones(E, dtype=bool)
-    M = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(routes), E))
+    M = sp.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(len(routes), E))
     M.data[:] = 1.0
     M.sum_duplicates()
     M.data[:] = 1.0

@@ -127,6 +127,8 @@ class FlowNetwork:
         # the compiled batch points' flow buffers, route store and flows per class
         self._cf = CompiledFlows(self._pad)
         self._tab_off = 0  # the route table's first row in the route store
+        # (first store row, full routes) of every route table set: link_bytes of the compiled flows by table row
+        self._row_tables: list[tuple[int, np.ndarray]] = []
         self._last = 0.0
         self._gen = 0
         self._timer_at = np.inf  # when the armed completion timer fires
@@ -208,6 +210,7 @@ class FlowNetwork:
             self._cls_index = dict(like._cls_index)
             self._cf.grow_classes(len(self._cls_index))
             self._tab_off = self._cf.store_extend(self._tab_crt, self._tab_wide)
+            self._row_tables.append((self._tab_off, self._tab_rt))
             return
         rt = self._route_table(np.asarray(table), np.shape(table)[0])
         crt = narrow_first(self._cmap[rt], self._cap)
@@ -222,6 +225,7 @@ class FlowNetwork:
         self._tab_src = table
         self._tab_wide = self._cf.wide_hops(self._tab_crt, self._cls_nn[self._tab_cls])
         self._tab_off = self._cf.store_extend(self._tab_crt, self._tab_wide)
+        self._row_tables.append((self._tab_off, self._tab_rt))
 
     def transfer_routes(self, rows: Any, nbytes: Any, groups: Any, *, checked: bool = False) -> np.ndarray:
         """Start flows along rows of the table given to :meth:`set_routes`; otherwise as :meth:`transfer_many`.
@@ -270,7 +274,8 @@ class FlowNetwork:
         else:
             fids_live = fids
         if nb.size:
-            self._started.append((fids_live, None, rows) if rows is not None else (fids_live, rt, None))
+            if not (self._compiled and rows is not None):  # (compiled: bytes counted per table row as flows end)
+                self._started.append((fids_live, None, rows) if rows is not None else (fids_live, rt, None))
             if self._compiled:
                 cf = self._cf
                 srows = (rows + self._tab_off if rows is not None
@@ -295,8 +300,6 @@ class FlowNetwork:
         fids = np.arange(n0, n0 + F)
         if done.size or bad >= 0:
             self._fire(done.tolist(), bad)
-        # (flows that arrived at once count here too: no link or no bytes, nothing for link_bytes to add)
-        self._started.append((fids, None, rows))
         if added:
             self._request_start_update()
         return fids
@@ -324,6 +327,9 @@ class FlowNetwork:
                                   minlength=self._tab_rt.shape[0])
             out += np.bincount(self._tab_rt.ravel(), weights=per_row.repeat(self._tab_rt.shape[1]),
                                minlength=self._pad + 1)
+        for off, rt in self._row_tables if self._compiled else ():
+            per_row = self._cf.row_bytes[off:off + rt.shape[0]]
+            out += np.bincount(rt.ravel(), weights=per_row.repeat(rt.shape[1]), minlength=self._pad + 1)
         return out[:self._pad]
 
     def group_last(self, gid: int) -> tuple[int, float]:

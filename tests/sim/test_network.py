@@ -218,6 +218,7 @@ def test_dominated_links_leave_rates_unchanged(case):
     full = np.full((len(routes), H), pad)
     for i, r in enumerate(routes):
         full[i, :len(r)] = r
+    assert np.array_equal(dominated_links(np.where(full == pad, -1, full), bw), dom)  # the same from a table
     cmap = np.append(np.where(dom, pad, np.arange(pad)), pad)
     cap = np.append(bw, np.inf)
     np.testing.assert_allclose(maxmin_rates(cmap[full], cap), maxmin_rates(full, cap), rtol=1e-9)
@@ -397,34 +398,49 @@ def test_pxn_flows_to_one_gpu_share_a_class():
         assert np.all(cap[row, :nn[row]] == tier[row]) and np.all(net._cap[wider[wider != net._pad]] > tier[row])
 
 
+def _handover_reference(ttf, k, first, quantum, rel_quantum):
+    """The hand-over delay as the numpy network computes it: the largest time within the quantum of the first,
+    the quantum widened to a fraction of the median (``np.partition``)."""
+    q = max(quantum, rel_quantum * np.partition(ttf, k)[k])
+    return float(ttf[ttf <= first + q].max())
+
+
 @given(st.lists(st.sampled_from([0.0, 1e-6, 2e-6, 3.5e-6, np.inf]) | st.floats(0.0, 1e-3), min_size=1,
-                max_size=3000), st.floats(0.0, 1.0), st.booleans())
-def test_compiled_selection_is_numpys_partition(values, where, ordered):
-    """The compiled median (for the relative quantum) is ``np.partition``'s, on sorted and shuffled times alike."""
+                max_size=3000), st.floats(0.0, 1.0), st.booleans(), st.sampled_from([0.0, 2e-6]),
+       st.sampled_from([0.05, 0.5]))
+def test_compiled_selection_and_handover_are_numpys(values, where, ordered, quantum, rel):
+    """The compiled median (``_select``) is ``np.partition``'s, and the fused median-and-hand-over pass gives the
+    numpy network's delay, on sorted and shuffled times alike (the input left as it was)."""
     _needs_jit()
-    from moesim.sim._maxmin_kernels import _kth, _select
+    from moesim.sim._maxmin_kernels import _median_handover, _select
 
     a = np.sort(values) if ordered else np.asarray(values, dtype=float)
     k = min(int(where * a.size), a.size - 1)
-    want = np.partition(a, k)[k]
-    assert _select(a.copy(), k) == want
+    assert _select(a.copy(), k) == np.partition(a, k)[k]
+    first = float(a.min())
     before = a.copy()
-    assert _kth(a, k) == want and np.array_equal(a, before)
+    assert _median_handover(a, k, first, quantum, rel) == _handover_reference(a, k, first, quantum, rel)
+    assert np.array_equal(a, before)
 
 
-@pytest.mark.parametrize("kind", ["random", "sorted", "few-values", "runs"])
-def test_compiled_selection_on_large_arrays(kind):
-    """Past 512 values the sampled two-pivot pass runs: the same answer as ``np.partition`` at every rank probed."""
+@pytest.mark.parametrize("kind", ["random", "sorted", "few-values", "runs", "spread"])
+def test_compiled_selection_and_handover_on_large_arrays(kind):
+    """Past 512 values the sampled pivots are used (and, where they miss the median, the plain path): the same
+    answers as numpy at every rank probed."""
     _needs_jit()
-    from moesim.sim._maxmin_kernels import _kth, _select
+    from moesim.sim._maxmin_kernels import _median_handover, _select
 
     rng = np.random.default_rng(1)
     n = 20_000
     a = {"random": rng.random(n), "sorted": np.sort(rng.random(n)), "few-values": rng.integers(0, 3, n) * 1e-6,
-         "runs": np.sort(np.repeat(rng.random(n // 7 + 1), 7)[:n])}[kind]
+         "runs": np.sort(np.repeat(rng.random(n // 7 + 1), 7)[:n]),
+         "spread": rng.random(n) * 10.0 ** rng.integers(-7, -2, n)}[kind]
     a[rng.random(n) < 0.02] = np.inf
     for k in (0, 1, n // 3, n // 2, n - 2, n - 1):
-        assert _select(a.copy(), k) == np.partition(a, k)[k] == _kth(a, k)
+        assert _select(a.copy(), k) == np.partition(a, k)[k]
+        for quantum, rel in ((0.0, 0.05), (2e-6, 0.05), (2e-6, 0.9)):
+            first = float(a.min())
+            assert _median_handover(a, k, first, quantum, rel) == _handover_reference(a, k, first, quantum, rel)
 
 
 @given(tiered_flow_sets(), st.lists(st.tuples(st.booleans(), st.floats(0.0, 2.0), st.floats(0.0, 50.0)),
@@ -475,3 +491,18 @@ def test_compiled_route_store_matches_numpy(case, starts, reserve):
     for k in a[1]:
         np.testing.assert_allclose(a[1][k], b[1][k], rtol=1e-9)
     np.testing.assert_allclose(a[2], b[2], rtol=1e-9, atol=1e-9)
+
+
+def test_handover_when_the_pivot_interval_holds_only_later_times():
+    """Times between the pivots' limits but past the exact one: the delay is the last time before them (a
+    case the sampled pass must not get wrong: its pivots bound the limit, the exact median decides)."""
+    _needs_jit()
+    from moesim.sim._maxmin_kernels import _median_handover
+
+    rng = np.random.default_rng(3)
+    a = np.concatenate([rng.uniform(0.0, 0.5, 200), np.full(100, 0.8825), rng.uniform(0.95, 1.05, 700)])
+    a = rng.permutation(a)
+    k, first = a.size // 2, float(a.min())
+    want = _handover_reference(a, k, first, 0.0, 0.9)
+    assert want < 0.5  # the 0.8825s lie past first + 0.9 x median, within the pivots' limits
+    assert _median_handover(a, k, first, 0.0, 0.9) == want
