@@ -403,7 +403,7 @@ def _median_handover(ttf, k, first, quantum, rel_quantum):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, store, cls_rt, cls_tier, cls_nn,
-                cnt, present, ppos, nstate, scr_pos, req, deliv, end, row_bytes, g_pending, g_latest, g_last,
+                cnt, present, ppos, nstate, scr_pos, req, end, row_bytes, g_pending, g_latest, g_last,
                 done_groups):
     """One batch point in place over the flow buffers: rows [0, n) are in flight, [n, n + n_new) just started.
 
@@ -428,7 +428,6 @@ def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum,
             if ff[i, 2] <= lim or ff[i, 0] <= 0:
                 f = fi[i, 1]
                 g = fi[i, 0]
-                deliv[f] = req[f]
                 row_bytes[fi[i, 3]] += req[f]
                 t = (ff[i, 2] if ff[i, 2] < now else now) + ff[i, 3]
                 end[f] = t
@@ -481,8 +480,8 @@ def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum,
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def start_core(rows, nb, grp, f0, now, tab_off, tab_lat, tab_cls, tab_empty, wide, pad, ff, fi, i0, req, deliv,
-               start, end, g_pending, g_latest, g_last):
+def start_core(rows, nb, grp, f0, now, tab_off, tab_lat, tab_cls, tab_empty, wide, pad, ff, fi, i0, req, start,
+               end, g_pending, g_latest, g_last):
     """Start flows ``f0 + j`` along route-table ``rows`` [F] (bytes ``nb``, groups ``grp``): records written; one
     with nothing to move or no link to cross arrives after its path latency, counted towards its group as
     ``arrive_core`` does; the others appended to the flow buffers from row ``i0`` (the caller made room; their
@@ -501,7 +500,6 @@ def start_core(rows, nb, grp, f0, now, tab_off, tab_lat, tab_cls, tab_empty, wid
         req[f] = nb[j]
         start[f] = now
         if nb[j] <= 0 or tab_empty[w]:
-            deliv[f] = nb[j]
             t = now + tab_lat[w]
             end[f] = t
             if bad < 0:
@@ -516,7 +514,6 @@ def start_core(rows, nb, grp, f0, now, tab_off, tab_lat, tab_cls, tab_empty, wid
                 elif g_pending[g] < 0:
                     bad = g
             continue
-        deliv[f] = 0.0
         end[f] = np.nan
         ff[k, 0] = nb[j]
         ff[k, 3] = tab_lat[w]

@@ -52,6 +52,7 @@ network's work.
 
 from __future__ import annotations
 
+import bisect
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -192,7 +193,6 @@ class _StepRun:
         self.end = np.zeros((self.M, K, G))
         self.events, self.max_events = events, max_events
         self.dropped = 0
-        self.base = net.num_flows
         self.stream = [simpy.Resource(env, capacity=1) for _ in range(G)] if self.M > 1 else None
         off = ~np.eye(G, dtype=bool)
         # one group per (micro-batch, exchange stage, receiving GPU), expecting its incoming flows
@@ -208,9 +208,9 @@ class _StepRun:
                     self.gev[m, k] = evs
                     nflows += int(counts.sum())
         net.reserve(nflows)
-        # sending GPU and micro-batch of each flow id, from ``base`` on
-        self.src_gpu = np.zeros(nflows, dtype=np.int64)
-        self.src_mb = np.zeros(nflows, dtype=np.int64)
+        # the first flow id of every start and its (sending GPU, micro-batch): a start's flows have consecutive ids
+        self.start_f0: list[int] = []
+        self.start_src: list[tuple[int, int]] = []
 
     def lane(self, g: int, m: int):
         env, G = self.env, self.G
@@ -234,8 +234,8 @@ class _StepRun:
                 dst = dst[dst != g]
                 if dst.size:
                     f0 = int(self.net.transfer_routes(g * G + dst, row[dst], self.gid[m, k, dst], checked=True)[0])
-                    self.src_gpu[f0 - self.base:f0 - self.base + dst.size] = g
-                    self.src_mb[f0 - self.base:f0 - self.base + dst.size] = m
+                    self.start_f0.append(f0)
+                    self.start_src.append((g, m))
                 yield self.gev[m, k][g]
             t1 = env.now
             self.end[m, k, g] = t1
@@ -271,7 +271,7 @@ class _StepRun:
                         dense += t - ts
                     else:
                         per[st.layer, st.slot] += t - ts
-                    g, m = int(self.src_gpu[f - self.base]), int(self.src_mb[f - self.base])
+                    g, m = self.start_src[bisect.bisect_right(self.start_f0, f) - 1]
                     t = ts
                     continue
             if st.layer == DENSE_LAYER:

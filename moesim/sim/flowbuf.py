@@ -113,7 +113,7 @@ class CompiledFlows:
                    tab_lat: np.ndarray, tab_cls: np.ndarray, tab_empty: np.ndarray, rec: tuple,
                    groups: tuple) -> tuple[int, np.ndarray, int]:
         """Start flows ``f0, f0+1, ...`` along route-table ``rows`` in one compiled call: their records
-        (``rec``: requested, delivered, start, end), the ones with nothing to move or no link to cross arrived
+        (``rec``: requested, start, end), the ones with nothing to move or no link to cross arrived
         at once and counted towards their ``groups`` (pending, latest, last), the rest buffered. Returns (flows
         buffered, groups completed in order, a group that got too many flows or -1)."""
         self.room(nb.size)
@@ -127,10 +127,10 @@ class CompiledFlows:
                groups: tuple) -> tuple[int, int, float]:
         """One batch point (``_maxmin_kernels.update_core``); returns (groups completed — ``done_buf[:k]`` —,
         a group that got too many flows or -1, delay to the next hand-over or -1 if nothing is in flight)."""
-        req, deliv, end = rec
+        req, end = rec
         K, nd, bad, delay = _jit.update_core(
             self.ff, self.fi, self.n_act, self.n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, self.store,
-            cls_rt, cls_tier, cls_nn, self.cnt, self.present, self.ppos, self.nstate, self.scr_pos, req, deliv, end,
+            cls_rt, cls_tier, cls_nn, self.cnt, self.present, self.ppos, self.nstate, self.scr_pos, req, end,
             self.row_bytes, *groups, self.done_buf)
         self.n_act, self.n_new = K, 0
         return nd, bad, delay

@@ -136,7 +136,6 @@ class FlowNetwork:
         self._pending_adds: list[tuple[np.ndarray, ...]] = []
         # every flow ever started, by id
         self._req = np.empty(1024)
-        self._deliv = np.empty(1024)
         self._start = np.empty(1024)
         self._end = np.empty(1024)
         self.num_flows = 0
@@ -263,7 +262,6 @@ class FlowNetwork:
         empty = self._tab_empty[rows] if rt is None else (rt >= self._pad).all(axis=1)
         instant = (nb <= 0) | empty
         if instant.any():
-            self._deliv[fids[instant]] = nb[instant]
             self._end[fids[instant]] = self.env.now + lat[instant]
             self._arrive(grp[instant], self.env.now + lat[instant], fids[instant])
             live = ~instant
@@ -294,7 +292,7 @@ class FlowNetwork:
             self.reserve(max(F, n0 + F))  # (doubling)
         added, done, bad = self._cf.start_rows(rows, nb, grp, n0, self.env.now, self._tab_off, self._tab_lat,
                                                self._tab_cls, self._tab_empty,
-                                               (self._req, self._deliv, self._start, self._end),
+                                               (self._req, self._start, self._end),
                                                (self._g_pending, self._g_latest, self._g_last))
         self.num_flows += F
         fids = np.arange(n0, n0 + F)
@@ -319,11 +317,12 @@ class FlowNetwork:
         if by_route:
             fids = np.concatenate([f for f, _ in by_route])
             rts = self._stack([r for _, r in by_route])
-            out += np.bincount(rts.ravel(), weights=self._deliv[fids].repeat(rts.shape[1]), minlength=self._pad + 1)
+            out += np.bincount(rts.ravel(), weights=self._delivered(fids).repeat(rts.shape[1]),
+                               minlength=self._pad + 1)
         by_row = [(f, w) for f, _, w in self._started if w is not None]
         if by_row and self._tab_rt is not None:  # bytes per route-table row first, then through the table
             fids = np.concatenate([f for f, _ in by_row])
-            per_row = np.bincount(np.concatenate([w for _, w in by_row]), weights=self._deliv[fids],
+            per_row = np.bincount(np.concatenate([w for _, w in by_row]), weights=self._delivered(fids),
                                   minlength=self._tab_rt.shape[0])
             out += np.bincount(self._tab_rt.ravel(), weights=per_row.repeat(self._tab_rt.shape[1]),
                                minlength=self._pad + 1)
@@ -332,6 +331,10 @@ class FlowNetwork:
             out += np.bincount(rt.ravel(), weights=per_row.repeat(rt.shape[1]), minlength=self._pad + 1)
         return out[:self._pad]
 
+    def _delivered(self, fids: Any) -> np.ndarray:
+        """Bytes delivered by flows ``fids``: all of them once arrived, none before (no per-flow record kept)."""
+        return np.where(np.isnan(self._end[fids]), 0.0, self._req[fids])
+
     def group_last(self, gid: int) -> tuple[int, float]:
         """(id of the flow that arrived last in group ``gid`` or -1 if none, its arrival time)."""
         return int(self._g_last[gid]), float(self._g_latest[gid])
@@ -339,7 +342,7 @@ class FlowNetwork:
     def flow_record(self) -> dict[str, np.ndarray]:
         """Per flow ever started: requested and delivered bytes, start and arrival time (nan while in flight)."""
         n = self.num_flows
-        return {"requested": self._req[:n].copy(), "delivered": self._deliv[:n].copy(),
+        return {"requested": self._req[:n].copy(), "delivered": self._delivered(slice(0, n)),
                 "start": self._start[:n].copy(), "end": self._end[:n].copy()}
 
     @property
@@ -407,7 +410,7 @@ class FlowNetwork:
         repeated growth: ~1 s of copying and page faults over a 256-GPU step's 5 M flows)."""
         need = self.num_flows + int(nflows)
         if need > self._req.size:
-            for name in ("_req", "_deliv", "_start", "_end"):
+            for name in ("_req", "_start", "_end"):
                 old = getattr(self, name)
                 new = np.empty(need)
                 new[:self.num_flows] = old[:self.num_flows]
@@ -419,7 +422,6 @@ class FlowNetwork:
             self.reserve(max(F, n0 + F))  # (doubling)
         fids = np.arange(n0, n0 + F)
         self._req[n0:n0 + F] = nb
-        self._deliv[n0:n0 + F] = 0.0
         self._start[n0:n0 + F] = self.env.now
         self._end[n0:n0 + F] = np.nan
         self.num_flows += F
@@ -483,7 +485,6 @@ class FlowNetwork:
             return
         # a finished flow has moved all its bytes (the float residue of rate × time is snapped away)
         fid = self._fid[done]
-        self._deliv[fid] = self._req[fid]
         arrival = np.minimum(self._finish[done], self.env.now) + self._lat[done]
         self._end[fid] = arrival
         groups = self._group[done]
@@ -559,7 +560,7 @@ class FlowNetwork:
         self._last = now
         nd, bad, delay = self._cf.update(dt, now, _TIME_EPS, self._cap, _LEVEL_RTOL, self.quantum, self.rel_quantum,
                                          self._cls_rt, self._cls_tier, self._cls_nn,
-                                         (self._req, self._deliv, self._end),
+                                         (self._req, self._end),
                                          (self._g_pending, self._g_latest, self._g_last))
         if nd or bad >= 0:
             self._fire(self._cf.done_buf[:nd].tolist(), bad)
