@@ -171,17 +171,16 @@ def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, r
     if F == 0:
         return np.full(0, np.inf)
     c1 = np.inf
+    n1 = 0  # classes of the narrowest tier
     for i in range(nc):
         t = cls_tier[present[i]]
         if t < c1:
             c1 = t
+            n1 = 0
+        n1 += t == c1
     # stage 1: the flows of the narrowest tier, one row per class, constrained by their tier's links only
     HT = cls_rt.shape[1]
-    n1 = 0
     n2 = 0
-    for i in range(nc):
-        if cls_tier[present[i]] == c1:
-            n1 += 1
     rt1 = np.empty((n1, HT), dtype=np.int64)
     mult = np.empty(n1)
     j = 0
@@ -213,8 +212,9 @@ def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, r
                 if e == pad:
                     break
                 load[e] += r
-                t = top[e]
-                top[e] = r if r > t else t
+                if n2 > 0:  # (only a wider-tier flow compares with it)
+                    t = top[e]
+                    top[e] = r if r > t else t
         else:
             idx2[k] = f
             k += 1
