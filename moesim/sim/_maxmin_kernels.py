@@ -157,11 +157,11 @@ def _gather(rows, store):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt, scr_pos, present, nc):
+def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt, scr_rate, present, nc):
     """Max-min rates of flows with routes ``store[rows]`` [F, H] and class ids ``cls`` [F]: the same allocation as
     ``_solve(store[rows], ...)`` (certified, else that solve runs), at a fraction of its work where many flows share
     their narrowest links (see ``maxmin_rates_classes``). ``cnt`` [C]: flows per class, ``present[:nc]``: the
-    classes with flows (both kept by the caller); ``scr_pos`` [C] is scratch, left zero. A flow's first
+    classes with flows (both kept by the caller); ``scr_rate`` [C] is scratch. A flow's first
     ``cls_nn[class]`` hops are its class's narrowest links (rows ordered narrow first), the rest wider: ``wide``
     [F, W] (pad-filled), read in flow order by the certificate."""
     F = rows.shape[0]
@@ -187,7 +187,6 @@ def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, r
     for i in range(nc):
         c = present[i]
         if cls_tier[c] == c1:
-            scr_pos[c] = j
             mult[j] = cnt[c]
             for h in range(HT):
                 rt1[j, h] = cls_rt[c, h]
@@ -195,6 +194,14 @@ def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, r
         else:
             n2 += int(cnt[c])
     r1 = _solve_w(rt1, mult, capacity, rtol)
+    j = 0
+    for i in range(nc):  # each present class's stage-1 rate, -1 for the wider tiers' (one read per flow below)
+        c = present[i]
+        if cls_tier[c] == c1:
+            scr_rate[c] = r1[j]
+            j += 1
+        else:
+            scr_rate[c] = -1.0
     rate = np.empty(F)
     # stage-1 load and largest rate on the wider links (a flow's hops past its class's narrow ones; the pad's
     # entries are never read)
@@ -203,9 +210,8 @@ def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, r
     idx2 = np.empty(n2, dtype=np.int64)
     k = 0
     for f in range(F):
-        c = cls[f]
-        if cls_tier[c] == c1:
-            r = r1[scr_pos[c]]
+        r = scr_rate[cls[f]]
+        if r >= 0.0:
             rate[f] = r
             for h in range(wide.shape[1]):
                 e = wide[f, h]
@@ -218,8 +224,6 @@ def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, r
         else:
             idx2[k] = f
             k += 1
-    for i in range(nc):
-        scr_pos[present[i]] = 0
     ok = True
     for e in range(pad):
         if capacity[e] > c1 and load[e] > capacity[e] * (1.0 + rtol):
@@ -250,7 +254,7 @@ def _solve_classes(rows, store, wide, cls, cls_rt, cls_tier, cls_nn, capacity, r
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt, scr_pos):
+def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt, scr_rate):
     C = cnt.shape[0]
     present = np.empty(C, dtype=np.int64)
     ppos = np.full(C, -1, dtype=np.int64)
@@ -262,7 +266,7 @@ def _solve_classes_uncounted(routes, cls, cls_rt, cls_tier, cls_nn, capacity, rt
         for h in range(cls_nn[cls[f]], H):
             wide[f, h - cls_nn[cls[f]]] = routes[f, h]
     rate = _solve_classes(np.arange(F), routes, wide, cls, cls_rt, cls_tier, cls_nn, capacity, rtol, cnt,
-                          scr_pos, present, nstate[0])
+                          scr_rate, present, nstate[0])
     cnt[:] = 0.0
     return rate
 
@@ -279,7 +283,7 @@ def maxmin_rates_classes(routes: np.ndarray, cls: np.ndarray, cls_rt: np.ndarray
     nn = (cls_rt < capacity.size - 1).sum(axis=1).astype(i64)
     return _solve_classes_uncounted(routes, np.ascontiguousarray(cls, dtype=i64), cls_rt,
                                     np.ascontiguousarray(cls_tier, dtype=f64), nn, capacity, float(rtol),
-                                    np.zeros(C), np.zeros(C, dtype=i64))
+                                    np.zeros(C), np.zeros(C))
 
 
 def maxmin_rates_jit(routes: np.ndarray, capacity: np.ndarray, rtol: float) -> np.ndarray:
@@ -408,7 +412,7 @@ def _median_handover(ttf, k, first, quantum, rel_quantum):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, store, cls_rt, cls_tier, cls_nn,
-                cnt, present, ppos, nstate, scr_pos, req, end, row_bytes, g_pending, g_latest, g_last,
+                cnt, present, ppos, nstate, scr_rate, req, end, row_bytes, g_pending, g_latest, g_last,
                 done_groups):
     """One batch point in place over the flow buffers: rows [0, n) are in flight, [n, n + n_new) just started.
 
@@ -460,7 +464,7 @@ def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum,
     if K == 0:
         return 0, ndone, bad, -1.0
     rate = _solve_classes(fi[:K, 3], store, fi[:K, 4:], fi[:K, 2], cls_rt, cls_tier, cls_nn, cap, rtol, cnt,
-                          scr_pos, present, nstate[0])
+                          scr_rate, present, nstate[0])
     ttf = np.empty(K)
     first = np.inf
     # the median of ttf widens the quantum only if it exceeds quantum / rel_quantum: count the flows at or below

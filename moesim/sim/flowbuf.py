@@ -34,7 +34,7 @@ class CompiledFlows:
         self.present = np.empty(0, dtype=np.int64)
         self.ppos = np.empty(0, dtype=np.int64)
         self.nstate = np.zeros(1, dtype=np.int64)
-        self.scr_pos = np.empty(0, dtype=np.int64)
+        self.scr_rate = np.empty(0)
 
     @property
     def active(self) -> int:
@@ -46,7 +46,7 @@ class CompiledFlows:
         self.cnt = np.concatenate([self.cnt, np.zeros(C - c0)])
         self.present = np.concatenate([self.present, np.zeros(C - c0, dtype=np.int64)])
         self.ppos = np.concatenate([self.ppos, np.full(C - c0, -1, dtype=np.int64)])
-        self.scr_pos = np.zeros(C, dtype=np.int64)
+        self.scr_rate = np.zeros(C)
 
     def wide_hops(self, crt: np.ndarray, nn: np.ndarray) -> np.ndarray:
         """[F, W] the hops of constraining routes ``crt`` [F, H] (narrow first) past the first ``nn`` [F] (their
@@ -130,7 +130,7 @@ class CompiledFlows:
         req, end = rec
         K, nd, bad, delay = _jit.update_core(
             self.ff, self.fi, self.n_act, self.n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, self.store,
-            cls_rt, cls_tier, cls_nn, self.cnt, self.present, self.ppos, self.nstate, self.scr_pos, req, end,
+            cls_rt, cls_tier, cls_nn, self.cnt, self.present, self.ppos, self.nstate, self.scr_rate, req, end,
             self.row_bytes, *groups, self.done_buf)
         self.n_act, self.n_new = K, 0
         return nd, bad, delay
