@@ -35,12 +35,13 @@ incidence matrix, link loads by ``bincount``), in rounds that each freeze every 
 only (:func:`dominated_links`). A 64-GPU all-to-all of 4032 flows costs ~0.5 ms per recomputation on one core;
 the number of recomputations is at most (time with flows in flight) / quantum plus the distinct start times.
 With numba installed (``pip install moesim[fast]``) each batch point — advance, retire, take in, solve, arm the
-next hand-over — is one compiled call (:mod:`moesim.sim.maxmin_jit`) over preallocated flow buffers, and the
+next hand-over — is one compiled call (:mod:`moesim.sim.maxmin_jit`) over the flow buffers of
+:mod:`moesim.sim.flowbuf`, and the
 solve works on *classes*: flows whose narrowest links are the same (on a rail-optimised cluster with PXN, the
 eight GPUs of a node reaching one remote GPU through the same two NICs) get one row, the wider tiers are solved
 per flow over what the narrow one left, and a certificate (wider links not overloaded, no wider-tier flow slower
 than a narrow one on a shared link) proves the result is the max-min allocation, else the per-flow solve runs.
-Same allocation up to round-off; a DES step ~5x faster than numpy at 64 GPUs (``benchmarks/bench_des.py``).
+Same allocation up to round-off; a DES step 5-6x faster than numpy at 64 and 256 GPUs (``benchmarks/bench_des.py``).
 """
 
 from __future__ import annotations
