@@ -411,6 +411,20 @@ def _median_handover(ttf, k, first, quantum, rel_quantum):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def _arrive_one(g, t, f, pending, latest, last, done, nd):
+    """Flow ``f`` arrived at ``t`` in group ``g``: the group's latest arrival (ties: the later-counted flow) and
+    pending count; a group completed goes to ``done[nd]``. Returns (groups done, ``g`` if it got too many or -1)."""
+    if t >= latest[g]:
+        latest[g] = t
+        last[g] = f
+    pending[g] -= 1
+    if pending[g] == 0:
+        done[nd] = g
+        return nd + 1, -1
+    return nd, g if pending[g] < 0 else -1
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum, store, cls_rt, cls_tier, cls_nn,
                 cnt, present, ppos, nstate, scr_rate, req, end, row_bytes, g_pending, g_latest, g_last,
                 done_groups):
@@ -442,15 +456,7 @@ def update_core(ff, fi, n, n_new, dt, now, eps, cap, rtol, quantum, rel_quantum,
                 end[f] = t
                 _class_remove(fi[i, 2], cnt, present, ppos, nstate)
                 if bad < 0:
-                    if t >= g_latest[g]:
-                        g_latest[g] = t
-                        g_last[g] = f
-                    g_pending[g] -= 1
-                    if g_pending[g] == 0:
-                        done_groups[ndone] = g
-                        ndone += 1
-                    elif g_pending[g] < 0:
-                        bad = g
+                    ndone, bad = _arrive_one(g, t, f, g_pending, g_latest, g_last, done_groups, ndone)
                 continue
         else:
             _class_add(fi[i, 2], cnt, present, ppos, nstate)
@@ -512,16 +518,7 @@ def start_core(rows, nb, grp, f0, now, tab_off, tab_lat, tab_cls, tab_empty, wid
             t = now + tab_lat[w]
             end[f] = t
             if bad < 0:
-                g = grp[j]
-                if t >= g_latest[g]:
-                    g_latest[g] = t
-                    g_last[g] = f
-                g_pending[g] -= 1
-                if g_pending[g] == 0:
-                    done[nd] = g
-                    nd += 1
-                elif g_pending[g] < 0:
-                    bad = g
+                nd, bad = _arrive_one(grp[j], t, f, g_pending, g_latest, g_last, done, nd)
             continue
         end[f] = np.nan
         ff[k, 0] = nb[j]
@@ -544,14 +541,7 @@ def arrive_core(groups, when, fids, pending, latest, last):
     done = np.empty(groups.shape[0], dtype=np.int64)
     nd = 0
     for i in range(groups.shape[0]):
-        g = groups[i]
-        if when[i] >= latest[g]:
-            latest[g] = when[i]
-            last[g] = fids[i]
-        pending[g] -= 1
-        if pending[g] == 0:
-            done[nd] = g
-            nd += 1
-        elif pending[g] < 0:
-            return done[:nd], g
+        nd, bad = _arrive_one(groups[i], when[i], fids[i], pending, latest, last, done, nd)
+        if bad >= 0:
+            return done[:nd], bad
     return done[:nd], -1
