@@ -128,6 +128,7 @@ class FlowNetwork:
         # the compiled batch points' flow buffers, route store and flows per class
         self._cf = CompiledFlows(self._pad)
         self._tab_off = 0  # the route table's first row in the route store
+        self._tab_wide: np.ndarray | None = None  # the table's wider hops (compiled only; see _attach_table)
         # (first store row, full routes) of every route table set: link_bytes of the compiled flows by table row
         self._row_tables: list[tuple[int, np.ndarray]] = []
         self._last = 0.0
@@ -208,9 +209,9 @@ class FlowNetwork:
                          "_cls_rt", "_cls_tier", "_cls_nn"):
                 setattr(self, name, getattr(like, name))
             self._cls_index = dict(like._cls_index)
-            self._cf.grow_classes(len(self._cls_index))
-            self._tab_off = self._cf.store_extend(self._tab_crt, self._tab_wide)
-            self._row_tables.append((self._tab_off, self._tab_rt))
+            if self._compiled:
+                self._cf.grow_classes(len(self._cls_index))
+            self._attach_table()
             return
         rt = self._route_table(np.asarray(table), np.shape(table)[0])
         crt = narrow_first(self._cmap[rt], self._cap)
@@ -223,7 +224,16 @@ class FlowNetwork:
         self._tab_cls = self._class_ids(self._tab_crt)
         self._tab_empty = (rt >= self._pad).all(axis=1)
         self._tab_src = table
-        self._tab_wide = self._cf.wide_hops(self._tab_crt, self._cls_nn[self._tab_cls])
+        self._tab_wide = None
+        self._attach_table()
+
+    def _attach_table(self) -> None:
+        """The compiled state's view of the route table just set: its rows in the route store (wider hops derived
+        once, shared with networks given ``like``) and its place for link_bytes. Nothing for the numpy network."""
+        if not self._compiled:
+            return
+        if self._tab_wide is None:
+            self._tab_wide = self._cf.wide_hops(self._tab_crt, self._cls_nn[self._tab_cls])
         self._tab_off = self._cf.store_extend(self._tab_crt, self._tab_wide)
         self._row_tables.append((self._tab_off, self._tab_rt))
 
@@ -289,8 +299,7 @@ class FlowNetwork:
         """:meth:`_start_flows` along route-table rows in one compiled call (the DES's path: ~10 numpy calls
         fewer per start)."""
         n0, F = self.num_flows, nb.size
-        if n0 + F > self._req.size:
-            self.reserve(max(F, n0 + F))  # (doubling)
+        self._records_for(F)
         added, done, bad = self._cf.start_rows(rows, nb, grp, n0, self.env.now, self._tab_off, self._tab_lat,
                                                self._tab_cls, self._tab_empty,
                                                (self._req, self._start, self._end),
@@ -384,7 +393,8 @@ class FlowNetwork:
             self._cls_rt = table
             self._cls_tier = np.append(self._cls_tier, [self._cap[r].min() if r.size else np.inf for r in new_rows])
             self._cls_nn = np.append(self._cls_nn, [r.size for r in new_rows]).astype(np.int64)
-            self._cf.grow_classes(len(self._cls_index))
+            if self._compiled:
+                self._cf.grow_classes(len(self._cls_index))
         return ids[inv]
 
     def _route_table(self, routes: Any, F: int) -> np.ndarray:
@@ -417,10 +427,14 @@ class FlowNetwork:
                 new[:self.num_flows] = old[:self.num_flows]
                 setattr(self, name, new)
 
+    def _records_for(self, F: int) -> None:
+        """Room for ``F`` more flows' records, doubling (unless :meth:`reserve` made it already)."""
+        if self.num_flows + F > self._req.size:
+            self.reserve(max(F, self.num_flows + F))
+
     def _new_ids(self, nb: np.ndarray) -> np.ndarray:
         n0, F = self.num_flows, nb.size
-        if n0 + F > self._req.size:
-            self.reserve(max(F, n0 + F))  # (doubling)
+        self._records_for(F)
         fids = np.arange(n0, n0 + F)
         self._req[n0:n0 + F] = nb
         self._start[n0:n0 + F] = self.env.now
